@@ -1,0 +1,453 @@
+//! The YAML schema: Istio's resources with Istio's field names, plus Keel's `Proxy`.
+//!
+//! Every struct rejects unknown fields, so a typo is an error (with a "did you mean") rather than a
+//! silently ignored policy. Fields Istio defines but Keel does not implement yet are typed
+//! [`NotSupported`]: they parse, and validation then refuses them by name.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::duration::Duration;
+
+/// A field Istio defines that Keel does not implement yet; its presence is a validation error.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NotSupported;
+
+impl<'de> Deserialize<'de> for NotSupported {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        serde::de::IgnoredAny::deserialize(d)?;
+        Ok(NotSupported)
+    }
+}
+
+impl Serialize for NotSupported {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<not supported>")
+    }
+}
+
+/// Just enough of a document to dispatch on its kind.
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct TypeMeta {
+    #[serde(default)]
+    pub api_version: Option<String>,
+    #[serde(default)]
+    pub kind: Option<String>,
+}
+
+/// Kubernetes object metadata.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Metadata {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+impl Metadata {
+    /// The namespace, `default` when unset, as Kubernetes does.
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or("default")
+    }
+}
+
+/// A Kubernetes-style resource envelope.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Resource<S> {
+    pub api_version: String,
+    pub kind: String,
+    pub metadata: Metadata,
+    pub spec: S,
+}
+
+// ---------------------------------------------------------------- Proxy (keel.dev/v1alpha1)
+
+/// Keel's own resource: what istiod's mesh config and bootstrap would give an Envoy sidecar.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxySpec {
+    #[serde(default)]
+    pub workload: Workload,
+    /// Worker threads; 0 or absent = one per online core.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin: Option<Admin>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interception: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<NotSupported>,
+}
+
+/// The workload this sidecar stands beside; selectors in other resources are matched against it.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Workload {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+}
+
+/// The admin listener.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Admin {
+    pub address: String,
+}
+
+// ---------------------------------------------------------------- shared Istio types
+
+/// `workloadSelector` of Sidecar.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadSelector {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// Istio's `Port` / `ServicePort`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Port {
+    pub number: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_port: Option<u32>,
+}
+
+/// `connectionPool` (DestinationRule, Sidecar ingress).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ConnectionPoolSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<TcpSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<NotSupported>,
+}
+
+/// `connectionPool.tcp`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connect_timeout: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tcp_keepalive: Option<TcpKeepalive>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connection_duration: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
+}
+
+/// `connectionPool.tcp.tcpKeepalive`: SO_KEEPALIVE on upstream connections.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpKeepalive {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probes: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+}
+
+// ---------------------------------------------------------------- Sidecar
+
+/// `networking.istio.io` Sidecar: the listeners of this proxy.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SidecarSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<WorkloadSelector>,
+    #[serde(default)]
+    pub ingress: Vec<IngressListener>,
+    #[serde(default)]
+    pub egress: Vec<EgressListener>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_connection_pool: Option<ConnectionPoolSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_traffic_policy: Option<OutboundTrafficPolicy>,
+}
+
+/// `Sidecar.ingress[]`: an inbound listener forwarding to the local app.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IngressListener {
+    pub port: Port,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_mode: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+}
+
+/// `Sidecar.egress[]`: an outbound listener the app talks to.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EgressListener {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<Port>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub capture_mode: Option<String>,
+    #[serde(default)]
+    pub hosts: Vec<String>,
+}
+
+/// `Sidecar.outboundTrafficPolicy`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutboundTrafficPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<OutboundMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_proxy: Option<NotSupported>,
+}
+
+/// `outboundTrafficPolicy.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum OutboundMode {
+    #[serde(rename = "REGISTRY_ONLY")]
+    RegistryOnly,
+    #[serde(rename = "ALLOW_ANY")]
+    AllowAny,
+}
+
+// ---------------------------------------------------------------- ServiceEntry
+
+/// `networking.istio.io` ServiceEntry: the service registry.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServiceEntrySpec {
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addresses: Option<NotSupported>,
+    #[serde(default)]
+    pub ports: Vec<Port>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub location: Option<Location>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resolution: Option<Resolution>,
+    #[serde(default)]
+    pub endpoints: Vec<WorkloadEntry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_to: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_alt_names: Option<NotSupported>,
+}
+
+/// `ServiceEntry.location`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Location {
+    #[serde(rename = "MESH_EXTERNAL")]
+    MeshExternal,
+    #[serde(rename = "MESH_INTERNAL")]
+    MeshInternal,
+}
+
+/// `ServiceEntry.resolution`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum Resolution {
+    #[serde(rename = "NONE")]
+    None,
+    #[serde(rename = "STATIC")]
+    Static,
+    #[serde(rename = "DNS")]
+    Dns,
+    #[serde(rename = "DNS_ROUND_ROBIN")]
+    DnsRoundRobin,
+}
+
+/// `ServiceEntry.endpoints[]` (Istio's WorkloadEntry).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkloadEntry {
+    pub address: String,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ports: BTreeMap<String, u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub network: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account: Option<String>,
+}
+
+// ---------------------------------------------------------------- VirtualService
+
+/// `networking.istio.io` VirtualService: routing.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct VirtualServiceSpec {
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NotSupported>,
+    #[serde(default)]
+    pub tcp: Vec<TcpRoute>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_to: Option<NotSupported>,
+}
+
+/// `VirtualService.tcp[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TcpRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<L4Match>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+/// `VirtualService.tcp[].match[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct L4Match {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_subnets: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
+}
+
+/// `route[]` of a tcp route.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RouteDestination {
+    pub destination: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub weight: Option<u32>,
+}
+
+/// `destination`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Destination {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subset: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<PortSelector>,
+}
+
+/// `destination.port`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PortSelector {
+    pub number: u32,
+}
+
+// ---------------------------------------------------------------- DestinationRule
+
+/// `networking.istio.io` DestinationRule: policy for a host and its subsets.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DestinationRuleSpec {
+    pub host: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicy>,
+    #[serde(default)]
+    pub subsets: Vec<Subset>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workload_selector: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub export_to: Option<NotSupported>,
+}
+
+/// `trafficPolicy`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TrafficPolicy {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load_balancer: Option<LoadBalancerSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connection_pool: Option<ConnectionPoolSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlier_detection: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port_level_settings: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub proxy_protocol: Option<NotSupported>,
+}
+
+/// `trafficPolicy.loadBalancer`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoadBalancerSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub simple: Option<SimpleLb>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consistent_hash: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub locality_lb_setting: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warmup_duration_secs: Option<NotSupported>,
+}
+
+/// `loadBalancer.simple`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum SimpleLb {
+    #[serde(rename = "UNSPECIFIED")]
+    Unspecified,
+    #[serde(rename = "ROUND_ROBIN")]
+    RoundRobin,
+    #[serde(rename = "LEAST_REQUEST", alias = "LEAST_CONN")]
+    LeastRequest,
+    #[serde(rename = "RANDOM")]
+    Random,
+    #[serde(rename = "PASSTHROUGH")]
+    Passthrough,
+}
+
+/// `subsets[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Subset {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_policy: Option<TrafficPolicy>,
+}
