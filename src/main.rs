@@ -1,1 +1,124 @@
-fn main() {}
+//! `keel`: a thread-per-core service-mesh sidecar proxy configured with Istio's YAML resources.
+
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use keel_io::DriverChoice;
+
+#[derive(Parser)]
+#[command(name = "keel", about = "A thread-per-core service-mesh sidecar proxy driven by Istio YAML", disable_version_flag = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the proxy until SIGTERM or SIGINT, then drain.
+    Run {
+        /// A YAML file (documents separated by ---) or a directory of *.yaml / *.yml files.
+        #[arg(short, long)]
+        config: PathBuf,
+        /// Worker threads, one runtime per core; overrides Proxy.spec.workers (0 = one per core).
+        #[arg(long)]
+        workers: Option<usize>,
+        /// io driver: io_uring when the kernel and sandbox allow it, else epoll.
+        #[arg(long, value_enum, default_value = "auto")]
+        io_driver: Driver,
+        /// Log level: error, warn, info, debug, trace (or a tracing filter such as keel_core=debug).
+        #[arg(long, default_value = "info")]
+        log_level: String,
+        /// Log format.
+        #[arg(long, value_enum, default_value = "text")]
+        log_format: LogFormat,
+        /// How long open connections may finish after SIGTERM/SIGINT (e.g. 5s, 500ms, 1m).
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        drain_timeout: Duration,
+    },
+    /// Parse, validate and compile a config; print every error and exit non-zero on any.
+    Validate {
+        #[arg(short, long)]
+        config: PathBuf,
+    },
+    /// Print the version.
+    Version,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Driver {
+    Auto,
+    Uring,
+    Epoll,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    keel_config::duration::parse(s)
+}
+
+fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level `{level}`: {e}"))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(std::io::stderr().is_terminal());
+    let result = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+    };
+    result.map_err(|e| format!("cannot start logging: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Version => {
+            println!("keel {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        Command::Validate { config } => match keel_config::load(&config) {
+            Ok(s) => {
+                println!("{}: valid: {} listeners, {} clusters, version {}", config.display(), s.listeners.len(), s.clusters.len(), s.version);
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors.0 {
+                    eprintln!("{e}");
+                }
+                eprintln!("{}: invalid: {} error(s)", config.display(), errors.0.len());
+                ExitCode::FAILURE
+            }
+        },
+        Command::Run { config, workers, io_driver, log_level, log_format, drain_timeout } => {
+            if let Err(e) = init_logging(&log_level, log_format) {
+                eprintln!("keel: {e}");
+                return ExitCode::FAILURE;
+            }
+            let driver = match io_driver {
+                Driver::Auto => DriverChoice::Auto,
+                Driver::Uring => DriverChoice::Uring,
+                Driver::Epoll => DriverChoice::Epoll,
+            };
+            let opts = keel_core::RunOptions { config, workers, driver, drain_timeout };
+            match keel_core::run(opts) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(keel_core::StartError::Config(errors)) => {
+                    for e in &errors.0 {
+                        tracing::error!("{e}");
+                    }
+                    tracing::error!("invalid config: {} error(s); not started", errors.0.len());
+                    ExitCode::FAILURE
+                }
+                Err(e) => {
+                    tracing::error!("not started: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

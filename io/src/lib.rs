@@ -1,0 +1,18 @@
+//! Runtime glue for Keel's thread-per-core design: which io driver runs, worker threads pinned to
+//! cores, SO_REUSEPORT listening sockets, pooled buffers, and moving bytes between sockets.
+//!
+//! This crate knows sockets and runtimes but nothing of config, routing or balancing; the proxy
+//! engine (`keel-core`) composes these pieces.
+
+pub mod buffer;
+pub mod connect;
+pub mod driver;
+pub mod forward;
+pub mod listener;
+pub mod stream;
+pub mod worker;
+
+pub use buffer::{Buffer, BUFFER_SIZE};
+pub use connect::{connect, ConnectError, KeepaliveOpts};
+pub use driver::{DriverChoice, IoDriver};
+pub use stream::Stream;

@@ -1,0 +1,272 @@
+//! Counters: one slot per worker, written only by that worker, summed when scraped.
+//!
+//! A counter update is a plain load and store to a cache line no other core writes (no `lock`
+//! prefix, no contention); the admin thread reads all slots with relaxed loads at scrape time. The
+//! atomics are only there so that the cross-thread read is defined behaviour.
+
+use std::fmt::Write as _;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Instant;
+
+use keel_config::Snapshot;
+use keel_io::IoDriver;
+
+/// A monotonic counter with exactly one writer thread.
+#[derive(Default, Debug)]
+pub struct Counter(AtomicU64);
+
+impl Counter {
+    /// Adds `n`. Only the owning worker may call this (single writer, so no read-modify-write atomic).
+    #[inline]
+    pub fn add(&self, n: u64) {
+        self.0.store(self.0.load(Relaxed).wrapping_add(n), Relaxed);
+    }
+
+    #[inline]
+    pub fn inc(&self) {
+        self.add(1);
+    }
+
+    pub fn get(&self) -> u64 {
+        self.0.load(Relaxed)
+    }
+}
+
+/// One worker's counters for one listener, on its own cache lines.
+#[derive(Default, Debug)]
+#[repr(align(128))]
+pub struct ListenerCounters {
+    pub accepted: Counter,
+    pub closed: Counter,
+    /// Bytes read from downstream clients.
+    pub rx_bytes: Counter,
+    /// Bytes written to downstream clients.
+    pub tx_bytes: Counter,
+    pub connect_refused: Counter,
+    pub connect_timeout: Counter,
+    pub connect_error: Counter,
+    pub no_healthy_upstream: Counter,
+    pub idle_timeout: Counter,
+    /// Connections ended by a socket error (reset) rather than EOF both ways.
+    pub reset: Counter,
+}
+
+/// One worker's counters for one cluster.
+#[derive(Default, Debug)]
+#[repr(align(128))]
+pub struct ClusterCounters {
+    pub cx_total: Counter,
+    pub cx_closed: Counter,
+    pub connect_fail: Counter,
+    pub connect_timeout: Counter,
+}
+
+/// One worker's own counters.
+#[derive(Default, Debug)]
+#[repr(align(128))]
+pub struct WorkerCounters {
+    pub accepted: Counter,
+}
+
+/// A listener's counters across workers.
+#[derive(Debug)]
+pub struct ListenerStats {
+    pub name: String,
+    pub direction: &'static str,
+    pub slots: Box<[ListenerCounters]>,
+}
+
+/// A cluster's counters across workers.
+#[derive(Debug)]
+pub struct ClusterStats {
+    pub name: String,
+    pub slots: Box<[ClusterCounters]>,
+}
+
+fn slots<T: Default>(n: usize) -> Box<[T]> {
+    (0..n).map(|_| T::default()).collect()
+}
+
+fn sum<T>(slots: &[T], f: impl Fn(&T) -> &Counter) -> u64 {
+    slots.iter().map(|s| f(s).get()).fold(0, u64::wrapping_add)
+}
+
+/// Every counter of the process, plus the facts the admin endpoints report.
+#[derive(Debug)]
+pub struct Stats {
+    pub driver: IoDriver,
+    pub workers: usize,
+    pub listeners: Vec<ListenerStats>,
+    pub clusters: Vec<ClusterStats>,
+    pub per_worker: Box<[WorkerCounters]>,
+    pub config_version: String,
+    started: Instant,
+    ready: AtomicBool,
+    draining: AtomicBool,
+}
+
+impl Stats {
+    /// Counters for every listener and cluster of `snapshot`, with a slot per worker.
+    pub fn new(snapshot: &Snapshot, driver: IoDriver, workers: usize) -> Arc<Stats> {
+        Arc::new(Stats {
+            driver,
+            workers,
+            listeners: snapshot
+                .listeners
+                .iter()
+                .map(|l| ListenerStats { name: l.name.clone(), direction: l.direction.as_str(), slots: slots(workers) })
+                .collect(),
+            clusters: snapshot.clusters.iter().map(|c| ClusterStats { name: c.name.clone(), slots: slots(workers) }).collect(),
+            per_worker: slots(workers),
+            config_version: snapshot.version.clone(),
+            started: Instant::now(),
+            ready: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    pub fn set_ready(&self) {
+        self.ready.store(true, Relaxed);
+    }
+
+    pub fn set_draining(&self) {
+        self.draining.store(true, Relaxed);
+    }
+
+    /// Serving and not draining: what `/ready` reports.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Relaxed) && !self.draining.load(Relaxed)
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Relaxed)
+    }
+
+    /// Prometheus text exposition format (version 0.0.4).
+    pub fn prometheus(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        let l_metrics: [(&str, &str, &str, fn(&ListenerCounters) -> &Counter); 6] = [
+            ("keel_listener_connections_accepted_total", "counter", "Downstream connections accepted.", |c| &c.accepted),
+            ("keel_listener_downstream_rx_bytes_total", "counter", "Bytes received from downstream clients.", |c| &c.rx_bytes),
+            ("keel_listener_downstream_tx_bytes_total", "counter", "Bytes sent to downstream clients.", |c| &c.tx_bytes),
+            ("keel_listener_no_healthy_upstream_total", "counter", "Connections closed because the cluster had no endpoint.", |c| &c.no_healthy_upstream),
+            ("keel_listener_idle_timeouts_total", "counter", "Connections closed by the idle timeout.", |c| &c.idle_timeout),
+            ("keel_listener_connections_reset_total", "counter", "Connections ended by a socket error.", |c| &c.reset),
+        ];
+        for (name, kind, help, f) in l_metrics {
+            header(&mut out, name, kind, help);
+            for l in &self.listeners {
+                let _ = writeln!(out, "{name}{{listener=\"{}\",direction=\"{}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
+            }
+        }
+        header(&mut out, "keel_listener_connections_active", "gauge", "Downstream connections open now.");
+        for l in &self.listeners {
+            let active = sum(&l.slots, |c| &c.accepted).saturating_sub(sum(&l.slots, |c| &c.closed));
+            let _ = writeln!(out, "keel_listener_connections_active{{listener=\"{}\",direction=\"{}\"}} {active}", escape(&l.name), l.direction);
+        }
+        header(&mut out, "keel_listener_upstream_connect_failures_total", "counter", "Upstream connects that failed, by reason.");
+        for l in &self.listeners {
+            for (reason, f) in [("refused", (|c| &c.connect_refused) as fn(&ListenerCounters) -> &Counter), ("timeout", |c| &c.connect_timeout), ("error", |c| &c.connect_error)] {
+                let _ = writeln!(out, "keel_listener_upstream_connect_failures_total{{listener=\"{}\",direction=\"{}\",reason=\"{reason}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
+            }
+        }
+        let c_metrics: [(&str, &str, fn(&ClusterCounters) -> &Counter); 3] = [
+            ("keel_cluster_upstream_cx_total", "Upstream connections attempted.", |c| &c.cx_total),
+            ("keel_cluster_upstream_cx_connect_fail_total", "Upstream connects that failed (including timeouts).", |c| &c.connect_fail),
+            ("keel_cluster_upstream_cx_connect_timeout_total", "Upstream connects that timed out.", |c| &c.connect_timeout),
+        ];
+        for (name, help, f) in c_metrics {
+            header(&mut out, name, "counter", help);
+            for c in &self.clusters {
+                let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(&c.name), sum(&c.slots, f));
+            }
+        }
+        header(&mut out, "keel_cluster_upstream_cx_active", "gauge", "Upstream connections open now.");
+        for c in &self.clusters {
+            let active = sum(&c.slots, |s| &s.cx_total).saturating_sub(sum(&c.slots, |s| &s.cx_closed));
+            let _ = writeln!(out, "keel_cluster_upstream_cx_active{{cluster=\"{}\"}} {active}", escape(&c.name));
+        }
+        header(&mut out, "keel_worker_connections_accepted_total", "counter", "Connections accepted by each worker (per core).");
+        for (i, w) in self.per_worker.iter().enumerate() {
+            let _ = writeln!(out, "keel_worker_connections_accepted_total{{worker=\"{i}\"}} {}", w.accepted.get());
+        }
+        header(&mut out, "keel_io_driver", "gauge", "The io driver in use (value 1).");
+        let _ = writeln!(out, "keel_io_driver{{driver=\"{}\"}} 1", self.driver);
+        header(&mut out, "keel_workers", "gauge", "Worker threads (one runtime per core).");
+        let _ = writeln!(out, "keel_workers {}", self.workers);
+        header(&mut out, "keel_config_info", "gauge", "The config version in force (value 1).");
+        let _ = writeln!(out, "keel_config_info{{version=\"{}\"}} 1", escape(&self.config_version));
+        header(&mut out, "keel_uptime_seconds", "gauge", "Seconds since start.");
+        let _ = writeln!(out, "keel_uptime_seconds {}", self.started.elapsed().as_secs());
+        out
+    }
+
+    /// The same figures as JSON, for `/stats`.
+    pub fn json(&self) -> serde_json::Value {
+        use serde_json::json;
+        json!({
+            "io_driver": self.driver.as_str(),
+            "workers": self.workers,
+            "config_version": self.config_version,
+            "uptime_seconds": self.started.elapsed().as_secs(),
+            "ready": self.is_ready(),
+            "draining": self.is_draining(),
+            "listeners": self.listeners.iter().map(|l| {
+                let s = &l.slots;
+                json!({
+                    "name": l.name,
+                    "direction": l.direction,
+                    "connections_accepted": sum(s, |c| &c.accepted),
+                    "connections_active": sum(s, |c| &c.accepted).saturating_sub(sum(s, |c| &c.closed)),
+                    "downstream_rx_bytes": sum(s, |c| &c.rx_bytes),
+                    "downstream_tx_bytes": sum(s, |c| &c.tx_bytes),
+                    "upstream_connect_refused": sum(s, |c| &c.connect_refused),
+                    "upstream_connect_timeout": sum(s, |c| &c.connect_timeout),
+                    "upstream_connect_error": sum(s, |c| &c.connect_error),
+                    "no_healthy_upstream": sum(s, |c| &c.no_healthy_upstream),
+                    "idle_timeouts": sum(s, |c| &c.idle_timeout),
+                    "connections_reset": sum(s, |c| &c.reset),
+                })
+            }).collect::<Vec<_>>(),
+            "clusters": self.clusters.iter().map(|c| {
+                let s = &c.slots;
+                json!({
+                    "name": c.name,
+                    "upstream_cx_total": sum(s, |x| &x.cx_total),
+                    "upstream_cx_active": sum(s, |x| &x.cx_total).saturating_sub(sum(s, |x| &x.cx_closed)),
+                    "upstream_cx_connect_fail": sum(s, |x| &x.connect_fail),
+                    "upstream_cx_connect_timeout": sum(s, |x| &x.connect_timeout),
+                })
+            }).collect::<Vec<_>>(),
+            "workers_accepted": self.per_worker.iter().map(|w| w.accepted.get()).collect::<Vec<_>>(),
+        })
+    }
+}
+
+fn header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Escapes a Prometheus label value.
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn single_writer_counter() {
+        let c = Counter::default();
+        c.add(5);
+        c.inc();
+        assert_eq!(c.get(), 6);
+    }
+
+    #[test]
+    fn escapes_labels() {
+        assert_eq!(escape("a\"b\\c\nd"), "a\\\"b\\\\c\\nd");
+    }
+}

@@ -1,0 +1,117 @@
+//! L4 proxying: a downstream connection is paired with an upstream one and bytes flow both ways,
+//! each direction half-closing independently, until both ends are done, an error, or the idle timeout.
+
+use std::cell::Cell;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::Duration;
+
+use keel_io::{connect, forward::forward, ConnectError, KeepaliveOpts, Stream};
+
+use crate::worker::{ActiveGuard, Worker};
+
+/// Proxies one accepted connection on listener `index`.
+pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketAddr) {
+    let _active = ActiveGuard::new(&worker, index);
+    let snapshot = worker.snapshot.clone();
+    let listener = &snapshot.listeners[index];
+    let lstats = &worker.stats.listeners[index].slots[worker.id];
+    lstats.accepted.inc();
+    let _ = down.set_nodelay();
+
+    let Some(cluster_index) = worker.pick_cluster(index) else {
+        lstats.no_healthy_upstream.inc();
+        return;
+    };
+    let cluster = &snapshot.clusters[cluster_index];
+    let cstats = &worker.stats.clusters[cluster_index].slots[worker.id];
+    let Some(endpoint) = worker.pick_endpoint(cluster_index).and_then(|i| cluster.endpoints.get(i)) else {
+        lstats.no_healthy_upstream.inc();
+        tracing::debug!(listener = %listener.name, cluster = %cluster.name, "no endpoint");
+        return;
+    };
+    cstats.cx_total.inc();
+    let _upstream_open = UpstreamGuard(cstats);
+    let keepalive = cluster.keepalive.map(|k| KeepaliveOpts { time: k.time, interval: k.interval, retries: k.probes });
+    let up = match connect(endpoint.address, cluster.connect_timeout, keepalive).await {
+        Ok(up) => up,
+        Err(e) => {
+            cstats.connect_fail.inc();
+            match &e {
+                ConnectError::Refused(_) => lstats.connect_refused.inc(),
+                ConnectError::Timeout => {
+                    lstats.connect_timeout.inc();
+                    cstats.connect_timeout.inc();
+                }
+                ConnectError::Other(_) => lstats.connect_error.inc(),
+            }
+            worker.warn_upstream(&listener.name, &cluster.name, endpoint.address, &e);
+            return;
+        }
+    };
+    tracing::trace!(%peer, upstream = %endpoint.address, "connected");
+
+    // Activity ticks: every chunk moved either way bumps it; the idle watch closes the pair when it
+    // stops moving for a whole idle timeout.
+    let activity = Cell::new(0u64);
+    let mut to_upstream = pin!(forward(&down, &up, |n| {
+        lstats.rx_bytes.add(n as u64);
+        activity.set(activity.get().wrapping_add(1));
+    }));
+    let mut to_downstream = pin!(forward(&up, &down, |n| {
+        lstats.tx_bytes.add(n as u64);
+        activity.set(activity.get().wrapping_add(1));
+    }));
+    let mut idle = pin!(idle_watch(&activity, cluster.idle_timeout));
+    let (mut up_done, mut down_done) = (false, false);
+    while !(up_done && down_done) {
+        monoio::select! {
+            r = &mut to_upstream, if !up_done => match r {
+                Ok(_) => up_done = true,
+                Err(_) => { lstats.reset.inc(); break; }
+            },
+            r = &mut to_downstream, if !down_done => match r {
+                Ok(_) => down_done = true,
+                Err(_) => { lstats.reset.inc(); break; }
+            },
+            _ = &mut idle => {
+                lstats.idle_timeout.inc();
+                tracing::debug!(%peer, listener = %listener.name, "idle timeout");
+                break;
+            }
+        }
+    }
+    // Dropping both streams closes both sockets.
+}
+
+/// Counts the upstream connection closed however `handle` ends.
+struct UpstreamGuard<'a>(&'a crate::stats::ClusterCounters);
+
+impl Drop for UpstreamGuard<'_> {
+    fn drop(&mut self) {
+        self.0.cx_closed.inc();
+    }
+}
+
+/// Resolves once `activity` has not changed for `timeout` (checked in quarters, so the connection
+/// closes between 1× and 1.25× the timeout after the last byte).
+async fn idle_watch(activity: &Cell<u64>, timeout: Duration) {
+    const QUARTERS: u32 = 4;
+    let tick = (timeout / QUARTERS).max(Duration::from_millis(1));
+    let mut last = activity.get();
+    let mut quiet = 0;
+    loop {
+        monoio::time::sleep(tick).await;
+        let now = activity.get();
+        if now == last {
+            quiet += 1;
+            if quiet >= QUARTERS {
+                return;
+            }
+        } else {
+            quiet = 0;
+            last = now;
+        }
+    }
+}

@@ -1,0 +1,75 @@
+//! Per-worker pooled buffers. A connection takes one only while bytes are moving; an idle
+//! connection holds none.
+
+use std::cell::RefCell;
+use std::ops::{Deref, DerefMut};
+
+/// Size of one forwarding buffer. Large enough that a bulk transfer costs few syscalls per MiB.
+pub const BUFFER_SIZE: usize = 64 * 1024;
+
+/// Buffers kept for reuse per worker; beyond this a returned buffer is freed.
+const POOL_MAX: usize = 512;
+
+thread_local! {
+    static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A buffer from this thread's pool, returned to it on drop.
+pub struct Buffer {
+    data: Option<Box<[u8]>>,
+}
+
+impl Buffer {
+    /// Takes a buffer from the pool, allocating if it is empty.
+    pub fn take() -> Buffer {
+        let data = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+        Buffer { data: Some(data) }
+    }
+
+    /// Buffers currently waiting in this thread's pool.
+    pub fn pooled() -> usize {
+        POOL.with(|p| p.borrow().len())
+    }
+}
+
+impl Deref for Buffer {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.data.as_deref().unwrap_or(&[])
+    }
+}
+
+impl DerefMut for Buffer {
+    fn deref_mut(&mut self) -> &mut [u8] {
+        self.data.as_deref_mut().unwrap_or(&mut [])
+    }
+}
+
+impl Drop for Buffer {
+    fn drop(&mut self) {
+        if let Some(data) = self.data.take() {
+            POOL.with(|p| {
+                let mut p = p.borrow_mut();
+                if p.len() < POOL_MAX {
+                    p.push(data);
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_are_reused() {
+        let before = Buffer::pooled();
+        let b = Buffer::take();
+        assert_eq!(b.len(), BUFFER_SIZE);
+        drop(b);
+        assert_eq!(Buffer::pooled(), before.max(1));
+        let _b = Buffer::take();
+        assert_eq!(Buffer::pooled(), before.max(1) - 1);
+    }
+}

@@ -1,0 +1,41 @@
+//! Moving bytes one way between two sockets: read into a pooled buffer, write from that same buffer.
+
+use std::io;
+
+use crate::buffer::Buffer;
+use crate::stream::Stream;
+
+/// Copies `src` to `dst` until `src` reaches EOF, then half-closes `dst` (FIN) and returns the byte
+/// count. `on_chunk` sees each chunk's size after it was written, for counters and idle tracking.
+///
+/// No buffer is held while waiting for `src`; one is held while a chunk is in flight to `dst`, so a
+/// slow reader on `dst` applies backpressure to `src` with bounded memory.
+pub async fn forward(src: &Stream, dst: &Stream, mut on_chunk: impl FnMut(usize)) -> io::Result<u64> {
+    let mut total = 0u64;
+    loop {
+        src.readable().await?;
+        let mut buf = Buffer::take();
+        loop {
+            match src.try_read(&mut buf) {
+                Ok(0) => {
+                    drop(buf);
+                    dst.shutdown_write()?;
+                    return Ok(total);
+                }
+                Ok(n) => {
+                    dst.write_all(&buf[..n]).await?;
+                    total += n as u64;
+                    on_chunk(n);
+                    // A short read means the socket is (almost surely) drained: go back to waiting
+                    // without a buffer rather than spend a syscall on EAGAIN.
+                    if n < buf.len() {
+                        break;
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
