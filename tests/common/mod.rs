@@ -1,0 +1,306 @@
+//! Test harness: the real `keel` binary on loopback with real config files, and small real backends.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+pub const DRIVERS: [&str; 2] = ["uring", "epoll"];
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+static SEQ: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh temporary directory for one test's files.
+pub fn temp_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("keel-it-{}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), tag));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+pub fn proxy_yaml(admin: u16, workers: usize) -> String {
+    format!(
+        "apiVersion: keel.dev/v1alpha1
+kind: Proxy
+metadata: {{ name: test, namespace: default }}
+spec:
+  workload: {{ labels: {{ app: test, version: v1 }} }}
+  workers: {workers}
+  admin: {{ address: 127.0.0.1:{admin} }}
+"
+    )
+}
+
+/// A Sidecar with one TCP ingress listener in front of `upstream`, with `tcp` extra pool settings.
+pub fn ingress_yaml(port: u16, upstream: SocketAddr, tcp: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default, namespace: default }}
+spec:
+  ingress:
+  - port: {{ number: {port}, protocol: TCP, name: tcp }}
+    bind: 127.0.0.1
+    defaultEndpoint: {upstream}
+    connectionPool:
+      tcp: {{ {tcp} }}
+"
+    )
+}
+
+pub struct Keel {
+    pub child: Child,
+    pub admin: u16,
+    pub dir: PathBuf,
+    pub log: PathBuf,
+}
+
+impl Keel {
+    /// Starts keel on `config` with extra CLI args and waits for `/ready`.
+    pub fn start(config: &str, admin: u16, args: &[&str]) -> Keel {
+        let keel = Self::spawn(config, admin, args);
+        keel.wait_ready();
+        keel
+    }
+
+    /// Starts keel without waiting for readiness.
+    pub fn spawn(config: &str, admin: u16, args: &[&str]) -> Keel {
+        let dir = temp_dir("keel");
+        let cfg = dir.join("keel.yaml");
+        std::fs::write(&cfg, config).unwrap();
+        let log = dir.join("keel.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_keel"))
+            .arg("run")
+            .arg("-c")
+            .arg(&cfg)
+            .args(["--log-level", "debug"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        Keel { child, admin, dir, log }
+    }
+
+    pub fn wait_ready(&self) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if let Ok((200, _)) = http_get(self.admin, "/ready") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("keel did not become ready; log:\n{}", self.log_text());
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid; no memory is passed.
+        assert_eq!(unsafe { libc::kill(self.pid(), sig) }, 0);
+    }
+
+    /// Waits for exit up to `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return Some(s);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        let (status, body) = http_get(self.admin, "/stats").unwrap();
+        assert_eq!(status, 200);
+        serde_json::from_str(&body).unwrap()
+    }
+
+    pub fn listener_stat(&self, field: &str) -> u64 {
+        self.stats()["listeners"][0][field].as_u64().unwrap_or_else(|| panic!("no {field}"))
+    }
+
+    /// Waits until a listener counter reaches `want` (counters update as connections finish).
+    pub fn wait_listener_stat(&self, field: &str, want: u64) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut got = 0;
+        while Instant::now() < deadline {
+            got = self.listener_stat(field);
+            if got == want {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        panic!("{field}: got {got}, want {want}; stats: {:#}", self.stats());
+    }
+
+    pub fn open_fds(&self) -> usize {
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+    }
+
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap()
+    }
+}
+
+impl Drop for Keel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A one-shot HTTP GET to the admin port.
+pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Runs `keel validate -c path`.
+pub fn validate(path: &std::path::Path) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_keel")).arg("validate").arg("-c").arg(path).output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+/// Deterministic pseudo-random bytes, so both ends can check a stream without storing it.
+pub struct Pattern(u64);
+
+impl Pattern {
+    pub fn new(seed: u64) -> Pattern {
+        Pattern(seed | 1)
+    }
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            let bytes = self.0.to_le_bytes();
+            chunk.copy_from_slice(&bytes[..chunk.len()]);
+        }
+    }
+}
+
+/// Writes `len` pattern bytes (chunks of 64 KiB, so the pattern is the same however it is read).
+pub fn send_pattern(s: &mut TcpStream, seed: u64, len: usize) {
+    let mut p = Pattern::new(seed);
+    let mut buf = vec![0u8; 65536];
+    let mut left = len;
+    while left > 0 {
+        let n = left.min(buf.len());
+        p.fill(&mut buf[..n]);
+        s.write_all(&buf[..n]).unwrap();
+        left -= n;
+    }
+}
+
+/// Reads until EOF and checks the bytes are exactly the `len`-byte pattern of `seed`.
+pub fn expect_pattern(s: &mut TcpStream, seed: u64, len: usize) {
+    let mut p = Pattern::new(seed);
+    let mut expected = vec![0u8; 65536];
+    let (mut exp_len, mut exp_pos) = (0usize, 0usize);
+    let mut got = vec![0u8; 65536];
+    let mut offset = 0usize;
+    loop {
+        let n = s.read(&mut got).unwrap();
+        if n == 0 {
+            break;
+        }
+        let mut i = 0;
+        while i < n {
+            if exp_pos == exp_len {
+                let chunk = (len - offset).min(65536);
+                assert!(chunk > 0, "more than {len} bytes received");
+                p.fill(&mut expected[..chunk]);
+                (exp_len, exp_pos) = (chunk, 0);
+            }
+            let take = (n - i).min(exp_len - exp_pos);
+            assert!(got[i..i + take] == expected[exp_pos..exp_pos + take], "bytes differ at offset {offset}");
+            i += take;
+            exp_pos += take;
+            offset += take;
+        }
+    }
+    assert_eq!(offset, len, "stream ended early");
+}
+
+/// A backend that echoes every connection until EOF, then closes its side.
+pub fn echo_backend() -> (SocketAddr, JoinHandle<()>) {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let h = std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16384];
+                loop {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => {
+                            if c.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+                let _ = c.shutdown(Shutdown::Write);
+            });
+        }
+    });
+    (addr, h)
+}
+
+/// A backend that greets each connection with `banner` and closes.
+pub fn banner_backend(banner: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            let _ = c.write_all(banner.as_bytes());
+        }
+    });
+    addr
+}
+
+/// Reads everything until EOF.
+pub fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.read_to_end(&mut out).unwrap();
+    out
+}
+
+/// A round trip of `msg` through an echoing path.
+pub fn echo_round_trip(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).unwrap();
+    let mut got = vec![0u8; msg.len()];
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(got, msg);
+}
