@@ -37,6 +37,9 @@ enum Command {
         /// How long open connections may finish after SIGTERM/SIGINT (e.g. 5s, 500ms, 1m).
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         drain_timeout: Duration,
+        /// How bytes move between sockets: splice (zero-copy through a pipe) or copy (user-space buffer).
+        #[arg(long, value_enum, default_value = "splice")]
+        forwarding: ForwardingArg,
     },
     /// Parse, validate and compile a config; print every error and exit non-zero on any.
     Validate {
@@ -52,6 +55,12 @@ enum Driver {
     Auto,
     Uring,
     Epoll,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ForwardingArg {
+    Splice,
+    Copy,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -94,7 +103,7 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, workers, io_driver, log_level, log_format, drain_timeout } => {
+        Command::Run { config, workers, io_driver, log_level, log_format, drain_timeout, forwarding } => {
             if let Err(e) = init_logging(&log_level, log_format) {
                 eprintln!("keel: {e}");
                 return ExitCode::FAILURE;
@@ -104,7 +113,11 @@ fn main() -> ExitCode {
                 Driver::Uring => DriverChoice::Uring,
                 Driver::Epoll => DriverChoice::Epoll,
             };
-            let opts = keel_core::RunOptions { config, workers, driver, drain_timeout };
+            let forwarding = match forwarding {
+                ForwardingArg::Splice => keel_io::Forwarding::Splice,
+                ForwardingArg::Copy => keel_io::Forwarding::Copy,
+            };
+            let opts = keel_core::RunOptions { config, workers, driver, drain_timeout, forwarding };
             match keel_core::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(keel_core::StartError::Config(errors)) => {

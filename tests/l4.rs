@@ -11,13 +11,20 @@ use common::*;
 const MIB: usize = 1024 * 1024;
 
 fn ingress_keel(upstream: SocketAddr, tcp: &str, workers: usize, driver: &str) -> (Keel, u16) {
-    let (admin, port) = (free_port(), free_port());
-    let config = format!("{}{}", proxy_yaml(admin, workers), ingress_yaml(port, upstream, tcp));
-    (Keel::start(&config, admin, &["--io-driver", driver]), port)
+    ingress_keel_with(upstream, tcp, workers, &["--io-driver", driver])
 }
 
-/// 64 MiB each way at once, checked byte for byte on both ends, on each io driver.
-fn forwards_64_mib_both_ways(driver: &str) {
+fn ingress_keel_with(upstream: SocketAddr, tcp: &str, workers: usize, args: &[&str]) -> (Keel, u16) {
+    let (admin, port) = (free_port(), free_port());
+    let config = format!("{}{}", proxy_yaml(admin, workers), ingress_yaml(port, upstream, tcp));
+    (Keel::start(&config, admin, args), port)
+}
+
+/// Every io driver × forwarding mechanism.
+const MODES: [(&str, &str); 4] = [("uring", "splice"), ("uring", "copy"), ("epoll", "splice"), ("epoll", "copy")];
+
+/// 64 MiB each way at once, checked byte for byte on both ends, on each io driver and forwarding.
+fn forwards_64_mib_both_ways(driver: &str, forwarding: &str) {
     let backend = TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = backend.local_addr().unwrap();
     let server = std::thread::spawn(move || {
@@ -29,7 +36,7 @@ fn forwards_64_mib_both_ways(driver: &str) {
         writer.shutdown(Shutdown::Write).unwrap();
         check.join().unwrap();
     });
-    let (keel, port) = ingress_keel(upstream, "connectTimeout: 1s", 1, driver);
+    let (keel, port) = ingress_keel_with(upstream, "connectTimeout: 1s", 1, &["--io-driver", driver, "--forwarding", forwarding]);
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut reader = client.try_clone().unwrap();
     let check = std::thread::spawn(move || expect_pattern(&mut reader, 2, 64 * MIB));
@@ -48,19 +55,29 @@ fn forwards_64_mib_both_ways(driver: &str) {
 }
 
 #[test]
-fn forwards_64_mib_both_ways_io_uring() {
-    forwards_64_mib_both_ways("uring");
+fn forwards_64_mib_both_ways_io_uring_splice() {
+    forwards_64_mib_both_ways("uring", "splice");
 }
 
 #[test]
-fn forwards_64_mib_both_ways_epoll() {
-    forwards_64_mib_both_ways("epoll");
+fn forwards_64_mib_both_ways_io_uring_copy() {
+    forwards_64_mib_both_ways("uring", "copy");
+}
+
+#[test]
+fn forwards_64_mib_both_ways_epoll_splice() {
+    forwards_64_mib_both_ways("epoll", "splice");
+}
+
+#[test]
+fn forwards_64_mib_both_ways_epoll_copy() {
+    forwards_64_mib_both_ways("epoll", "copy");
 }
 
 /// The client's FIN reaches the backend while the backend's answer still flows back.
 #[test]
 fn half_close_keeps_the_other_direction_open() {
-    for driver in DRIVERS {
+    for (driver, forwarding) in MODES {
         let backend = TcpListener::bind("127.0.0.1:0").unwrap();
         let upstream = backend.local_addr().unwrap();
         let server = std::thread::spawn(move || {
@@ -70,11 +87,11 @@ fn half_close_keeps_the_other_direction_open() {
             std::thread::sleep(Duration::from_millis(100));
             c.write_all(format!("got {} bytes", got.len()).as_bytes()).unwrap();
         });
-        let (_keel, port) = ingress_keel(upstream, "connectTimeout: 1s", 1, driver);
+        let (_keel, port) = ingress_keel_with(upstream, "connectTimeout: 1s", 1, &["--io-driver", driver, "--forwarding", forwarding]);
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         c.write_all(b"hello world").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
-        assert_eq!(read_all(&mut c), b"got 11 bytes", "{driver}");
+        assert_eq!(read_all(&mut c), b"got 11 bytes", "{driver} {forwarding}");
         server.join().unwrap();
     }
 }
@@ -298,6 +315,12 @@ spec:
 /// A client that floods an upstream that never reads costs bounded memory.
 #[test]
 fn flooding_client_costs_bounded_memory() {
+    for forwarding in ["splice", "copy"] {
+        flood(forwarding);
+    }
+}
+
+fn flood(forwarding: &str) {
     let stuck = TcpListener::bind("127.0.0.1:0").unwrap();
     let upstream = stuck.local_addr().unwrap();
     let _hold = std::thread::spawn(move || {
@@ -305,7 +328,7 @@ fn flooding_client_costs_bounded_memory() {
         std::thread::sleep(Duration::from_secs(30));
         drop(conns);
     });
-    let (keel, port) = ingress_keel(upstream, "connectTimeout: 1s", 1, "auto");
+    let (keel, port) = ingress_keel_with(upstream, "connectTimeout: 1s", 1, &["--forwarding", forwarding]);
     let before = keel.rss_kib();
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_nonblocking(true).unwrap();
@@ -321,7 +344,7 @@ fn flooding_client_costs_bounded_memory() {
     }
     let grew = keel.rss_kib().saturating_sub(before);
     assert!(sent > 0 && sent < 256 << 20, "sent {sent}: backpressure must stop the client");
-    assert!(grew < 4096, "RSS grew {grew} KiB while a client flooded a stuck upstream");
+    assert!(grew < 4096, "{forwarding}: RSS grew {grew} KiB while a client flooded a stuck upstream");
 }
 
 /// SIGTERM: new connections are refused, open ones keep working, exit 0 once they close.

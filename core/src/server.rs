@@ -27,6 +27,8 @@ pub struct RunOptions {
     pub driver: DriverChoice,
     /// How long open connections may finish after SIGTERM before the process exits anyway.
     pub drain_timeout: Duration,
+    /// How workers move bytes between sockets.
+    pub forwarding: keel_io::Forwarding,
 }
 
 /// Why `keel run` could not start.
@@ -71,10 +73,10 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut handles = Vec::with_capacity(workers);
     for (id, listeners) in per_worker.into_iter().enumerate() {
-        let (snapshot, stats, shutdown, ready) = (snapshot.clone(), stats.clone(), shutdown_rx.clone(), ready_tx.clone());
+        let (snapshot, stats, shutdown, ready, forwarding) = (snapshot.clone(), stats.clone(), shutdown_rx.clone(), ready_tx.clone(), opts.forwarding);
         let core = cores.get(id % cores.len().max(1)).copied();
         let handle = io_worker::spawn(id, core, driver, move || {
-            let w = Rc::new(Worker::new(id, snapshot, stats));
+            let w = Rc::new(Worker::new(id, snapshot, stats, forwarding));
             worker::run(w, listeners, shutdown, ready)
         })
         .map_err(|e| StartError::Other(format!("cannot start worker {id}: {e}")))?;
@@ -91,6 +93,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     stats.set_ready();
     tracing::info!(
         io_driver = %driver,
+        forwarding = ?opts.forwarding,
         workers,
         listeners = snapshot.listeners.len(),
         admin = %snapshot.proxy.admin_address,

@@ -7,7 +7,7 @@ use std::pin::pin;
 use std::rc::Rc;
 use std::time::Duration;
 
-use keel_io::{connect, forward::forward, ConnectError, KeepaliveOpts, Stream};
+use keel_io::{connect, forward::forward_with, ConnectError, KeepaliveOpts, Stream};
 
 use crate::worker::{ActiveGuard, Worker};
 
@@ -55,11 +55,12 @@ pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: Socket
     // Activity ticks: every chunk moved either way bumps it; the idle watch closes the pair when it
     // stops moving for a whole idle timeout.
     let activity = Cell::new(0u64);
-    let mut to_upstream = pin!(forward(&down, &up, |n| {
+    let how = worker.forwarding;
+    let mut to_upstream = pin!(forward_with(how, &down, &up, |n| {
         lstats.rx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     }));
-    let mut to_downstream = pin!(forward(&up, &down, |n| {
+    let mut to_downstream = pin!(forward_with(how, &up, &down, |n| {
         lstats.tx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     }));

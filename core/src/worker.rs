@@ -19,6 +19,8 @@ use crate::tcp_proxy;
 /// A worker's view of the config and its core-local state.
 pub struct Worker {
     pub id: usize,
+    /// How this worker moves bytes (splice or copy).
+    pub forwarding: keel_io::Forwarding,
     pub snapshot: Arc<Snapshot>,
     pub stats: Arc<Stats>,
     balancers: RefCell<Vec<Balancer>>,
@@ -31,7 +33,7 @@ pub struct Worker {
 
 impl Worker {
     /// Builds worker `id`'s balancers from the snapshot; round robin starts at a different endpoint per worker.
-    pub fn new(id: usize, snapshot: Arc<Snapshot>, stats: Arc<Stats>) -> Worker {
+    pub fn new(id: usize, snapshot: Arc<Snapshot>, stats: Arc<Stats>, forwarding: keel_io::Forwarding) -> Worker {
         let balancers = snapshot.clusters.iter().map(|c| balancer_for(c, id)).collect();
         let routes = snapshot
             .listeners
@@ -41,6 +43,7 @@ impl Worker {
         let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ ((id as u64 + 1) << 48);
         Worker {
             id,
+            forwarding,
             snapshot,
             stats,
             balancers: RefCell::new(balancers),
@@ -153,7 +156,12 @@ async fn accept_loop(worker: Rc<Worker>, index: usize, listener: monoio::net::Tc
         match listener.accept().await {
             Ok((stream, peer)) => {
                 worker.stats.per_worker[worker.id].accepted.inc();
-                monoio::spawn(tcp_proxy::handle(worker.clone(), index, keel_io::Stream::from_monoio(stream), peer));
+                match keel_io::Stream::from_monoio(stream) {
+                    Ok(stream) => {
+                        monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
+                    }
+                    Err(e) => tracing::warn!(worker = worker.id, listener = %name, error = %e, "cannot set up accepted socket"),
+                }
             }
             Err(e) => {
                 // Out of fds or memory: back off instead of spinning, and say so.

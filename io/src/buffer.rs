@@ -5,7 +5,7 @@ use std::cell::RefCell;
 use std::ops::{Deref, DerefMut};
 
 /// Size of one forwarding buffer. Large enough that a bulk transfer costs few syscalls per MiB.
-pub const BUFFER_SIZE: usize = 64 * 1024;
+pub const BUFFER_SIZE: usize = 256 * 1024;
 
 /// Buffers kept for reuse per worker; beyond this a returned buffer is freed.
 const POOL_MAX: usize = 512;

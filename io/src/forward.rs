@@ -2,8 +2,39 @@
 
 use std::io;
 
+use std::str::FromStr;
+
 use crate::buffer::Buffer;
 use crate::stream::Stream;
+
+/// How bytes move between two sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Forwarding {
+    /// splice(2) through a pooled pipe: no copy through user space (the default: measured cheaper).
+    #[default]
+    Splice,
+    /// recv/send through a pooled user-space buffer.
+    Copy,
+}
+
+impl FromStr for Forwarding {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "splice" => Ok(Forwarding::Splice),
+            "copy" => Ok(Forwarding::Copy),
+            _ => Err(format!("unknown forwarding `{s}`: expected splice or copy")),
+        }
+    }
+}
+
+/// Moves `src` to `dst` until EOF with the chosen mechanism; see [`forward`].
+pub async fn forward_with(how: Forwarding, src: &Stream, dst: &Stream, on_chunk: impl FnMut(usize)) -> io::Result<u64> {
+    match how {
+        Forwarding::Splice => crate::splice::forward_splice(src, dst, on_chunk).await,
+        Forwarding::Copy => forward(src, dst, on_chunk).await,
+    }
+}
 
 /// Copies `src` to `dst` until `src` reaches EOF, then half-closes `dst` (FIN) and returns the byte
 /// count. `on_chunk` sees each chunk's size after it was written, for counters and idle tracking.

@@ -9,10 +9,12 @@ pub mod connect;
 pub mod driver;
 pub mod forward;
 pub mod listener;
+pub mod splice;
 pub mod stream;
 pub mod worker;
 
 pub use buffer::{Buffer, BUFFER_SIZE};
 pub use connect::{connect, ConnectError, KeepaliveOpts};
 pub use driver::{DriverChoice, IoDriver};
+pub use forward::Forwarding;
 pub use stream::Stream;

@@ -29,9 +29,19 @@ impl Stream {
         Ok(Stream { inner: monoio::net::TcpStream::from_std(stream)? })
     }
 
-    /// Wraps a stream monoio accepted.
-    pub fn from_monoio(inner: monoio::net::TcpStream) -> Stream {
-        Stream { inner }
+    /// Wraps a stream monoio accepted, making it non-blocking (io_uring's accept leaves it blocking,
+    /// and splice(2) on a socket honours only the socket's own O_NONBLOCK).
+    pub fn from_monoio(inner: monoio::net::TcpStream) -> io::Result<Stream> {
+        let fd = inner.as_raw_fd();
+        // SAFETY: fcntl(2) F_GETFL/F_SETFL on an fd owned by `inner`; no memory is passed.
+        let ok = unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            flags >= 0 && (flags & libc::O_NONBLOCK != 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0)
+        };
+        if !ok {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Stream { inner })
     }
 
     /// Resolves when a read would not block (data, EOF or an error is pending).
@@ -114,6 +124,11 @@ impl Stream {
     }
 
     fn fd(&self) -> RawFd {
+        self.inner.as_raw_fd()
+    }
+
+    /// The socket's fd, for syscalls this crate makes directly (splice).
+    pub(crate) fn raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
     }
 }

@@ -1,0 +1,216 @@
+#!/usr/bin/env bash
+# Side-by-side load test: Keel against nginx and HAProxy, by the project's method.
+#
+#   bench/compare.sh [workload ...]        workloads: l4-1mib (default: all)
+#
+# The proxy under test runs alone on CPU 1 with one worker; the backend (nginx serving fixed bodies)
+# and the load generator (wrk) share CPU 0. Contenders are interleaved (A B C, A B C, ...) over
+# ROUNDS rounds and the median is reported. On two cores the load generator limits req/s, so the
+# figure that compares proxies is the proxy's CPU time (utime+stime of all its processes, from
+# /proc/PID/stat) per request, or per MiB for bulk transfer. Steal time from /proc/stat is reported
+# so that noisy rounds show.
+#
+# Environment: ROUNDS (3), DURATION seconds per run (10), CONNS wrk connections (8),
+#              KEEL_ARGS extra `keel run` arguments (e.g. "--io-driver epoll").
+# Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk, taskset.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNS=${CONNS:-8}
+KEEL_ARGS=${KEEL_ARGS:-}
+BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
+STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
+
+for tool in nginx haproxy wrk taskset; do
+  command -v "$tool" >/dev/null || { echo "compare.sh: $tool is required (apt-get install nginx-light libnginx-mod-stream haproxy wrk util-linux)" >&2; exit 1; }
+done
+[ -f "$STREAM_MODULE" ] || { echo "compare.sh: nginx stream module missing (apt-get install libnginx-mod-stream)" >&2; exit 1; }
+[ "$(nproc)" -ge 2 ] || { echo "compare.sh: needs 2 CPUs" >&2; exit 1; }
+
+WORK=$(mktemp -d /tmp/keel-bench.XXXXXX)
+chmod 755 "$WORK"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  for f in "$WORK"/*.pid; do [ -f "$f" ] && kill "$(cat "$f")" 2>/dev/null || true; done
+  sleep 0.2
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cargo build --release -q --bin keel
+KEEL_BIN=$ROOT/target/release/keel
+
+mkdir -p "$WORK/www"
+head -c 1048576 /dev/urandom > "$WORK/www/1m"
+head -c 1024 /dev/urandom > "$WORK/www/1k"
+chmod -R a+rX "$WORK/www"
+
+# ---- backend: nginx on CPU 0 serving fixed bodies
+cat > "$WORK/backend.conf" <<CONF
+worker_processes 1;
+pid $WORK/backend.pid;
+error_log $WORK/backend.err;
+events { worker_connections 8192; }
+http {
+  access_log off;
+  sendfile on; tcp_nopush on; tcp_nodelay on;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
+  uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
+  server { listen 127.0.0.1:$BACKEND reuseport; root $WORK/www; }
+}
+CONF
+mkdir -p "$WORK/tmp"
+taskset -c 0 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err"
+
+# ---- contenders on CPU 1, one worker each
+cat > "$WORK/nginx-proxy.conf" <<CONF
+load_module $STREAM_MODULE;
+worker_processes 1;
+pid $WORK/nginx-proxy.pid;
+error_log $WORK/nginx-proxy.err;
+events { worker_connections 8192; }
+stream { server { listen 127.0.0.1:$NGINX_PORT; proxy_pass 127.0.0.1:$BACKEND; } }
+CONF
+taskset -c 1 nginx -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx-proxy.err"
+
+cat > "$WORK/haproxy.cfg" <<CONF
+global
+  nbthread 1
+  maxconn 8000
+defaults
+  mode tcp
+  timeout connect 5s
+  timeout client 60s
+  timeout server 60s
+listen l4
+  bind 127.0.0.1:$HAPROXY_PORT
+  server backend 127.0.0.1:$BACKEND
+CONF
+taskset -c 1 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
+PIDS+=($!)
+HAPROXY_PID=$!
+
+cat > "$WORK/keel.yaml" <<CONF
+apiVersion: keel.dev/v1alpha1
+kind: Proxy
+metadata: { name: bench }
+spec:
+  workers: 1
+  admin: { address: 127.0.0.1:$ADMIN }
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default }
+spec:
+  ingress:
+  - port: { number: $KEEL_PORT, protocol: TCP }
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:$BACKEND
+CONF
+# shellcheck disable=SC2086
+taskset -c 1 "$KEEL_BIN" run -c "$WORK/keel.yaml" --workers 1 --log-level warn $KEEL_ARGS >"$WORK/keel.log" 2>&1 &
+PIDS+=($!)
+KEEL_PID=$!
+
+for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT; do
+  for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/1k" && break; sleep 0.05; done
+  curl -fs -o /dev/null "http://127.0.0.1:$port/1k" || { echo "compare.sh: nothing answers on port $port" >&2; cat "$WORK"/*.log "$WORK"/*.err >&2 2>/dev/null; exit 1; }
+done
+KEEL_DRIVER=$(curl -fs "http://127.0.0.1:$ADMIN/stats" | sed -n 's/.*"io_driver": "\([a-z_]*\)".*/\1/p')
+
+# The processes that make up each contender.
+pids_of() {
+  case $1 in
+    keel) echo "$KEEL_PID" ;;
+    haproxy) echo "$HAPROXY_PID" ;;
+    nginx) local m; m=$(cat "$WORK/nginx-proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
+    direct) echo "" ;;
+  esac
+}
+port_of() {
+  case $1 in keel) echo $KEEL_PORT ;; nginx) echo $NGINX_PORT ;; haproxy) echo $HAPROXY_PORT ;; direct) echo $BACKEND ;; esac
+}
+# utime+stime in clock ticks, summed over processes.
+cpu_ticks() {
+  local total=0 p
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] || continue
+    # Fields after the ")" of the command name: utime is the 12th, stime the 13th.
+    total=$(( total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}') ))
+  done
+  echo "$total"
+}
+steal_ticks() { awk '/^cpu /{print $9}' /proc/stat; }
+total_ticks() { awk '/^cpu /{s=0; for (i=2;i<=NF;i++) s+=$i; print s}' /proc/stat; }
+to_ms() { # wrk latency like 1.23ms, 850.00us, 1.02s
+  awk -v v="$1" 'BEGIN { n=v+0; if (v ~ /us$/) n/=1000; else if (v ~ /ms$/) n=n; else if (v ~ /s$/) n*=1000; printf "%.3f", n }'
+}
+TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
+
+# run_one WORKLOAD CONTENDER -> appends "contender reqs rps mib_s cpu_per_unit p50 p99 steal%" to $WORK/rows.
+run_one() {
+  local workload=$1 who=$2 port path unit_bytes pids c0 c1 s0 s1 t0 t1 out reqs rps p50 p99
+  port=$(port_of "$who")
+  case $workload in
+    l4-1mib) path=/1m; unit_bytes=1048576 ;;
+  esac
+  pids=$(pids_of "$who")
+  # shellcheck disable=SC2086
+  c0=$(cpu_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
+  out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port$path")
+  # shellcheck disable=SC2086
+  c1=$(cpu_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
+  reqs=$(echo "$out" | awk '/requests in/{print $1}')
+  rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
+  p50=$(to_ms "$(echo "$out" | awk '$1=="50%"{print $2}')")
+  p99=$(to_ms "$(echo "$out" | awk '$1=="99%"{print $2}')")
+  if echo "$out" | grep -q "Non-2xx\|Socket errors"; then echo "  warning: $who: $(echo "$out" | grep -E 'Non-2xx|Socket errors')" >&2; fi
+  awk -v who="$who" -v reqs="$reqs" -v rps="$rps" -v ub="$unit_bytes" -v cpu=$(( (c1 - c0) * TICK_US )) \
+      -v p50="$p50" -v p99="$p99" -v steal=$(( s1 - s0 )) -v tot=$(( t1 - t0 )) -v d="$DURATION" 'BEGIN {
+    mib = reqs * ub / 1048576
+    per = (who == "direct" || mib == 0) ? "-" : sprintf("%.0f", cpu / mib)
+    printf "%s %d %.1f %.1f %s %.3f %.3f %.2f\n", who, reqs, rps, mib / d, per, p50, p99, (tot > 0 ? 100 * steal / tot : 0)
+  }' >> "$WORK/rows.$workload"
+}
+
+median() { sort -g | awk '{a[NR]=$1} END { if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
+
+report() {
+  local workload=$1 who best
+  echo
+  echo "### $workload — $(date -u +%Y-%m-%d), $ROUNDS rounds × ${DURATION}s, wrk -c$CONNS, keel io driver: $KEEL_DRIVER"
+  echo
+  echo "| proxy | req/s | MiB/s | proxy CPU µs/MiB | vs best peer | p50 ms | p99 ms | steal % |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+  best=$(for who in nginx haproxy; do grep "^$who " "$WORK/rows.$workload" | awk '{print $5}' | median; done | sort -g | head -1)
+  for who in direct keel nginx haproxy; do
+    local rows cpu ratio
+    rows=$(grep "^$who " "$WORK/rows.$workload" || true)
+    cpu=$(echo "$rows" | awk '{print $5}' | median)
+    ratio=$(awk -v c="$cpu" -v b="$best" 'BEGIN { if (c == "-" || b == "-" || b == 0) print "-"; else printf "%.2f×", c / b }')
+    printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n" "$who" \
+      "$(echo "$rows" | awk '{print $3}' | median)" "$(echo "$rows" | awk '{print $4}' | median)" "$cpu" "$ratio" \
+      "$(echo "$rows" | awk '{print $6}' | median)" "$(echo "$rows" | awk '{print $7}' | median)" "$(echo "$rows" | awk '{print $8}' | median)"
+  done
+}
+
+WORKLOADS=("$@")
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib)
+for workload in "${WORKLOADS[@]}"; do
+  case $workload in l4-1mib) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
+  : > "$WORK/rows.$workload"
+  run_one "$workload" direct
+  for round in $(seq "$ROUNDS"); do
+    for who in keel nginx haproxy; do
+      echo "  $workload round $round: $who" >&2
+      run_one "$workload" "$who"
+    done
+  done
+  report "$workload" | tee -a "$WORK/report.md"
+done
+mkdir -p "$ROOT/bench/results"
+cp "$WORK/report.md" "$ROOT/bench/results/$(date -u +%Y%m%dT%H%M%S).md"
