@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 use keel_io::DriverChoice;
 
 #[derive(Parser)]
-#[command(name = "keel", about = "A thread-per-core service-mesh sidecar proxy driven by Istio YAML", disable_version_flag = true)]
+#[command(
+    name = "keel",
+    about = "A thread-per-core service-mesh sidecar proxy driven by Istio YAML",
+    disable_version_flag = true
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -74,8 +78,13 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 }
 
 fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level).map_err(|e| format!("invalid --log-level `{level}`: {e}"))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).with_ansi(std::io::stderr().is_terminal());
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("invalid --log-level `{level}`: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::stderr().is_terminal());
     let result = match format {
         LogFormat::Text => builder.try_init(),
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -92,7 +101,13 @@ fn main() -> ExitCode {
         }
         Command::Validate { config } => match keel_config::load(&config) {
             Ok(s) => {
-                println!("{}: valid: {} listeners, {} clusters, version {}", config.display(), s.listeners.len(), s.clusters.len(), s.version);
+                println!(
+                    "{}: valid: {} listeners, {} clusters, version {}",
+                    config.display(),
+                    s.listeners.len(),
+                    s.clusters.len(),
+                    s.version
+                );
                 ExitCode::SUCCESS
             }
             Err(errors) => {
@@ -103,7 +118,15 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Run { config, workers, io_driver, log_level, log_format, drain_timeout, forwarding } => {
+        Command::Run {
+            config,
+            workers,
+            io_driver,
+            log_level,
+            log_format,
+            drain_timeout,
+            forwarding,
+        } => {
             if let Err(e) = init_logging(&log_level, log_format) {
                 eprintln!("keel: {e}");
                 return ExitCode::FAILURE;
@@ -117,7 +140,13 @@ fn main() -> ExitCode {
                 ForwardingArg::Splice => keel_io::Forwarding::Splice,
                 ForwardingArg::Copy => keel_io::Forwarding::Copy,
             };
-            let opts = keel_core::RunOptions { config, workers, driver, drain_timeout, forwarding };
+            let opts = keel_core::RunOptions {
+                config,
+                workers,
+                driver,
+                drain_timeout,
+                forwarding,
+            };
             match keel_core::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(keel_core::StartError::Config(errors)) => {

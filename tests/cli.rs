@@ -41,14 +41,23 @@ fn validate_reports_each_error_class_with_location() {
         let path = write_config("bad.yaml", &text);
         let (ok, out) = validate(&path);
         assert!(!ok, "{what}: accepted");
-        assert!(out.contains(expect), "{what}: expected {expect:?} in:\n{out}");
+        assert!(
+            out.contains(expect),
+            "{what}: expected {expect:?} in:\n{out}"
+        );
         let located = out.lines().next().unwrap_or_default();
         let prefix = format!("{}:", path.display());
-        assert!(located.starts_with(&prefix), "{what}: no file in {located:?}");
+        assert!(
+            located.starts_with(&prefix),
+            "{what}: no file in {located:?}"
+        );
         if what != "missing Proxy" {
             let rest = &located[prefix.len()..];
             let mut nums = rest.split(':').take(2).map(|n| n.parse::<usize>());
-            assert!(matches!((nums.next(), nums.next()), (Some(Ok(l)), Some(Ok(c))) if l > 0 && c > 0), "{what}: no line:col in {located:?}");
+            assert!(
+                matches!((nums.next(), nums.next()), (Some(Ok(l)), Some(Ok(c))) if l > 0 && c > 0),
+                "{what}: no line:col in {located:?}"
+            );
         }
     }
 }
@@ -66,7 +75,10 @@ fn validate_accepts_the_examples() {
 
 #[test]
 fn version_prints() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel")).arg("version").output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("version")
+        .output()
+        .unwrap();
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("keel "));
 }
@@ -75,13 +87,27 @@ fn version_prints() {
 #[test]
 fn run_refuses_invalid_config_without_starting() {
     let (admin, port) = (free_port(), free_port());
-    let config = format!("{}{}", proxy_yaml(admin, 1), SIDECAR.replace("18080", &port.to_string()).replace("protocol: TCP", "protocol: TPC"));
+    let config = format!(
+        "{}{}",
+        proxy_yaml(admin, 1),
+        SIDECAR
+            .replace("18080", &port.to_string())
+            .replace("protocol: TCP", "protocol: TPC")
+    );
     let mut keel = Keel::spawn(&config, admin, &[]);
-    let status = keel.wait_exit(Duration::from_secs(5)).expect("still running");
+    let status = keel
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running");
     assert!(!status.success());
     let log = keel.log_text();
-    assert!(log.contains("spec.ingress[0].port.protocol: unknown protocol `TPC` (did you mean `TCP`?)"), "{log}");
-    assert!(TcpListener::bind(("127.0.0.1", admin)).is_ok(), "admin port left bound");
+    assert!(
+        log.contains("spec.ingress[0].port.protocol: unknown protocol `TPC` (did you mean `TCP`?)"),
+        "{log}"
+    );
+    assert!(
+        TcpListener::bind(("127.0.0.1", admin)).is_ok(),
+        "admin port left bound"
+    );
 }
 
 /// A listener port already in use: a clear error, exit non-zero, nothing half-started.
@@ -90,21 +116,37 @@ fn run_refuses_a_port_in_use() {
     let busy = TcpListener::bind("0.0.0.0:0").unwrap();
     let port = busy.local_addr().unwrap().port();
     let admin = free_port();
-    let config = format!("{}{}", proxy_yaml(admin, 2), SIDECAR.replace("18080", &port.to_string()));
+    let config = format!(
+        "{}{}",
+        proxy_yaml(admin, 2),
+        SIDECAR.replace("18080", &port.to_string())
+    );
     let mut keel = Keel::spawn(&config, admin, &[]);
-    let status = keel.wait_exit(Duration::from_secs(5)).expect("still running");
+    let status = keel
+        .wait_exit(Duration::from_secs(5))
+        .expect("still running");
     assert!(!status.success());
     let log = keel.log_text();
-    assert!(log.contains(&format!("cannot bind 0.0.0.0:{port}")) && log.contains("in use"), "{log}");
+    assert!(
+        log.contains(&format!("cannot bind 0.0.0.0:{port}")) && log.contains("in use"),
+        "{log}"
+    );
     drop(keel);
-    assert!(TcpListener::bind(("127.0.0.1", admin)).is_ok(), "admin port left bound");
+    assert!(
+        TcpListener::bind(("127.0.0.1", admin)).is_ok(),
+        "admin port left bound"
+    );
 }
 
 /// `--io-driver uring` where io_uring is refused fails loudly instead of falling back.
 #[test]
 fn forced_epoll_via_environment_refuses_uring() {
     let admin = free_port();
-    let config = format!("{}{}", proxy_yaml(admin, 1), SIDECAR.replace("18080", &free_port().to_string()));
+    let config = format!(
+        "{}{}",
+        proxy_yaml(admin, 1),
+        SIDECAR.replace("18080", &free_port().to_string())
+    );
     let dir = temp_dir("env");
     let path = dir.join("k.yaml");
     std::fs::write(&path, config).unwrap();
@@ -125,7 +167,11 @@ fn runs_from_a_config_directory() {
     let (admin, port) = (free_port(), free_port());
     let dir = temp_dir("dir");
     std::fs::write(dir.join("00-proxy.yaml"), proxy_yaml(admin, 1)).unwrap();
-    std::fs::write(dir.join("10-sidecar.yml"), ingress_yaml(port, echo, "connectTimeout: 1s")).unwrap();
+    std::fs::write(
+        dir.join("10-sidecar.yml"),
+        ingress_yaml(port, echo, "connectTimeout: 1s"),
+    )
+    .unwrap();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_keel"))
         .args(["run", "--log-format", "json", "-c"])
         .arg(&dir)
@@ -137,12 +183,16 @@ fn runs_from_a_config_directory() {
         assert!(std::time::Instant::now() < deadline, "not ready");
         std::thread::sleep(Duration::from_millis(20));
     }
-    echo_round_trip(&mut std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(), b"from a directory");
+    echo_round_trip(
+        &mut std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        b"from a directory",
+    );
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success());
     let log = String::from_utf8_lossy(&out.stderr);
-    let first: serde_json::Value = serde_json::from_str(log.lines().next().unwrap()).expect("JSON log lines");
+    let first: serde_json::Value =
+        serde_json::from_str(log.lines().next().unwrap()).expect("JSON log lines");
     assert_eq!(first["message"], "keel ready");
 }

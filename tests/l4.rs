@@ -14,14 +14,28 @@ fn ingress_keel(upstream: SocketAddr, tcp: &str, workers: usize, driver: &str) -
     ingress_keel_with(upstream, tcp, workers, &["--io-driver", driver])
 }
 
-fn ingress_keel_with(upstream: SocketAddr, tcp: &str, workers: usize, args: &[&str]) -> (Keel, u16) {
+fn ingress_keel_with(
+    upstream: SocketAddr,
+    tcp: &str,
+    workers: usize,
+    args: &[&str],
+) -> (Keel, u16) {
     let (admin, port) = (free_port(), free_port());
-    let config = format!("{}{}", proxy_yaml(admin, workers), ingress_yaml(port, upstream, tcp));
+    let config = format!(
+        "{}{}",
+        proxy_yaml(admin, workers),
+        ingress_yaml(port, upstream, tcp)
+    );
     (Keel::start(&config, admin, args), port)
 }
 
 /// Every io driver × forwarding mechanism.
-const MODES: [(&str, &str); 4] = [("uring", "splice"), ("uring", "copy"), ("epoll", "splice"), ("epoll", "copy")];
+const MODES: [(&str, &str); 4] = [
+    ("uring", "splice"),
+    ("uring", "copy"),
+    ("epoll", "splice"),
+    ("epoll", "copy"),
+];
 
 /// 64 MiB each way at once, checked byte for byte on both ends, on each io driver and forwarding.
 fn forwards_64_mib_both_ways(driver: &str, forwarding: &str) {
@@ -36,7 +50,12 @@ fn forwards_64_mib_both_ways(driver: &str, forwarding: &str) {
         writer.shutdown(Shutdown::Write).unwrap();
         check.join().unwrap();
     });
-    let (keel, port) = ingress_keel_with(upstream, "connectTimeout: 1s", 1, &["--io-driver", driver, "--forwarding", forwarding]);
+    let (keel, port) = ingress_keel_with(
+        upstream,
+        "connectTimeout: 1s",
+        1,
+        &["--io-driver", driver, "--forwarding", forwarding],
+    );
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     let mut reader = client.try_clone().unwrap();
     let check = std::thread::spawn(move || expect_pattern(&mut reader, 2, 64 * MIB));
@@ -47,7 +66,14 @@ fn forwards_64_mib_both_ways(driver: &str, forwarding: &str) {
     server.join().unwrap();
     keel.wait_listener_stat("connections_active", 0);
     let stats = keel.stats();
-    assert_eq!(stats["io_driver"], if driver == "uring" { "io_uring" } else { "epoll" });
+    assert_eq!(
+        stats["io_driver"],
+        if driver == "uring" {
+            "io_uring"
+        } else {
+            "epoll"
+        }
+    );
     let l = &stats["listeners"][0];
     assert_eq!(l["downstream_rx_bytes"], 64 * MIB as u64);
     assert_eq!(l["downstream_tx_bytes"], 64 * MIB as u64);
@@ -85,9 +111,15 @@ fn half_close_keeps_the_other_direction_open() {
             let mut got = Vec::new();
             c.read_to_end(&mut got).unwrap(); // returns only once the client's FIN arrives
             std::thread::sleep(Duration::from_millis(100));
-            c.write_all(format!("got {} bytes", got.len()).as_bytes()).unwrap();
+            c.write_all(format!("got {} bytes", got.len()).as_bytes())
+                .unwrap();
         });
-        let (_keel, port) = ingress_keel_with(upstream, "connectTimeout: 1s", 1, &["--io-driver", driver, "--forwarding", forwarding]);
+        let (_keel, port) = ingress_keel_with(
+            upstream,
+            "connectTimeout: 1s",
+            1,
+            &["--io-driver", driver, "--forwarding", forwarding],
+        );
         let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
         c.write_all(b"hello world").unwrap();
         c.shutdown(Shutdown::Write).unwrap();
@@ -112,15 +144,27 @@ fn upstream_refused_closes_downstream_and_counts() {
     }
     keel.wait_listener_stat("upstream_connect_refused", 3);
     let (_, prom) = http_get(keel.admin, "/stats/prometheus").unwrap();
-    assert!(prom.contains("keel_cluster_upstream_cx_connect_fail_total{cluster=\"inbound|"), "{prom}");
-    assert!(prom.lines().any(|l| l.starts_with("keel_cluster_upstream_cx_connect_fail_total") && l.ends_with(" 3")), "{prom}");
-    assert!(keel.log_text().contains("connection refused"), "a log line names the failure");
+    assert!(
+        prom.contains("keel_cluster_upstream_cx_connect_fail_total{cluster=\"inbound|"),
+        "{prom}"
+    );
+    assert!(
+        prom.lines().any(
+            |l| l.starts_with("keel_cluster_upstream_cx_connect_fail_total") && l.ends_with(" 3")
+        ),
+        "{prom}"
+    );
+    assert!(
+        keel.log_text().contains("connection refused"),
+        "a log line names the failure"
+    );
 }
 
 /// A listener whose accept queue is full: further SYNs are dropped, so connects hang.
 fn blackhole() -> (SocketAddr, Vec<TcpStream>, socket2::Socket) {
     let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into()).unwrap();
+    s.bind(&"127.0.0.1:0".parse::<SocketAddr>().unwrap().into())
+        .unwrap();
     s.listen(0).unwrap();
     let addr = s.local_addr().unwrap().as_socket().unwrap();
     let mut fillers = Vec::new();
@@ -141,7 +185,9 @@ fn connect_timeout_churn_leaks_no_fds() {
         let before = keel.open_fds();
         let mut rounds = Vec::new();
         for _ in 0..10 {
-            let conns: Vec<TcpStream> = (0..20).map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap()).collect();
+            let conns: Vec<TcpStream> = (0..20)
+                .map(|_| TcpStream::connect(("127.0.0.1", port)).unwrap())
+                .collect();
             rounds.push(std::thread::spawn(move || {
                 for mut c in conns {
                     c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
@@ -157,7 +203,10 @@ fn connect_timeout_churn_leaks_no_fds() {
         keel.wait_listener_stat("upstream_connect_timeout", 200);
         keel.wait_listener_stat("connections_active", 0);
         let after = keel.open_fds();
-        assert!(after <= before, "{driver}: fds before {before}, after {after}");
+        assert!(
+            after <= before,
+            "{driver}: fds before {before}, after {after}"
+        );
     }
 }
 
@@ -171,7 +220,10 @@ fn idle_timeout_closes_silent_connections() {
         let mut silent = TcpStream::connect(("127.0.0.1", port)).unwrap();
         assert!(read_all(&mut silent).is_empty());
         let waited = start.elapsed();
-        assert!(waited >= Duration::from_millis(400) && waited < Duration::from_secs(3), "{driver}: closed after {waited:?}");
+        assert!(
+            waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+            "{driver}: closed after {waited:?}"
+        );
 
         let mut busy = TcpStream::connect(("127.0.0.1", port)).unwrap();
         for _ in 0..10 {
@@ -194,9 +246,17 @@ fn workers_share_one_port() {
         }
         let stats = keel.stats();
         assert_eq!(stats["workers"], 2);
-        let per_worker: Vec<u64> = stats["workers_accepted"].as_array().unwrap().iter().map(|v| v.as_u64().unwrap()).collect();
+        let per_worker: Vec<u64> = stats["workers_accepted"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap())
+            .collect();
         assert_eq!(per_worker.iter().sum::<u64>(), 64);
-        assert!(per_worker.iter().all(|n| *n > 0), "{driver}: {per_worker:?}");
+        assert!(
+            per_worker.iter().all(|n| *n > 0),
+            "{driver}: {per_worker:?}"
+        );
     }
 }
 
@@ -227,9 +287,22 @@ fn admin_figures_match_traffic() {
     let (status, prom) = http_get(keel.admin, "/stats/prometheus").unwrap();
     assert_eq!(status, 200);
     let name = format!("listener=\"127.0.0.1_{port}\",direction=\"inbound\"");
-    assert!(prom.contains(&format!("keel_listener_connections_accepted_total{{{name}}} 11")), "{prom}");
-    assert!(prom.contains(&format!("keel_listener_downstream_rx_bytes_total{{{name}}} {total}")), "{prom}");
-    assert!(prom.contains(&format!("keel_listener_connections_active{{{name}}} 0")), "{prom}");
+    assert!(
+        prom.contains(&format!(
+            "keel_listener_connections_accepted_total{{{name}}} 11"
+        )),
+        "{prom}"
+    );
+    assert!(
+        prom.contains(&format!(
+            "keel_listener_downstream_rx_bytes_total{{{name}}} {total}"
+        )),
+        "{prom}"
+    );
+    assert!(
+        prom.contains(&format!("keel_listener_connections_active{{{name}}} 0")),
+        "{prom}"
+    );
     assert!(prom.contains("keel_workers 2"));
     assert!(prom.contains("keel_io_driver{driver=\""));
     for line in prom.lines().filter(|l| !l.starts_with('#')) {
@@ -278,9 +351,19 @@ spec:
         b.port()
     );
     let keel = Keel::start(&format!("{}{services}", proxy_yaml(admin, 1)), admin, &[]);
-    let picks: Vec<Vec<u8>> = (0..10).map(|_| read_all(&mut TcpStream::connect(("127.0.0.1", port)).unwrap())).collect();
-    assert_eq!(picks.iter().filter(|p| p.as_slice() == b"A").count(), 5, "round robin");
-    assert_eq!(picks.iter().filter(|p| p.as_slice() == b"B").count(), 5, "round robin");
+    let picks: Vec<Vec<u8>> = (0..10)
+        .map(|_| read_all(&mut TcpStream::connect(("127.0.0.1", port)).unwrap()))
+        .collect();
+    assert_eq!(
+        picks.iter().filter(|p| p.as_slice() == b"A").count(),
+        5,
+        "round robin"
+    );
+    assert_eq!(
+        picks.iter().filter(|p| p.as_slice() == b"B").count(),
+        5,
+        "round robin"
+    );
     drop(keel);
 
     let routed = format!(
@@ -308,7 +391,10 @@ spec:
     );
     let _keel = Keel::start(&format!("{}{routed}", proxy_yaml(admin, 1)), admin, &[]);
     for _ in 0..10 {
-        assert_eq!(read_all(&mut TcpStream::connect(("127.0.0.1", port)).unwrap()), b"B");
+        assert_eq!(
+            read_all(&mut TcpStream::connect(("127.0.0.1", port)).unwrap()),
+            b"B"
+        );
     }
 }
 
@@ -328,7 +414,12 @@ fn flood(forwarding: &str) {
         std::thread::sleep(Duration::from_secs(30));
         drop(conns);
     });
-    let (keel, port) = ingress_keel_with(upstream, "connectTimeout: 1s", 1, &["--forwarding", forwarding]);
+    let (keel, port) = ingress_keel_with(
+        upstream,
+        "connectTimeout: 1s",
+        1,
+        &["--forwarding", forwarding],
+    );
     let before = keel.rss_kib();
     let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
     c.set_nonblocking(true).unwrap();
@@ -338,13 +429,21 @@ fn flood(forwarding: &str) {
     while Instant::now() < deadline {
         match c.write(&chunk) {
             Ok(n) => sent += n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(20))
+            }
             Err(e) => panic!("{e}"),
         }
     }
     let grew = keel.rss_kib().saturating_sub(before);
-    assert!(sent > 0 && sent < 256 << 20, "sent {sent}: backpressure must stop the client");
-    assert!(grew < 4096, "{forwarding}: RSS grew {grew} KiB while a client flooded a stuck upstream");
+    assert!(
+        sent > 0 && sent < 256 << 20,
+        "sent {sent}: backpressure must stop the client"
+    );
+    assert!(
+        grew < 4096,
+        "{forwarding}: RSS grew {grew} KiB while a client flooded a stuck upstream"
+    );
 }
 
 /// SIGTERM: new connections are refused, open ones keep working, exit 0 once they close.
@@ -362,9 +461,14 @@ fn sigterm_drains_open_connections() {
     }
     assert_eq!(http_get(keel.admin, "/ready").unwrap().0, 503);
     echo_round_trip(&mut open, b"during drain");
-    assert!(keel.wait_exit(Duration::from_millis(300)).is_none(), "exited with a connection open");
+    assert!(
+        keel.wait_exit(Duration::from_millis(300)).is_none(),
+        "exited with a connection open"
+    );
     drop(open);
-    let status = keel.wait_exit(Duration::from_secs(3)).expect("did not exit after the last connection closed");
+    let status = keel
+        .wait_exit(Duration::from_secs(3))
+        .expect("did not exit after the last connection closed");
     assert!(status.success(), "{status:?}");
     assert!(keel.log_text().contains("drained"));
 }
@@ -374,7 +478,11 @@ fn sigterm_drains_open_connections() {
 fn drain_timeout_bounds_shutdown() {
     let (echo, _) = echo_backend();
     let (admin, port) = (free_port(), free_port());
-    let config = format!("{}{}", proxy_yaml(admin, 1), ingress_yaml(port, echo, "connectTimeout: 1s"));
+    let config = format!(
+        "{}{}",
+        proxy_yaml(admin, 1),
+        ingress_yaml(port, echo, "connectTimeout: 1s")
+    );
     let mut keel = Keel::start(&config, admin, &["--drain-timeout", "500ms"]);
     let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
     echo_round_trip(&mut open, b"x");
@@ -383,7 +491,10 @@ fn drain_timeout_bounds_shutdown() {
     let status = keel.wait_exit(Duration::from_secs(5)).expect("no exit");
     assert!(status.success());
     let took = start.elapsed();
-    assert!(took >= Duration::from_millis(450) && took < Duration::from_secs(3), "{took:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "{took:?}"
+    );
 }
 
 /// SIGHUP is not a reason to die.
@@ -393,5 +504,55 @@ fn sighup_keeps_serving() {
     let (keel, port) = ingress_keel(echo, "connectTimeout: 1s", 1, "auto");
     keel.signal(libc::SIGHUP);
     std::thread::sleep(Duration::from_millis(100));
-    echo_round_trip(&mut TcpStream::connect(("127.0.0.1", port)).unwrap(), b"still here");
+    echo_round_trip(
+        &mut TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        b"still here",
+    );
+}
+
+/// A client that resets mid-stream: the upstream connection is closed too and a reset is counted.
+#[test]
+fn downstream_reset_tears_down_upstream() {
+    for (driver, forwarding) in MODES {
+        let backend = TcpListener::bind("127.0.0.1:0").unwrap();
+        let upstream = backend.local_addr().unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = backend.accept().unwrap();
+            c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut buf = [0u8; 4];
+            c.read_exact(&mut buf).unwrap();
+            // Keep sending until Keel closes this side: it must, once the client has reset.
+            let chunk = [1u8; 16384];
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if c.write_all(&chunk).is_err() {
+                    return true;
+                }
+            }
+            false
+        });
+        let (keel, port) = ingress_keel_with(
+            upstream,
+            "connectTimeout: 1s",
+            1,
+            &["--io-driver", driver, "--forwarding", forwarding],
+        );
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.write_all(b"ping").unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        socket2::SockRef::from(&c)
+            .set_linger(Some(Duration::ZERO))
+            .unwrap();
+        drop(c); // close with linger 0 sends RST
+        assert!(
+            server.join().unwrap(),
+            "{driver} {forwarding}: upstream left open after the client reset"
+        );
+        keel.wait_listener_stat("connections_active", 0);
+        assert_eq!(
+            keel.listener_stat("connections_reset"),
+            1,
+            "{driver} {forwarding}"
+        );
+    }
 }

@@ -15,7 +15,11 @@ use crate::snapshot::*;
 
 /// Compiles parsed resources into a snapshot, or returns every error found.
 pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
-    let mut c = Compiler { errors: Vec::new(), clusters: Vec::new(), cluster_index: HashMap::new() };
+    let mut c = Compiler {
+        errors: Vec::new(),
+        clusters: Vec::new(),
+        cluster_index: HashMap::new(),
+    };
     c.check_not_supported(&raw);
     let proxy = c.proxy(&raw);
     let registry = c.registry(&raw);
@@ -27,8 +31,16 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         }
         c.check_virtual_services(&raw, &registry, &rules);
         for l in &listeners {
-            if l.address.port() == proxy.admin_address.port() && overlaps(l.address.ip(), proxy.admin_address.ip()) {
-                c.errors.push(ConfigError::global("", format!("listener {} uses the admin port {}", l.name, proxy.admin_address)));
+            if l.address.port() == proxy.admin_address.port()
+                && overlaps(l.address.ip(), proxy.admin_address.ip())
+            {
+                c.errors.push(ConfigError::global(
+                    "",
+                    format!(
+                        "listener {} uses the admin port {}",
+                        l.name, proxy.admin_address
+                    ),
+                ));
             }
         }
     }
@@ -38,7 +50,13 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
     let proxy = proxy.ok_or_else(Vec::new)?;
     let version = format!("{:016x}", raw.content_hash);
     let dump = dump(&raw, &version, &listeners, &c.clusters);
-    Ok(Snapshot { version, proxy, listeners, clusters: c.clusters, dump })
+    Ok(Snapshot {
+        version,
+        proxy,
+        listeners,
+        clusters: c.clusters,
+        dump,
+    })
 }
 
 struct Compiler {
@@ -91,12 +109,25 @@ impl Compiler {
             not_supported(e, o, &s.interception, "spec.interception");
             not_supported(e, o, &s.telemetry, "spec.telemetry");
         }
-        let pool = |e: &mut Vec<ConfigError>, o: &Origin, pool: &Option<ConnectionPoolSettings>, at: &str| {
+        let pool = |e: &mut Vec<ConfigError>,
+                    o: &Origin,
+                    pool: &Option<ConnectionPoolSettings>,
+                    at: &str| {
             if let Some(pool) = pool {
                 not_supported(e, o, &pool.http, &format!("{at}.http"));
                 if let Some(tcp) = &pool.tcp {
-                    not_supported(e, o, &tcp.max_connections, &format!("{at}.tcp.maxConnections"));
-                    not_supported(e, o, &tcp.max_connection_duration, &format!("{at}.tcp.maxConnectionDuration"));
+                    not_supported(
+                        e,
+                        o,
+                        &tcp.max_connections,
+                        &format!("{at}.tcp.maxConnections"),
+                    );
+                    not_supported(
+                        e,
+                        o,
+                        &tcp.max_connection_duration,
+                        &format!("{at}.tcp.maxConnectionDuration"),
+                    );
                 }
             }
         };
@@ -104,11 +135,26 @@ impl Compiler {
             let (o, s) = (&sc.origin, &sc.value.spec);
             for (i, ing) in s.ingress.iter().enumerate() {
                 not_supported(e, o, &ing.tls, &format!("spec.ingress[{i}].tls"));
-                pool(e, o, &ing.connection_pool, &format!("spec.ingress[{i}].connectionPool"));
+                pool(
+                    e,
+                    o,
+                    &ing.connection_pool,
+                    &format!("spec.ingress[{i}].connectionPool"),
+                );
             }
-            pool(e, o, &s.inbound_connection_pool, "spec.inboundConnectionPool");
+            pool(
+                e,
+                o,
+                &s.inbound_connection_pool,
+                "spec.inboundConnectionPool",
+            );
             if let Some(otp) = &s.outbound_traffic_policy {
-                not_supported(e, o, &otp.egress_proxy, "spec.outboundTrafficPolicy.egressProxy");
+                not_supported(
+                    e,
+                    o,
+                    &otp.egress_proxy,
+                    "spec.outboundTrafficPolicy.egressProxy",
+                );
             }
         }
         for se in &raw.service_entries {
@@ -128,41 +174,88 @@ impl Compiler {
             not_supported(e, o, &s.export_to, "spec.exportTo");
             if let Some(gw) = &s.gateways {
                 if gw.iter().any(|g| g != "mesh") {
-                    e.push(o.error("spec.gateways", "gateways other than `mesh` are not supported yet"));
+                    e.push(o.error(
+                        "spec.gateways",
+                        "gateways other than `mesh` are not supported yet",
+                    ));
                 }
             }
             for (i, r) in s.tcp.iter().enumerate() {
                 for (j, m) in r.matches.iter().enumerate() {
-                    not_supported(e, o, &m.destination_subnets, &format!("spec.tcp[{i}].match[{j}].destinationSubnets"));
-                    not_supported(e, o, &m.gateways, &format!("spec.tcp[{i}].match[{j}].gateways"));
+                    not_supported(
+                        e,
+                        o,
+                        &m.destination_subnets,
+                        &format!("spec.tcp[{i}].match[{j}].destinationSubnets"),
+                    );
+                    not_supported(
+                        e,
+                        o,
+                        &m.gateways,
+                        &format!("spec.tcp[{i}].match[{j}].gateways"),
+                    );
                 }
             }
         }
-        let policy = |e: &mut Vec<ConfigError>, o: &Origin, tp: &Option<TrafficPolicy>, at: &str| {
-            if let Some(tp) = tp {
-                not_supported(e, o, &tp.outlier_detection, &format!("{at}.outlierDetection"));
-                not_supported(e, o, &tp.tls, &format!("{at}.tls"));
-                not_supported(e, o, &tp.port_level_settings, &format!("{at}.portLevelSettings"));
-                not_supported(e, o, &tp.tunnel, &format!("{at}.tunnel"));
-                not_supported(e, o, &tp.proxy_protocol, &format!("{at}.proxyProtocol"));
-                if let Some(lb) = &tp.load_balancer {
-                    not_supported(e, o, &lb.consistent_hash, &format!("{at}.loadBalancer.consistentHash"));
-                    not_supported(e, o, &lb.locality_lb_setting, &format!("{at}.loadBalancer.localityLbSetting"));
-                    not_supported(e, o, &lb.warmup_duration_secs, &format!("{at}.loadBalancer.warmupDurationSecs"));
-                    if let Some(SimpleLb::LeastRequest | SimpleLb::Passthrough) = lb.simple {
-                        e.push(o.error(&format!("{at}.loadBalancer.simple"), "only ROUND_ROBIN and RANDOM are supported yet"));
+        let policy =
+            |e: &mut Vec<ConfigError>, o: &Origin, tp: &Option<TrafficPolicy>, at: &str| {
+                if let Some(tp) = tp {
+                    not_supported(
+                        e,
+                        o,
+                        &tp.outlier_detection,
+                        &format!("{at}.outlierDetection"),
+                    );
+                    not_supported(e, o, &tp.tls, &format!("{at}.tls"));
+                    not_supported(
+                        e,
+                        o,
+                        &tp.port_level_settings,
+                        &format!("{at}.portLevelSettings"),
+                    );
+                    not_supported(e, o, &tp.tunnel, &format!("{at}.tunnel"));
+                    not_supported(e, o, &tp.proxy_protocol, &format!("{at}.proxyProtocol"));
+                    if let Some(lb) = &tp.load_balancer {
+                        not_supported(
+                            e,
+                            o,
+                            &lb.consistent_hash,
+                            &format!("{at}.loadBalancer.consistentHash"),
+                        );
+                        not_supported(
+                            e,
+                            o,
+                            &lb.locality_lb_setting,
+                            &format!("{at}.loadBalancer.localityLbSetting"),
+                        );
+                        not_supported(
+                            e,
+                            o,
+                            &lb.warmup_duration_secs,
+                            &format!("{at}.loadBalancer.warmupDurationSecs"),
+                        );
+                        if let Some(SimpleLb::LeastRequest | SimpleLb::Passthrough) = lb.simple {
+                            e.push(o.error(
+                                &format!("{at}.loadBalancer.simple"),
+                                "only ROUND_ROBIN and RANDOM are supported yet",
+                            ));
+                        }
                     }
+                    pool(e, o, &tp.connection_pool, &format!("{at}.connectionPool"));
                 }
-                pool(e, o, &tp.connection_pool, &format!("{at}.connectionPool"));
-            }
-        };
+            };
         for dr in &raw.destination_rules {
             let (o, s) = (&dr.origin, &dr.value.spec);
             not_supported(e, o, &s.workload_selector, "spec.workloadSelector");
             not_supported(e, o, &s.export_to, "spec.exportTo");
             policy(e, o, &s.traffic_policy, "spec.trafficPolicy");
             for (i, sub) in s.subsets.iter().enumerate() {
-                policy(e, o, &sub.traffic_policy, &format!("spec.subsets[{i}].trafficPolicy"));
+                policy(
+                    e,
+                    o,
+                    &sub.traffic_policy,
+                    &format!("spec.subsets[{i}].trafficPolicy"),
+                );
             }
         }
     }
@@ -184,17 +277,25 @@ impl Compiler {
             }
         };
         let spec = &p.value.spec;
-        let admin = spec.admin.as_ref().map(|a| a.address.as_str()).unwrap_or(DEFAULT_ADMIN_ADDRESS);
+        let admin = spec
+            .admin
+            .as_ref()
+            .map(|a| a.address.as_str())
+            .unwrap_or(DEFAULT_ADMIN_ADDRESS);
         let admin_address = match admin.parse::<SocketAddr>() {
             Ok(a) => a,
             Err(_) => {
-                self.errors.push(p.origin.error("spec.admin.address", format!("`{admin}` is not an IP:port address")));
+                self.errors.push(p.origin.error(
+                    "spec.admin.address",
+                    format!("`{admin}` is not an IP:port address"),
+                ));
                 return None;
             }
         };
         let workers = spec.workers.unwrap_or(0) as usize;
         if workers > 1024 {
-            self.errors.push(p.origin.error("spec.workers", "at most 1024 workers"));
+            self.errors
+                .push(p.origin.error("spec.workers", "at most 1024 workers"));
         }
         Some(ProxySettings {
             name: p.value.metadata.name.clone(),
@@ -211,25 +312,43 @@ impl Compiler {
             let (o, s) = (&se.origin, &se.value.spec);
             let ns = se.value.metadata.namespace();
             if s.hosts.is_empty() {
-                self.errors.push(o.error("spec.hosts", "at least one host is required"));
+                self.errors
+                    .push(o.error("spec.hosts", "at least one host is required"));
             }
             if s.ports.is_empty() {
-                self.errors.push(o.error("spec.ports", "at least one port is required"));
+                self.errors
+                    .push(o.error("spec.ports", "at least one port is required"));
             }
             let mut names: HashMap<&str, usize> = HashMap::new();
             for (i, port) in s.ports.iter().enumerate() {
-                check_port(&mut self.errors, o, port.number, &format!("spec.ports[{i}].number"));
-                check_protocol(&mut self.errors, o, port.protocol.as_deref(), &format!("spec.ports[{i}].protocol"));
+                check_port(
+                    &mut self.errors,
+                    o,
+                    port.number,
+                    &format!("spec.ports[{i}].number"),
+                );
+                check_protocol(
+                    &mut self.errors,
+                    o,
+                    port.protocol.as_deref(),
+                    &format!("spec.ports[{i}].protocol"),
+                );
                 if let Some(name) = port.name.as_deref() {
                     if names.insert(name, i).is_some() {
-                        self.errors.push(o.error(&format!("spec.ports[{i}].name"), format!("port name `{name}` is used twice")));
+                        self.errors.push(o.error(
+                            &format!("spec.ports[{i}].name"),
+                            format!("port name `{name}` is used twice"),
+                        ));
                     }
                 }
             }
             match s.resolution.unwrap_or(Resolution::None) {
                 Resolution::Static => {
                     if s.endpoints.is_empty() {
-                        self.errors.push(o.error("spec.endpoints", "resolution STATIC needs at least one endpoint"));
+                        self.errors.push(o.error(
+                            "spec.endpoints",
+                            "resolution STATIC needs at least one endpoint",
+                        ));
                     }
                 }
                 Resolution::Dns | Resolution::DnsRoundRobin => {
@@ -241,51 +360,104 @@ impl Compiler {
             }
             for (i, ep) in s.endpoints.iter().enumerate() {
                 if ep.address.parse::<IpAddr>().is_err() {
-                    let what = if ep.address.starts_with("unix://") { "unix domain socket endpoints are not supported yet" } else { "with resolution STATIC an endpoint address must be an IP address" };
-                    self.errors.push(o.error(&format!("spec.endpoints[{i}].address"), format!("`{}`: {what}", ep.address)));
+                    let what = if ep.address.starts_with("unix://") {
+                        "unix domain socket endpoints are not supported yet"
+                    } else {
+                        "with resolution STATIC an endpoint address must be an IP address"
+                    };
+                    self.errors.push(o.error(
+                        &format!("spec.endpoints[{i}].address"),
+                        format!("`{}`: {what}", ep.address),
+                    ));
                 }
                 for (name, port) in &ep.ports {
                     if !names.contains_key(name.as_str()) {
-                        let hint = closest(name, names.keys().copied()).map(|n| format!(" (did you mean `{n}`?)")).unwrap_or_default();
-                        self.errors.push(o.error(&format!("spec.endpoints[{i}].ports.{name}"), format!("no port named `{name}` in spec.ports{hint}")));
+                        let hint = closest(name, names.keys().copied())
+                            .map(|n| format!(" (did you mean `{n}`?)"))
+                            .unwrap_or_default();
+                        self.errors.push(o.error(
+                            &format!("spec.endpoints[{i}].ports.{name}"),
+                            format!("no port named `{name}` in spec.ports{hint}"),
+                        ));
                     }
-                    check_port(&mut self.errors, o, *port, &format!("spec.endpoints[{i}].ports.{name}"));
+                    check_port(
+                        &mut self.errors,
+                        o,
+                        *port,
+                        &format!("spec.endpoints[{i}].ports.{name}"),
+                    );
                 }
             }
             for (i, h) in s.hosts.iter().enumerate() {
                 let host = host::qualify(h, ns);
                 if host.starts_with('*') {
-                    self.errors.push(o.error(&format!("spec.hosts[{i}]"), "wildcard ServiceEntry hosts are not supported yet"));
+                    self.errors.push(o.error(
+                        &format!("spec.hosts[{i}]"),
+                        "wildcard ServiceEntry hosts are not supported yet",
+                    ));
                     continue;
                 }
                 if let Some(prev) = services.iter().find(|x| x.host == host) {
-                    let where_ = format!("{}:{}", prev.entry.origin.file.display(), prev.entry.origin.doc.first_line);
-                    self.errors.push(o.error(&format!("spec.hosts[{i}]"), format!("host `{host}` is already defined by ServiceEntry {} at {where_}", prev.entry.value.metadata.name)));
+                    let where_ = format!(
+                        "{}:{}",
+                        prev.entry.origin.file.display(),
+                        prev.entry.origin.doc.first_line
+                    );
+                    self.errors.push(o.error(
+                        &format!("spec.hosts[{i}]"),
+                        format!(
+                            "host `{host}` is already defined by ServiceEntry {} at {where_}",
+                            prev.entry.value.metadata.name
+                        ),
+                    ));
                     continue;
                 }
-                services.push(Service { host, namespace: ns.to_string(), entry: se });
+                services.push(Service {
+                    host,
+                    namespace: ns.to_string(),
+                    entry: se,
+                });
             }
         }
         Registry { services }
     }
 
-    fn destination_rules<'a>(&mut self, raw: &'a RawConfig, registry: &Registry<'a>) -> Vec<Rule<'a>> {
+    fn destination_rules<'a>(
+        &mut self,
+        raw: &'a RawConfig,
+        registry: &Registry<'a>,
+    ) -> Vec<Rule<'a>> {
         let mut rules: Vec<Rule<'a>> = Vec::new();
         for dr in &raw.destination_rules {
             let o = &dr.origin;
             let host = host::qualify(&dr.value.spec.host, dr.value.metadata.namespace());
-            if registry.services.iter().all(|s| !host::matches(&host, &s.host)) {
-                let hint = closest(&host, registry.services.iter().map(|s| s.host.as_str())).map(|h| format!(" (did you mean `{h}`?)")).unwrap_or_default();
-                self.errors.push(o.error("spec.host", format!("no ServiceEntry defines host `{host}`{hint}")));
+            if registry
+                .services
+                .iter()
+                .all(|s| !host::matches(&host, &s.host))
+            {
+                let hint = closest(&host, registry.services.iter().map(|s| s.host.as_str()))
+                    .map(|h| format!(" (did you mean `{h}`?)"))
+                    .unwrap_or_default();
+                self.errors.push(o.error(
+                    "spec.host",
+                    format!("no ServiceEntry defines host `{host}`{hint}"),
+                ));
             }
             if rules.iter().any(|r| r.host == host) {
-                self.errors.push(o.error("spec.host", format!("another DestinationRule already applies to host `{host}`")));
+                self.errors.push(o.error(
+                    "spec.host",
+                    format!("another DestinationRule already applies to host `{host}`"),
+                ));
                 continue;
             }
             let mut seen = HashMap::new();
             for (i, sub) in dr.value.spec.subsets.iter().enumerate() {
                 if seen.insert(sub.name.as_str(), i).is_some() {
-                    self.errors.push(o.error(&format!("spec.subsets[{i}].name"), format!("subset `{}` is defined twice", sub.name)));
+                    self.errors.push(o.error(
+                        &format!("spec.subsets[{i}].name"),
+                        format!("subset `{}` is defined twice", sub.name),
+                    ));
                 }
             }
             rules.push(Rule { host, rule: dr });
@@ -294,18 +466,35 @@ impl Compiler {
     }
 
     /// The Sidecar that applies to this workload: one whose selector matches, else the namespace default.
-    fn select_sidecar<'a>(&mut self, raw: &'a RawConfig, proxy: &ProxySettings) -> Option<&'a Located<SidecarSpec>> {
+    fn select_sidecar<'a>(
+        &mut self,
+        raw: &'a RawConfig,
+        proxy: &ProxySettings,
+    ) -> Option<&'a Located<SidecarSpec>> {
         let selected: Vec<_> = raw
             .sidecars
             .iter()
-            .filter(|s| s.value.spec.workload_selector.as_ref().is_some_and(|w| labels_match(&w.labels, &proxy.labels)))
+            .filter(|s| {
+                s.value
+                    .spec
+                    .workload_selector
+                    .as_ref()
+                    .is_some_and(|w| labels_match(&w.labels, &proxy.labels))
+            })
             .collect();
         let defaults: Vec<_> = raw
             .sidecars
             .iter()
-            .filter(|s| s.value.spec.workload_selector.is_none() && s.value.metadata.namespace() == proxy.namespace)
+            .filter(|s| {
+                s.value.spec.workload_selector.is_none()
+                    && s.value.metadata.namespace() == proxy.namespace
+            })
             .collect();
-        let chosen = if selected.is_empty() { defaults } else { selected };
+        let chosen = if selected.is_empty() {
+            defaults
+        } else {
+            selected
+        };
         if chosen.len() > 1 {
             for s in &chosen[1..] {
                 self.errors.push(s.origin.error("metadata.name", format!("more than one Sidecar applies to this workload (also {}); Istio allows one", chosen[0].value.metadata.name)));
@@ -316,12 +505,29 @@ impl Compiler {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn listeners(&mut self, sc: &Located<SidecarSpec>, proxy: &ProxySettings, raw: &RawConfig, registry: &Registry, rules: &[Rule], out: &mut Vec<Listener>) {
+    fn listeners(
+        &mut self,
+        sc: &Located<SidecarSpec>,
+        proxy: &ProxySettings,
+        raw: &RawConfig,
+        registry: &Registry,
+        rules: &[Rule],
+        out: &mut Vec<Listener>,
+    ) {
         let (o, spec) = (&sc.origin, &sc.value.spec);
         let mut bound: Vec<(SocketAddr, String)> = Vec::new();
         let mut claim = |errors: &mut Vec<ConfigError>, addr: SocketAddr, path: String| {
-            if let Some((_, prev)) = bound.iter().find(|(a, _)| a.port() == addr.port() && overlaps(a.ip(), addr.ip())) {
-                errors.push(o.error(&path, format!("port {} is already used by the listener at {prev}", addr.port())));
+            if let Some((_, prev)) = bound
+                .iter()
+                .find(|(a, _)| a.port() == addr.port() && overlaps(a.ip(), addr.ip()))
+            {
+                errors.push(o.error(
+                    &path,
+                    format!(
+                        "port {} is already used by the listener at {prev}",
+                        addr.port()
+                    ),
+                ));
                 return false;
             }
             bound.push((addr, path.trim_end_matches(".port.number").to_string()));
@@ -329,54 +535,112 @@ impl Compiler {
         };
         for (i, ing) in spec.ingress.iter().enumerate() {
             let at = format!("spec.ingress[{i}]");
-            let ok = check_port(&mut self.errors, o, ing.port.number, &format!("{at}.port.number"));
-            self.check_listener_protocol(o, ing.port.protocol.as_deref(), &format!("{at}.port.protocol"));
-            check_capture_mode(&mut self.errors, o, ing.capture_mode.as_deref(), &format!("{at}.captureMode"));
-            let bind = parse_bind(&mut self.errors, o, ing.bind.as_deref(), "0.0.0.0", &format!("{at}.bind"));
+            let ok = check_port(
+                &mut self.errors,
+                o,
+                ing.port.number,
+                &format!("{at}.port.number"),
+            );
+            self.check_listener_protocol(
+                o,
+                ing.port.protocol.as_deref(),
+                &format!("{at}.port.protocol"),
+            );
+            check_capture_mode(
+                &mut self.errors,
+                o,
+                ing.capture_mode.as_deref(),
+                &format!("{at}.captureMode"),
+            );
+            let bind = parse_bind(
+                &mut self.errors,
+                o,
+                ing.bind.as_deref(),
+                "0.0.0.0",
+                &format!("{at}.bind"),
+            );
             let endpoint = match ing.default_endpoint.as_deref() {
                 None => {
-                    self.errors.push(o.error(&at, "defaultEndpoint is required (e.g. 127.0.0.1:8080, the local app)"));
+                    self.errors.push(o.error(
+                        &at,
+                        "defaultEndpoint is required (e.g. 127.0.0.1:8080, the local app)",
+                    ));
                     None
                 }
                 Some(ep) if ep.starts_with("unix://") => {
-                    self.errors.push(o.error(&format!("{at}.defaultEndpoint"), "unix domain socket endpoints are not supported yet"));
+                    self.errors.push(o.error(
+                        &format!("{at}.defaultEndpoint"),
+                        "unix domain socket endpoints are not supported yet",
+                    ));
                     None
                 }
                 Some(ep) => match ep.parse::<SocketAddr>() {
                     Ok(mut a) => {
                         if a.ip().is_unspecified() {
                             // Istio: 0.0.0.0:PORT forwards to the instance; beside the app that is loopback.
-                            a.set_ip(if a.is_ipv4() { IpAddr::from([127, 0, 0, 1]) } else { IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1]) });
+                            a.set_ip(if a.is_ipv4() {
+                                IpAddr::from([127, 0, 0, 1])
+                            } else {
+                                IpAddr::from([0u16, 0, 0, 0, 0, 0, 0, 1])
+                            });
                         }
                         Some(a)
                     }
                     Err(_) => {
-                        self.errors.push(o.error(&format!("{at}.defaultEndpoint"), format!("`{ep}` is not an IP:port address (e.g. 127.0.0.1:8080)")));
+                        self.errors.push(o.error(
+                            &format!("{at}.defaultEndpoint"),
+                            format!("`{ep}` is not an IP:port address (e.g. 127.0.0.1:8080)"),
+                        ));
                         None
                     }
                 },
             };
-            let (Some(bind), Some(endpoint), true) = (bind, endpoint, ok) else { continue };
+            let (Some(bind), Some(endpoint), true) = (bind, endpoint, ok) else {
+                continue;
+            };
             let address = SocketAddr::new(bind, ing.port.number as u16);
             if !claim(&mut self.errors, address, format!("{at}.port.number")) {
                 continue;
             }
-            if endpoint == address || (bind.is_unspecified() && endpoint.port() == address.port() && endpoint.ip().is_loopback()) {
-                self.errors.push(o.error(&format!("{at}.defaultEndpoint"), "defaultEndpoint points back at this listener"));
+            if endpoint == address
+                || (bind.is_unspecified()
+                    && endpoint.port() == address.port()
+                    && endpoint.ip().is_loopback())
+            {
+                self.errors.push(o.error(
+                    &format!("{at}.defaultEndpoint"),
+                    "defaultEndpoint points back at this listener",
+                ));
                 continue;
             }
-            let pool = ing.connection_pool.as_ref().or(spec.inbound_connection_pool.as_ref());
+            let pool = ing
+                .connection_pool
+                .as_ref()
+                .or(spec.inbound_connection_pool.as_ref());
             let tcp = pool.and_then(|p| p.tcp.as_ref());
             let name = format!("inbound|{}||", ing.port.number);
             let cluster = self.add_cluster(Cluster {
                 name,
-                endpoints: vec![Endpoint { address: endpoint, weight: 1, labels: BTreeMap::new() }],
+                endpoints: vec![Endpoint {
+                    address: endpoint,
+                    weight: 1,
+                    labels: BTreeMap::new(),
+                }],
                 lb: LbPolicy::RoundRobin,
-                connect_timeout: tcp.and_then(|t| t.connect_timeout).map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
-                idle_timeout: tcp.and_then(|t| t.idle_timeout).map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+                connect_timeout: tcp
+                    .and_then(|t| t.connect_timeout)
+                    .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+                idle_timeout: tcp
+                    .and_then(|t| t.idle_timeout)
+                    .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
                 keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
             });
-            out.push(Listener { name: listener_name(address), address, direction: Direction::Inbound, route: vec![WeightedCluster { cluster, weight: 1 }] });
+            out.push(Listener {
+                name: listener_name(address),
+                address,
+                direction: Direction::Inbound,
+                route: vec![WeightedCluster { cluster, weight: 1 }],
+            });
         }
         for (i, eg) in spec.egress.iter().enumerate() {
             let at = format!("spec.egress[{i}]");
@@ -384,10 +648,30 @@ impl Compiler {
                 self.errors.push(o.error(&at, "an egress listener without `port` captures traffic transparently, which needs interception: not supported yet"));
                 continue;
             };
-            let ok = check_port(&mut self.errors, o, port.number, &format!("{at}.port.number"));
-            self.check_listener_protocol(o, port.protocol.as_deref(), &format!("{at}.port.protocol"));
-            check_capture_mode(&mut self.errors, o, eg.capture_mode.as_deref(), &format!("{at}.captureMode"));
-            let bind = parse_bind(&mut self.errors, o, eg.bind.as_deref(), "127.0.0.1", &format!("{at}.bind"));
+            let ok = check_port(
+                &mut self.errors,
+                o,
+                port.number,
+                &format!("{at}.port.number"),
+            );
+            self.check_listener_protocol(
+                o,
+                port.protocol.as_deref(),
+                &format!("{at}.port.protocol"),
+            );
+            check_capture_mode(
+                &mut self.errors,
+                o,
+                eg.capture_mode.as_deref(),
+                &format!("{at}.captureMode"),
+            );
+            let bind = parse_bind(
+                &mut self.errors,
+                o,
+                eg.bind.as_deref(),
+                "127.0.0.1",
+                &format!("{at}.bind"),
+            );
             if eg.hosts.is_empty() {
                 self.errors.push(o.error(&at, "hosts is required: which services this listener reaches, e.g. [\"./*\"] or [\"*/db.example.com\"]"));
                 continue;
@@ -399,7 +683,9 @@ impl Compiler {
                     Err(m) => self.errors.push(o.error(&format!("{at}.hosts[{j}]"), m)),
                 }
             }
-            let (Some(bind), true) = (bind, ok) else { continue };
+            let (Some(bind), true) = (bind, ok) else {
+                continue;
+            };
             let address = SocketAddr::new(bind, port.number as u16);
             if !claim(&mut self.errors, address, format!("{at}.port.number")) {
                 continue;
@@ -407,12 +693,25 @@ impl Compiler {
             let services: Vec<&Service> = registry
                 .services
                 .iter()
-                .filter(|s| s.entry.value.spec.ports.iter().any(|p| p.number == port.number))
+                .filter(|s| {
+                    s.entry
+                        .value
+                        .spec
+                        .ports
+                        .iter()
+                        .any(|p| p.number == port.number)
+                })
                 .filter(|s| visible.iter().any(|v| v.admits(&s.namespace, &s.host)))
                 .collect();
             let service = match services.as_slice() {
                 [] => {
-                    self.errors.push(o.error(&format!("{at}.port.number"), format!("no ServiceEntry admitted by this listener's hosts has port {}", port.number)));
+                    self.errors.push(o.error(
+                        &format!("{at}.port.number"),
+                        format!(
+                            "no ServiceEntry admitted by this listener's hosts has port {}",
+                            port.number
+                        ),
+                    ));
                     continue;
                 }
                 [s] => *s,
@@ -422,17 +721,28 @@ impl Compiler {
                     continue;
                 }
             };
-            let route = match self.tcp_route_for(raw, registry, rules, proxy, &service.host, port.number) {
-                Some(r) => r,
-                None => match self.cluster_for(registry, rules, &service.host, None, port.number) {
-                    Ok(c) => vec![WeightedCluster { cluster: c, weight: 1 }],
-                    Err(m) => {
-                        self.errors.push(o.error(&at, m));
-                        continue;
+            let route =
+                match self.tcp_route_for(raw, registry, rules, proxy, &service.host, port.number) {
+                    Some(r) => r,
+                    None => {
+                        match self.cluster_for(registry, rules, &service.host, None, port.number) {
+                            Ok(c) => vec![WeightedCluster {
+                                cluster: c,
+                                weight: 1,
+                            }],
+                            Err(m) => {
+                                self.errors.push(o.error(&at, m));
+                                continue;
+                            }
+                        }
                     }
-                },
-            };
-            out.push(Listener { name: listener_name(address), address, direction: Direction::Outbound, route });
+                };
+            out.push(Listener {
+                name: listener_name(address),
+                address,
+                direction: Direction::Outbound,
+                route,
+            });
         }
     }
 
@@ -440,16 +750,31 @@ impl Compiler {
         if check_protocol(&mut self.errors, o, protocol, path) {
             let p = protocol.unwrap_or("TCP").to_ascii_uppercase();
             if p != "TCP" {
-                self.errors.push(o.error(path, format!("listener protocol {p} is not supported yet; only TCP")));
+                self.errors.push(o.error(
+                    path,
+                    format!("listener protocol {p} is not supported yet; only TCP"),
+                ));
             }
         }
     }
 
     /// The first VirtualService tcp route for `host` that matches traffic on `port` from this workload.
-    fn tcp_route_for(&mut self, raw: &RawConfig, registry: &Registry, rules: &[Rule], proxy: &ProxySettings, host: &str, port: u32) -> Option<Vec<WeightedCluster>> {
+    fn tcp_route_for(
+        &mut self,
+        raw: &RawConfig,
+        registry: &Registry,
+        rules: &[Rule],
+        proxy: &ProxySettings,
+        host: &str,
+        port: u32,
+    ) -> Option<Vec<WeightedCluster>> {
         let vs = raw.virtual_services.iter().find(|vs| {
             let ns = vs.value.metadata.namespace();
-            vs.value.spec.hosts.iter().any(|h| host::matches(&host::qualify(h, ns), host))
+            vs.value
+                .spec
+                .hosts
+                .iter()
+                .any(|h| host::matches(&host::qualify(h, ns), host))
         })?;
         let ns = vs.value.metadata.namespace();
         let route_index = vs.value.spec.tcp.iter().position(|r| {
@@ -457,7 +782,9 @@ impl Compiler {
                 || r.matches.iter().any(|m| {
                     m.port.is_none_or(|p| p == port)
                         && labels_match(&m.source_labels, &proxy.labels)
-                        && m.source_namespace.as_deref().is_none_or(|n| n == proxy.namespace)
+                        && m.source_namespace
+                            .as_deref()
+                            .is_none_or(|n| n == proxy.namespace)
                 })
         })?;
         let route = &vs.value.spec.tcp[route_index];
@@ -465,13 +792,31 @@ impl Compiler {
         for (k, rd) in route.route.iter().enumerate() {
             let at = format!("spec.tcp[{route_index}].route[{k}]");
             let dest = host::qualify(&rd.destination.host, ns);
-            match self.cluster_for(registry, rules, &dest, rd.destination.subset.as_deref(), rd.destination.port.as_ref().map_or(0, |p| p.number)) {
-                Ok(c) => out.push(WeightedCluster { cluster: c, weight: if route.route.len() == 1 { 1 } else { rd.weight.unwrap_or(0) } }),
-                Err(m) => self.errors.push(vs.origin.error(&format!("{at}.destination"), m)),
+            match self.cluster_for(
+                registry,
+                rules,
+                &dest,
+                rd.destination.subset.as_deref(),
+                rd.destination.port.as_ref().map_or(0, |p| p.number),
+            ) {
+                Ok(c) => out.push(WeightedCluster {
+                    cluster: c,
+                    weight: if route.route.len() == 1 {
+                        1
+                    } else {
+                        rd.weight.unwrap_or(0)
+                    },
+                }),
+                Err(m) => self
+                    .errors
+                    .push(vs.origin.error(&format!("{at}.destination"), m)),
             }
         }
         if out.is_empty() || out.iter().all(|w| w.weight == 0) {
-            self.errors.push(vs.origin.error(&format!("spec.tcp[{route_index}].route"), "at least one destination with a non-zero weight is required"));
+            self.errors.push(vs.origin.error(
+                &format!("spec.tcp[{route_index}].route"),
+                "at least one destination with a non-zero weight is required",
+            ));
             return None;
         }
         out.retain(|w| w.weight > 0);
@@ -483,21 +828,40 @@ impl Compiler {
         for vs in &raw.virtual_services {
             let ns = vs.value.metadata.namespace();
             if vs.value.spec.hosts.is_empty() {
-                self.errors.push(vs.origin.error("spec.hosts", "at least one host is required"));
+                self.errors.push(
+                    vs.origin
+                        .error("spec.hosts", "at least one host is required"),
+                );
             }
             for (i, r) in vs.value.spec.tcp.iter().enumerate() {
                 if r.route.is_empty() {
-                    self.errors.push(vs.origin.error(&format!("spec.tcp[{i}].route"), "at least one destination is required"));
+                    self.errors.push(vs.origin.error(
+                        &format!("spec.tcp[{i}].route"),
+                        "at least one destination is required",
+                    ));
                 }
                 for (j, m) in r.matches.iter().enumerate() {
                     if let Some(p) = m.port {
-                        check_port(&mut self.errors, &vs.origin, p, &format!("spec.tcp[{i}].match[{j}].port"));
+                        check_port(
+                            &mut self.errors,
+                            &vs.origin,
+                            p,
+                            &format!("spec.tcp[{i}].match[{j}].port"),
+                        );
                     }
                 }
                 for (k, rd) in r.route.iter().enumerate() {
                     let dest = host::qualify(&rd.destination.host, ns);
-                    if let Err(m) = self.cluster_for(registry, rules, &dest, rd.destination.subset.as_deref(), rd.destination.port.as_ref().map_or(0, |p| p.number)) {
-                        let e = vs.origin.error(&format!("spec.tcp[{i}].route[{k}].destination"), m);
+                    if let Err(m) = self.cluster_for(
+                        registry,
+                        rules,
+                        &dest,
+                        rd.destination.subset.as_deref(),
+                        rd.destination.port.as_ref().map_or(0, |p| p.number),
+                    ) {
+                        let e = vs
+                            .origin
+                            .error(&format!("spec.tcp[{i}].route[{k}].destination"), m);
                         if !self.errors.contains(&e) {
                             self.errors.push(e);
                         }
@@ -508,34 +872,63 @@ impl Compiler {
     }
 
     /// The cluster `outbound|port|subset|host`, built once per snapshot.
-    fn cluster_for(&mut self, registry: &Registry, rules: &[Rule], host: &str, subset: Option<&str>, port: u32) -> Result<usize, String> {
+    fn cluster_for(
+        &mut self,
+        registry: &Registry,
+        rules: &[Rule],
+        host: &str,
+        subset: Option<&str>,
+        port: u32,
+    ) -> Result<usize, String> {
         let service = registry.find(host).ok_or_else(|| {
-            let hint = closest(host, registry.services.iter().map(|s| s.host.as_str())).map(|h| format!(" (did you mean `{h}`?)")).unwrap_or_default();
+            let hint = closest(host, registry.services.iter().map(|s| s.host.as_str()))
+                .map(|h| format!(" (did you mean `{h}`?)"))
+                .unwrap_or_default();
             format!("no ServiceEntry defines host `{host}`{hint}")
         })?;
         let spec = &service.entry.value.spec;
         let sp = if port == 0 {
             match spec.ports.as_slice() {
                 [p] => p,
-                _ => return Err(format!("host `{host}` has several ports: set destination.port.number")),
+                _ => {
+                    return Err(format!(
+                        "host `{host}` has several ports: set destination.port.number"
+                    ))
+                }
             }
         } else {
-            spec.ports.iter().find(|p| p.number == port).ok_or_else(|| format!("host `{host}` has no port {port}"))?
+            spec.ports
+                .iter()
+                .find(|p| p.number == port)
+                .ok_or_else(|| format!("host `{host}` has no port {port}"))?
         };
         let name = format!("outbound|{}|{}|{}", sp.number, subset.unwrap_or(""), host);
         if let Some(i) = self.cluster_index.get(&name) {
             return Ok(*i);
         }
-        let rule = rules.iter().filter(|r| host::matches(&r.host, host)).max_by_key(|r| if r.host == host { usize::MAX } else { r.host.len() });
+        let rule = rules
+            .iter()
+            .filter(|r| host::matches(&r.host, host))
+            .max_by_key(|r| {
+                if r.host == host {
+                    usize::MAX
+                } else {
+                    r.host.len()
+                }
+            });
         let dr = rule.map(|r| &r.rule.value.spec);
         let sub = match subset {
             None => None,
             Some(s) => {
                 let Some(dr) = dr else {
-                    return Err(format!("subset `{s}` needs a DestinationRule for host `{host}` defining it"));
+                    return Err(format!(
+                        "subset `{s}` needs a DestinationRule for host `{host}` defining it"
+                    ));
                 };
                 Some(dr.subsets.iter().find(|x| x.name == s).ok_or_else(|| {
-                    let hint = closest(s, dr.subsets.iter().map(|x| x.name.as_str())).map(|h| format!(" (did you mean `{h}`?)")).unwrap_or_default();
+                    let hint = closest(s, dr.subsets.iter().map(|x| x.name.as_str()))
+                        .map(|h| format!(" (did you mean `{h}`?)"))
+                        .unwrap_or_default();
                     format!("no subset `{s}` in the DestinationRule for host `{host}`{hint}")
                 })?)
             }
@@ -543,8 +936,12 @@ impl Compiler {
         // A subset's trafficPolicy overrides the rule's, field by field at the top level, as Istio does.
         let top = dr.and_then(|d| d.traffic_policy.as_ref());
         let own = sub.and_then(|s| s.traffic_policy.as_ref());
-        let lb_settings = own.and_then(|p| p.load_balancer.as_ref()).or(top.and_then(|p| p.load_balancer.as_ref()));
-        let pool = own.and_then(|p| p.connection_pool.as_ref()).or(top.and_then(|p| p.connection_pool.as_ref()));
+        let lb_settings = own
+            .and_then(|p| p.load_balancer.as_ref())
+            .or(top.and_then(|p| p.load_balancer.as_ref()));
+        let pool = own
+            .and_then(|p| p.connection_pool.as_ref())
+            .or(top.and_then(|p| p.connection_pool.as_ref()));
         let tcp = pool.and_then(|p| p.tcp.as_ref());
         let lb = match lb_settings.and_then(|l| l.simple) {
             Some(SimpleLb::Random) => LbPolicy::Random,
@@ -556,16 +953,30 @@ impl Compiler {
             .filter(|ep| sub.is_none_or(|s| labels_match(&s.labels, &ep.labels)))
             .filter_map(|ep| {
                 let ip: IpAddr = ep.address.parse().ok()?;
-                let target = sp.name.as_ref().and_then(|n| ep.ports.get(n)).copied().or(sp.target_port).unwrap_or(sp.number);
-                Some(Endpoint { address: SocketAddr::new(ip, target as u16), weight: ep.weight.unwrap_or(1).max(1), labels: ep.labels.clone() })
+                let target = sp
+                    .name
+                    .as_ref()
+                    .and_then(|n| ep.ports.get(n))
+                    .copied()
+                    .or(sp.target_port)
+                    .unwrap_or(sp.number);
+                Some(Endpoint {
+                    address: SocketAddr::new(ip, target as u16),
+                    weight: ep.weight.unwrap_or(1).max(1),
+                    labels: ep.labels.clone(),
+                })
             })
             .collect();
         Ok(self.add_cluster(Cluster {
             name,
             endpoints,
             lb,
-            connect_timeout: tcp.and_then(|t| t.connect_timeout).map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
-            idle_timeout: tcp.and_then(|t| t.idle_timeout).map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
+            connect_timeout: tcp
+                .and_then(|t| t.connect_timeout)
+                .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
+            idle_timeout: tcp
+                .and_then(|t| t.idle_timeout)
+                .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
         }))
     }
@@ -574,14 +985,19 @@ impl Compiler {
         if let Some(i) = self.cluster_index.get(&cluster.name) {
             return *i;
         }
-        self.cluster_index.insert(cluster.name.clone(), self.clusters.len());
+        self.cluster_index
+            .insert(cluster.name.clone(), self.clusters.len());
         self.clusters.push(cluster);
         self.clusters.len() - 1
     }
 }
 
 fn keepalive(k: &TcpKeepalive) -> Keepalive {
-    Keepalive { probes: k.probes, time: k.time.map(|d| d.0), interval: k.interval.map(|d| d.0) }
+    Keepalive {
+        probes: k.probes,
+        time: k.time.map(|d| d.0),
+        interval: k.interval.map(|d| d.0),
+    }
 }
 
 fn listener_name(a: SocketAddr) -> String {
@@ -601,28 +1017,55 @@ fn check_port(errors: &mut Vec<ConfigError>, o: &Origin, number: u32, path: &str
     true
 }
 
-const PROTOCOLS: &[&str] = &["HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP"];
+const PROTOCOLS: &[&str] = &[
+    "HTTP", "HTTPS", "GRPC", "GRPC-WEB", "HTTP2", "MONGO", "REDIS", "MYSQL", "TCP", "TLS", "UDP",
+];
 
 /// Istio's port protocols (case-insensitive); returns whether the value is a known one.
-fn check_protocol(errors: &mut Vec<ConfigError>, o: &Origin, protocol: Option<&str>, path: &str) -> bool {
+fn check_protocol(
+    errors: &mut Vec<ConfigError>,
+    o: &Origin,
+    protocol: Option<&str>,
+    path: &str,
+) -> bool {
     let Some(p) = protocol else { return true };
     if PROTOCOLS.iter().any(|k| k.eq_ignore_ascii_case(p)) {
         return true;
     }
-    let hint = closest(&p.to_ascii_uppercase(), PROTOCOLS.iter().copied()).map(|h| format!(" (did you mean `{h}`?)")).unwrap_or_default();
-    errors.push(o.error(path, format!("unknown protocol `{p}`{hint}; expected one of {}", PROTOCOLS.join(", "))));
+    let hint = closest(&p.to_ascii_uppercase(), PROTOCOLS.iter().copied())
+        .map(|h| format!(" (did you mean `{h}`?)"))
+        .unwrap_or_default();
+    errors.push(o.error(
+        path,
+        format!(
+            "unknown protocol `{p}`{hint}; expected one of {}",
+            PROTOCOLS.join(", ")
+        ),
+    ));
     false
 }
 
 fn check_capture_mode(errors: &mut Vec<ConfigError>, o: &Origin, mode: Option<&str>, path: &str) {
     match mode {
         None | Some("DEFAULT") | Some("NONE") => {}
-        Some("IPTABLES") => errors.push(o.error(path, "captureMode IPTABLES needs interception: not supported yet")),
-        Some(m) => errors.push(o.error(path, format!("unknown captureMode `{m}`; expected DEFAULT, IPTABLES or NONE"))),
+        Some("IPTABLES") => errors.push(o.error(
+            path,
+            "captureMode IPTABLES needs interception: not supported yet",
+        )),
+        Some(m) => errors.push(o.error(
+            path,
+            format!("unknown captureMode `{m}`; expected DEFAULT, IPTABLES or NONE"),
+        )),
     }
 }
 
-fn parse_bind(errors: &mut Vec<ConfigError>, o: &Origin, bind: Option<&str>, default: &str, path: &str) -> Option<IpAddr> {
+fn parse_bind(
+    errors: &mut Vec<ConfigError>,
+    o: &Origin,
+    bind: Option<&str>,
+    default: &str,
+    path: &str,
+) -> Option<IpAddr> {
     let b = bind.unwrap_or(default);
     if b.starts_with("unix://") {
         errors.push(o.error(path, "unix domain socket listeners are not supported yet"));
@@ -637,7 +1080,12 @@ fn parse_bind(errors: &mut Vec<ConfigError>, o: &Origin, bind: Option<&str>, def
     }
 }
 
-fn dump(raw: &RawConfig, version: &str, listeners: &[Listener], clusters: &[Cluster]) -> serde_json::Value {
+fn dump(
+    raw: &RawConfig,
+    version: &str,
+    listeners: &[Listener],
+    clusters: &[Cluster],
+) -> serde_json::Value {
     use serde_json::json;
     let mut resources = Vec::new();
     let push = |out: &mut Vec<serde_json::Value>, v: serde_json::Result<serde_json::Value>| {
@@ -645,11 +1093,21 @@ fn dump(raw: &RawConfig, version: &str, listeners: &[Listener], clusters: &[Clus
             out.push(v);
         }
     };
-    raw.proxies.iter().for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
-    raw.sidecars.iter().for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
-    raw.service_entries.iter().for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
-    raw.virtual_services.iter().for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
-    raw.destination_rules.iter().for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
+    raw.proxies
+        .iter()
+        .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
+    raw.sidecars
+        .iter()
+        .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
+    raw.service_entries
+        .iter()
+        .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
+    raw.virtual_services
+        .iter()
+        .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
+    raw.destination_rules
+        .iter()
+        .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
     let ms = |d: Duration| d.as_millis() as u64;
     json!({
         "version": version,

@@ -11,20 +11,28 @@ pub struct Duration(pub StdDuration);
 
 /// Parses a Go-style duration: one or more `<number><unit>` with units ns, us, µs, ms, s, m, h.
 pub fn parse(s: &str) -> Result<StdDuration, String> {
-    let err = || format!("invalid duration {s:?}: expected a positive duration such as 100ms, 1.5s, 3m or 1h");
+    let err = || {
+        format!(
+            "invalid duration {s:?}: expected a positive duration such as 100ms, 1.5s, 3m or 1h"
+        )
+    };
     let mut rest = s.trim();
     if rest.is_empty() || rest.starts_with('-') {
         return Err(err());
     }
     let mut total = 0f64;
     while !rest.is_empty() {
-        let num_end = rest.find(|c: char| !(c.is_ascii_digit() || c == '.')).ok_or_else(err)?;
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(err)?;
         if num_end == 0 {
             return Err(err());
         }
         let value: f64 = rest[..num_end].parse().map_err(|_| err())?;
         rest = &rest[num_end..];
-        let unit_end = rest.find(|c: char| c.is_ascii_digit() || c == '.').unwrap_or(rest.len());
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
         let scale = match &rest[..unit_end] {
             "ns" => 1e-9,
             "us" | "µs" => 1e-6,
@@ -59,9 +67,9 @@ impl Serialize for Duration {
 impl fmt::Display for Duration {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if self.0.subsec_nanos() % 1_000_000 != 0 {
+        if !self.0.subsec_nanos().is_multiple_of(1_000_000) {
             write!(f, "{}us", self.0.as_micros())
-        } else if ms % 1000 != 0 {
+        } else if !ms.is_multiple_of(1000) {
             write!(f, "{ms}ms")
         } else {
             write!(f, "{}s", self.0.as_secs())

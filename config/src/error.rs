@@ -80,13 +80,15 @@ pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
     for (i, row) in d.iter_mut().enumerate() {
         row[0] = i;
     }
-    for j in 0..=b.len() {
-        d[0][j] = j;
+    for (j, cell) in d[0].iter_mut().enumerate() {
+        *cell = j;
     }
     for i in 1..=a.len() {
         for j in 1..=b.len() {
             let cost = usize::from(a[i - 1] != b[j - 1]);
-            d[i][j] = (d[i - 1][j] + 1).min(d[i][j - 1] + 1).min(d[i - 1][j - 1] + cost);
+            d[i][j] = (d[i - 1][j] + 1)
+                .min(d[i][j - 1] + 1)
+                .min(d[i - 1][j - 1] + cost);
             if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
                 d[i][j] = d[i][j].min(d[i - 2][j - 2] + 1);
             }
@@ -96,7 +98,10 @@ pub(crate) fn edit_distance(a: &str, b: &str) -> usize {
 }
 
 /// The candidate closest to `word`, if it is close enough to be a plausible typo.
-pub(crate) fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    word: &str,
+    candidates: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
     let limit = (word.chars().count() / 3).max(2);
     candidates
         .into_iter()
@@ -111,14 +116,21 @@ pub(crate) fn closest<'a>(word: &str, candidates: impl IntoIterator<Item = &'a s
 /// serde formats these as ``unknown field `x`, expected one of `a`, `b` `` (or ``expected `a` ``), and
 /// the list of valid names is only available in that text.
 pub(crate) fn with_suggestion(message: &str) -> String {
-    let Some((_, rest)) = message.split_once("unknown field `").or_else(|| message.split_once("unknown variant `")) else {
+    let Some((_, rest)) = message
+        .split_once("unknown field `")
+        .or_else(|| message.split_once("unknown variant `"))
+    else {
         return message.to_string();
     };
     let Some((unknown, rest)) = rest.split_once('`') else {
         return message.to_string();
     };
     // serde writes the valid names after "expected one of" or "expected", with or without backticks.
-    let list = rest.split_once("expected one of ").or_else(|| rest.split_once("expected ")).map(|(_, l)| l).unwrap_or("");
+    let list = rest
+        .split_once("expected one of ")
+        .or_else(|| rest.split_once("expected "))
+        .map(|(_, l)| l)
+        .unwrap_or("");
     let candidates = list.split(", ").map(|c| c.trim().trim_matches('`'));
     match closest(unknown, candidates) {
         Some(best) => format!("{message} (did you mean `{best}`?)"),
@@ -132,7 +144,9 @@ mod tests {
 
     #[test]
     fn suggests_close_field() {
-        let m = with_suggestion("unknown field `defaultEndpont`, expected one of `port`, `bind`, `defaultEndpoint`");
+        let m = with_suggestion(
+            "unknown field `defaultEndpont`, expected one of `port`, `bind`, `defaultEndpoint`",
+        );
         assert!(m.ends_with("(did you mean `defaultEndpoint`?)"), "{m}");
     }
 
@@ -144,7 +158,8 @@ mod tests {
 
     #[test]
     fn suggests_without_backticks() {
-        let m = with_suggestion("unknown field `wrokers`, expected one of workload, workers, admin");
+        let m =
+            with_suggestion("unknown field `wrokers`, expected one of workload, workers, admin");
         assert!(m.ends_with("(did you mean `workers`?)"), "{m}");
     }
 

@@ -16,7 +16,11 @@ pub fn matches(pattern: &str, host: &str) -> bool {
         return true;
     }
     match pattern.strip_prefix("*.") {
-        Some(suffix) => host.len() > suffix.len() + 1 && host.ends_with(suffix) && host.as_bytes()[host.len() - suffix.len() - 1] == b'.',
+        Some(suffix) => {
+            host.len() > suffix.len() + 1
+                && host.ends_with(suffix)
+                && host.as_bytes()[host.len() - suffix.len() - 1] == b'.'
+        }
         None => pattern.eq_ignore_ascii_case(host),
     }
 }
@@ -35,10 +39,19 @@ impl VisibleHosts {
             .split_once('/')
             .ok_or_else(|| format!("host `{entry}` must be written as namespace/dnsName, e.g. `./*` or `*/reviews.default.svc.cluster.local`"))?;
         if ns.is_empty() || dns.is_empty() {
-            return Err(format!("host `{entry}` must be written as namespace/dnsName"));
+            return Err(format!(
+                "host `{entry}` must be written as namespace/dnsName"
+            ));
         }
-        let namespace = if ns == "." { sidecar_namespace.to_string() } else { ns.to_string() };
-        Ok(VisibleHosts { namespace, dns: dns.to_ascii_lowercase() })
+        let namespace = if ns == "." {
+            sidecar_namespace.to_string()
+        } else {
+            ns.to_string()
+        };
+        Ok(VisibleHosts {
+            namespace,
+            dns: dns.to_ascii_lowercase(),
+        })
     }
 
     /// Whether a service `host` defined in `namespace` is imported by this entry.
@@ -56,7 +69,10 @@ mod tests {
 
     #[test]
     fn short_names() {
-        assert_eq!(qualify("reviews", "default"), "reviews.default.svc.cluster.local");
+        assert_eq!(
+            qualify("reviews", "default"),
+            "reviews.default.svc.cluster.local"
+        );
         assert_eq!(qualify("db.example.com", "x"), "db.example.com");
         assert_eq!(qualify("*", "x"), "*");
     }
@@ -75,7 +91,9 @@ mod tests {
         let h = VisibleHosts::parse("./*", "prod").unwrap();
         assert!(h.admits("prod", "x.prod.svc.cluster.local"));
         assert!(!h.admits("dev", "x.dev.svc.cluster.local"));
-        assert!(VisibleHosts::parse("*/db.example.com", "p").unwrap().admits("any", "db.example.com"));
+        assert!(VisibleHosts::parse("*/db.example.com", "p")
+            .unwrap()
+            .admits("any", "db.example.com"));
         assert!(!VisibleHosts::parse("~/*", "p").unwrap().admits("p", "a"));
         assert!(VisibleHosts::parse("nohost", "p").is_err());
     }

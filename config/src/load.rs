@@ -51,7 +51,11 @@ pub struct RawConfig {
     pub content_hash: u64,
 }
 
-const NETWORKING: &[&str] = &["networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3"];
+const NETWORKING: &[&str] = &[
+    "networking.istio.io/v1",
+    "networking.istio.io/v1beta1",
+    "networking.istio.io/v1alpha3",
+];
 const SECURITY: &[&str] = &["security.istio.io/v1", "security.istio.io/v1beta1"];
 const KEEL: &[&str] = &["keel.dev/v1alpha1"];
 
@@ -74,14 +78,17 @@ const KINDS: &[(&str, &[&str], bool)] = &[
 /// Hidden entries are skipped, which leaves out a Kubernetes ConfigMap mount's `..data` and
 /// timestamped directories while following its `name.yaml` symlinks.
 pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
-    let meta = std::fs::metadata(path).map_err(|e| ConfigError::global(path, format!("cannot read config: {e}")))?;
+    let meta = std::fs::metadata(path)
+        .map_err(|e| ConfigError::global(path, format!("cannot read config: {e}")))?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let entries = std::fs::read_dir(path).map_err(|e| ConfigError::global(path, format!("cannot list config directory: {e}")))?;
+    let entries = std::fs::read_dir(path)
+        .map_err(|e| ConfigError::global(path, format!("cannot list config directory: {e}")))?;
     let mut files = Vec::new();
     for entry in entries {
-        let entry = entry.map_err(|e| ConfigError::global(path, format!("cannot list config directory: {e}")))?;
+        let entry = entry
+            .map_err(|e| ConfigError::global(path, format!("cannot list config directory: {e}")))?;
         let p = entry.path();
         let name = entry.file_name();
         let name = name.to_string_lossy();
@@ -93,7 +100,10 @@ pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     }
     files.sort();
     if files.is_empty() {
-        return Err(ConfigError::global(path, "no *.yaml or *.yml files in config directory"));
+        return Err(ConfigError::global(
+            path,
+            "no *.yaml or *.yml files in config directory",
+        ));
     }
     Ok(files)
 }
@@ -108,7 +118,10 @@ fn fnv1a(hash: &mut u64, bytes: &[u8]) {
 /// Reads and parses every resource under `path`, collecting every error rather than stopping at the first.
 pub fn read(path: &Path) -> Result<RawConfig, Vec<ConfigError>> {
     let files = config_files(path).map_err(|e| vec![e])?;
-    let mut raw = RawConfig { content_hash: 0xcbf2_9ce4_8422_2325, ..Default::default() };
+    let mut raw = RawConfig {
+        content_hash: 0xcbf2_9ce4_8422_2325,
+        ..Default::default()
+    };
     let mut errors = Vec::new();
     for file in &files {
         match std::fs::read(file) {
@@ -151,7 +164,10 @@ pub fn parse_file(file: &Path, text: &str, raw: &mut RawConfig, errors: &mut Vec
         if doc.empty {
             continue;
         }
-        let origin = Origin { file: file.clone(), doc: Arc::new(doc) };
+        let origin = Origin {
+            file: file.clone(),
+            doc: Arc::new(doc),
+        };
         let body = &text[origin.doc.text.clone()];
         if let Err(e) = parse_document(body, origin, raw) {
             errors.push(e);
@@ -161,25 +177,58 @@ pub fn parse_file(file: &Path, text: &str, raw: &mut RawConfig, errors: &mut Vec
 
 fn parse_document(body: &str, origin: Origin, raw: &mut RawConfig) -> Result<(), ConfigError> {
     let meta: TypeMeta = deserialize(body, &origin)?;
-    let kind = meta.kind.ok_or_else(|| origin.error("", "missing field `kind`"))?;
-    let api_version = meta.api_version.ok_or_else(|| origin.error("", "missing field `apiVersion`"))?;
+    let kind = meta
+        .kind
+        .ok_or_else(|| origin.error("", "missing field `kind`"))?;
+    let api_version = meta
+        .api_version
+        .ok_or_else(|| origin.error("", "missing field `apiVersion`"))?;
     let Some((_, versions, implemented)) = KINDS.iter().find(|(k, ..)| *k == kind) else {
-        let hint = closest(&kind, KINDS.iter().map(|(k, ..)| *k)).map(|k| format!(" (did you mean `{k}`?)")).unwrap_or_default();
+        let hint = closest(&kind, KINDS.iter().map(|(k, ..)| *k))
+            .map(|k| format!(" (did you mean `{k}`?)"))
+            .unwrap_or_default();
         let known: Vec<&str> = KINDS.iter().filter(|k| k.2).map(|(k, ..)| *k).collect();
-        return Err(origin.error("kind", format!("unknown kind `{kind}`{hint}; Keel reads {}", known.join(", "))));
+        return Err(origin.error(
+            "kind",
+            format!(
+                "unknown kind `{kind}`{hint}; Keel reads {}",
+                known.join(", ")
+            ),
+        ));
     };
     if !versions.contains(&api_version.as_str()) {
-        return Err(origin.error("apiVersion", format!("apiVersion `{api_version}` is not valid for kind {kind}; expected one of {}", versions.join(", "))));
+        return Err(origin.error(
+            "apiVersion",
+            format!(
+                "apiVersion `{api_version}` is not valid for kind {kind}; expected one of {}",
+                versions.join(", ")
+            ),
+        ));
     }
     if !implemented {
         return Err(origin.error("kind", format!("kind {kind} is not supported yet")));
     }
     match kind.as_str() {
-        "Proxy" => raw.proxies.push(Located { value: deserialize(body, &origin)?, origin }),
-        "Sidecar" => raw.sidecars.push(Located { value: deserialize(body, &origin)?, origin }),
-        "ServiceEntry" => raw.service_entries.push(Located { value: deserialize(body, &origin)?, origin }),
-        "VirtualService" => raw.virtual_services.push(Located { value: deserialize(body, &origin)?, origin }),
-        "DestinationRule" => raw.destination_rules.push(Located { value: deserialize(body, &origin)?, origin }),
+        "Proxy" => raw.proxies.push(Located {
+            value: deserialize(body, &origin)?,
+            origin,
+        }),
+        "Sidecar" => raw.sidecars.push(Located {
+            value: deserialize(body, &origin)?,
+            origin,
+        }),
+        "ServiceEntry" => raw.service_entries.push(Located {
+            value: deserialize(body, &origin)?,
+            origin,
+        }),
+        "VirtualService" => raw.virtual_services.push(Located {
+            value: deserialize(body, &origin)?,
+            origin,
+        }),
+        "DestinationRule" => raw.destination_rules.push(Located {
+            value: deserialize(body, &origin)?,
+            origin,
+        }),
         _ => return Err(origin.error("kind", format!("kind {kind} is not supported yet"))),
     }
     Ok(())
@@ -199,9 +248,16 @@ fn deserialize<T: DeserializeOwned>(body: &str, origin: &Origin) -> Result<T, Co
     });
     result.map_err(|e| {
         // serde_path_to_error writes `?` for a segment it could not name (e.g. a duplicate key).
-        let path = path.trim_end_matches(".?").trim_end_matches('?').trim_end_matches('.').to_string();
+        let path = path
+            .trim_end_matches(".?")
+            .trim_end_matches('?')
+            .trim_end_matches('.')
+            .to_string();
         let (line, column) = match e.location() {
-            Some(l) if l.line() > 0 => (l.line() as usize + origin.doc.first_line - 1, l.column() as usize),
+            Some(l) if l.line() > 0 => (
+                l.line() as usize + origin.doc.first_line - 1,
+                l.column() as usize,
+            ),
             _ => origin.doc.position(&path),
         };
         ConfigError {
@@ -222,5 +278,6 @@ fn error_message(e: &serde_saphyr::Error) -> String {
         Some(i) => text[..i].to_string(),
         None => text,
     };
-    text.trim_end_matches(", set DuplicateKeyPolicy in Options if acceptable").to_string()
+    text.trim_end_matches(", set DuplicateKeyPolicy in Options if acceptable")
+        .to_string()
 }

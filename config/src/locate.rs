@@ -31,7 +31,13 @@ impl Document {
             }
             match p.rfind(['.', '[']) {
                 Some(i) => p = &p[..i],
-                None => return self.positions.get("").copied().unwrap_or((self.first_line, 1)),
+                None => {
+                    return self
+                        .positions
+                        .get("")
+                        .copied()
+                        .unwrap_or((self.first_line, 1))
+                }
             }
         }
     }
@@ -63,7 +69,12 @@ pub fn index(text: &str) -> Result<Vec<Document>, SyntaxError> {
     let line_starts: Vec<usize> = std::iter::once(0)
         .chain(text.match_indices('\n').map(|(i, _)| i + 1))
         .collect();
-    let line_offset = |line: usize| line_starts.get(line.saturating_sub(1)).copied().unwrap_or(text.len());
+    let line_offset = |line: usize| {
+        line_starts
+            .get(line.saturating_sub(1))
+            .copied()
+            .unwrap_or(text.len())
+    };
 
     let mut docs: Vec<Document> = Vec::new();
     let mut stack: Vec<Frame> = Vec::new();
@@ -126,7 +137,10 @@ pub fn index(text: &str) -> Result<Vec<Document>, SyntaxError> {
                     *key = Some(k);
                     if opens {
                         // A complex key: index its insides under a placeholder, never reported.
-                        stack.push(Frame::Map { path: "?".into(), key: None });
+                        stack.push(Frame::Map {
+                            path: "?".into(),
+                            key: None,
+                        });
                     }
                     continue;
                 }

@@ -53,7 +53,10 @@ pub struct Metadata {
 impl Metadata {
     /// The namespace, `default` when unset, as Kubernetes does.
     pub fn namespace(&self) -> &str {
-        self.namespace.as_deref().filter(|n| !n.is_empty()).unwrap_or("default")
+        self.namespace
+            .as_deref()
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default")
     }
 }
 

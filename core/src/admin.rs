@@ -25,26 +25,33 @@ pub struct AdminState {
 }
 
 /// Serves the admin API on `listener` until the process exits.
-pub fn serve(listener: TcpListener, state: Arc<AdminState>) -> std::io::Result<std::thread::JoinHandle<()>> {
-    std::thread::Builder::new().name("keel-admin".into()).spawn(move || {
-        let busy = Arc::new(AtomicUsize::new(0));
-        for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { continue };
-            if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
-                busy.fetch_sub(1, Ordering::AcqRel);
-                let _ = respond(&mut conn, 503, "text/plain", b"admin busy\n");
-                continue;
+pub fn serve(
+    listener: TcpListener,
+    state: Arc<AdminState>,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name("keel-admin".into())
+        .spawn(move || {
+            let busy = Arc::new(AtomicUsize::new(0));
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { continue };
+                if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
+                    busy.fetch_sub(1, Ordering::AcqRel);
+                    let _ = respond(&mut conn, 503, "text/plain", b"admin busy\n");
+                    continue;
+                }
+                let (state, busy) = (state.clone(), busy.clone());
+                let spawned = std::thread::Builder::new()
+                    .name("keel-admin-conn".into())
+                    .spawn(move || {
+                        handle(conn, &state);
+                        busy.fetch_sub(1, Ordering::AcqRel);
+                    });
+                if spawned.is_err() {
+                    tracing::warn!("admin: cannot spawn a thread for a request");
+                }
             }
-            let (state, busy) = (state.clone(), busy.clone());
-            let spawned = std::thread::Builder::new().name("keel-admin-conn".into()).spawn(move || {
-                handle(conn, &state);
-                busy.fetch_sub(1, Ordering::AcqRel);
-            });
-            if spawned.is_err() {
-                tracing::warn!("admin: cannot spawn a thread for a request");
-            }
-        }
-    })
+        })
 }
 
 fn handle(mut conn: TcpStream, state: &AdminState) {
@@ -77,9 +84,17 @@ fn handle(mut conn: TcpStream, state: &AdminState) {
         "/ready" => (503, "text/plain", b"NOT READY\n".to_vec()),
         "/healthz" => (200, "text/plain", b"OK\n".to_vec()),
         "/stats" => (200, "application/json", json(&state.stats.json())),
-        "/stats/prometheus" => (200, "text/plain; version=0.0.4", state.stats.prometheus().into_bytes()),
+        "/stats/prometheus" => (
+            200,
+            "text/plain; version=0.0.4",
+            state.stats.prometheus().into_bytes(),
+        ),
         "/config_dump" => (200, "application/json", json(&state.snapshot.dump)),
-        "/" => (200, "text/plain", b"keel admin: /ready /healthz /stats /stats/prometheus /config_dump\n".to_vec()),
+        "/" => (
+            200,
+            "text/plain",
+            b"keel admin: /ready /healthz /stats /stats/prometheus /config_dump\n".to_vec(),
+        ),
         _ => (404, "text/plain", b"not found\n".to_vec()),
     };
     let body = if method == "HEAD" { Vec::new() } else { body };

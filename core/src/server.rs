@@ -52,17 +52,36 @@ impl std::fmt::Display for StartError {
 /// Runs Keel until SIGTERM or SIGINT, then drains and returns.
 pub fn run(opts: RunOptions) -> Result<(), StartError> {
     // Signals first: a SIGTERM during start-up must drain, not kill.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP]).map_err(|e| StartError::Other(format!("cannot install signal handlers: {e}")))?;
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP])
+        .map_err(|e| StartError::Other(format!("cannot install signal handlers: {e}")))?;
     let snapshot = Arc::new(keel_config::load(&opts.config).map_err(StartError::Config)?);
     let driver = driver::resolve(opts.driver).map_err(StartError::Other)?;
     let cores = io_worker::allowed_cores();
-    let workers = opts.workers.filter(|n| *n > 0).unwrap_or(if snapshot.proxy.workers > 0 { snapshot.proxy.workers } else { cores.len() });
+    let workers = opts
+        .workers
+        .filter(|n| *n > 0)
+        .unwrap_or(if snapshot.proxy.workers > 0 {
+            snapshot.proxy.workers
+        } else {
+            cores.len()
+        });
 
-    let admin_listener = TcpListener::bind(snapshot.proxy.admin_address)
-        .map_err(|e| StartError::Other(format!("admin listener {}: {e}", snapshot.proxy.admin_address)))?;
+    let admin_listener = TcpListener::bind(snapshot.proxy.admin_address).map_err(|e| {
+        StartError::Other(format!(
+            "admin listener {}: {e}",
+            snapshot.proxy.admin_address
+        ))
+    })?;
     let mut per_worker: Vec<Vec<TcpListener>> = (0..workers).map(|_| Vec::new()).collect();
     for l in &snapshot.listeners {
-        let group = keel_io::listener::bind_group(l.address, workers).map_err(|e| StartError::Other(format!("listener {} ({}): cannot bind {}: {e}", l.name, l.direction.as_str(), l.address)))?;
+        let group = keel_io::listener::bind_group(l.address, workers).map_err(|e| {
+            StartError::Other(format!(
+                "listener {} ({}): cannot bind {}: {e}",
+                l.name,
+                l.direction.as_str(),
+                l.address
+            ))
+        })?;
         for (slot, socket) in per_worker.iter_mut().zip(group) {
             slot.push(socket);
         }
@@ -73,7 +92,13 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut handles = Vec::with_capacity(workers);
     for (id, listeners) in per_worker.into_iter().enumerate() {
-        let (snapshot, stats, shutdown, ready, forwarding) = (snapshot.clone(), stats.clone(), shutdown_rx.clone(), ready_tx.clone(), opts.forwarding);
+        let (snapshot, stats, shutdown, ready, forwarding) = (
+            snapshot.clone(),
+            stats.clone(),
+            shutdown_rx.clone(),
+            ready_tx.clone(),
+            opts.forwarding,
+        );
         let core = cores.get(id % cores.len().max(1)).copied();
         let handle = io_worker::spawn(id, core, driver, move || {
             let w = Rc::new(Worker::new(id, snapshot, stats, forwarding));
@@ -88,8 +113,14 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         return Err(StartError::Other(e));
     }
 
-    admin::serve(admin_listener, Arc::new(AdminState { stats: stats.clone(), snapshot: snapshot.clone() }))
-        .map_err(|e| StartError::Other(format!("cannot start admin thread: {e}")))?;
+    admin::serve(
+        admin_listener,
+        Arc::new(AdminState {
+            stats: stats.clone(),
+            snapshot: snapshot.clone(),
+        }),
+    )
+    .map_err(|e| StartError::Other(format!("cannot start admin thread: {e}")))?;
     stats.set_ready();
     tracing::info!(
         io_driver = %driver,
@@ -106,7 +137,9 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
 
     for signal in signals.forever() {
         match signal {
-            SIGHUP => tracing::warn!("SIGHUP received: config reload is not supported yet; the running config stays"),
+            SIGHUP => tracing::warn!(
+                "SIGHUP received: config reload is not supported yet; the running config stays"
+            ),
             _ => break,
         }
     }
@@ -117,9 +150,17 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     while Instant::now() < deadline && handles.iter().any(|h| !h.is_finished()) {
         std::thread::sleep(Duration::from_millis(10));
     }
-    let open: u64 = stats.listeners.iter().flat_map(|l| l.slots.iter()).map(|c| c.accepted.get().saturating_sub(c.closed.get())).sum();
+    let open: u64 = stats
+        .listeners
+        .iter()
+        .flat_map(|l| l.slots.iter())
+        .map(|c| c.accepted.get().saturating_sub(c.closed.get()))
+        .sum();
     if open > 0 {
-        tracing::info!(open, "drain timeout reached; closing the remaining connections");
+        tracing::info!(
+            open,
+            "drain timeout reached; closing the remaining connections"
+        );
     } else {
         tracing::info!("drained");
     }
@@ -127,7 +168,11 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
 }
 
 /// Waits until every worker has registered its listeners, or reports the first that could not.
-fn wait_ready(ready: &mpsc::Receiver<Result<usize, String>>, handles: &mut Vec<std::thread::JoinHandle<std::io::Result<()>>>, workers: usize) -> Result<(), String> {
+fn wait_ready(
+    ready: &mpsc::Receiver<Result<usize, String>>,
+    handles: &mut Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+    workers: usize,
+) -> Result<(), String> {
     let mut started = 0;
     let deadline = Instant::now() + Duration::from_secs(30);
     while started < workers {
@@ -135,7 +180,8 @@ fn wait_ready(ready: &mpsc::Receiver<Result<usize, String>>, handles: &mut Vec<s
             Ok(Ok(_)) => started += 1,
             Ok(Err(e)) => return Err(e),
             Err(mpsc::RecvTimeoutError::Disconnected) if started < workers => {
-                return Err(finished_error(handles).unwrap_or_else(|| "a worker exited during start-up".into()));
+                return Err(finished_error(handles)
+                    .unwrap_or_else(|| "a worker exited during start-up".into()));
             }
             Err(_) => {
                 if let Some(e) = finished_error(handles) {
@@ -150,7 +196,9 @@ fn wait_ready(ready: &mpsc::Receiver<Result<usize, String>>, handles: &mut Vec<s
     Ok(())
 }
 
-fn finished_error(handles: &mut Vec<std::thread::JoinHandle<std::io::Result<()>>>) -> Option<String> {
+fn finished_error(
+    handles: &mut Vec<std::thread::JoinHandle<std::io::Result<()>>>,
+) -> Option<String> {
     let i = handles.iter().position(|h| h.is_finished())?;
     let h = handles.swap_remove(i);
     Some(match h.join() {

@@ -84,6 +84,11 @@ pub struct ClusterStats {
     pub slots: Box<[ClusterCounters]>,
 }
 
+/// Picks one counter out of a listener's slot, for tables of metrics.
+type ListenerField = fn(&ListenerCounters) -> &Counter;
+/// Picks one counter out of a cluster's slot.
+type ClusterField = fn(&ClusterCounters) -> &Counter;
+
 fn slots<T: Default>(n: usize) -> Box<[T]> {
     (0..n).map(|_| T::default()).collect()
 }
@@ -115,9 +120,20 @@ impl Stats {
             listeners: snapshot
                 .listeners
                 .iter()
-                .map(|l| ListenerStats { name: l.name.clone(), direction: l.direction.as_str(), slots: slots(workers) })
+                .map(|l| ListenerStats {
+                    name: l.name.clone(),
+                    direction: l.direction.as_str(),
+                    slots: slots(workers),
+                })
                 .collect(),
-            clusters: snapshot.clusters.iter().map(|c| ClusterStats { name: c.name.clone(), slots: slots(workers) }).collect(),
+            clusters: snapshot
+                .clusters
+                .iter()
+                .map(|c| ClusterStats {
+                    name: c.name.clone(),
+                    slots: slots(workers),
+                })
+                .collect(),
             per_worker: slots(workers),
             config_version: snapshot.version.clone(),
             started: Instant::now(),
@@ -146,59 +162,182 @@ impl Stats {
     /// Prometheus text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
         let mut out = String::with_capacity(4096);
-        let l_metrics: [(&str, &str, &str, fn(&ListenerCounters) -> &Counter); 6] = [
-            ("keel_listener_connections_accepted_total", "counter", "Downstream connections accepted.", |c| &c.accepted),
-            ("keel_listener_downstream_rx_bytes_total", "counter", "Bytes received from downstream clients.", |c| &c.rx_bytes),
-            ("keel_listener_downstream_tx_bytes_total", "counter", "Bytes sent to downstream clients.", |c| &c.tx_bytes),
-            ("keel_listener_no_healthy_upstream_total", "counter", "Connections closed because the cluster had no endpoint.", |c| &c.no_healthy_upstream),
-            ("keel_listener_idle_timeouts_total", "counter", "Connections closed by the idle timeout.", |c| &c.idle_timeout),
-            ("keel_listener_connections_reset_total", "counter", "Connections ended by a socket error.", |c| &c.reset),
+        let l_metrics: [(&str, &str, &str, ListenerField); 6] = [
+            (
+                "keel_listener_connections_accepted_total",
+                "counter",
+                "Downstream connections accepted.",
+                |c| &c.accepted,
+            ),
+            (
+                "keel_listener_downstream_rx_bytes_total",
+                "counter",
+                "Bytes received from downstream clients.",
+                |c| &c.rx_bytes,
+            ),
+            (
+                "keel_listener_downstream_tx_bytes_total",
+                "counter",
+                "Bytes sent to downstream clients.",
+                |c| &c.tx_bytes,
+            ),
+            (
+                "keel_listener_no_healthy_upstream_total",
+                "counter",
+                "Connections closed because the cluster had no endpoint.",
+                |c| &c.no_healthy_upstream,
+            ),
+            (
+                "keel_listener_idle_timeouts_total",
+                "counter",
+                "Connections closed by the idle timeout.",
+                |c| &c.idle_timeout,
+            ),
+            (
+                "keel_listener_connections_reset_total",
+                "counter",
+                "Connections ended by a socket error.",
+                |c| &c.reset,
+            ),
         ];
         for (name, kind, help, f) in l_metrics {
             header(&mut out, name, kind, help);
             for l in &self.listeners {
-                let _ = writeln!(out, "{name}{{listener=\"{}\",direction=\"{}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
+                let _ = writeln!(
+                    out,
+                    "{name}{{listener=\"{}\",direction=\"{}\"}} {}",
+                    escape(&l.name),
+                    l.direction,
+                    sum(&l.slots, f)
+                );
             }
         }
-        header(&mut out, "keel_listener_connections_active", "gauge", "Downstream connections open now.");
+        header(
+            &mut out,
+            "keel_listener_connections_active",
+            "gauge",
+            "Downstream connections open now.",
+        );
         for l in &self.listeners {
-            let active = sum(&l.slots, |c| &c.accepted).saturating_sub(sum(&l.slots, |c| &c.closed));
-            let _ = writeln!(out, "keel_listener_connections_active{{listener=\"{}\",direction=\"{}\"}} {active}", escape(&l.name), l.direction);
+            let active =
+                sum(&l.slots, |c| &c.accepted).saturating_sub(sum(&l.slots, |c| &c.closed));
+            let _ = writeln!(
+                out,
+                "keel_listener_connections_active{{listener=\"{}\",direction=\"{}\"}} {active}",
+                escape(&l.name),
+                l.direction
+            );
         }
-        header(&mut out, "keel_listener_upstream_connect_failures_total", "counter", "Upstream connects that failed, by reason.");
+        header(
+            &mut out,
+            "keel_listener_upstream_connect_failures_total",
+            "counter",
+            "Upstream connects that failed, by reason.",
+        );
         for l in &self.listeners {
-            for (reason, f) in [("refused", (|c| &c.connect_refused) as fn(&ListenerCounters) -> &Counter), ("timeout", |c| &c.connect_timeout), ("error", |c| &c.connect_error)] {
+            for (reason, f) in [
+                (
+                    "refused",
+                    (|c| &c.connect_refused) as fn(&ListenerCounters) -> &Counter,
+                ),
+                ("timeout", |c| &c.connect_timeout),
+                ("error", |c| &c.connect_error),
+            ] {
                 let _ = writeln!(out, "keel_listener_upstream_connect_failures_total{{listener=\"{}\",direction=\"{}\",reason=\"{reason}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
             }
         }
-        let c_metrics: [(&str, &str, fn(&ClusterCounters) -> &Counter); 3] = [
-            ("keel_cluster_upstream_cx_total", "Upstream connections attempted.", |c| &c.cx_total),
-            ("keel_cluster_upstream_cx_connect_fail_total", "Upstream connects that failed (including timeouts).", |c| &c.connect_fail),
-            ("keel_cluster_upstream_cx_connect_timeout_total", "Upstream connects that timed out.", |c| &c.connect_timeout),
+        let c_metrics: [(&str, &str, ClusterField); 3] = [
+            (
+                "keel_cluster_upstream_cx_total",
+                "Upstream connections attempted.",
+                |c| &c.cx_total,
+            ),
+            (
+                "keel_cluster_upstream_cx_connect_fail_total",
+                "Upstream connects that failed (including timeouts).",
+                |c| &c.connect_fail,
+            ),
+            (
+                "keel_cluster_upstream_cx_connect_timeout_total",
+                "Upstream connects that timed out.",
+                |c| &c.connect_timeout,
+            ),
         ];
         for (name, help, f) in c_metrics {
             header(&mut out, name, "counter", help);
             for c in &self.clusters {
-                let _ = writeln!(out, "{name}{{cluster=\"{}\"}} {}", escape(&c.name), sum(&c.slots, f));
+                let _ = writeln!(
+                    out,
+                    "{name}{{cluster=\"{}\"}} {}",
+                    escape(&c.name),
+                    sum(&c.slots, f)
+                );
             }
         }
-        header(&mut out, "keel_cluster_upstream_cx_active", "gauge", "Upstream connections open now.");
+        header(
+            &mut out,
+            "keel_cluster_upstream_cx_active",
+            "gauge",
+            "Upstream connections open now.",
+        );
         for c in &self.clusters {
-            let active = sum(&c.slots, |s| &s.cx_total).saturating_sub(sum(&c.slots, |s| &s.cx_closed));
-            let _ = writeln!(out, "keel_cluster_upstream_cx_active{{cluster=\"{}\"}} {active}", escape(&c.name));
+            let active =
+                sum(&c.slots, |s| &s.cx_total).saturating_sub(sum(&c.slots, |s| &s.cx_closed));
+            let _ = writeln!(
+                out,
+                "keel_cluster_upstream_cx_active{{cluster=\"{}\"}} {active}",
+                escape(&c.name)
+            );
         }
-        header(&mut out, "keel_worker_connections_accepted_total", "counter", "Connections accepted by each worker (per core).");
+        header(
+            &mut out,
+            "keel_worker_connections_accepted_total",
+            "counter",
+            "Connections accepted by each worker (per core).",
+        );
         for (i, w) in self.per_worker.iter().enumerate() {
-            let _ = writeln!(out, "keel_worker_connections_accepted_total{{worker=\"{i}\"}} {}", w.accepted.get());
+            let _ = writeln!(
+                out,
+                "keel_worker_connections_accepted_total{{worker=\"{i}\"}} {}",
+                w.accepted.get()
+            );
         }
-        header(&mut out, "keel_io_driver", "gauge", "The io driver in use (value 1).");
+        header(
+            &mut out,
+            "keel_io_driver",
+            "gauge",
+            "The io driver in use (value 1).",
+        );
         let _ = writeln!(out, "keel_io_driver{{driver=\"{}\"}} 1", self.driver);
-        header(&mut out, "keel_workers", "gauge", "Worker threads (one runtime per core).");
+        header(
+            &mut out,
+            "keel_workers",
+            "gauge",
+            "Worker threads (one runtime per core).",
+        );
         let _ = writeln!(out, "keel_workers {}", self.workers);
-        header(&mut out, "keel_config_info", "gauge", "The config version in force (value 1).");
-        let _ = writeln!(out, "keel_config_info{{version=\"{}\"}} 1", escape(&self.config_version));
-        header(&mut out, "keel_uptime_seconds", "gauge", "Seconds since start.");
-        let _ = writeln!(out, "keel_uptime_seconds {}", self.started.elapsed().as_secs());
+        header(
+            &mut out,
+            "keel_config_info",
+            "gauge",
+            "The config version in force (value 1).",
+        );
+        let _ = writeln!(
+            out,
+            "keel_config_info{{version=\"{}\"}} 1",
+            escape(&self.config_version)
+        );
+        header(
+            &mut out,
+            "keel_uptime_seconds",
+            "gauge",
+            "Seconds since start.",
+        );
+        let _ = writeln!(
+            out,
+            "keel_uptime_seconds {}",
+            self.started.elapsed().as_secs()
+        );
         out
     }
 
@@ -250,7 +389,9 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 
 /// Escapes a Prometheus label value.
 fn escape(v: &str) -> String {
-    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 #[cfg(test)]

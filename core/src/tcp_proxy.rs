@@ -26,14 +26,21 @@ pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: Socket
     };
     let cluster = &snapshot.clusters[cluster_index];
     let cstats = &worker.stats.clusters[cluster_index].slots[worker.id];
-    let Some(endpoint) = worker.pick_endpoint(cluster_index).and_then(|i| cluster.endpoints.get(i)) else {
+    let Some(endpoint) = worker
+        .pick_endpoint(cluster_index)
+        .and_then(|i| cluster.endpoints.get(i))
+    else {
         lstats.no_healthy_upstream.inc();
         tracing::debug!(listener = %listener.name, cluster = %cluster.name, "no endpoint");
         return;
     };
     cstats.cx_total.inc();
     let _upstream_open = UpstreamGuard(cstats);
-    let keepalive = cluster.keepalive.map(|k| KeepaliveOpts { time: k.time, interval: k.interval, retries: k.probes });
+    let keepalive = cluster.keepalive.map(|k| KeepaliveOpts {
+        time: k.time,
+        interval: k.interval,
+        retries: k.probes,
+    });
     let up = match connect(endpoint.address, cluster.connect_timeout, keepalive).await {
         Ok(up) => up,
         Err(e) => {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use keel_config::{Cluster, LbPolicy, Snapshot};
-use keel_lb::{Balancer, RoundRobin, Rng, WeightedRandom};
+use keel_lb::{Balancer, Rng, RoundRobin, WeightedRandom};
 use tokio::sync::watch;
 
 use crate::stats::Stats;
@@ -33,14 +33,30 @@ pub struct Worker {
 
 impl Worker {
     /// Builds worker `id`'s balancers from the snapshot; round robin starts at a different endpoint per worker.
-    pub fn new(id: usize, snapshot: Arc<Snapshot>, stats: Arc<Stats>, forwarding: keel_io::Forwarding) -> Worker {
-        let balancers = snapshot.clusters.iter().map(|c| balancer_for(c, id)).collect();
+    pub fn new(
+        id: usize,
+        snapshot: Arc<Snapshot>,
+        stats: Arc<Stats>,
+        forwarding: keel_io::Forwarding,
+    ) -> Worker {
+        let balancers = snapshot
+            .clusters
+            .iter()
+            .map(|c| balancer_for(c, id))
+            .collect();
         let routes = snapshot
             .listeners
             .iter()
-            .map(|l| (l.route.len() > 1).then(|| WeightedRandom::new(&l.route.iter().map(|w| w.weight).collect::<Vec<_>>())))
+            .map(|l| {
+                (l.route.len() > 1).then(|| {
+                    WeightedRandom::new(&l.route.iter().map(|w| w.weight).collect::<Vec<_>>())
+                })
+            })
             .collect();
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64) ^ ((id as u64 + 1) << 48);
+        let seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+            ^ ((id as u64 + 1) << 48);
         Worker {
             id,
             forwarding,
@@ -60,7 +76,9 @@ impl Worker {
         let route = &self.snapshot.listeners.get(listener)?.route;
         match self.routes.get(listener)? {
             None => route.first().map(|w| w.cluster),
-            Some(picker) => picker.pick(&mut self.rng.borrow_mut()).map(|i| route[i].cluster),
+            Some(picker) => picker
+                .pick(&mut self.rng.borrow_mut())
+                .map(|i| route[i].cluster),
         }
     }
 
@@ -77,9 +95,19 @@ impl Worker {
 
     /// Logs an upstream problem at most once a second per worker, so a dead upstream under load
     /// yields a readable log and exact counters rather than a flood.
-    pub fn warn_upstream(&self, listener: &str, cluster: &str, endpoint: std::net::SocketAddr, what: &dyn std::fmt::Display) {
+    pub fn warn_upstream(
+        &self,
+        listener: &str,
+        cluster: &str,
+        endpoint: std::net::SocketAddr,
+        what: &dyn std::fmt::Display,
+    ) {
         let now = Instant::now();
-        if self.last_warning.get().is_some_and(|t| now.duration_since(t) < Duration::from_secs(1)) {
+        if self
+            .last_warning
+            .get()
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
             self.suppressed.set(self.suppressed.get() + 1);
             return;
         }
@@ -120,13 +148,26 @@ impl Drop for ActiveGuard {
 /// connections have all closed (the caller enforces the drain deadline).
 ///
 /// `ready` is told once every listener is registered with this worker's runtime.
-pub async fn run(worker: Rc<Worker>, listeners: Vec<StdListener>, shutdown: watch::Receiver<bool>, ready: std::sync::mpsc::Sender<Result<usize, String>>) {
+pub async fn run(
+    worker: Rc<Worker>,
+    listeners: Vec<StdListener>,
+    shutdown: watch::Receiver<bool>,
+    ready: std::sync::mpsc::Sender<Result<usize, String>>,
+) {
     let mut accepting = Vec::new();
     for (index, std_listener) in listeners.into_iter().enumerate() {
         match monoio::net::TcpListener::from_std(std_listener) {
-            Ok(l) => accepting.push(monoio::spawn(accept_loop(worker.clone(), index, l, shutdown.clone()))),
+            Ok(l) => accepting.push(monoio::spawn(accept_loop(
+                worker.clone(),
+                index,
+                l,
+                shutdown.clone(),
+            ))),
             Err(e) => {
-                let _ = ready.send(Err(format!("worker {}: cannot register listener: {e}", worker.id)));
+                let _ = ready.send(Err(format!(
+                    "worker {}: cannot register listener: {e}",
+                    worker.id
+                )));
                 return;
             }
         }
@@ -141,7 +182,12 @@ pub async fn run(worker: Rc<Worker>, listeners: Vec<StdListener>, shutdown: watc
     tracing::debug!(worker = worker.id, "worker drained");
 }
 
-async fn accept_loop(worker: Rc<Worker>, index: usize, listener: monoio::net::TcpListener, mut shutdown: watch::Receiver<bool>) {
+async fn accept_loop(
+    worker: Rc<Worker>,
+    index: usize,
+    listener: monoio::net::TcpListener,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let name = worker.snapshot.listeners[index].name.clone();
     loop {
         // Wait for a pending connection or for shutdown. Cancelling a readiness wait is harmless,
@@ -160,7 +206,9 @@ async fn accept_loop(worker: Rc<Worker>, index: usize, listener: monoio::net::Tc
                     Ok(stream) => {
                         monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
                     }
-                    Err(e) => tracing::warn!(worker = worker.id, listener = %name, error = %e, "cannot set up accepted socket"),
+                    Err(e) => {
+                        tracing::warn!(worker = worker.id, listener = %name, error = %e, "cannot set up accepted socket")
+                    }
                 }
             }
             Err(e) => {

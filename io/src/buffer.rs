@@ -22,7 +22,9 @@ pub struct Buffer {
 impl Buffer {
     /// Takes a buffer from the pool, allocating if it is empty.
     pub fn take() -> Buffer {
-        let data = POOL.with(|p| p.borrow_mut().pop()).unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
+        let data = POOL
+            .with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
         Buffer { data: Some(data) }
     }
 

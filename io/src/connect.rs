@@ -50,8 +50,13 @@ fn classify(e: io::Error) -> ConnectError {
 }
 
 /// Connects to `addr` within `timeout`, with TCP_NODELAY and optional keepalive.
-pub async fn connect(addr: SocketAddr, timeout: Duration, keepalive: Option<KeepaliveOpts>) -> Result<Stream, ConnectError> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP)).map_err(ConnectError::Other)?;
+pub async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    keepalive: Option<KeepaliveOpts>,
+) -> Result<Stream, ConnectError> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
+        .map_err(ConnectError::Other)?;
     socket.set_nonblocking(true).map_err(ConnectError::Other)?;
     socket.set_nodelay(true).map_err(ConnectError::Other)?;
     if let Some(k) = keepalive {

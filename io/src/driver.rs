@@ -22,7 +22,9 @@ impl FromStr for DriverChoice {
             "auto" => Ok(DriverChoice::Auto),
             "uring" | "io_uring" | "io-uring" => Ok(DriverChoice::Uring),
             "epoll" | "legacy" => Ok(DriverChoice::Epoll),
-            _ => Err(format!("unknown io driver `{s}`: expected auto, uring or epoll")),
+            _ => Err(format!(
+                "unknown io driver `{s}`: expected auto, uring or epoll"
+            )),
         }
     }
 }

@@ -29,7 +29,12 @@ impl FromStr for Forwarding {
 }
 
 /// Moves `src` to `dst` until EOF with the chosen mechanism; see [`forward`].
-pub async fn forward_with(how: Forwarding, src: &Stream, dst: &Stream, on_chunk: impl FnMut(usize)) -> io::Result<u64> {
+pub async fn forward_with(
+    how: Forwarding,
+    src: &Stream,
+    dst: &Stream,
+    on_chunk: impl FnMut(usize),
+) -> io::Result<u64> {
     match how {
         Forwarding::Splice => crate::splice::forward_splice(src, dst, on_chunk).await,
         Forwarding::Copy => forward(src, dst, on_chunk).await,
@@ -41,7 +46,11 @@ pub async fn forward_with(how: Forwarding, src: &Stream, dst: &Stream, on_chunk:
 ///
 /// No buffer is held while waiting for `src`; one is held while a chunk is in flight to `dst`, so a
 /// slow reader on `dst` applies backpressure to `src` with bounded memory.
-pub async fn forward(src: &Stream, dst: &Stream, mut on_chunk: impl FnMut(usize)) -> io::Result<u64> {
+pub async fn forward(
+    src: &Stream,
+    dst: &Stream,
+    mut on_chunk: impl FnMut(usize),
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;

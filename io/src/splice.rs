@@ -37,9 +37,19 @@ impl Pipe {
         // SAFETY: pipe2 succeeded, so both fds are open and owned by nobody else.
         let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // SAFETY: fcntl(2) on a pipe fd we own; no memory is passed. A refusal (pipe-max-size) keeps the default.
-        let size = unsafe { libc::fcntl(write.as_raw_fd(), libc::F_SETPIPE_SZ, PIPE_SIZE as libc::c_int) };
+        let size = unsafe {
+            libc::fcntl(
+                write.as_raw_fd(),
+                libc::F_SETPIPE_SZ,
+                PIPE_SIZE as libc::c_int,
+            )
+        };
         let capacity = if size > 0 { size as usize } else { 64 * 1024 };
-        Ok(Pipe { read, write, capacity })
+        Ok(Pipe {
+            read,
+            write,
+            capacity,
+        })
     }
 
     /// A pipe from this worker's pool, or a new one.
@@ -64,7 +74,16 @@ impl Pipe {
 fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
     // SAFETY: splice(2) between two fds we hold open, with null offsets (both are pipes or sockets);
     // no user memory is involved.
-    let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK) };
+    let n = unsafe {
+        libc::splice(
+            from,
+            std::ptr::null_mut(),
+            to,
+            std::ptr::null_mut(),
+            len,
+            libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+        )
+    };
     if n < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -73,7 +92,11 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 }
 
 /// Like [`crate::forward::forward`], but the bytes never enter user space.
-pub async fn forward_splice(src: &Stream, dst: &Stream, mut on_chunk: impl FnMut(usize)) -> io::Result<u64> {
+pub async fn forward_splice(
+    src: &Stream,
+    dst: &Stream,
+    mut on_chunk: impl FnMut(usize),
+) -> io::Result<u64> {
     let mut total = 0u64;
     loop {
         src.readable().await?;

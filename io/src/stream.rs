@@ -26,7 +26,9 @@ impl Stream {
     /// Registers an accepted or connected socket with the current worker's runtime.
     pub fn from_std(stream: std::net::TcpStream) -> io::Result<Stream> {
         stream.set_nonblocking(true)?;
-        Ok(Stream { inner: monoio::net::TcpStream::from_std(stream)? })
+        Ok(Stream {
+            inner: monoio::net::TcpStream::from_std(stream)?,
+        })
     }
 
     /// Wraps a stream monoio accepted, making it non-blocking (io_uring's accept leaves it blocking,
@@ -36,7 +38,9 @@ impl Stream {
         // SAFETY: fcntl(2) F_GETFL/F_SETFL on an fd owned by `inner`; no memory is passed.
         let ok = unsafe {
             let flags = libc::fcntl(fd, libc::F_GETFL);
-            flags >= 0 && (flags & libc::O_NONBLOCK != 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0)
+            flags >= 0
+                && (flags & libc::O_NONBLOCK != 0
+                    || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0)
         };
         if !ok {
             return Err(io::Error::last_os_error());
@@ -60,14 +64,28 @@ impl Stream {
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is a valid, writable region of `buf.len()` bytes for the duration of the call,
         // and the fd is owned by `self.inner` and open.
-        cvt(unsafe { libc::recv(self.fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) })
+        cvt(unsafe {
+            libc::recv(
+                self.fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        })
     }
 
     /// One non-blocking `send`; never raises SIGPIPE.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: `buf` is a valid, readable region of `buf.len()` bytes for the duration of the call,
         // and the fd is owned by `self.inner` and open.
-        cvt(unsafe { libc::send(self.fd(), buf.as_ptr().cast(), buf.len(), libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+        cvt(unsafe {
+            libc::send(
+                self.fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            )
+        })
     }
 
     /// Writes all of `buf`, waiting for writability whenever the socket buffer is full.
@@ -103,7 +121,15 @@ impl Stream {
         let mut err: libc::c_int = 0;
         let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
         // SAFETY: getsockopt(2) writes at most `len` bytes into `err`, a live c_int on our stack.
-        let ret = unsafe { libc::getsockopt(self.fd(), libc::SOL_SOCKET, libc::SO_ERROR, (&mut err as *mut libc::c_int).cast(), &mut len) };
+        let ret = unsafe {
+            libc::getsockopt(
+                self.fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut err as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
         if ret < 0 {
             return Err(io::Error::last_os_error());
         }

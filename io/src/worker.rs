@@ -17,7 +17,12 @@ const URING_ENTRIES: u32 = 4096;
 /// The future is built inside the thread, so it may hold `Rc`s and other core-local state. When
 /// `core` is given the thread is pinned to it; pinning failures are logged, not fatal (a container
 /// may restrict the cpuset).
-pub fn spawn<F, Fut>(index: usize, core: Option<usize>, driver: IoDriver, make: F) -> io::Result<JoinHandle<io::Result<()>>>
+pub fn spawn<F, Fut>(
+    index: usize,
+    core: Option<usize>,
+    driver: IoDriver,
+    make: F,
+) -> io::Result<JoinHandle<io::Result<()>>>
 where
     F: FnOnce() -> Fut + Send + 'static,
     Fut: Future<Output = ()> + 'static,
@@ -47,9 +52,14 @@ pub fn allowed_cores() -> Vec<usize> {
     let n = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut cores = Vec::new();
     if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        if let Some(list) = status.lines().find_map(|l| l.strip_prefix("Cpus_allowed_list:")) {
+        if let Some(list) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
             for part in list.trim().split(',') {
-                let mut ends = part.split('-').filter_map(|x| x.trim().parse::<usize>().ok());
+                let mut ends = part
+                    .split('-')
+                    .filter_map(|x| x.trim().parse::<usize>().ok());
                 if let Some(a) = ends.next() {
                     let b = ends.next().unwrap_or(a);
                     cores.extend(a..=b);

@@ -17,7 +17,13 @@ impl RoundRobin {
         let weights: Vec<i64> = weights.iter().map(|w| i64::from((*w).max(1))).collect();
         let uniform = weights.windows(2).all(|w| w[0] == w[1]);
         let n = weights.len().max(1);
-        RoundRobin { total: weights.iter().sum(), current: vec![0; weights.len()], weights, next: start % n, uniform }
+        RoundRobin {
+            total: weights.iter().sum(),
+            current: vec![0; weights.len()],
+            weights,
+            next: start % n,
+            uniform,
+        }
     }
 
     pub fn pick(&mut self) -> Option<usize> {
@@ -26,7 +32,11 @@ impl RoundRobin {
         }
         if self.uniform {
             let i = self.next;
-            self.next = if i + 1 == self.weights.len() { 0 } else { i + 1 };
+            self.next = if i + 1 == self.weights.len() {
+                0
+            } else {
+                i + 1
+            };
             return Some(i);
         }
         let mut best = 0;

@@ -13,14 +13,23 @@ pub const DRIVERS: [&str; 2] = ["uring", "epoll"];
 
 /// A port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
 /// A fresh temporary directory for one test's files.
 pub fn temp_dir(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("keel-it-{}-{}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed), tag));
+    let dir = std::env::temp_dir().join(format!(
+        "keel-it-{}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed),
+        tag
+    ));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -89,7 +98,12 @@ impl Keel {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .unwrap();
-        Keel { child, admin, dir, log }
+        Keel {
+            child,
+            admin,
+            dir,
+            log,
+        }
     }
 
     pub fn wait_ready(&self) {
@@ -135,7 +149,9 @@ impl Keel {
     }
 
     pub fn listener_stat(&self, field: &str) -> u64 {
-        self.stats()["listeners"][0][field].as_u64().unwrap_or_else(|| panic!("no {field}"))
+        self.stats()["listeners"][0][field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no {field}"))
     }
 
     /// Waits until a listener counter reaches `want` (counters update as connections finish).
@@ -153,12 +169,18 @@ impl Keel {
     }
 
     pub fn open_fds(&self) -> usize {
-        std::fs::read_dir(format!("/proc/{}/fd", self.pid())).map(|d| d.count()).unwrap_or(0)
+        std::fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
     }
 
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
-        status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok()).unwrap()
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+            .unwrap()
     }
 }
 
@@ -178,14 +200,29 @@ pub fn http_get(port: u16, path: &str) -> std::io::Result<(u16, String)> {
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     let status = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let body = out
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     Ok((status, body))
 }
 
 /// Runs `keel validate -c path`.
 pub fn validate(path: &std::path::Path) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_keel")).arg("validate").arg("-c").arg(path).output().unwrap();
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let out = Command::new(env!("CARGO_BIN_EXE_keel"))
+        .arg("validate")
+        .arg("-c")
+        .arg(path)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
 }
 
 /// Deterministic pseudo-random bytes, so both ends can check a stream without storing it.
@@ -240,7 +277,10 @@ pub fn expect_pattern(s: &mut TcpStream, seed: u64, len: usize) {
                 (exp_len, exp_pos) = (chunk, 0);
             }
             let take = (n - i).min(exp_len - exp_pos);
-            assert!(got[i..i + take] == expected[exp_pos..exp_pos + take], "bytes differ at offset {offset}");
+            assert!(
+                got[i..i + take] == expected[exp_pos..exp_pos + take],
+                "bytes differ at offset {offset}"
+            );
             i += take;
             exp_pos += take;
             offset += take;
