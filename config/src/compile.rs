@@ -535,29 +535,13 @@ impl Compiler {
         };
         for (i, ing) in spec.ingress.iter().enumerate() {
             let at = format!("spec.ingress[{i}]");
-            let ok = check_port(
-                &mut self.errors,
+            let bind = self.listener_bind(
                 o,
-                ing.port.number,
-                &format!("{at}.port.number"),
-            );
-            self.check_listener_protocol(
-                o,
-                ing.port.protocol.as_deref(),
-                &format!("{at}.port.protocol"),
-            );
-            check_capture_mode(
-                &mut self.errors,
-                o,
+                &at,
+                &ing.port,
                 ing.capture_mode.as_deref(),
-                &format!("{at}.captureMode"),
-            );
-            let bind = parse_bind(
-                &mut self.errors,
-                o,
                 ing.bind.as_deref(),
                 "0.0.0.0",
-                &format!("{at}.bind"),
             );
             let endpoint = match ing.default_endpoint.as_deref() {
                 None => {
@@ -595,7 +579,7 @@ impl Compiler {
                     }
                 },
             };
-            let (Some(bind), Some(endpoint), true) = (bind, endpoint, ok) else {
+            let (Some(bind), Some(endpoint)) = (bind, endpoint) else {
                 continue;
             };
             let address = SocketAddr::new(bind, ing.port.number as u16);
@@ -648,29 +632,13 @@ impl Compiler {
                 self.errors.push(o.error(&at, "an egress listener without `port` captures traffic transparently, which needs interception: not supported yet"));
                 continue;
             };
-            let ok = check_port(
-                &mut self.errors,
+            let bind = self.listener_bind(
                 o,
-                port.number,
-                &format!("{at}.port.number"),
-            );
-            self.check_listener_protocol(
-                o,
-                port.protocol.as_deref(),
-                &format!("{at}.port.protocol"),
-            );
-            check_capture_mode(
-                &mut self.errors,
-                o,
+                &at,
+                port,
                 eg.capture_mode.as_deref(),
-                &format!("{at}.captureMode"),
-            );
-            let bind = parse_bind(
-                &mut self.errors,
-                o,
                 eg.bind.as_deref(),
                 "127.0.0.1",
-                &format!("{at}.bind"),
             );
             if eg.hosts.is_empty() {
                 self.errors.push(o.error(&at, "hosts is required: which services this listener reaches, e.g. [\"./*\"] or [\"*/db.example.com\"]"));
@@ -683,7 +651,7 @@ impl Compiler {
                     Err(m) => self.errors.push(o.error(&format!("{at}.hosts[{j}]"), m)),
                 }
             }
-            let (Some(bind), true) = (bind, ok) else {
+            let Some(bind) = bind else {
                 continue;
             };
             let address = SocketAddr::new(bind, port.number as u16);
@@ -744,6 +712,40 @@ impl Compiler {
                 route,
             });
         }
+    }
+
+    /// The checks every Sidecar listener shares: port, protocol, captureMode and bind address.
+    /// Returns the IP to bind when all of them pass.
+    fn listener_bind(
+        &mut self,
+        o: &Origin,
+        at: &str,
+        port: &Port,
+        capture_mode: Option<&str>,
+        bind: Option<&str>,
+        default_bind: &str,
+    ) -> Option<IpAddr> {
+        let port_ok = check_port(
+            &mut self.errors,
+            o,
+            port.number,
+            &format!("{at}.port.number"),
+        );
+        self.check_listener_protocol(o, port.protocol.as_deref(), &format!("{at}.port.protocol"));
+        check_capture_mode(
+            &mut self.errors,
+            o,
+            capture_mode,
+            &format!("{at}.captureMode"),
+        );
+        let ip = parse_bind(
+            &mut self.errors,
+            o,
+            bind,
+            default_bind,
+            &format!("{at}.bind"),
+        );
+        ip.filter(|_| port_ok)
     }
 
     fn check_listener_protocol(&mut self, o: &Origin, protocol: Option<&str>, path: &str) {

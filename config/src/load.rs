@@ -209,29 +209,22 @@ fn parse_document(body: &str, origin: Origin, raw: &mut RawConfig) -> Result<(),
         return Err(origin.error("kind", format!("kind {kind} is not supported yet")));
     }
     match kind.as_str() {
-        "Proxy" => raw.proxies.push(Located {
-            value: deserialize(body, &origin)?,
-            origin,
-        }),
-        "Sidecar" => raw.sidecars.push(Located {
-            value: deserialize(body, &origin)?,
-            origin,
-        }),
-        "ServiceEntry" => raw.service_entries.push(Located {
-            value: deserialize(body, &origin)?,
-            origin,
-        }),
-        "VirtualService" => raw.virtual_services.push(Located {
-            value: deserialize(body, &origin)?,
-            origin,
-        }),
-        "DestinationRule" => raw.destination_rules.push(Located {
-            value: deserialize(body, &origin)?,
-            origin,
-        }),
+        "Proxy" => raw.proxies.push(located(body, origin)?),
+        "Sidecar" => raw.sidecars.push(located(body, origin)?),
+        "ServiceEntry" => raw.service_entries.push(located(body, origin)?),
+        "VirtualService" => raw.virtual_services.push(located(body, origin)?),
+        "DestinationRule" => raw.destination_rules.push(located(body, origin)?),
         _ => return Err(origin.error("kind", format!("kind {kind} is not supported yet"))),
     }
     Ok(())
+}
+
+/// Deserializes one document as a resource that remembers where it was written.
+fn located<T: DeserializeOwned>(body: &str, origin: Origin) -> Result<Located<T>, ConfigError> {
+    Ok(Located {
+        value: deserialize(body, &origin)?,
+        origin,
+    })
 }
 
 /// Deserializes one document, turning a failure into an error with file, line, column and field path.
