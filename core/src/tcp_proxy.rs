@@ -14,7 +14,8 @@ use crate::worker::{ActiveGuard, Worker};
 /// Proxies one accepted connection on listener `index`.
 pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketAddr) {
     let _active = ActiveGuard::new(&worker, index);
-    let snapshot = worker.snapshot.clone();
+    // Borrowed through the task's `Rc<Worker>`: no shared refcount is touched per connection.
+    let snapshot = &*worker.snapshot;
     let listener = &snapshot.listeners[index];
     let lstats = &worker.stats.listeners[index].slots[worker.id];
     lstats.accepted.inc();
