@@ -4,6 +4,7 @@
 //! `keel_lb` for picks. Protocol codecs (HTTP/1, HTTP/2), routing and filters will live here too.
 
 pub mod admin;
+pub mod http;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;

@@ -1,0 +1,139 @@
+//! A header list stored in one buffer: names lower-cased, values as received, order kept.
+//!
+//! One allocation for the bytes and one for the index, whatever the number of headers, and the
+//! lower-case names are what HTTP/2 requires on the wire.
+
+/// Header field list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    data: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    name: (u32, u32),
+    value: (u32, u32),
+    removed: bool,
+}
+
+impl Headers {
+    pub fn with_capacity(bytes: usize, count: usize) -> Headers {
+        Headers {
+            data: Vec::with_capacity(bytes),
+            entries: Vec::with_capacity(count),
+        }
+    }
+
+    /// Appends a field; the name is lower-cased.
+    pub fn push(&mut self, name: &[u8], value: &[u8]) {
+        let n0 = self.data.len() as u32;
+        self.data.extend(name.iter().map(u8::to_ascii_lowercase));
+        let n1 = self.data.len() as u32;
+        self.data.extend_from_slice(value);
+        let v1 = self.data.len() as u32;
+        self.entries.push(Entry {
+            name: (n0, n1),
+            value: (n1, v1),
+            removed: false,
+        });
+    }
+
+    /// Replaces every field named `name` with one holding `value`.
+    pub fn set(&mut self, name: &[u8], value: &[u8]) {
+        self.remove(name);
+        self.push(name, value);
+    }
+
+    /// Removes every field named `name` (case-insensitive); returns whether any was there.
+    pub fn remove(&mut self, name: &[u8]) -> bool {
+        let mut found = false;
+        for i in 0..self.entries.len() {
+            let e = self.entries[i];
+            if !e.removed
+                && self.data[e.name.0 as usize..e.name.1 as usize].eq_ignore_ascii_case(name)
+            {
+                self.entries[i].removed = true;
+                found = true;
+            }
+        }
+        found
+    }
+
+    /// The first value of `name`.
+    pub fn get<'a>(&'a self, name: &[u8]) -> Option<&'a [u8]> {
+        self.iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    /// Every value of `name`, in order.
+    pub fn get_all<'a>(&'a self, name: &'a [u8]) -> impl Iterator<Item = &'a [u8]> + 'a {
+        self.iter()
+            .filter(move |(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v)
+    }
+
+    pub fn contains(&self, name: &[u8]) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// (name, value) pairs in order, names lower-case.
+    pub fn iter(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
+        self.entries.iter().filter(|e| !e.removed).map(|e| {
+            (
+                &self.data[e.name.0 as usize..e.name.1 as usize],
+                &self.data[e.value.0 as usize..e.value.1 as usize],
+            )
+        })
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.iter().filter(|e| !e.removed).count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Whether a comma-separated header (e.g. `connection`) lists `token`, case-insensitively.
+    pub fn has_token(&self, name: &[u8], token: &[u8]) -> bool {
+        self.get_all(name).any(|v| {
+            v.split(|b| *b == b',')
+                .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn push_get_remove_set() {
+        let mut h = Headers::default();
+        h.push(b"Host", b"a");
+        h.push(b"X-A", b"1");
+        h.push(b"x-a", b"2");
+        assert_eq!(h.get(b"host"), Some(&b"a"[..]));
+        assert_eq!(
+            h.get_all(b"X-A").collect::<Vec<_>>(),
+            vec![&b"1"[..], &b"2"[..]]
+        );
+        assert!(h.remove(b"x-a"));
+        assert_eq!(h.len(), 1);
+        h.set(b"host", b"b");
+        assert_eq!(
+            h.iter().collect::<Vec<_>>(),
+            vec![(&b"host"[..], &b"b"[..])]
+        );
+    }
+
+    #[test]
+    fn tokens() {
+        let mut h = Headers::default();
+        h.push(b"Connection", b"keep-alive, Upgrade");
+        assert!(h.has_token(b"connection", b"upgrade"));
+        assert!(!h.has_token(b"connection", b"close"));
+    }
+}
