@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use crate::error::{closest, ConfigError};
 use crate::host::{self, VisibleHosts};
+use crate::http_routes::{
+    self as hr, HeaderOps, HttpRoute, HttpRouteTable, RouteAction, RouteTarget, VirtualHost,
+};
 use crate::load::{Located, Origin, RawConfig};
 use crate::model::*;
 use crate::snapshot::*;
@@ -29,7 +32,7 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         if let Some(sidecar) = c.select_sidecar(&raw, proxy) {
             c.listeners(sidecar, proxy, &raw, &registry, &rules, &mut listeners);
         }
-        c.check_virtual_services(&raw, &registry, &rules);
+        c.check_virtual_services(&raw, &registry, &rules, proxy);
         for l in &listeners {
             if l.address.port() == proxy.admin_address.port()
                 && overlaps(l.address.ip(), proxy.admin_address.ip())
@@ -169,7 +172,41 @@ impl Compiler {
         }
         for vs in &raw.virtual_services {
             let (o, s) = (&vs.origin, &vs.value.spec);
-            not_supported(e, o, &s.http, "spec.http");
+            for (i, r) in s.http.iter().enumerate() {
+                let at = format!("spec.http[{i}]");
+                not_supported(e, o, &r.delegate, &format!("{at}.delegate"));
+                not_supported(e, o, &r.timeout, &format!("{at}.timeout"));
+                not_supported(e, o, &r.retries, &format!("{at}.retries"));
+                not_supported(e, o, &r.fault, &format!("{at}.fault"));
+                not_supported(e, o, &r.mirror, &format!("{at}.mirror"));
+                not_supported(e, o, &r.mirrors, &format!("{at}.mirrors"));
+                not_supported(
+                    e,
+                    o,
+                    &r.mirror_percentage,
+                    &format!("{at}.mirrorPercentage"),
+                );
+                not_supported(e, o, &r.mirror_percent, &format!("{at}.mirrorPercent"));
+                not_supported(e, o, &r.cors_policy, &format!("{at}.corsPolicy"));
+                for (j, m) in r.matches.iter().enumerate() {
+                    not_supported(e, o, &m.gateways, &format!("{at}.match[{j}].gateways"));
+                    not_supported(e, o, &m.stat_prefix, &format!("{at}.match[{j}].statPrefix"));
+                }
+                if let Some(rd) = &r.redirect {
+                    not_supported(e, o, &rd.derive_port, &format!("{at}.redirect.derivePort"));
+                }
+                if let Some(b) = r.direct_response.as_ref().and_then(|d| d.body.as_ref()) {
+                    not_supported(e, o, &b.bytes, &format!("{at}.directResponse.body.bytes"));
+                }
+                if let Some(rw) = &r.rewrite {
+                    not_supported(
+                        e,
+                        o,
+                        &rw.uri_regex_rewrite,
+                        &format!("{at}.rewrite.uriRegexRewrite"),
+                    );
+                }
+            }
             not_supported(e, o, &s.tls, "spec.tls");
             not_supported(e, o, &s.export_to, "spec.exportTo");
             if let Some(gw) = &s.gateways {
@@ -297,7 +334,44 @@ impl Compiler {
             self.errors
                 .push(p.origin.error("spec.workers", "at most 1024 workers"));
         }
+        let mut http = HttpLimits::default();
+        if let Some(h) = &spec.http {
+            if let Some(t) = h.request_headers_timeout {
+                http.request_headers_timeout = t.0;
+            }
+            if let Some(t) = h.idle_timeout {
+                http.idle_timeout = t.0;
+            }
+            if let Some(kb) = h.max_request_headers_kb {
+                if kb == 0 || kb > 60 {
+                    self.errors.push(
+                        p.origin
+                            .error("spec.http.maxRequestHeadersKb", "must be 1 to 60"),
+                    );
+                }
+                http.max_request_headers_bytes = kb as usize * 1024;
+            }
+            if let Some(n) = h.max_headers_count {
+                if n == 0 || n > 1000 {
+                    self.errors.push(
+                        p.origin
+                            .error("spec.http.maxHeadersCount", "must be 1 to 1000"),
+                    );
+                }
+                http.max_headers = n as usize;
+            }
+            if let Some(n) = h.max_request_target_bytes {
+                if !(16..=60 * 1024).contains(&n) {
+                    self.errors.push(
+                        p.origin
+                            .error("spec.http.maxRequestTargetBytes", "must be 16 to 61440"),
+                    );
+                }
+                http.max_request_target_bytes = n as usize;
+            }
+        }
         Some(ProxySettings {
+            http,
             name: p.value.metadata.name.clone(),
             namespace: p.value.metadata.namespace().to_string(),
             workers,
@@ -579,7 +653,7 @@ impl Compiler {
                     }
                 },
             };
-            let (Some(bind), Some(endpoint)) = (bind, endpoint) else {
+            let (Some((bind, protocol)), Some(endpoint)) = (bind, endpoint) else {
                 continue;
             };
             let address = SocketAddr::new(bind, ing.port.number as u16);
@@ -619,11 +693,36 @@ impl Compiler {
                     .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
                 keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
             });
+            let target = WeightedCluster { cluster, weight: 1 };
+            // Inbound HTTP goes to the local app whatever the Host, as Istio's inbound listeners do.
+            let http = (protocol == Protocol::Http).then(|| HttpRouteTable {
+                virtual_hosts: vec![VirtualHost {
+                    name: format!("inbound|http|{}", ing.port.number),
+                    domains: vec!["*".into()],
+                    routes: vec![HttpRoute {
+                        name: "default".into(),
+                        matches: Vec::new(),
+                        action: RouteAction::Forward {
+                            targets: vec![RouteTarget {
+                                target,
+                                host: String::new(),
+                                request_headers: HeaderOps::default(),
+                                response_headers: HeaderOps::default(),
+                            }],
+                            rewrite: None,
+                        },
+                        request_headers: HeaderOps::default(),
+                        response_headers: HeaderOps::default(),
+                    }],
+                }],
+            });
             out.push(Listener {
                 name: listener_name(address),
                 address,
                 direction: Direction::Inbound,
-                route: vec![WeightedCluster { cluster, weight: 1 }],
+                protocol,
+                route: vec![target],
+                http,
             });
         }
         for (i, eg) in spec.egress.iter().enumerate() {
@@ -651,7 +750,7 @@ impl Compiler {
                     Err(m) => self.errors.push(o.error(&format!("{at}.hosts[{j}]"), m)),
                 }
             }
-            let Some(bind) = bind else {
+            let Some((bind, protocol)) = bind else {
                 continue;
             };
             let address = SocketAddr::new(bind, port.number as u16);
@@ -671,6 +770,35 @@ impl Compiler {
                 })
                 .filter(|s| visible.iter().any(|v| v.admits(&s.namespace, &s.host)))
                 .collect();
+            if protocol == Protocol::Http {
+                if services.is_empty() {
+                    self.errors.push(o.error(
+                        &format!("{at}.port.number"),
+                        format!(
+                            "no ServiceEntry admitted by this listener's hosts has port {}",
+                            port.number
+                        ),
+                    ));
+                    continue;
+                }
+                let mut virtual_hosts = Vec::new();
+                for service in services {
+                    if let Some(vh) =
+                        self.virtual_host(raw, registry, rules, proxy, service, port.number, o, &at)
+                    {
+                        virtual_hosts.push(vh);
+                    }
+                }
+                out.push(Listener {
+                    name: listener_name(address),
+                    address,
+                    direction: Direction::Outbound,
+                    protocol,
+                    route: Vec::new(),
+                    http: Some(HttpRouteTable { virtual_hosts }),
+                });
+                continue;
+            }
             let service = match services.as_slice() {
                 [] => {
                     self.errors.push(o.error(
@@ -709,7 +837,9 @@ impl Compiler {
                 name: listener_name(address),
                 address,
                 direction: Direction::Outbound,
+                protocol,
                 route,
+                http: None,
             });
         }
     }
@@ -724,14 +854,18 @@ impl Compiler {
         capture_mode: Option<&str>,
         bind: Option<&str>,
         default_bind: &str,
-    ) -> Option<IpAddr> {
+    ) -> Option<(IpAddr, Protocol)> {
         let port_ok = check_port(
             &mut self.errors,
             o,
             port.number,
             &format!("{at}.port.number"),
         );
-        self.check_listener_protocol(o, port.protocol.as_deref(), &format!("{at}.port.protocol"));
+        let protocol = self.check_listener_protocol(
+            o,
+            port.protocol.as_deref(),
+            &format!("{at}.port.protocol"),
+        );
         check_capture_mode(
             &mut self.errors,
             o,
@@ -745,19 +879,26 @@ impl Compiler {
             default_bind,
             &format!("{at}.bind"),
         );
-        ip.filter(|_| port_ok)
+        ip.filter(|_| port_ok).map(|ip| (ip, protocol))
     }
 
-    fn check_listener_protocol(&mut self, o: &Origin, protocol: Option<&str>, path: &str) {
+    fn check_listener_protocol(
+        &mut self,
+        o: &Origin,
+        protocol: Option<&str>,
+        path: &str,
+    ) -> Protocol {
         if check_protocol(&mut self.errors, o, protocol, path) {
-            let p = protocol.unwrap_or("TCP").to_ascii_uppercase();
-            if p != "TCP" {
-                self.errors.push(o.error(
+            match protocol.unwrap_or("TCP").to_ascii_uppercase().as_str() {
+                "TCP" => return Protocol::Tcp,
+                "HTTP" => return Protocol::Http,
+                p => self.errors.push(o.error(
                     path,
-                    format!("listener protocol {p} is not supported yet; only TCP"),
-                ));
+                    format!("listener protocol {p} is not supported yet; TCP and HTTP are"),
+                )),
             }
         }
+        Protocol::Tcp
     }
 
     /// The first VirtualService tcp route for `host` that matches traffic on `port` from this workload.
@@ -770,14 +911,7 @@ impl Compiler {
         host: &str,
         port: u32,
     ) -> Option<Vec<WeightedCluster>> {
-        let vs = raw.virtual_services.iter().find(|vs| {
-            let ns = vs.value.metadata.namespace();
-            vs.value
-                .spec
-                .hosts
-                .iter()
-                .any(|h| host::matches(&host::qualify(h, ns), host))
-        })?;
+        let vs = find_virtual_service(raw, host, |vs| !vs.value.spec.tcp.is_empty())?;
         let ns = vs.value.metadata.namespace();
         let route_index = vs.value.spec.tcp.iter().position(|r| {
             r.matches.is_empty()
@@ -825,9 +959,365 @@ impl Compiler {
         Some(out)
     }
 
+    /// Records an error once, however many listeners lead to the same resource.
+    fn push_unique(&mut self, e: ConfigError) {
+        if !self.errors.contains(&e) {
+            self.errors.push(e);
+        }
+    }
+
+    /// The virtual host of one service on an HTTP egress port: its names (short forms included, with
+    /// and without the port, as Istio generates them) and the routes of its VirtualService, or a
+    /// default route to the service when there is none.
+    #[allow(clippy::too_many_arguments)]
+    fn virtual_host(
+        &mut self,
+        raw: &RawConfig,
+        registry: &Registry,
+        rules: &[Rule],
+        proxy: &ProxySettings,
+        service: &Service,
+        port: u32,
+        o: &Origin,
+        at: &str,
+    ) -> Option<VirtualHost> {
+        let host = service.host.as_str();
+        let mut names = vec![host.to_string()];
+        if let Some(short) = host.strip_suffix(".svc.cluster.local") {
+            if let Some((name, ns)) = short.split_once('.') {
+                names.extend([format!("{name}.{ns}.svc"), format!("{name}.{ns}")]);
+                if ns == proxy.namespace {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        let domains = names
+            .iter()
+            .flat_map(|n| [n.clone(), format!("{n}:{port}")])
+            .collect();
+        let vs = find_virtual_service(raw, host, |vs| !vs.value.spec.http.is_empty());
+        let routes = match vs {
+            Some(vs) => self.http_routes(vs, registry, rules, proxy, Some(port)),
+            None => match self.cluster_for(registry, rules, host, None, port) {
+                Ok(cluster) => vec![HttpRoute {
+                    name: "default".into(),
+                    matches: Vec::new(),
+                    action: RouteAction::Forward {
+                        targets: vec![RouteTarget {
+                            target: WeightedCluster { cluster, weight: 1 },
+                            host: host.to_string(),
+                            request_headers: HeaderOps::default(),
+                            response_headers: HeaderOps::default(),
+                        }],
+                        rewrite: None,
+                    },
+                    request_headers: HeaderOps::default(),
+                    response_headers: HeaderOps::default(),
+                }],
+                Err(m) => {
+                    self.push_unique(o.error(at, m));
+                    return None;
+                }
+            },
+        };
+        Some(VirtualHost {
+            name: format!("{host}:{port}"),
+            domains,
+            routes,
+        })
+    }
+
+    /// Compiles a VirtualService's `http` routes for traffic from this workload (routes whose
+    /// matches can never hold for it are left out) arriving on `port` (None: validate all).
+    fn http_routes(
+        &mut self,
+        vs: &Located<VirtualServiceSpec>,
+        registry: &Registry,
+        rules: &[Rule],
+        proxy: &ProxySettings,
+        port: Option<u32>,
+    ) -> Vec<HttpRoute> {
+        let ns = vs.value.metadata.namespace();
+        let o = &vs.origin;
+        let mut out = Vec::new();
+        for (i, r) in vs.value.spec.http.iter().enumerate() {
+            let at = format!("spec.http[{i}]");
+            let mut matches = Vec::new();
+            let mut usable = r.matches.is_empty();
+            for (j, m) in r.matches.iter().enumerate() {
+                let mat = format!("{at}.match[{j}]");
+                let compiled = self.request_match(o, m, &mat);
+                let source_ok = labels_match(&m.source_labels, &proxy.labels)
+                    && m.source_namespace
+                        .as_deref()
+                        .is_none_or(|n| n == proxy.namespace);
+                let port_ok = match (m.port, port) {
+                    (Some(p), Some(listener)) => p == listener,
+                    _ => true,
+                };
+                if let (Some(c), true, true) = (compiled, source_ok, port_ok) {
+                    usable = true;
+                    matches.push(c);
+                }
+            }
+            let action = match (&r.route[..], &r.redirect, &r.direct_response) {
+                ([_, ..], None, None) => {
+                    let mut targets = Vec::new();
+                    for (k, d) in r.route.iter().enumerate() {
+                        let dest = host::qualify(&d.destination.host, ns);
+                        let dport = d
+                            .destination
+                            .port
+                            .as_ref()
+                            .map_or(port.unwrap_or(0), |p| p.number);
+                        match self.cluster_for(
+                            registry,
+                            rules,
+                            &dest,
+                            d.destination.subset.as_deref(),
+                            dport,
+                        ) {
+                            Ok(cluster) => {
+                                let (request_headers, response_headers) = self.header_ops(
+                                    o,
+                                    d.headers.as_ref(),
+                                    &format!("{at}.route[{k}].headers"),
+                                );
+                                let weight = if r.route.len() == 1 {
+                                    1
+                                } else {
+                                    d.weight.unwrap_or(0)
+                                };
+                                targets.push(RouteTarget {
+                                    target: WeightedCluster { cluster, weight },
+                                    host: dest,
+                                    request_headers,
+                                    response_headers,
+                                });
+                            }
+                            Err(m) => self
+                                .push_unique(o.error(&format!("{at}.route[{k}].destination"), m)),
+                        }
+                    }
+                    if !targets.is_empty() && targets.iter().all(|t| t.target.weight == 0) {
+                        self.push_unique(o.error(
+                            &format!("{at}.route"),
+                            "at least one destination with a non-zero weight is required",
+                        ));
+                    }
+                    targets.retain(|t| t.target.weight > 0);
+                    let rewrite = r.rewrite.as_ref().map(|rw| hr::Rewrite {
+                        uri: rw.uri.clone(),
+                        authority: rw.authority.clone(),
+                    });
+                    if let Some(uri) = rewrite.as_ref().and_then(|rw| rw.uri.as_ref()) {
+                        if !uri.starts_with('/') {
+                            self.push_unique(
+                                o.error(&format!("{at}.rewrite.uri"), "must start with /"),
+                            );
+                        }
+                    }
+                    RouteAction::Forward { targets, rewrite }
+                }
+                ([], Some(rd), None) => {
+                    let code = rd.redirect_code.unwrap_or(301);
+                    if ![301, 302, 303, 307, 308].contains(&code) {
+                        self.push_unique(o.error(
+                            &format!("{at}.redirect.redirectCode"),
+                            format!("{code} is not a redirect code (301, 302, 303, 307, 308)"),
+                        ));
+                    }
+                    if let Some(p) = rd.port {
+                        check_port(&mut self.errors, o, p, &format!("{at}.redirect.port"));
+                    }
+                    if r.rewrite.is_some() {
+                        self.push_unique(o.error(
+                            &format!("{at}.rewrite"),
+                            "rewrite cannot be combined with redirect",
+                        ));
+                    }
+                    RouteAction::Redirect(hr::Redirect {
+                        uri: rd.uri.clone(),
+                        authority: rd.authority.clone(),
+                        port: rd.port.map(|p| p as u16),
+                        scheme: rd.scheme.clone(),
+                        code: code as u16,
+                    })
+                }
+                ([], None, Some(dr)) => {
+                    if !(200..=599).contains(&dr.status) {
+                        self.push_unique(o.error(
+                            &format!("{at}.directResponse.status"),
+                            format!("{} is not an HTTP status (200-599)", dr.status),
+                        ));
+                    }
+                    RouteAction::Direct {
+                        status: dr.status as u16,
+                        body: dr.body.as_ref().and_then(|b| b.string.clone()),
+                    }
+                }
+                _ => {
+                    self.push_unique(o.error(
+                        &at,
+                        "a route needs exactly one of route, redirect or directResponse",
+                    ));
+                    continue;
+                }
+            };
+            let (request_headers, response_headers) =
+                self.header_ops(o, r.headers.as_ref(), &format!("{at}.headers"));
+            if usable {
+                let name = r
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}.{i}", vs.value.metadata.name));
+                out.push(HttpRoute {
+                    name,
+                    matches,
+                    action,
+                    request_headers,
+                    response_headers,
+                });
+            }
+        }
+        out
+    }
+
+    fn request_match(&mut self, o: &Origin, m: &HttpMatch, at: &str) -> Option<hr::RequestMatch> {
+        let mut ok = true;
+        let mut one =
+            |this: &mut Self, sm: &Option<StringMatch>, field: &str| -> Option<hr::StringMatch> {
+                let sm = sm.as_ref()?;
+                let r = this.string_match(o, sm, &format!("{at}.{field}"), false);
+                ok &= r.is_some();
+                r
+            };
+        let uri = one(self, &m.uri, "uri");
+        let scheme = one(self, &m.scheme, "scheme");
+        let method = one(self, &m.method, "method");
+        let authority = one(self, &m.authority, "authority");
+        let mut map = |this: &mut Self,
+                       entries: &BTreeMap<String, StringMatch>,
+                       field: &str|
+         -> Vec<(String, hr::StringMatch)> {
+            let mut v = Vec::new();
+            for (name, sm) in entries {
+                match this.string_match(
+                    o,
+                    sm,
+                    &format!("{at}.{field}.{name}"),
+                    field != "queryParams",
+                ) {
+                    Some(c) => v.push((name.to_ascii_lowercase(), c)),
+                    None => ok = false,
+                }
+            }
+            v
+        };
+        let headers = map(self, &m.headers, "headers");
+        let without_headers = map(self, &m.without_headers, "withoutHeaders");
+        let query_params = map(self, &m.query_params, "queryParams");
+        let port = m
+            .port
+            .filter(|p| check_port(&mut self.errors, o, *p, &format!("{at}.port")))
+            .map(|p| p as u16);
+        ok.then_some(hr::RequestMatch {
+            uri,
+            ignore_uri_case: m.ignore_uri_case.unwrap_or(false),
+            scheme,
+            method,
+            authority,
+            headers,
+            without_headers,
+            query_params,
+            port,
+        })
+    }
+
+    fn string_match(
+        &mut self,
+        o: &Origin,
+        sm: &StringMatch,
+        at: &str,
+        empty_means_present: bool,
+    ) -> Option<hr::StringMatch> {
+        match (&sm.exact, &sm.prefix, &sm.regex) {
+            (Some(e), None, None) => Some(hr::StringMatch::Exact(e.clone())),
+            (None, Some(p), None) => Some(hr::StringMatch::Prefix(p.clone())),
+            (None, None, Some(r)) => match regex::RegexBuilder::new(&format!("^(?:{r})$"))
+                .size_limit(1 << 20)
+                .build()
+            {
+                Ok(re) => Some(hr::StringMatch::Regex(re)),
+                Err(e) => {
+                    self.push_unique(
+                        o.error(&format!("{at}.regex"), format!("invalid regex: {e}")),
+                    );
+                    None
+                }
+            },
+            (None, None, None) if empty_means_present => Some(hr::StringMatch::Present),
+            _ => {
+                self.push_unique(o.error(at, "exactly one of exact, prefix or regex is required"));
+                None
+            }
+        }
+    }
+
+    fn header_ops(
+        &mut self,
+        o: &Origin,
+        ops: Option<&HeaderOperations>,
+        at: &str,
+    ) -> (HeaderOps, HeaderOps) {
+        let one = |this: &mut Self, edits: Option<&HeaderEdits>, side: &str| -> HeaderOps {
+            let Some(e) = edits else {
+                return HeaderOps::default();
+            };
+            let mut check = |name: &str, value: Option<&str>, field: &str| {
+                let name_ok = !name.is_empty()
+                    && name
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b));
+                let value_ok =
+                    value.is_none_or(|v| !v.bytes().any(|b| b == b'\r' || b == b'\n' || b == 0));
+                if !name_ok || !value_ok {
+                    this.push_unique(o.error(
+                        &format!("{at}.{side}.{field}"),
+                        format!("invalid header `{name}`"),
+                    ));
+                }
+                name.to_ascii_lowercase()
+            };
+            HeaderOps {
+                set: e
+                    .set
+                    .iter()
+                    .map(|(k, v)| (check(k, Some(v), "set"), v.clone()))
+                    .collect(),
+                add: e
+                    .add
+                    .iter()
+                    .map(|(k, v)| (check(k, Some(v), "add"), v.clone()))
+                    .collect(),
+                remove: e.remove.iter().map(|k| check(k, None, "remove")).collect(),
+            }
+        };
+        let request = one(self, ops.and_then(|h| h.request.as_ref()), "request");
+        let response = one(self, ops.and_then(|h| h.response.as_ref()), "response");
+        (request, response)
+    }
+
     /// Validates every VirtualService's destinations, including routes no listener uses yet.
-    fn check_virtual_services(&mut self, raw: &RawConfig, registry: &Registry, rules: &[Rule]) {
+    fn check_virtual_services(
+        &mut self,
+        raw: &RawConfig,
+        registry: &Registry,
+        rules: &[Rule],
+        proxy: &ProxySettings,
+    ) {
         for vs in &raw.virtual_services {
+            self.http_routes(vs, registry, rules, proxy, None);
             let ns = vs.value.metadata.namespace();
             if vs.value.spec.hosts.is_empty() {
                 self.errors.push(
@@ -994,6 +1484,30 @@ impl Compiler {
     }
 }
 
+/// The VirtualService for `host` (an exact host before a wildcard) among those `relevant` keeps.
+fn find_virtual_service<'a>(
+    raw: &'a RawConfig,
+    host: &str,
+    relevant: impl Fn(&Located<VirtualServiceSpec>) -> bool,
+) -> Option<&'a Located<VirtualServiceSpec>> {
+    let applies = |vs: &&Located<VirtualServiceSpec>, exact: bool| {
+        let ns = vs.value.metadata.namespace();
+        relevant(vs)
+            && vs.value.spec.hosts.iter().any(|h| {
+                let q = host::qualify(h, ns);
+                if exact {
+                    q == host
+                } else {
+                    host::matches(&q, host)
+                }
+            })
+    };
+    raw.virtual_services
+        .iter()
+        .find(|vs| applies(vs, true))
+        .or_else(|| raw.virtual_services.iter().find(|vs| applies(vs, false)))
+}
+
 fn keepalive(k: &TcpKeepalive) -> Keepalive {
     Keepalive {
         probes: k.probes,
@@ -1119,6 +1633,12 @@ fn dump(
             "name": l.name,
             "address": l.address.to_string(),
             "direction": l.direction.as_str(),
+            "protocol": format!("{:?}", l.protocol).to_ascii_uppercase(),
+            "virtual_hosts": l.http.as_ref().map(|t| t.virtual_hosts.iter().map(|v| json!({
+                "name": v.name,
+                "domains": v.domains,
+                "routes": v.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()),
             "route": l.route.iter().map(|w| json!({"cluster": clusters[w.cluster].name, "weight": w.weight})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "clusters": clusters.iter().map(|c| json!({

@@ -10,6 +10,20 @@ pub fn qualify(host: &str, namespace: &str) -> String {
     }
 }
 
+/// `host:port` → `host` (IPv6 literals keep their brackets).
+pub fn strip_port(authority: &str) -> &str {
+    if authority.starts_with('[') {
+        return match authority.find(']') {
+            Some(i) => &authority[..=i],
+            None => authority,
+        };
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+        _ => authority,
+    }
+}
+
 /// Whether `pattern` (exact, `*`, or `*.suffix`) covers the concrete `host`.
 pub fn matches(pattern: &str, host: &str) -> bool {
     if pattern == "*" {

@@ -9,6 +9,7 @@ pub mod compile;
 pub mod duration;
 pub mod error;
 pub mod host;
+pub mod http_routes;
 pub mod load;
 pub mod locate;
 pub mod model;

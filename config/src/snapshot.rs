@@ -28,6 +28,30 @@ pub struct ProxySettings {
     pub workers: usize,
     pub admin_address: SocketAddr,
     pub labels: BTreeMap<String, String>,
+    pub http: HttpLimits,
+}
+
+/// HTTP connection limits and timeouts (`Proxy.spec.http`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub request_headers_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_request_headers_bytes: usize,
+    pub max_headers: usize,
+    pub max_request_target_bytes: usize,
+}
+
+impl Default for HttpLimits {
+    /// Envoy's defaults where it has them (60 KiB heads, 100 fields, 1 h idle); 10 s for a head.
+    fn default() -> Self {
+        HttpLimits {
+            request_headers_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(3600),
+            max_request_headers_bytes: 60 * 1024,
+            max_headers: 100,
+            max_request_target_bytes: 8 * 1024,
+        }
+    }
 }
 
 /// Whether a listener faces the mesh (inbound to the app) or the app (outbound to services).
@@ -47,6 +71,13 @@ impl Direction {
     }
 }
 
+/// What a listener speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Tcp,
+    Http,
+}
+
 /// A listening socket and what to do with its connections.
 #[derive(Debug, Clone)]
 pub struct Listener {
@@ -54,8 +85,11 @@ pub struct Listener {
     pub name: String,
     pub address: SocketAddr,
     pub direction: Direction,
+    pub protocol: Protocol,
     /// TCP proxying: the weighted clusters a new connection is sent to (one entry = no choice).
     pub route: Vec<WeightedCluster>,
+    /// HTTP listeners: virtual hosts and routes.
+    pub http: Option<crate::http_routes::HttpRouteTable>,
 }
 
 /// A cluster a route can pick, with its relative weight.

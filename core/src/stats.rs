@@ -50,6 +50,12 @@ pub struct ListenerCounters {
     pub idle_timeout: Counter,
     /// Connections ended by a socket error (reset) rather than EOF both ways.
     pub reset: Counter,
+    /// HTTP requests received (including those refused as malformed).
+    pub rq_total: Counter,
+    pub rq_2xx: Counter,
+    pub rq_3xx: Counter,
+    pub rq_4xx: Counter,
+    pub rq_5xx: Counter,
 }
 
 /// One worker's counters for one cluster.
@@ -366,6 +372,11 @@ impl Stats {
                     "no_healthy_upstream": sum(s, |c| &c.no_healthy_upstream),
                     "idle_timeouts": sum(s, |c| &c.idle_timeout),
                     "connections_reset": sum(s, |c| &c.reset),
+                    "http_requests": sum(s, |c| &c.rq_total),
+                    "http_2xx": sum(s, |c| &c.rq_2xx),
+                    "http_3xx": sum(s, |c| &c.rq_3xx),
+                    "http_4xx": sum(s, |c| &c.rq_4xx),
+                    "http_5xx": sum(s, |c| &c.rq_5xx),
                 })
             }).collect::<Vec<_>>(),
             "clusters": self.clusters.iter().map(|c| {

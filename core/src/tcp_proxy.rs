@@ -105,7 +105,7 @@ impl Drop for UpstreamGuard<'_> {
 
 /// Resolves once `activity` has not changed for `timeout` (checked in quarters, so the connection
 /// closes between 1× and 1.25× the timeout after the last byte).
-async fn idle_watch(activity: &Cell<u64>, timeout: Duration) {
+pub(crate) async fn idle_watch(activity: &Cell<u64>, timeout: Duration) {
     const QUARTERS: u32 = 4;
     let tick = (timeout / QUARTERS).max(Duration::from_millis(1));
     let mut last = activity.get();

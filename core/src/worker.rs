@@ -9,7 +9,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_config::{Cluster, LbPolicy, Snapshot};
+use keel_config::{Cluster, LbPolicy, Protocol, Snapshot};
 use keel_lb::{Balancer, Rng, RoundRobin, WeightedRandom};
 use tokio::sync::watch;
 
@@ -26,6 +26,8 @@ pub struct Worker {
     balancers: RefCell<Vec<Balancer>>,
     routes: Vec<Option<WeightedRandom>>,
     rng: RefCell<Rng>,
+    /// Idle upstream HTTP/1.1 connections of this worker.
+    pub pool: RefCell<crate::http::pool::UpstreamPool>,
     active: Cell<usize>,
     last_warning: Cell<Option<Instant>>,
     suppressed: Cell<u64>,
@@ -65,6 +67,7 @@ impl Worker {
             balancers: RefCell::new(balancers),
             routes,
             rng: RefCell::new(Rng::new(seed)),
+            pool: RefCell::new(Default::default()),
             active: Cell::new(0),
             last_warning: Cell::new(None),
             suppressed: Cell::new(0),
@@ -80,6 +83,12 @@ impl Worker {
                 .pick(&mut self.rng.borrow_mut())
                 .map(|i| route[i].cluster),
         }
+    }
+
+    /// A weighted random choice among `weights` (route destinations); `None` when all are zero.
+    pub fn pick_weighted(&self, weights: impl Iterator<Item = u32>) -> Option<usize> {
+        let weights: Vec<u32> = weights.collect();
+        WeightedRandom::new(&weights).pick(&mut self.rng.borrow_mut())
     }
 
     /// The endpoint index of `cluster` for the next connection.
@@ -203,9 +212,19 @@ async fn accept_loop(
             Ok((stream, peer)) => {
                 worker.stats.per_worker[worker.id].accepted.inc();
                 match keel_io::Stream::from_monoio(stream) {
-                    Ok(stream) => {
-                        monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
-                    }
+                    Ok(stream) => match worker.snapshot.listeners[index].protocol {
+                        Protocol::Tcp => {
+                            monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
+                        }
+                        Protocol::Http => {
+                            monoio::spawn(crate::http::proxy::serve(
+                                worker.clone(),
+                                index,
+                                stream,
+                                peer,
+                            ));
+                        }
+                    },
                     Err(e) => {
                         tracing::warn!(worker = worker.id, listener = %name, error = %e, "cannot set up accepted socket")
                     }

@@ -6,12 +6,15 @@ use std::ops::{Deref, DerefMut};
 
 /// Size of one forwarding buffer. Large enough that a bulk transfer costs few syscalls per MiB.
 pub const BUFFER_SIZE: usize = 256 * 1024;
+/// Size of an HTTP buffer: a whole request head (60 KiB by default) fits.
+pub const HTTP_BUFFER_SIZE: usize = 64 * 1024;
 
-/// Buffers kept for reuse per worker; beyond this a returned buffer is freed.
+/// Buffers kept for reuse per worker and size; beyond this a returned buffer is freed.
 const POOL_MAX: usize = 512;
 
 thread_local! {
     static POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
+    static HTTP_POOL: RefCell<Vec<Box<[u8]>>> = const { RefCell::new(Vec::new()) };
 }
 
 /// A buffer from this thread's pool, returned to it on drop.
@@ -20,7 +23,7 @@ pub struct Buffer {
 }
 
 impl Buffer {
-    /// Takes a buffer from the pool, allocating if it is empty.
+    /// Takes a forwarding buffer from the pool, allocating if it is empty.
     pub fn take() -> Buffer {
         let data = POOL
             .with(|p| p.borrow_mut().pop())
@@ -28,7 +31,15 @@ impl Buffer {
         Buffer { data: Some(data) }
     }
 
-    /// Buffers currently waiting in this thread's pool.
+    /// Takes an HTTP buffer (heads and body chunks) from its pool.
+    pub fn take_http() -> Buffer {
+        let data = HTTP_POOL
+            .with(|p| p.borrow_mut().pop())
+            .unwrap_or_else(|| vec![0u8; HTTP_BUFFER_SIZE].into_boxed_slice());
+        Buffer { data: Some(data) }
+    }
+
+    /// Forwarding buffers currently waiting in this thread's pool.
     pub fn pooled() -> usize {
         POOL.with(|p| p.borrow().len())
     }
@@ -50,7 +61,12 @@ impl DerefMut for Buffer {
 impl Drop for Buffer {
     fn drop(&mut self) {
         if let Some(data) = self.data.take() {
-            POOL.with(|p| {
+            let pool = if data.len() == HTTP_BUFFER_SIZE {
+                &HTTP_POOL
+            } else {
+                &POOL
+            };
+            pool.with(|p| {
                 let mut p = p.borrow_mut();
                 if p.len() < POOL_MAX {
                     p.push(data);

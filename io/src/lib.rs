@@ -13,7 +13,7 @@ pub mod splice;
 pub mod stream;
 pub mod worker;
 
-pub use buffer::{Buffer, BUFFER_SIZE};
+pub use buffer::{Buffer, BUFFER_SIZE, HTTP_BUFFER_SIZE};
 pub use connect::{connect, ConnectError, KeepaliveOpts};
 pub use driver::{DriverChoice, IoDriver};
 pub use forward::Forwarding;

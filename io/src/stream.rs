@@ -101,6 +101,69 @@ impl Stream {
         Ok(())
     }
 
+    /// Writes all of `parts` in order with as few `sendmsg` calls as the kernel allows (a chunk
+    /// header, its data and the CRLF after it leave in one call, the data from the buffer it was
+    /// read into).
+    pub async fn write_all_vectored(&self, parts: &[&[u8]]) -> io::Result<()> {
+        let total: usize = parts.iter().map(|p| p.len()).sum();
+        let mut written = 0usize;
+        while written < total {
+            let mut iov: [libc::iovec; 4] = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; 4];
+            let mut n = 0;
+            let mut skip = written;
+            for part in parts {
+                if skip >= part.len() {
+                    skip -= part.len();
+                    continue;
+                }
+                if n == iov.len() {
+                    break;
+                }
+                let rest = &part[skip..];
+                skip = 0;
+                iov[n] = libc::iovec {
+                    iov_base: rest.as_ptr() as *mut libc::c_void,
+                    iov_len: rest.len(),
+                };
+                n += 1;
+            }
+            // SAFETY: an all-zero msghdr is valid; we then point it at `n` initialised iovecs that
+            // borrow `parts`, which outlive the call.
+            let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+            msg.msg_iov = iov.as_mut_ptr();
+            msg.msg_iovlen = n as _;
+            // SAFETY: sendmsg(2) reads only the iovecs set above, on an fd owned by `self.inner`.
+            match cvt(unsafe {
+                libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+            }) {
+                Ok(k) => written += k,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether an idle connection is still usable: open, and with nothing unexpected to read.
+    /// A pooled upstream connection that the peer closed (or that sent stray bytes) fails this.
+    pub fn is_reusable(&self) -> bool {
+        let mut probe = [0u8; 1];
+        // SAFETY: recv(2) with MSG_PEEK into a 1-byte stack buffer; the fd is owned by `self.inner`.
+        let r = cvt(unsafe {
+            libc::recv(
+                self.fd(),
+                probe.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        });
+        matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
     /// Sends FIN: the peer sees EOF while our read side stays open (half-close).
     pub fn shutdown_write(&self) -> io::Result<()> {
         // SAFETY: shutdown(2) on an fd owned by `self.inner`; no memory is passed.

@@ -3,6 +3,9 @@
 //! Codecs turn wire bytes into [`head::RequestHead`] / [`head::ResponseHead`] plus a streamed body;
 //! routing and forwarding work on those alone, so HTTP/2 can plug in beside HTTP/1.1.
 
+pub mod conn;
 pub mod h1;
 pub mod head;
 pub mod headers;
+pub mod pool;
+pub mod proxy;

@@ -77,6 +77,27 @@ fn head_end(buf: &[u8], max: usize, too_big: HeadError) -> Result<Option<usize>,
     }
 }
 
+/// The head's length once complete, refusing stray CR/LF in the head only: the bytes after it are
+/// a body and may hold anything.
+fn checked_head(
+    buf: &[u8],
+    max: usize,
+    too_big: HeadError,
+    bare_lf: HeadError,
+    bare_cr: HeadError,
+) -> Result<Option<usize>, HeadError> {
+    let end = head_end(buf, max, too_big)?;
+    let head = &buf[..end.unwrap_or(buf.len().min(max))];
+    if has_bare_lf(head) {
+        return Err(bare_lf);
+    }
+    // While incomplete, a trailing CR may be the start of a CRLF still on its way.
+    if has_bare_cr(head) {
+        return Err(bare_cr);
+    }
+    Ok(end)
+}
+
 fn version(v: Option<u8>) -> Result<Version, HeadError> {
     match v {
         Some(0) => Ok(Version::Http10),
@@ -123,20 +144,17 @@ pub fn parse_request(
         status: 431,
         reason: "request head too large",
     };
-    let scan = &buf[..buf.len().min(limits.max_head_bytes)];
-    if has_bare_lf(scan) {
-        return Err(bad("bare LF in request head"));
-    }
-    let Some(len) = head_end(buf, limits.max_head_bytes, too_big)? else {
-        if has_bare_cr(scan) {
-            return Err(bad("bare CR in request head"));
-        }
-        return Ok(None);
+    let len = match checked_head(
+        buf,
+        limits.max_head_bytes,
+        too_big,
+        bad("bare LF in request head"),
+        bad("bare CR in request head"),
+    )? {
+        Some(len) => len,
+        None => return Ok(None),
     };
     let raw = &buf[..len];
-    if has_bare_cr(raw) {
-        return Err(bad("bare CR in request head"));
-    }
     let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut req = httparse::Request::new(&mut fields);
     match req.parse(raw) {
@@ -325,22 +343,17 @@ pub fn parse_response(
         status: 502,
         reason,
     };
-    let scan = &buf[..buf.len().min(limits.max_head_bytes)];
-    if has_bare_lf(scan) {
-        return Err(gateway("bare LF in upstream response head"));
-    }
-    let Some(len) = head_end(
+    let len = match checked_head(
         buf,
         limits.max_head_bytes,
         gateway("upstream response head too large"),
-    )?
-    else {
-        return Ok(None);
+        gateway("bare LF in upstream response head"),
+        gateway("bare CR in upstream response head"),
+    )? {
+        Some(len) => len,
+        None => return Ok(None),
     };
     let raw = &buf[..len];
-    if has_bare_cr(raw) {
-        return Err(gateway("bare CR in upstream response head"));
-    }
     let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
     let mut resp = httparse::Response::new(&mut fields);
     match resp.parse(raw) {
@@ -482,6 +495,19 @@ mod tests {
         ] {
             assert_eq!(status(s), 400, "{s:?}");
         }
+    }
+
+    #[test]
+    fn body_bytes_after_the_head_are_not_head_checked() {
+        let text = "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 6\r\n\r\n";
+        let (_, len, body) = req(&format!("{text}a\nb\rc")).unwrap().unwrap();
+        assert_eq!((len, body), (text.len(), BodyKind::Length(6)));
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n\n\n",
+            "GET",
+            &Limits::default(),
+        );
+        assert!(matches!(r, Ok(Some((_, _, BodyKind::Length(2))))));
     }
 
     #[test]

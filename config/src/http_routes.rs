@@ -1,0 +1,330 @@
+//! Compiled HTTP routing: virtual hosts, routes with pre-compiled matchers, and route actions.
+//!
+//! Built once per snapshot; matching a request allocates nothing and compiles nothing.
+
+use crate::snapshot::WeightedCluster;
+
+/// A compiled Istio `StringMatch`.
+#[derive(Debug, Clone)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    /// Anchored at both ends (Envoy's full-match semantics for Istio regex matches).
+    Regex(regex::Regex),
+    /// `{}`: the value only has to be present.
+    Present,
+}
+
+impl StringMatch {
+    pub fn matches(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(e) => value == e,
+            StringMatch::Prefix(p) => value.starts_with(p.as_str()),
+            StringMatch::Regex(r) => r.is_match(value),
+            StringMatch::Present => true,
+        }
+    }
+
+    fn matches_ignore_case(&self, value: &str) -> bool {
+        match self {
+            StringMatch::Exact(e) => value.eq_ignore_ascii_case(e),
+            StringMatch::Prefix(p) => {
+                value.len() >= p.len()
+                    && value.is_char_boundary(p.len())
+                    && value[..p.len()].eq_ignore_ascii_case(p)
+            }
+            other => other.matches(value),
+        }
+    }
+}
+
+/// One `match` entry: every condition given must hold.
+#[derive(Debug, Clone, Default)]
+pub struct RequestMatch {
+    pub uri: Option<StringMatch>,
+    pub ignore_uri_case: bool,
+    pub scheme: Option<StringMatch>,
+    pub method: Option<StringMatch>,
+    pub authority: Option<StringMatch>,
+    /// Lower-case header name → match.
+    pub headers: Vec<(String, StringMatch)>,
+    pub without_headers: Vec<(String, StringMatch)>,
+    pub query_params: Vec<(String, StringMatch)>,
+    pub port: Option<u16>,
+}
+
+/// The parts of a request that routing looks at.
+pub struct RequestView<'a> {
+    pub method: &'a str,
+    /// Path without the query.
+    pub path: &'a str,
+    pub query: Option<&'a str>,
+    pub authority: &'a str,
+    pub scheme: &'a str,
+    /// The listener port the request arrived on.
+    pub port: u16,
+    /// Header lookup by lower-case name (the first value).
+    pub header: &'a dyn Fn(&str) -> Option<&'a str>,
+}
+
+impl RequestMatch {
+    pub fn matches(&self, r: &RequestView<'_>) -> bool {
+        if let Some(u) = &self.uri {
+            let ok = if self.ignore_uri_case {
+                u.matches_ignore_case(r.path)
+            } else {
+                u.matches(r.path)
+            };
+            if !ok {
+                return false;
+            }
+        }
+        if self.scheme.as_ref().is_some_and(|m| !m.matches(r.scheme))
+            || self.method.as_ref().is_some_and(|m| !m.matches(r.method))
+        {
+            return false;
+        }
+        if self
+            .authority
+            .as_ref()
+            .is_some_and(|m| !m.matches(r.authority))
+            || self.port.is_some_and(|p| p != r.port)
+        {
+            return false;
+        }
+        if !self
+            .headers
+            .iter()
+            .all(|(name, m)| (r.header)(name).is_some_and(|v| m.matches(v)))
+        {
+            return false;
+        }
+        if self
+            .without_headers
+            .iter()
+            .any(|(name, m)| (r.header)(name).is_some_and(|v| m.matches(v)))
+        {
+            return false;
+        }
+        self.query_params
+            .iter()
+            .all(|(name, m)| query_param(r.query, name).is_some_and(|v| m.matches(v)))
+    }
+}
+
+/// The first value of query parameter `name` (not percent-decoded, as Envoy matches).
+fn query_param<'a>(query: Option<&'a str>, name: &str) -> Option<&'a str> {
+    query?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == name).then_some(v)
+    })
+}
+
+/// Header edits: applied as remove, then set, then add.
+#[derive(Debug, Clone, Default)]
+pub struct HeaderOps {
+    pub set: Vec<(String, String)>,
+    pub add: Vec<(String, String)>,
+    pub remove: Vec<String>,
+}
+
+impl HeaderOps {
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// One weighted destination of a route, with its own header edits.
+#[derive(Debug, Clone)]
+pub struct RouteTarget {
+    pub target: WeightedCluster,
+    /// Host header sent upstream unless rewritten: the destination's service host.
+    pub host: String,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+/// `rewrite`.
+#[derive(Debug, Clone, Default)]
+pub struct Rewrite {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+}
+
+/// `redirect`.
+#[derive(Debug, Clone)]
+pub struct Redirect {
+    pub uri: Option<String>,
+    pub authority: Option<String>,
+    pub port: Option<u16>,
+    pub scheme: Option<String>,
+    pub code: u16,
+}
+
+/// What a matched route does.
+#[derive(Debug, Clone)]
+pub enum RouteAction {
+    Forward {
+        targets: Vec<RouteTarget>,
+        rewrite: Option<Rewrite>,
+    },
+    Redirect(Redirect),
+    Direct {
+        status: u16,
+        body: Option<String>,
+    },
+}
+
+/// One compiled `http[]` route.
+#[derive(Debug, Clone)]
+pub struct HttpRoute {
+    /// `name`, or `<VirtualService>.<index>`: shown in logs.
+    pub name: String,
+    /// Empty = matches every request.
+    pub matches: Vec<RequestMatch>,
+    pub action: RouteAction,
+    pub request_headers: HeaderOps,
+    pub response_headers: HeaderOps,
+}
+
+impl HttpRoute {
+    /// Which of this route's matches accepts the request (index into `matches`; 0 when it has none).
+    pub fn accepts(&self, r: &RequestView<'_>) -> Option<usize> {
+        if self.matches.is_empty() {
+            return Some(0);
+        }
+        self.matches.iter().position(|m| m.matches(r))
+    }
+}
+
+/// A set of domains and the routes for them.
+#[derive(Debug, Clone)]
+pub struct VirtualHost {
+    pub name: String,
+    /// Lower-case; exact (`reviews`, `reviews:9080`), `*.suffix`, or `*`.
+    pub domains: Vec<String>,
+    pub routes: Vec<HttpRoute>,
+}
+
+/// An HTTP listener's routing table.
+#[derive(Debug, Clone, Default)]
+pub struct HttpRouteTable {
+    pub virtual_hosts: Vec<VirtualHost>,
+}
+
+impl HttpRouteTable {
+    /// The virtual host for an authority (lower-case): exact domain first, then the longest
+    /// wildcard suffix, then `*`.
+    pub fn virtual_host(&self, authority: &str) -> Option<&VirtualHost> {
+        let exact = self
+            .virtual_hosts
+            .iter()
+            .find(|v| v.domains.iter().any(|d| d == authority));
+        exact
+            .or_else(|| {
+                let host = crate::host::strip_port(authority);
+                self.virtual_hosts
+                    .iter()
+                    .filter_map(|v| {
+                        v.domains
+                            .iter()
+                            .filter(|d| d.starts_with("*.") && crate::host::matches(d, host))
+                            .map(|d| d.len())
+                            .max()
+                            .map(|l| (l, v))
+                    })
+                    .max_by_key(|(l, _)| *l)
+                    .map(|(_, v)| v)
+            })
+            .or_else(|| {
+                self.virtual_hosts
+                    .iter()
+                    .find(|v| v.domains.iter().any(|d| d == "*"))
+            })
+    }
+
+    /// The first route of `vhost` accepting the request, and which of its matches did.
+    pub fn route<'a>(
+        vhost: &'a VirtualHost,
+        r: &RequestView<'_>,
+    ) -> Option<(&'a HttpRoute, usize)> {
+        vhost
+            .routes
+            .iter()
+            .find_map(|route| route.accepts(r).map(|m| (route, m)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view<'a>(path: &'a str, header: &'a dyn Fn(&str) -> Option<&'a str>) -> RequestView<'a> {
+        let (path, query) = match path.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (path, None),
+        };
+        RequestView {
+            method: "GET",
+            path,
+            query,
+            authority: "reviews",
+            scheme: "http",
+            port: 9080,
+            header,
+        }
+    }
+
+    #[test]
+    fn match_conditions() {
+        let none = |_: &str| None;
+        let jason = |n: &str| (n == "end-user").then_some("jason");
+        let m = RequestMatch {
+            headers: vec![("end-user".into(), StringMatch::Exact("jason".into()))],
+            ..Default::default()
+        };
+        assert!(m.matches(&view("/", &jason)));
+        assert!(!m.matches(&view("/", &none)));
+        let m = RequestMatch {
+            without_headers: vec![("end-user".into(), StringMatch::Present)],
+            ..Default::default()
+        };
+        assert!(!m.matches(&view("/", &jason)));
+        assert!(m.matches(&view("/", &none)));
+        let m = RequestMatch {
+            uri: Some(StringMatch::Prefix("/API".into())),
+            ignore_uri_case: true,
+            ..Default::default()
+        };
+        assert!(m.matches(&view("/api/x", &none)));
+        let m = RequestMatch {
+            query_params: vec![("v".into(), StringMatch::Exact("2".into()))],
+            ..Default::default()
+        };
+        assert!(m.matches(&view("/a?x=1&v=2", &none)));
+        assert!(!m.matches(&view("/a?v=3", &none)));
+        let re = StringMatch::Regex(regex::Regex::new("^(?:/v[0-9]+/.*)$").unwrap());
+        assert!(re.matches("/v1/x") && !re.matches("/x/v1/x"));
+    }
+
+    #[test]
+    fn virtual_host_selection() {
+        let vh = |name: &str, domains: &[&str]| VirtualHost {
+            name: name.into(),
+            domains: domains.iter().map(|d| d.to_string()).collect(),
+            routes: vec![],
+        };
+        let t = HttpRouteTable {
+            virtual_hosts: vec![
+                vh("a", &["a.example.com"]),
+                vh("w", &["*.example.com"]),
+                vh("ww", &["*.b.example.com"]),
+                vh("any", &["*"]),
+            ],
+        };
+        assert_eq!(t.virtual_host("a.example.com").unwrap().name, "a");
+        assert_eq!(t.virtual_host("x.example.com:80").unwrap().name, "w");
+        assert_eq!(t.virtual_host("x.b.example.com").unwrap().name, "ww");
+        assert_eq!(t.virtual_host("other").unwrap().name, "any");
+    }
+}

@@ -1,0 +1,45 @@
+//! Idle upstream HTTP/1.1 connections, per worker and per endpoint.
+//!
+//! A connection goes back only after a complete, well-framed exchange; before reuse it is checked
+//! for a close (or stray bytes) from the peer, and connections idle past the cluster's idle timeout
+//! are dropped. Keyed by endpoint address; TLS settings and identity join the key when TLS lands.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use keel_io::Stream;
+
+/// Idle connections kept per endpoint per worker.
+const MAX_IDLE_PER_ENDPOINT: usize = 128;
+
+#[derive(Default)]
+pub struct UpstreamPool {
+    idle: HashMap<SocketAddr, Vec<(Stream, Instant)>>,
+}
+
+impl UpstreamPool {
+    /// A live idle connection to `addr`, if one is left.
+    pub fn take(&mut self, addr: SocketAddr, max_idle: Duration) -> Option<Stream> {
+        let list = self.idle.get_mut(&addr)?;
+        while let Some((stream, since)) = list.pop() {
+            if since.elapsed() < max_idle && stream.is_reusable() {
+                return Some(stream);
+            }
+        }
+        None
+    }
+
+    /// Returns a connection after a clean exchange.
+    pub fn put(&mut self, addr: SocketAddr, stream: Stream) {
+        let list = self.idle.entry(addr).or_default();
+        if list.len() < MAX_IDLE_PER_ENDPOINT {
+            list.push((stream, Instant::now()));
+        }
+    }
+
+    /// Idle connections held, over all endpoints.
+    pub fn idle_count(&self) -> usize {
+        self.idle.values().map(Vec::len).sum()
+    }
+}

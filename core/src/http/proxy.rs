@@ -1,0 +1,977 @@
+//! HTTP/1.1 proxying: read a request, route it, forward it over a pooled upstream connection, and
+//! stream the response back; repeat on keep-alive connections, answering pipelined requests in order.
+//!
+//! Every failure before the response head is forwarded becomes a local reply with an Envoy response
+//! flag (NR, UH, UF, UC, UPE, DPE); after that point the only honest signal is closing the connection.
+
+use std::cell::Cell;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::pin::pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use keel_config::http_routes::{
+    HeaderOps, HttpRoute, HttpRouteTable, RequestView, RouteAction, RouteTarget, StringMatch,
+};
+use keel_config::{Cluster, HttpLimits};
+use keel_io::{connect, ConnectError, KeepaliveOpts, Stream};
+
+use super::conn::BufferedStream;
+use super::h1::chunked::{self, Step};
+use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limits};
+use super::head::{RequestHead, ResponseHead, Version};
+use super::headers::Headers;
+use crate::worker::{ActiveGuard, Worker};
+
+/// Envoy's response flags, recorded per request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flag {
+    None,
+    /// No route (no virtual host or no matching route).
+    NoRoute,
+    /// No healthy upstream endpoint.
+    NoHealthyUpstream,
+    /// Upstream connect failed.
+    UpstreamConnectFailure,
+    /// Upstream connection ended before a complete response.
+    UpstreamConnectionTermination,
+    /// Upstream sent a malformed or ambiguous response.
+    UpstreamProtocolError,
+    /// Downstream sent a malformed or ambiguous request.
+    DownstreamProtocolError,
+    /// Downstream connection ended during the exchange.
+    DownstreamConnectionTermination,
+}
+
+impl Flag {
+    /// The flag as Envoy prints it in access logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Flag::None => "-",
+            Flag::NoRoute => "NR",
+            Flag::NoHealthyUpstream => "UH",
+            Flag::UpstreamConnectFailure => "UF",
+            Flag::UpstreamConnectionTermination => "UC",
+            Flag::UpstreamProtocolError => "UPE",
+            Flag::DownstreamProtocolError => "DPE",
+            Flag::DownstreamConnectionTermination => "DC",
+        }
+    }
+}
+
+/// Whether the downstream connection can carry another request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
+/// Serves HTTP/1.1 on one accepted connection of HTTP listener `index`.
+pub async fn serve(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketAddr) {
+    let _active = ActiveGuard::new(&worker, index);
+    let lstats = &worker.stats.listeners[index].slots[worker.id];
+    lstats.accepted.inc();
+    let _ = down.set_nodelay();
+    let limits = worker.snapshot.proxy.http;
+    let head_limits = Limits {
+        max_head_bytes: limits.max_request_headers_bytes,
+        max_headers: limits.max_headers,
+        max_target_bytes: limits.max_request_target_bytes,
+    };
+    let mut down = BufferedStream::new(down);
+    let activity = Cell::new(0u64);
+    loop {
+        let head = match read_request(&mut down, &head_limits, &limits, &activity).await {
+            Ok(Some(h)) => h,
+            Ok(None) => break,
+            Err(ReadError::Head(e)) => {
+                lstats.rq_total.inc();
+                count_status(lstats, e.status);
+                tracing::debug!(%peer, status = e.status, reason = e.reason, flag = "DPE", "refused request");
+                let _ = local_reply(&down.stream, e.status, e.reason, Next::Close, &[]).await;
+                break;
+            }
+            Err(ReadError::Timeout) => {
+                lstats.rq_total.inc();
+                count_status(lstats, 408);
+                let _ =
+                    local_reply(&down.stream, 408, "request head timeout", Next::Close, &[]).await;
+                break;
+            }
+            Err(ReadError::Io) => break,
+        };
+        lstats.rq_total.inc();
+        let exchange = pin!(exchange(&worker, index, &mut down, head, peer, &activity));
+        let idle = pin!(crate::tcp_proxy::idle_watch(&activity, limits.idle_timeout));
+        let next = monoio::select! {
+            n = exchange => n,
+            _ = idle => {
+                lstats.idle_timeout.inc();
+                Next::Close
+            }
+        };
+        if next == Next::Close {
+            break;
+        }
+    }
+}
+
+enum ReadError {
+    Head(HeadError),
+    Timeout,
+    Io,
+}
+
+/// Reads one request head: `Ok(None)` when the client closes (or idles out) between requests.
+async fn read_request(
+    down: &mut BufferedStream,
+    head_limits: &Limits,
+    limits: &HttpLimits,
+    activity: &Cell<u64>,
+) -> Result<Option<(RequestHead, BodyKind)>, ReadError> {
+    let mut deadline: Option<Instant> = None;
+    loop {
+        if down.has_buffered() {
+            match parse_request(down.buffered(), head_limits) {
+                Ok(Some((head, len, body))) => {
+                    down.consume(len);
+                    return Ok(Some((head, body)));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ReadError::Head(e)),
+            }
+            deadline.get_or_insert_with(|| Instant::now() + limits.request_headers_timeout);
+        }
+        let wait = match deadline {
+            Some(d) => d.saturating_duration_since(Instant::now()),
+            None => limits.idle_timeout,
+        };
+        match monoio::time::timeout(wait, down.fill(activity)).await {
+            Err(_) if deadline.is_some() => return Err(ReadError::Timeout),
+            Err(_) => return Ok(None),
+            Ok(Ok(0)) => return Ok(None),
+            Ok(Ok(_)) => {}
+            Ok(Err(_)) => return Err(ReadError::Io),
+        }
+    }
+}
+
+fn count_status(lstats: &crate::stats::ListenerCounters, status: u16) {
+    match status / 100 {
+        2 => lstats.rq_2xx.inc(),
+        3 => lstats.rq_3xx.inc(),
+        4 => lstats.rq_4xx.inc(),
+        5 => lstats.rq_5xx.inc(),
+        _ => {}
+    }
+}
+
+/// What routing decided for a request.
+enum Decision<'a> {
+    Reply {
+        status: u16,
+        body: String,
+        flag: Flag,
+        extra: Vec<(String, String)>,
+    },
+    Forward {
+        route: &'a HttpRoute,
+        target: &'a RouteTarget,
+        match_index: usize,
+    },
+}
+
+fn decide<'a>(
+    worker: &Worker,
+    table: &'a HttpRouteTable,
+    head: &RequestHead,
+    port: u16,
+) -> Decision<'a> {
+    let Some(vhost) = table.virtual_host(&head.authority) else {
+        return Decision::Reply {
+            status: 404,
+            body: String::new(),
+            flag: Flag::NoRoute,
+            extra: vec![],
+        };
+    };
+    let lookup = |name: &str| {
+        head.headers
+            .get(name.as_bytes())
+            .and_then(|v| std::str::from_utf8(v).ok())
+    };
+    let view = RequestView {
+        method: &head.method,
+        path: head.path_only(),
+        query: head.query(),
+        authority: &head.authority,
+        scheme: "http",
+        port,
+        header: &lookup,
+    };
+    let Some((route, match_index)) = HttpRouteTable::route(vhost, &view) else {
+        return Decision::Reply {
+            status: 404,
+            body: String::new(),
+            flag: Flag::NoRoute,
+            extra: vec![],
+        };
+    };
+    match &route.action {
+        RouteAction::Direct { status, body } => Decision::Reply {
+            status: *status,
+            body: body.clone().unwrap_or_default(),
+            flag: Flag::None,
+            extra: vec![],
+        },
+        RouteAction::Redirect(r) => {
+            let scheme = r.scheme.as_deref().unwrap_or("http");
+            let host = r
+                .authority
+                .clone()
+                .unwrap_or_else(|| super::head::strip_port(&head.authority).to_string());
+            let port = r.port.map(|p| format!(":{p}")).unwrap_or_else(|| {
+                match (r.authority.is_some(), head.authority.rsplit_once(':')) {
+                    (false, Some((_, p)))
+                        if !head.authority.starts_with('[')
+                            || head.authority.ends_with(&format!("]:{p}")) =>
+                    {
+                        format!(":{p}")
+                    }
+                    _ => String::new(),
+                }
+            });
+            let path = r.uri.clone().unwrap_or_else(|| head.path.clone());
+            let location = format!("{scheme}://{host}{port}{path}");
+            Decision::Reply {
+                status: r.code,
+                body: String::new(),
+                flag: Flag::None,
+                extra: vec![("location".into(), location)],
+            }
+        }
+        RouteAction::Forward { targets, .. } => {
+            let target = if targets.len() == 1 {
+                &targets[0]
+            } else {
+                match worker.pick_weighted(targets.iter().map(|t| t.target.weight)) {
+                    Some(i) => &targets[i],
+                    None => {
+                        return Decision::Reply {
+                            status: 503,
+                            body: "no healthy upstream".into(),
+                            flag: Flag::NoHealthyUpstream,
+                            extra: vec![],
+                        }
+                    }
+                }
+            };
+            Decision::Forward {
+                route,
+                target,
+                match_index,
+            }
+        }
+    }
+}
+
+/// Handles one request from head to the end of its response.
+async fn exchange(
+    worker: &Rc<Worker>,
+    index: usize,
+    down: &mut BufferedStream,
+    (mut head, body): (RequestHead, BodyKind),
+    peer: SocketAddr,
+    activity: &Cell<u64>,
+) -> Next {
+    let snapshot = &*worker.snapshot;
+    let listener = &snapshot.listeners[index];
+    let lstats = &worker.stats.listeners[index].slots[worker.id];
+    let started = Instant::now();
+    let mut next = client_wants(&head);
+
+    if head.method == "CONNECT" {
+        count_status(lstats, 405);
+        let _ = local_reply(
+            &down.stream,
+            405,
+            "CONNECT is not enabled",
+            Next::Close,
+            &[],
+        )
+        .await;
+        return Next::Close;
+    }
+    let websocket = head.headers.has_token(b"connection", b"upgrade")
+        && head
+            .headers
+            .get(b"upgrade")
+            .is_some_and(|u| u.eq_ignore_ascii_case(b"websocket"));
+    let expect_continue = match head.headers.get(b"expect") {
+        None => false,
+        Some(v) if v.eq_ignore_ascii_case(b"100-continue") => true,
+        Some(_) => {
+            count_status(lstats, 417);
+            let _ = local_reply(&down.stream, 417, "unsupported Expect", Next::Close, &[]).await;
+            return Next::Close;
+        }
+    };
+    if body != BodyKind::None && next == Next::Close && head.version == Version::Http10 {
+        // An HTTP/1.0 body is framed by Content-Length only; nothing else to check here.
+    }
+
+    let Some(table) = &listener.http else {
+        return Next::Close;
+    };
+    let (route, target, match_index) = match decide(worker, table, &head, listener.address.port()) {
+        Decision::Reply {
+            status,
+            body: text,
+            flag,
+            extra,
+        } => {
+            count_status(lstats, status);
+            tracing::debug!(%peer, method = %head.method, path = %head.path, status, flag = flag.as_str(), "local reply");
+            // Unread request body bytes would be taken for the next request: close instead.
+            if body != BodyKind::None {
+                next = Next::Close;
+            }
+            let extra: Vec<(&str, &str)> = extra
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if local_reply(&down.stream, status, &text, next, &extra)
+                .await
+                .is_err()
+            {
+                return Next::Close;
+            }
+            return next;
+        }
+        Decision::Forward {
+            route,
+            target,
+            match_index,
+        } => (route, target, match_index),
+    };
+    let cluster = &snapshot.clusters[target.target.cluster];
+    let cstats = &worker.stats.clusters[target.target.cluster].slots[worker.id];
+    let Some(endpoint) = worker
+        .pick_endpoint(target.target.cluster)
+        .and_then(|i| cluster.endpoints.get(i))
+    else {
+        lstats.no_healthy_upstream.inc();
+        count_status(lstats, 503);
+        if body != BodyKind::None {
+            next = Next::Close;
+        }
+        let _ = local_reply(&down.stream, 503, "no healthy upstream", next, &[]).await;
+        return next;
+    };
+
+    rewrite_request(
+        &mut head,
+        route,
+        target,
+        match_index,
+        peer.ip(),
+        body,
+        websocket,
+        expect_continue,
+    );
+    let mut head_bytes = Vec::with_capacity(512);
+    encode::request(&head, &mut head_bytes);
+    if expect_continue
+        && body != BodyKind::None
+        && down
+            .stream
+            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .await
+            .is_err()
+    {
+        return Next::Close;
+    }
+
+    // Send the request; a pooled connection that turns out dead before any response byte is
+    // replaced once by a fresh one when the request has no body to replay.
+    let mut attempt = 0;
+    let (mut up, response) = loop {
+        attempt += 1;
+        let (up_stream, reused) = match upstream(worker, cluster, endpoint.address).await {
+            Ok(x) => x,
+            Err(e) => {
+                cstats.connect_fail.inc();
+                match &e {
+                    ConnectError::Refused(_) => lstats.connect_refused.inc(),
+                    ConnectError::Timeout => {
+                        lstats.connect_timeout.inc();
+                        cstats.connect_timeout.inc();
+                    }
+                    ConnectError::Other(_) => lstats.connect_error.inc(),
+                }
+                worker.warn_upstream(&listener.name, &cluster.name, endpoint.address, &e);
+                count_status(lstats, 503);
+                if body != BodyKind::None {
+                    next = Next::Close;
+                }
+                let _ = local_reply(&down.stream, 503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure", next, &[]).await;
+                return next;
+            }
+        };
+        let mut up = BufferedStream::new(up_stream);
+        let sent = send_request(&mut up, down, &head_bytes, body, activity).await;
+        match sent {
+            Err(SendError::Downstream) => return Next::Close,
+            Err(SendError::BadBody) => {
+                // The upstream connection is dropped with the partial request; the client is told.
+                count_status(lstats, 400);
+                tracing::debug!(%peer, path = %head.path, flag = Flag::DownstreamProtocolError.as_str(), "invalid chunked request body");
+                let _ =
+                    local_reply(&down.stream, 400, "invalid chunked body", Next::Close, &[]).await;
+                return Next::Close;
+            }
+            Err(SendError::Upstream) if reused && attempt == 1 && body == BodyKind::None => {
+                continue
+            }
+            Err(SendError::Upstream) => {
+                count_status(lstats, 503);
+                let _ = local_reply(&down.stream, 503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", Next::Close, &[]).await;
+                return Next::Close;
+            }
+            Ok(()) => {}
+        }
+        match read_response(&mut up, &head.method, activity).await {
+            Ok(r) => break (up, r),
+            Err(ResponseError::Closed) if reused && attempt == 1 && body == BodyKind::None => {
+                continue
+            }
+            Err(e) => {
+                let (status, text, flag) = match e {
+                    ResponseError::Head(h) => (502, h.reason, Flag::UpstreamProtocolError),
+                    _ => (503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", Flag::UpstreamConnectionTermination),
+                };
+                count_status(lstats, status);
+                tracing::debug!(%peer, method = %head.method, path = %head.path, status, flag = flag.as_str(), upstream = %endpoint.address, "upstream failed");
+                let _ = local_reply(&down.stream, status, text, Next::Close, &[]).await;
+                return Next::Close;
+            }
+        }
+    };
+
+    // Informational responses (100, 103) go to the client as they come; the final one follows.
+    let (mut resp, mut resp_body) = response;
+    while (100..200).contains(&resp.status) && resp.status != 101 {
+        if head.version == Version::Http11 {
+            let mut bytes = Vec::new();
+            encode::response(&resp, &mut bytes);
+            if down.stream.write_all(&bytes).await.is_err() {
+                return Next::Close;
+            }
+        }
+        match read_response(&mut up, &head.method, activity).await {
+            Ok((r, b)) => (resp, resp_body) = (r, b),
+            Err(_) => return Next::Close,
+        }
+    }
+    count_status(lstats, resp.status);
+
+    if resp.status == 101 {
+        if !websocket {
+            let _ = local_reply(
+                &down.stream,
+                502,
+                "unexpected 101 from upstream",
+                Next::Close,
+                &[],
+            )
+            .await;
+            return Next::Close;
+        }
+        rewrite_response(
+            &mut resp,
+            route,
+            target,
+            Next::KeepAlive,
+            BodyKind::None,
+            true,
+        );
+        let mut bytes = Vec::new();
+        encode::response(&resp, &mut bytes);
+        if down.stream.write_all(&bytes).await.is_ok() {
+            tunnel(down, up, activity, lstats).await;
+        }
+        return Next::Close;
+    }
+
+    let upstream_close =
+        resp.headers.has_token(b"connection", b"close") || resp.version == Version::Http10;
+    // A close-delimited body reaches an HTTP/1.1 client re-framed as chunked; an HTTP/1.0 client
+    // gets it close-delimited and the connection ends.
+    let out_body = match resp_body {
+        BodyKind::CloseDelimited if head.version == Version::Http11 => BodyKind::Chunked,
+        BodyKind::CloseDelimited => {
+            next = Next::Close;
+            BodyKind::CloseDelimited
+        }
+        other => other,
+    };
+    rewrite_response(&mut resp, route, target, next, out_body, false);
+    let mut bytes = Vec::with_capacity(512);
+    encode::response(&resp, &mut bytes);
+    if down.stream.write_all(&bytes).await.is_err() {
+        return Next::Close;
+    }
+    let copied = match resp_body {
+        BodyKind::None => Ok(()),
+        BodyKind::Length(n) => {
+            copy_length(&mut up, &down.stream, n, activity, |n| {
+                lstats.tx_bytes.add(n as u64)
+            })
+            .await
+        }
+        BodyKind::Chunked => {
+            copy_chunked(&mut up, &down.stream, activity, |n| {
+                lstats.tx_bytes.add(n as u64)
+            })
+            .await
+        }
+        BodyKind::CloseDelimited => {
+            copy_until_close(
+                &mut up,
+                &down.stream,
+                out_body == BodyKind::Chunked,
+                activity,
+                |n| lstats.tx_bytes.add(n as u64),
+            )
+            .await
+        }
+    };
+    if copied.is_err() {
+        tracing::debug!(%peer, path = %head.path, "response body interrupted");
+        return Next::Close;
+    }
+    if !upstream_close && resp_body != BodyKind::CloseDelimited && !up.has_buffered() {
+        let (stream, _) = up.into_parts();
+        worker.pool.borrow_mut().put(endpoint.address, stream);
+    }
+    tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint.address, duration_us = started.elapsed().as_micros() as u64, "request");
+    next
+}
+
+/// Whether the client asked to keep the connection (HTTP/1.1 default) or to close it.
+fn client_wants(head: &RequestHead) -> Next {
+    let close = head.headers.has_token(b"connection", b"close");
+    let keep = head.headers.has_token(b"connection", b"keep-alive");
+    match head.version {
+        Version::Http10 if !keep => Next::Close,
+        _ if close => Next::Close,
+        _ => Next::KeepAlive,
+    }
+}
+
+/// Hop-by-hop fields (RFC 9110 §7.6.1) and those the message's Connection header names.
+fn strip_hop_by_hop(headers: &mut Headers, keep_upgrade: bool) {
+    let named: Vec<Vec<u8>> = headers
+        .get_all(b"connection")
+        .flat_map(|v| {
+            v.split(|b| *b == b',')
+                .map(|t| t.trim_ascii().to_ascii_lowercase())
+                .collect::<Vec<_>>()
+        })
+        .filter(|t| !t.is_empty() && !(keep_upgrade && t == b"upgrade"))
+        .collect();
+    for name in named {
+        headers.remove(&name);
+    }
+    for name in [
+        &b"connection"[..],
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"trailer",
+        b"http2-settings",
+    ] {
+        headers.remove(name);
+    }
+    if !keep_upgrade {
+        headers.remove(b"upgrade");
+    }
+}
+
+fn apply_ops(headers: &mut Headers, ops: &HeaderOps) {
+    for name in &ops.remove {
+        headers.remove(name.as_bytes());
+    }
+    for (name, value) in &ops.set {
+        headers.set(name.as_bytes(), value.as_bytes());
+    }
+    for (name, value) in &ops.add {
+        headers.push(name.as_bytes(), value.as_bytes());
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn rewrite_request(
+    head: &mut RequestHead,
+    route: &HttpRoute,
+    target: &RouteTarget,
+    match_index: usize,
+    peer: IpAddr,
+    body: BodyKind,
+    websocket: bool,
+    expect_continue: bool,
+) {
+    let h = &mut head.headers;
+    strip_hop_by_hop(h, websocket);
+    if expect_continue {
+        h.remove(b"expect");
+    }
+    h.remove(b"content-length");
+    match body {
+        BodyKind::Length(n) => h.push(b"content-length", n.to_string().as_bytes()),
+        BodyKind::Chunked => h.push(b"transfer-encoding", b"chunked"),
+        _ => {}
+    }
+    if websocket {
+        h.push(b"connection", b"upgrade");
+    }
+    // As Envoy: append the client's address to x-forwarded-for, default x-forwarded-proto, and make
+    // sure every request carries an x-request-id.
+    let xff = match h.get(b"x-forwarded-for") {
+        Some(prev) => format!("{}, {peer}", String::from_utf8_lossy(prev)),
+        None => peer.to_string(),
+    };
+    h.set(b"x-forwarded-for", xff.as_bytes());
+    if !h.contains(b"x-forwarded-proto") {
+        h.push(b"x-forwarded-proto", b"http");
+    }
+    if !h.contains(b"x-request-id") {
+        h.push(b"x-request-id", request_id().as_bytes());
+    }
+    apply_ops(h, &route.request_headers);
+    apply_ops(h, &target.request_headers);
+    if let RouteAction::Forward {
+        rewrite: Some(rw), ..
+    } = &route.action
+    {
+        if let Some(uri) = &rw.uri {
+            let prefix = route.matches.get(match_index).and_then(|m| match &m.uri {
+                Some(StringMatch::Prefix(p)) => Some(p.as_str()),
+                _ => None,
+            });
+            head.path = match prefix {
+                Some(p) if head.path.starts_with(p) => format!("{uri}{}", &head.path[p.len()..]),
+                _ => match head.query() {
+                    Some(q) => format!("{uri}?{q}"),
+                    None => uri.clone(),
+                },
+            };
+        }
+        if let Some(a) = &rw.authority {
+            head.authority = a.clone();
+        }
+    }
+}
+
+fn rewrite_response(
+    resp: &mut ResponseHead,
+    route: &HttpRoute,
+    target: &RouteTarget,
+    next: Next,
+    body: BodyKind,
+    upgrade: bool,
+) {
+    let h = &mut resp.headers;
+    strip_hop_by_hop(h, upgrade);
+    match body {
+        BodyKind::Length(_) => {}
+        BodyKind::Chunked => {
+            h.remove(b"content-length");
+            h.push(b"transfer-encoding", b"chunked");
+        }
+        BodyKind::CloseDelimited => {
+            h.remove(b"content-length");
+        }
+        BodyKind::None => {}
+    }
+    if upgrade {
+        h.push(b"connection", b"upgrade");
+    } else if next == Next::Close {
+        h.push(b"connection", b"close");
+    }
+    apply_ops(h, &route.response_headers);
+    apply_ops(h, &target.response_headers);
+}
+
+/// A random version-4 UUID, as Envoy generates for x-request-id.
+fn request_id() -> String {
+    thread_local! {
+        static STATE: Cell<u64> = Cell::new(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1);
+    }
+    let next = || {
+        STATE.with(|s| {
+            let mut x = s.get();
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            s.set(x);
+            x
+        })
+    };
+    let (a, b) = (next(), next());
+    let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
+    let a = (a & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
+    format!(
+        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+        a >> 32,
+        (a >> 16) & 0xffff,
+        a & 0xffff,
+        b >> 48,
+        b & 0xffff_ffff_ffff
+    )
+}
+
+async fn upstream(
+    worker: &Worker,
+    cluster: &Cluster,
+    addr: SocketAddr,
+) -> Result<(Stream, bool), ConnectError> {
+    if let Some(s) = worker.pool.borrow_mut().take(addr, cluster.idle_timeout) {
+        return Ok((s, true));
+    }
+    let keepalive = cluster.keepalive.map(|k| KeepaliveOpts {
+        time: k.time,
+        interval: k.interval,
+        retries: k.probes,
+    });
+    connect(addr, cluster.connect_timeout, keepalive)
+        .await
+        .map(|s| (s, false))
+}
+
+enum SendError {
+    Upstream,
+    Downstream,
+    /// The client's chunked body broke the framing rules: nothing more is forwarded.
+    BadBody,
+}
+
+/// Writes the request head and streams the body from the client to the upstream.
+async fn send_request(
+    up: &mut BufferedStream,
+    down: &mut BufferedStream,
+    head: &[u8],
+    body: BodyKind,
+    activity: &Cell<u64>,
+) -> Result<(), SendError> {
+    up.stream
+        .write_all(head)
+        .await
+        .map_err(|_| SendError::Upstream)?;
+    let result = match body {
+        BodyKind::None | BodyKind::CloseDelimited => Ok(()),
+        BodyKind::Length(n) => copy_length(down, &up.stream, n, activity, |_| {}).await,
+        BodyKind::Chunked => copy_chunked(down, &up.stream, activity, |_| {}).await,
+    };
+    result.map_err(|e| match e {
+        CopyError::Write => SendError::Upstream,
+        CopyError::Read => SendError::Downstream,
+        CopyError::Framing => SendError::BadBody,
+    })
+}
+
+enum ResponseError {
+    Head(HeadError),
+    Closed,
+}
+
+async fn read_response(
+    up: &mut BufferedStream,
+    method: &str,
+    activity: &Cell<u64>,
+) -> Result<(ResponseHead, BodyKind), ResponseError> {
+    let limits = Limits::default();
+    loop {
+        if up.has_buffered() {
+            match parse_response(up.buffered(), method, &limits) {
+                Ok(Some((head, len, body))) => {
+                    up.consume(len);
+                    return Ok((head, body));
+                }
+                Ok(None) => {}
+                Err(e) => return Err(ResponseError::Head(e)),
+            }
+        }
+        match up.fill(activity).await {
+            Ok(0) | Err(_) => return Err(ResponseError::Closed),
+            Ok(_) => {}
+        }
+    }
+}
+
+enum CopyError {
+    Read,
+    Write,
+    Framing,
+}
+
+/// Moves exactly `n` body bytes from `from` (buffered bytes first) to `to`.
+async fn copy_length(
+    from: &mut BufferedStream,
+    to: &Stream,
+    mut n: u64,
+    activity: &Cell<u64>,
+    mut count: impl FnMut(usize),
+) -> Result<(), CopyError> {
+    while n > 0 {
+        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
+            return Err(CopyError::Read);
+        }
+        let take = (from.buffered().len() as u64).min(n) as usize;
+        to.write_all(&from.buffered()[..take])
+            .await
+            .map_err(|_| CopyError::Write)?;
+        count(take);
+        from.consume(take);
+        n -= take as u64;
+    }
+    Ok(())
+}
+
+/// Decodes a chunked body strictly and re-encodes it (extensions dropped, trailers kept).
+async fn copy_chunked(
+    from: &mut BufferedStream,
+    to: &Stream,
+    activity: &Cell<u64>,
+    mut count: impl FnMut(usize),
+) -> Result<(), CopyError> {
+    let mut decoder = chunked::Decoder::default();
+    let mut header = Vec::with_capacity(20);
+    while !decoder.is_done() {
+        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
+            return Err(CopyError::Read);
+        }
+        match decoder
+            .decode(from.buffered())
+            .map_err(|_| CopyError::Framing)?
+        {
+            Step::Framing { consumed } => from.consume(consumed),
+            Step::Data { range } => {
+                header.clear();
+                chunked::chunk_header(range.len(), &mut header);
+                let data = &from.buffered()[range.clone()];
+                to.write_all_vectored(&[&header, data, b"\r\n"])
+                    .await
+                    .map_err(|_| CopyError::Write)?;
+                count(range.len());
+                from.consume(range.end);
+            }
+        }
+    }
+    let mut tail = b"0\r\n".to_vec();
+    for (name, value) in decoder.trailers.iter() {
+        tail.extend_from_slice(name);
+        tail.extend_from_slice(b": ");
+        tail.extend_from_slice(value);
+        tail.extend_from_slice(b"\r\n");
+    }
+    tail.extend_from_slice(b"\r\n");
+    to.write_all(&tail).await.map_err(|_| CopyError::Write)
+}
+
+/// Copies until the upstream closes, re-framing as chunked when `chunk` is set.
+async fn copy_until_close(
+    from: &mut BufferedStream,
+    to: &Stream,
+    chunk: bool,
+    activity: &Cell<u64>,
+    mut count: impl FnMut(usize),
+) -> Result<(), CopyError> {
+    let mut header = Vec::with_capacity(20);
+    loop {
+        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
+            break;
+        }
+        let data = from.buffered();
+        let n = data.len();
+        if chunk {
+            header.clear();
+            chunked::chunk_header(n, &mut header);
+            to.write_all_vectored(&[&header, data, b"\r\n"])
+                .await
+                .map_err(|_| CopyError::Write)?;
+        } else {
+            to.write_all(data).await.map_err(|_| CopyError::Write)?;
+        }
+        count(n);
+        from.consume(n);
+    }
+    if chunk {
+        to.write_all(b"0\r\n\r\n")
+            .await
+            .map_err(|_| CopyError::Write)?;
+    }
+    Ok(())
+}
+
+/// After a 101: bytes both ways until either side is done, as an L4 proxy would.
+async fn tunnel(
+    down: &mut BufferedStream,
+    up: BufferedStream,
+    activity: &Cell<u64>,
+    lstats: &crate::stats::ListenerCounters,
+) {
+    // Bytes that arrived with the heads go first.
+    let pending_down = down.buffered().to_vec();
+    down.consume(pending_down.len());
+    let (up, pending_up) = up.into_parts();
+    if (!pending_down.is_empty() && up.write_all(&pending_down).await.is_err())
+        || (!pending_up.is_empty() && down.stream.write_all(&pending_up).await.is_err())
+    {
+        return;
+    }
+    let to_up = keel_io::forward::forward(&down.stream, &up, |n| {
+        lstats.rx_bytes.add(n as u64);
+        activity.set(activity.get().wrapping_add(1));
+    });
+    let to_down = keel_io::forward::forward(&up, &down.stream, |n| {
+        lstats.tx_bytes.add(n as u64);
+        activity.set(activity.get().wrapping_add(1));
+    });
+    let _ = monoio::join!(to_up, to_down);
+}
+
+/// A response Keel makes itself.
+async fn local_reply(
+    stream: &Stream,
+    status: u16,
+    body: &str,
+    next: Next,
+    extra: &[(&str, &str)],
+) -> io::Result<()> {
+    let mut out = Vec::with_capacity(160 + body.len());
+    use std::io::Write;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status} {}\r\ncontent-length: {}\r\ncontent-type: text/plain\r\n",
+        encode::reason(status),
+        body.len()
+    );
+    for (k, v) in extra {
+        let _ = write!(out, "{k}: {v}\r\n");
+    }
+    if next == Next::Close {
+        out.extend_from_slice(b"connection: close\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(body.as_bytes());
+    stream.write_all(&out).await?;
+    if next == Next::Close {
+        // Let the client read the reply before the close: half-close, then give it a moment.
+        let _ = stream.shutdown_write();
+        let _ = monoio::time::timeout(Duration::from_millis(200), stream.readable()).await;
+    }
+    Ok(())
+}
