@@ -344,3 +344,233 @@ pub fn echo_round_trip(s: &mut TcpStream, msg: &[u8]) {
     s.read_exact(&mut got).unwrap();
     assert_eq!(got, msg);
 }
+
+/// What a [`RecordingBackend`] answers: it sees the request head and body and writes raw bytes.
+pub type Responder = dyn Fn(&str, &[u8]) -> Vec<u8> + Send + Sync;
+
+/// An HTTP/1.1 backend that records every byte it receives (to prove what Keel forwarded) and answers
+/// each request with `respond(head, body)`. Keep-alive; bodies by Content-Length or chunked.
+pub struct RecordingBackend {
+    pub addr: SocketAddr,
+    pub received: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    pub connections: std::sync::Arc<AtomicUsize>,
+}
+
+impl RecordingBackend {
+    pub fn start(respond: std::sync::Arc<Responder>) -> RecordingBackend {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let connections = std::sync::Arc::new(AtomicUsize::new(0));
+        let (rec, conns) = (received.clone(), connections.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(c) = c else { return };
+                conns.fetch_add(1, Ordering::Relaxed);
+                let (rec, respond) = (rec.clone(), respond.clone());
+                std::thread::spawn(move || serve_recorded(c, &rec, &*respond));
+            }
+        });
+        RecordingBackend {
+            addr,
+            received,
+            connections,
+        }
+    }
+
+    /// A backend that echoes the request head and body it got, naming itself in `x-backend`.
+    pub fn echo(name: &'static str) -> RecordingBackend {
+        Self::start(std::sync::Arc::new(move |head: &str, body: &[u8]| {
+            let mut text = format!("{head}\n\n").into_bytes();
+            text.extend_from_slice(body);
+            let mut out = format!(
+                "HTTP/1.1 200 OK\r\nx-backend: {name}\r\ncontent-length: {}\r\n\r\n",
+                text.len()
+            )
+            .into_bytes();
+            out.extend_from_slice(&text);
+            out
+        }))
+    }
+
+    pub fn received_text(&self) -> String {
+        String::from_utf8_lossy(&self.received.lock().unwrap()).to_string()
+    }
+}
+
+fn serve_recorded(mut c: TcpStream, rec: &std::sync::Mutex<Vec<u8>>, respond: &Responder) {
+    let mut buf: Vec<u8> = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let mut fill = |c: &mut TcpStream, buf: &mut Vec<u8>| -> bool {
+        match c.read(&mut tmp) {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                rec.lock().unwrap().extend_from_slice(&tmp[..n]);
+                buf.extend_from_slice(&tmp[..n]);
+                true
+            }
+        }
+    };
+    loop {
+        let end = loop {
+            if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+            if !fill(&mut c, &mut buf) {
+                return;
+            }
+        };
+        let head = String::from_utf8_lossy(&buf[..end - 4]).to_string();
+        buf.drain(..end);
+        let lower = head.to_ascii_lowercase();
+        let mut body = Vec::new();
+        if lower.contains("\r\ntransfer-encoding: chunked") {
+            loop {
+                let line_end = loop {
+                    if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                        break i;
+                    }
+                    if !fill(&mut c, &mut buf) {
+                        return;
+                    }
+                };
+                let size = usize::from_str_radix(
+                    String::from_utf8_lossy(&buf[..line_end])
+                        .split(';')
+                        .next()
+                        .unwrap_or("")
+                        .trim(),
+                    16,
+                )
+                .unwrap_or(0);
+                buf.drain(..line_end + 2);
+                if size == 0 {
+                    // Trailers up to the empty line.
+                    loop {
+                        if let Some(i) = buf.windows(2).position(|w| w == b"\r\n") {
+                            let line = buf.drain(..i + 2).collect::<Vec<u8>>();
+                            if line == b"\r\n" {
+                                break;
+                            }
+                            body.extend_from_slice(b"[trailer ");
+                            body.extend_from_slice(&line[..line.len() - 2]);
+                            body.extend_from_slice(b"]");
+                        } else if !fill(&mut c, &mut buf) {
+                            return;
+                        }
+                    }
+                    break;
+                }
+                while buf.len() < size + 2 {
+                    if !fill(&mut c, &mut buf) {
+                        return;
+                    }
+                }
+                body.extend_from_slice(&buf[..size]);
+                buf.drain(..size + 2);
+            }
+        } else if let Some(cl) = lower
+            .split("\r\n")
+            .find_map(|l| l.strip_prefix("content-length: "))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+        {
+            while buf.len() < cl {
+                if !fill(&mut c, &mut buf) {
+                    return;
+                }
+            }
+            body = buf.drain(..cl).collect();
+        }
+        let out = respond(&head, &body);
+        if c.write_all(&out).is_err() {
+            return;
+        }
+        if lower.contains("\r\nconnection: close") {
+            return;
+        }
+    }
+}
+
+/// Sends raw bytes on a fresh connection and returns everything read until the peer closes (or 5 s).
+pub fn raw_exchange(port: u16, request: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(request).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let mut buf = [0u8; 65536];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+        }
+    }
+    String::from_utf8_lossy(&out).to_string()
+}
+
+/// A minimal HTTP/1.1 client over one keep-alive connection: sends `request`, reads one response
+/// with a Content-Length or chunked body. Returns (status, lower-case head, body).
+pub fn http_request(s: &mut TcpStream, request: &[u8]) -> (u16, String, Vec<u8>) {
+    s.write_all(request).unwrap();
+    read_response(s)
+}
+
+pub fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut buf = Vec::new();
+    let mut tmp = [0u8; 65536];
+    let end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut tmp).unwrap();
+        assert!(
+            n > 0,
+            "connection closed before a response head: {:?}",
+            String::from_utf8_lossy(&buf)
+        );
+        buf.extend_from_slice(&tmp[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+    let status: u16 = head[9..12].parse().unwrap();
+    let mut rest = buf[end..].to_vec();
+    let body = if status == 204 || status == 304 || (100..200).contains(&status) {
+        Vec::new()
+    } else if let Some(cl) = head
+        .split("\r\n")
+        .find_map(|l| l.strip_prefix("content-length: "))
+        .and_then(|v| v.trim().parse::<usize>().ok())
+    {
+        while rest.len() < cl {
+            let n = s.read(&mut tmp).unwrap();
+            assert!(n > 0);
+            rest.extend_from_slice(&tmp[..n]);
+        }
+        rest.truncate(cl);
+        rest
+    } else if head.contains("transfer-encoding: chunked") {
+        let mut body = Vec::new();
+        loop {
+            while !rest.windows(2).any(|w| w == b"\r\n") {
+                let n = s.read(&mut tmp).unwrap();
+                rest.extend_from_slice(&tmp[..n]);
+            }
+            let i = rest.windows(2).position(|w| w == b"\r\n").unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&rest[..i]).unwrap().trim(), 16).unwrap();
+            rest.drain(..i + 2);
+            while rest.len() < size + 2 {
+                let n = s.read(&mut tmp).unwrap();
+                rest.extend_from_slice(&tmp[..n]);
+            }
+            if size == 0 {
+                break;
+            }
+            body.extend_from_slice(&rest[..size]);
+            rest.drain(..size + 2);
+        }
+        body
+    } else {
+        Vec::new()
+    };
+    (status, head, body)
+}
