@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Side-by-side load test: Keel against nginx and HAProxy, by the project's method.
 #
-#   bench/compare.sh [workload ...]        workloads: l4-1mib (default: all)
+#   bench/compare.sh [workload ...]        workloads: l4-1mib h1-small h1-close idle-mem (default: all)
 #
 # The proxy under test runs alone on CPU 1 with one worker; the backend (nginx serving fixed bodies)
 # and the load generator (wrk) share CPU 0. Contenders are interleaved (A B C, A B C, ...) over
@@ -21,6 +21,8 @@ DURATION=${DURATION:-10}
 CONNS=${CONNS:-8}
 KEEL_ARGS=${KEEL_ARGS:-}
 BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
+KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013
+IDLE_CONNS=${IDLE_CONNS:-5000}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
 for tool in nginx haproxy wrk taskset; do
@@ -74,6 +76,17 @@ pid $WORK/nginx-proxy.pid;
 error_log $WORK/nginx-proxy.err;
 events { worker_connections 8192; }
 stream { server { listen 127.0.0.1:$NGINX_PORT; proxy_pass 127.0.0.1:$BACKEND; } }
+http {
+  access_log off;
+  keepalive_requests 1000000;
+  client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
+  uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
+  upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
+  server {
+    listen 127.0.0.1:$NGINX_HTTP;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+}
 CONF
 taskset -c 1 nginx -c "$WORK/nginx-proxy.conf" -e "$WORK/nginx-proxy.err"
 
@@ -88,6 +101,10 @@ defaults
   timeout server 60s
 listen l4
   bind 127.0.0.1:$HAPROXY_PORT
+  server backend 127.0.0.1:$BACKEND
+listen h1
+  mode http
+  bind 127.0.0.1:$HAPROXY_HTTP
   server backend 127.0.0.1:$BACKEND
 CONF
 taskset -c 1 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
@@ -110,13 +127,16 @@ spec:
   - port: { number: $KEEL_PORT, protocol: TCP }
     bind: 127.0.0.1
     defaultEndpoint: 127.0.0.1:$BACKEND
+  - port: { number: $KEEL_HTTP, protocol: HTTP }
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:$BACKEND
 CONF
 # shellcheck disable=SC2086
 taskset -c 1 "$KEEL_BIN" run -c "$WORK/keel.yaml" --workers 1 --log-level warn $KEEL_ARGS >"$WORK/keel.log" 2>&1 &
 PIDS+=($!)
 KEEL_PID=$!
 
-for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT; do
+for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT $KEEL_HTTP $NGINX_HTTP $HAPROXY_HTTP; do
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/1k" && break; sleep 0.05; done
   curl -fs -o /dev/null "http://127.0.0.1:$port/1k" || { echo "compare.sh: nothing answers on port $port" >&2; cat "$WORK"/*.log "$WORK"/*.err >&2 2>/dev/null; exit 1; }
 done
@@ -131,9 +151,14 @@ pids_of() {
     direct) echo "" ;;
   esac
 }
-port_of() {
-  case $1 in keel) echo $KEEL_PORT ;; nginx) echo $NGINX_PORT ;; haproxy) echo $HAPROXY_PORT ;; direct) echo $BACKEND ;; esac
+port_of() { # CONTENDER l4|http
+  case $1-$2 in
+    keel-l4) echo $KEEL_PORT ;; nginx-l4) echo $NGINX_PORT ;; haproxy-l4) echo $HAPROXY_PORT ;;
+    keel-http) echo $KEEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
+    direct-*) echo $BACKEND ;;
+  esac
 }
+rss_kib() { local total=0 p; for p in "$@"; do total=$(( total + $(awk '/^VmRSS:/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0) )); done; echo "$total"; }
 # utime+stime in clock ticks, summed over processes.
 cpu_ticks() {
   local total=0 p
@@ -151,17 +176,19 @@ to_ms() { # wrk latency like 1.23ms, 850.00us, 1.02s
 }
 TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
 
-# run_one WORKLOAD CONTENDER -> appends "contender reqs rps mib_s cpu_per_unit p50 p99 steal%" to $WORK/rows.
+# run_one WORKLOAD CONTENDER -> appends "contender reqs rps units_per_s cpu_per_unit p50 p99 steal%" to $WORK/rows.WORKLOAD.
+# The unit is a MiB for bulk workloads and a request otherwise.
 run_one() {
-  local workload=$1 who=$2 port path unit_bytes pids c0 c1 s0 s1 t0 t1 out reqs rps p50 p99
-  port=$(port_of "$who")
+  local workload=$1 who=$2 port path unit_bytes conns extra=() pids c0 c1 s0 s1 t0 t1 out reqs rps p50 p99
   case $workload in
-    l4-1mib) path=/1m; unit_bytes=1048576 ;;
+    l4-1mib) port=$(port_of "$who" l4); path=/1m; unit_bytes=1048576; conns=$CONNS ;;
+    h1-small) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64 ;;
+    h1-close) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Connection: close") ;;
   esac
   pids=$(pids_of "$who")
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
-  out=$(taskset -c 0 wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port$path")
+  out=$(taskset -c 0 wrk -t1 -c"$conns" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port$path")
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
   reqs=$(echo "$out" | awk '/requests in/{print $1}')
@@ -171,25 +198,76 @@ run_one() {
   if echo "$out" | grep -q "Non-2xx\|Socket errors"; then echo "  warning: $who: $(echo "$out" | grep -E 'Non-2xx|Socket errors')" >&2; fi
   awk -v who="$who" -v reqs="$reqs" -v rps="$rps" -v ub="$unit_bytes" -v cpu=$(( (c1 - c0) * TICK_US )) \
       -v p50="$p50" -v p99="$p99" -v steal=$(( s1 - s0 )) -v tot=$(( t1 - t0 )) -v d="$DURATION" 'BEGIN {
-    mib = reqs * ub / 1048576
-    per = (who == "direct" || mib == 0) ? "-" : sprintf("%.0f", cpu / mib)
-    printf "%s %d %.1f %.1f %s %.3f %.3f %.2f\n", who, reqs, rps, mib / d, per, p50, p99, (tot > 0 ? 100 * steal / tot : 0)
+    units = (ub > 0) ? reqs * ub / 1048576 : reqs
+    per = (who == "direct" || units == 0) ? "-" : sprintf("%.1f", cpu / units)
+    printf "%s %d %.1f %.1f %s %.3f %.3f %.2f\n", who, reqs, rps, units / d, per, p50, p99, (tot > 0 ? 100 * steal / tot : 0)
   }' >> "$WORK/rows.$workload"
+}
+
+# idle_one CONTENDER -> appends "contender rss_before rss_after kib_per_conn" to $WORK/rows.idle-mem:
+# IDLE_CONNS keep-alive connections each make one request and then sit idle.
+idle_one() {
+  local who=$1 port pids before after
+  port=$(port_of "$who" http)
+  pids=$(pids_of "$who")
+  # shellcheck disable=SC2086
+  before=$(rss_kib $pids)
+  python3 - "$port" "$IDLE_CONNS" "$WORK/idle.ready" <<'PY' &
+import socket, sys, time, resource
+port, n, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1024), hard))
+conns = []
+for i in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(b"GET /1k HTTP/1.1\r\nHost: bench\r\n\r\n")
+    conns.append(s)
+for s in conns:
+    got = b""
+    while b"\r\n\r\n" not in got or len(got) < got.find(b"\r\n\r\n") + 4 + 1024:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+open(ready, "w").close()
+time.sleep(4)
+PY
+  local client=$!
+  for _ in $(seq 300); do [ -f "$WORK/idle.ready" ] && break; sleep 0.1; done
+  sleep 1
+  # shellcheck disable=SC2086
+  after=$(rss_kib $pids)
+  wait "$client" || true
+  rm -f "$WORK/idle.ready"
+  awk -v who="$who" -v b="$before" -v a="$after" -v n="$IDLE_CONNS" 'BEGIN { printf "%s %d %d %.2f\n", who, b, a, (a - b) / n }' >> "$WORK/rows.idle-mem"
+  sleep 1
 }
 
 median() { sort -g | awk '{a[NR]=$1} END { if (NR==0) print "-"; else if (NR%2) print a[(NR+1)/2]; else print (a[NR/2]+a[NR/2+1])/2 }'; }
 
 report() {
-  local workload=$1 who best
+  local workload=$1 who best unit
+  unit="request"; [ "$workload" = l4-1mib ] && unit="MiB"
   echo
-  echo "### $workload — $(date -u +%Y-%m-%d), $ROUNDS rounds × ${DURATION}s, wrk -c$CONNS, keel io driver: $KEEL_DRIVER"
+  echo "### $workload — $(date -u +%Y-%m-%d), $ROUNDS rounds × ${DURATION}s, keel io driver: $KEEL_DRIVER ${KEEL_ARGS}"
   echo
-  echo "| proxy | req/s | MiB/s | proxy CPU µs/MiB | vs best peer | p50 ms | p99 ms | steal % |"
+  if [ "$workload" = idle-mem ]; then
+    echo "| proxy | RSS before KiB | RSS with $IDLE_CONNS idle connections KiB | KiB per idle connection |"
+    echo "|---|---:|---:|---:|"
+    for who in keel nginx haproxy; do
+      grep "^$who " "$WORK/rows.idle-mem" | awk '{b[NR]=$2; a[NR]=$3; k[NR]=$4} END {print b[1], a[1], k[1]}' | while read -r b a k; do
+        printf "| %s | %s | %s | %s |\n" "$who" "$b" "$a" "$(grep "^$who " "$WORK/rows.idle-mem" | awk '{print $4}' | median)"
+      done
+    done
+    return
+  fi
+  echo "| proxy | req/s | ${unit}s/s | proxy CPU µs/$unit | vs best peer | p50 ms | p99 ms | steal % |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
   best=$(for who in nginx haproxy; do grep "^$who " "$WORK/rows.$workload" | awk '{print $5}' | median; done | sort -g | head -1)
   for who in direct keel nginx haproxy; do
     local rows cpu ratio
     rows=$(grep "^$who " "$WORK/rows.$workload" || true)
+    [ -n "$rows" ] || continue
     cpu=$(echo "$rows" | awk '{print $5}' | median)
     ratio=$(awk -v c="$cpu" -v b="$best" 'BEGIN { if (c == "-" || b == "-" || b == 0) print "-"; else printf "%.2f×", c / b }')
     printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n" "$who" \
@@ -199,15 +277,16 @@ report() {
 }
 
 WORKLOADS=("$@")
-[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib)
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close idle-mem)
+: > "$WORK/report.md"
 for workload in "${WORKLOADS[@]}"; do
-  case $workload in l4-1mib) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
+  case $workload in l4-1mib|h1-small|h1-close|idle-mem) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
   : > "$WORK/rows.$workload"
-  run_one "$workload" direct
+  [ "$workload" = idle-mem ] || run_one "$workload" direct
   for round in $(seq "$ROUNDS"); do
     for who in keel nginx haproxy; do
       echo "  $workload round $round: $who" >&2
-      run_one "$workload" "$who"
+      if [ "$workload" = idle-mem ]; then idle_one "$who"; else run_one "$workload" "$who"; fi
     done
   done
   report "$workload" | tee -a "$WORK/report.md"

@@ -414,6 +414,8 @@ fn ambiguous_requests_are_refused_and_never_forwarded() {
         let answer = raw_exchange(port, bytes);
         let status: u16 = answer.get(9..12).and_then(|s| s.parse().ok()).unwrap_or(0);
         assert_eq!(status, *want, "{name}: {answer:?}");
+        // Bytes Keel forwarded arrive at the recording thread asynchronously: let them land.
+        std::thread::sleep(Duration::from_millis(50));
         let forwarded = backend.received.lock().unwrap()[before..].to_vec();
         let forwarded = String::from_utf8_lossy(&forwarded).to_string();
         // Body-level errors are found after the head went upstream: the backend then holds an

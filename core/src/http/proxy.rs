@@ -81,8 +81,37 @@ pub async fn serve(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketA
     };
     let mut down = BufferedStream::new(down);
     let activity = Cell::new(0u64);
+    // One idle watch for the connection's whole life: it fires when no byte has moved either way
+    // for `idleTimeout`, between requests or in the middle of one (a client that stops reading).
+    let requests = pin!(requests(
+        &worker,
+        index,
+        &mut down,
+        peer,
+        &activity,
+        &head_limits,
+        &limits
+    ));
+    let idle = pin!(crate::tcp_proxy::idle_watch(&activity, limits.idle_timeout));
+    monoio::select! {
+        _ = requests => {}
+        _ = idle => lstats.idle_timeout.inc(),
+    }
+}
+
+/// Serves requests on one connection until either side is done.
+async fn requests(
+    worker: &Rc<Worker>,
+    index: usize,
+    down: &mut BufferedStream,
+    peer: SocketAddr,
+    activity: &Cell<u64>,
+    head_limits: &Limits,
+    limits: &HttpLimits,
+) {
+    let lstats = &worker.stats.listeners[index].slots[worker.id];
     loop {
-        let head = match read_request(&mut down, &head_limits, &limits, &activity).await {
+        let head = match read_request(down, head_limits, limits, activity).await {
             Ok(Some(h)) => h,
             Ok(None) => break,
             Err(ReadError::Head(e)) => {
@@ -102,16 +131,7 @@ pub async fn serve(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketA
             Err(ReadError::Io) => break,
         };
         lstats.rq_total.inc();
-        let exchange = pin!(exchange(&worker, index, &mut down, head, peer, &activity));
-        let idle = pin!(crate::tcp_proxy::idle_watch(&activity, limits.idle_timeout));
-        let next = monoio::select! {
-            n = exchange => n,
-            _ = idle => {
-                lstats.idle_timeout.inc();
-                Next::Close
-            }
-        };
-        if next == Next::Close {
+        if exchange(worker, index, down, head, peer, activity).await == Next::Close {
             break;
         }
     }
@@ -143,16 +163,24 @@ async fn read_request(
             }
             deadline.get_or_insert_with(|| Instant::now() + limits.request_headers_timeout);
         }
-        let wait = match deadline {
-            Some(d) => d.saturating_duration_since(Instant::now()),
-            None => limits.idle_timeout,
+        // Waiting for the first byte of a request is bounded by the connection's idle watch; once a
+        // head has started, it must complete within requestHeadersTimeout.
+        let filled = match deadline {
+            None => down.fill(activity).await,
+            Some(d) => match monoio::time::timeout(
+                d.saturating_duration_since(Instant::now()),
+                down.fill(activity),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => return Err(ReadError::Timeout),
+            },
         };
-        match monoio::time::timeout(wait, down.fill(activity)).await {
-            Err(_) if deadline.is_some() => return Err(ReadError::Timeout),
-            Err(_) => return Ok(None),
-            Ok(Ok(0)) => return Ok(None),
-            Ok(Ok(_)) => {}
-            Ok(Err(_)) => return Err(ReadError::Io),
+        match filled {
+            Ok(0) => return Ok(None),
+            Ok(_) => {}
+            Err(_) => return Err(ReadError::Io),
         }
     }
 }
@@ -317,9 +345,6 @@ async fn exchange(
             return Next::Close;
         }
     };
-    if body != BodyKind::None && next == Next::Close && head.version == Version::Http10 {
-        // An HTTP/1.0 body is framed by Content-Length only; nothing else to check here.
-    }
 
     let Some(table) = &listener.http else {
         return Next::Close;
@@ -579,7 +604,7 @@ fn strip_hop_by_hop(headers: &mut Headers, keep_upgrade: bool) {
                 .map(|t| t.trim_ascii().to_ascii_lowercase())
                 .collect::<Vec<_>>()
         })
-        .filter(|t| !t.is_empty() && !(keep_upgrade && t == b"upgrade"))
+        .filter(|t| !(t.is_empty() || keep_upgrade && t == b"upgrade"))
         .collect();
     for name in named {
         headers.remove(&name);

@@ -49,6 +49,23 @@ pub enum BodyKind {
     CloseDelimited,
 }
 
+/// Header slots kept on the stack; a larger `maxHeadersCount` allocates.
+const STACK_FIELDS: usize = 100;
+
+/// `max` header slots for httparse: on the stack when they fit (no allocation per message).
+fn field_slots<'a, 'b>(
+    max: usize,
+    stack: &'a mut [httparse::Header<'b>; STACK_FIELDS],
+    heap: &'a mut Vec<httparse::Header<'b>>,
+) -> &'a mut [httparse::Header<'b>] {
+    if max <= STACK_FIELDS {
+        &mut stack[..max]
+    } else {
+        heap.resize(max, httparse::EMPTY_HEADER);
+        heap
+    }
+}
+
 /// Bytes that end a head.
 const END: &[u8] = b"\r\n\r\n";
 
@@ -155,8 +172,9 @@ pub fn parse_request(
         None => return Ok(None),
     };
     let raw = &buf[..len];
-    let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut req = httparse::Request::new(&mut fields);
+    let mut stack = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    let mut heap = Vec::new();
+    let mut req = httparse::Request::new(field_slots(limits.max_headers, &mut stack, &mut heap));
     match req.parse(raw) {
         Ok(httparse::Status::Complete(n)) if n == len => {}
         Ok(_) => return Err(bad("malformed head")),
@@ -354,8 +372,9 @@ pub fn parse_response(
         None => return Ok(None),
     };
     let raw = &buf[..len];
-    let mut fields = vec![httparse::EMPTY_HEADER; limits.max_headers];
-    let mut resp = httparse::Response::new(&mut fields);
+    let mut stack = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    let mut heap = Vec::new();
+    let mut resp = httparse::Response::new(field_slots(limits.max_headers, &mut stack, &mut heap));
     match resp.parse(raw) {
         Ok(httparse::Status::Complete(n)) if n == len => {}
         Ok(_) => return Err(gateway("malformed upstream response head")),
