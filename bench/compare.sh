@@ -218,17 +218,17 @@ port, n, ready = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 1024), hard))
 conns = []
+# One request and response at a time, so that what stays is idle connections, not a burst's buffers.
 for i in range(n):
     s = socket.create_connection(("127.0.0.1", port))
     s.sendall(b"GET /1k HTTP/1.1\r\nHost: bench\r\n\r\n")
-    conns.append(s)
-for s in conns:
     got = b""
     while b"\r\n\r\n" not in got or len(got) < got.find(b"\r\n\r\n") + 4 + 1024:
         chunk = s.recv(65536)
         if not chunk:
             break
         got += chunk
+    conns.append(s)
 open(ready, "w").close()
 time.sleep(4)
 PY

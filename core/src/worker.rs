@@ -211,22 +211,18 @@ async fn accept_loop(
         match listener.accept().await {
             Ok((stream, peer)) => {
                 worker.stats.per_worker[worker.id].accepted.inc();
-                match keel_io::Stream::from_monoio(stream) {
-                    Ok(stream) => match worker.snapshot.listeners[index].protocol {
-                        Protocol::Tcp => {
-                            monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
-                        }
-                        Protocol::Http => {
-                            monoio::spawn(crate::http::proxy::serve(
-                                worker.clone(),
-                                index,
-                                stream,
-                                peer,
-                            ));
-                        }
-                    },
-                    Err(e) => {
-                        tracing::warn!(worker = worker.id, listener = %name, error = %e, "cannot set up accepted socket")
+                let stream = keel_io::Stream::from_monoio(stream);
+                match worker.snapshot.listeners[index].protocol {
+                    Protocol::Tcp => {
+                        monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
+                    }
+                    Protocol::Http => {
+                        monoio::spawn(crate::http::proxy::serve(
+                            worker.clone(),
+                            index,
+                            stream,
+                            peer,
+                        ));
                     }
                 }
             }

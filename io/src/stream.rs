@@ -31,10 +31,15 @@ impl Stream {
         })
     }
 
-    /// Wraps a stream monoio accepted, making it non-blocking (io_uring's accept leaves it blocking,
-    /// and splice(2) on a socket honours only the socket's own O_NONBLOCK).
-    pub fn from_monoio(inner: monoio::net::TcpStream) -> io::Result<Stream> {
-        let fd = inner.as_raw_fd();
+    /// Wraps a stream monoio accepted. io_uring's accept leaves the socket blocking, which is fine
+    /// for our own reads and writes (they pass MSG_DONTWAIT); splice needs [`Stream::set_nonblocking`].
+    pub fn from_monoio(inner: monoio::net::TcpStream) -> Stream {
+        Stream { inner }
+    }
+
+    /// Sets O_NONBLOCK: splice(2) on a socket honours only the socket's own flag.
+    pub fn set_nonblocking(&self) -> io::Result<()> {
+        let fd = self.inner.as_raw_fd();
         // SAFETY: fcntl(2) F_GETFL/F_SETFL on an fd owned by `inner`; no memory is passed.
         let ok = unsafe {
             let flags = libc::fcntl(fd, libc::F_GETFL);
@@ -42,10 +47,11 @@ impl Stream {
                 && (flags & libc::O_NONBLOCK != 0
                     || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0)
         };
-        if !ok {
-            return Err(io::Error::last_os_error());
+        if ok {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
         }
-        Ok(Stream { inner })
     }
 
     /// Resolves when a read would not block (data, EOF or an error is pending).

@@ -131,7 +131,9 @@ async fn requests(
             Err(ReadError::Io) => break,
         };
         lstats.rq_total.inc();
-        if exchange(worker, index, down, head, peer, activity).await == Next::Close {
+        // The exchange's state (kilobytes) is boxed so it exists only while a request is in
+        // flight: an idle keep-alive connection keeps just this loop's small state.
+        if Box::pin(exchange(worker, index, down, head, peer, activity)).await == Next::Close {
             break;
         }
     }
@@ -167,10 +169,12 @@ async fn read_request(
         // head has started, it must complete within requestHeadersTimeout.
         let filled = match deadline {
             None => down.fill(activity).await,
-            Some(d) => match monoio::time::timeout(
+            // Boxed: the timer exists only while a head arrives in pieces, not in the state every
+            // idle connection carries.
+            Some(d) => match Box::pin(monoio::time::timeout(
                 d.saturating_duration_since(Instant::now()),
                 down.fill(activity),
-            )
+            ))
             .await
             {
                 Ok(r) => r,
@@ -544,9 +548,25 @@ async fn exchange(
     rewrite_response(&mut resp, route, target, next, out_body, false);
     let mut bytes = Vec::with_capacity(512);
     encode::response(&resp, &mut bytes);
-    if down.stream.write_all(&bytes).await.is_err() {
+    // The head and whatever of a Content-Length body is already buffered leave in one sendmsg.
+    let early = match resp_body {
+        BodyKind::Length(n) => (up.buffered().len() as u64).min(n) as usize,
+        _ => 0,
+    };
+    if down
+        .stream
+        .write_all_vectored(&[&bytes, &up.buffered()[..early]])
+        .await
+        .is_err()
+    {
         return Next::Close;
     }
+    lstats.tx_bytes.add(early as u64);
+    up.consume(early);
+    let resp_body = match resp_body {
+        BodyKind::Length(n) => BodyKind::Length(n - early as u64),
+        other => other,
+    };
     let copied = match resp_body {
         BodyKind::None => Ok(()),
         BodyKind::Length(n) => {
