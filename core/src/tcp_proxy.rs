@@ -20,10 +20,6 @@ pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: Socket
     let lstats = &worker.stats.listeners[index].slots[worker.id];
     lstats.accepted.inc();
     let _ = down.set_nodelay();
-    if worker.forwarding == keel_io::Forwarding::Splice && down.set_nonblocking().is_err() {
-        lstats.reset.inc();
-        return;
-    }
 
     let Some(cluster_index) = worker.pick_cluster(index) else {
         lstats.no_healthy_upstream.inc();

@@ -165,7 +165,7 @@ pub async fn run(
 ) {
     let mut accepting = Vec::new();
     for (index, std_listener) in listeners.into_iter().enumerate() {
-        match monoio::net::TcpListener::from_std(std_listener) {
+        match keel_io::listener::Acceptor::from_std(std_listener) {
             Ok(l) => accepting.push(monoio::spawn(accept_loop(
                 worker.clone(),
                 index,
@@ -194,42 +194,47 @@ pub async fn run(
 async fn accept_loop(
     worker: Rc<Worker>,
     index: usize,
-    listener: monoio::net::TcpListener,
+    listener: keel_io::listener::Acceptor,
     mut shutdown: watch::Receiver<bool>,
 ) {
     let name = worker.snapshot.listeners[index].name.clone();
+    let protocol = worker.snapshot.listeners[index].protocol;
     loop {
-        // Wait for a pending connection or for shutdown. Cancelling a readiness wait is harmless,
-        // unlike cancelling an in-flight accept (which can leak the accepted fd in monoio 0.2.4).
+        // Wait for pending connections or for shutdown; cancelling a readiness wait is harmless.
         let stop = monoio::select! {
-            r = listener.readable(false) => r.is_err(),
+            r = listener.readable() => r.is_err(),
             _ = shutdown.wait_for(|draining| *draining) => true,
         };
         if stop {
             break;
         }
-        match listener.accept().await {
-            Ok((stream, peer)) => {
-                worker.stats.per_worker[worker.id].accepted.inc();
-                let stream = keel_io::Stream::from_monoio(stream);
-                match worker.snapshot.listeners[index].protocol {
-                    Protocol::Tcp => {
-                        monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
-                    }
-                    Protocol::Http => {
-                        monoio::spawn(crate::http::proxy::serve(
-                            worker.clone(),
-                            index,
-                            stream,
-                            peer,
-                        ));
+        // Take every connection waiting, then wait again.
+        loop {
+            match listener.try_accept() {
+                Ok((stream, peer)) => {
+                    worker.stats.per_worker[worker.id].accepted.inc();
+                    match protocol {
+                        Protocol::Tcp => {
+                            monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
+                        }
+                        Protocol::Http => {
+                            monoio::spawn(crate::http::proxy::serve(
+                                worker.clone(),
+                                index,
+                                stream,
+                                peer,
+                            ));
+                        }
                     }
                 }
-            }
-            Err(e) => {
-                // Out of fds or memory: back off instead of spinning, and say so.
-                tracing::warn!(worker = worker.id, listener = %name, error = %e, "accept failed");
-                monoio::time::sleep(Duration::from_millis(50)).await;
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {}
+                Err(e) => {
+                    // Out of fds or memory: back off instead of spinning, and say so.
+                    tracing::warn!(worker = worker.id, listener = %name, error = %e, "accept failed");
+                    monoio::time::sleep(Duration::from_millis(50)).await;
+                    break;
+                }
             }
         }
     }

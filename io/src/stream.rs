@@ -31,29 +31,6 @@ impl Stream {
         })
     }
 
-    /// Wraps a stream monoio accepted. io_uring's accept leaves the socket blocking, which is fine
-    /// for our own reads and writes (they pass MSG_DONTWAIT); splice needs [`Stream::set_nonblocking`].
-    pub fn from_monoio(inner: monoio::net::TcpStream) -> Stream {
-        Stream { inner }
-    }
-
-    /// Sets O_NONBLOCK: splice(2) on a socket honours only the socket's own flag.
-    pub fn set_nonblocking(&self) -> io::Result<()> {
-        let fd = self.inner.as_raw_fd();
-        // SAFETY: fcntl(2) F_GETFL/F_SETFL on an fd owned by `inner`; no memory is passed.
-        let ok = unsafe {
-            let flags = libc::fcntl(fd, libc::F_GETFL);
-            flags >= 0
-                && (flags & libc::O_NONBLOCK != 0
-                    || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) >= 0)
-        };
-        if ok {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
-        }
-    }
-
     /// Resolves when a read would not block (data, EOF or an error is pending).
     pub async fn readable(&self) -> io::Result<()> {
         // Not relaxed: our reads bypass monoio, so its cached readiness may be stale and must be
