@@ -19,11 +19,13 @@ pub struct UpstreamPool {
 }
 
 impl UpstreamPool {
-    /// A live idle connection to `addr`, if one is left.
-    pub fn take(&mut self, addr: SocketAddr, max_idle: Duration) -> Option<Stream> {
+    /// An idle connection to `addr`, if one is left. With `check`, it is first probed for a close
+    /// (or stray bytes) from the peer, which costs a syscall; callers that can resend the request on
+    /// a fresh connection when a pooled one turns out dead skip the probe.
+    pub fn take(&mut self, addr: SocketAddr, max_idle: Duration, check: bool) -> Option<Stream> {
         let list = self.idle.get_mut(&addr)?;
         while let Some((stream, since)) = list.pop() {
-            if since.elapsed() < max_idle && stream.is_reusable() {
+            if since.elapsed() < max_idle && (!check || stream.is_reusable()) {
                 return Some(stream);
             }
         }

@@ -424,10 +424,23 @@ async fn exchange(
 
     // Send the request; a pooled connection that turns out dead before any response byte is
     // replaced once by a fresh one when the request has no body to replay.
+    // Only an idempotent request without a body may be sent a second time (RFC 9110 §9.2.2).
+    let replayable = body == BodyKind::None
+        && matches!(
+            head.method.as_str(),
+            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+        );
     let mut attempt = 0;
     let (mut up, response) = loop {
         attempt += 1;
-        let (up_stream, reused) = match upstream(worker, cluster, endpoint.address).await {
+        let (up_stream, reused) = match upstream(
+            worker,
+            cluster,
+            endpoint.address,
+            replayable && attempt == 1,
+        )
+        .await
+        {
             Ok(x) => x,
             Err(e) => {
                 cstats.connect_fail.inc();
@@ -460,9 +473,7 @@ async fn exchange(
                     local_reply(&down.stream, 400, "invalid chunked body", Next::Close, &[]).await;
                 return Next::Close;
             }
-            Err(SendError::Upstream) if reused && attempt == 1 && body == BodyKind::None => {
-                continue
-            }
+            Err(SendError::Upstream) if reused && attempt == 1 && replayable => continue,
             Err(SendError::Upstream) => {
                 count_status(lstats, 503);
                 let _ = local_reply(&down.stream, 503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", Next::Close, &[]).await;
@@ -472,9 +483,7 @@ async fn exchange(
         }
         match read_response(&mut up, &head.method, activity).await {
             Ok(r) => break (up, r),
-            Err(ResponseError::Closed) if reused && attempt == 1 && body == BodyKind::None => {
-                continue
-            }
+            Err(ResponseError::Closed) if reused && attempt == 1 && replayable => continue,
             Err(e) => {
                 let (status, text, flag) = match e {
                     ResponseError::Head(h) => (502, h.reason, Flag::UpstreamProtocolError),
@@ -778,12 +787,20 @@ fn request_id() -> String {
     )
 }
 
+/// A pooled connection to `addr` or a new one; `replayable` requests (no body, first attempt) skip
+/// the liveness probe, because a dead pooled connection is answered by resending them once on a
+/// fresh one.
 async fn upstream(
     worker: &Worker,
     cluster: &Cluster,
     addr: SocketAddr,
+    replayable: bool,
 ) -> Result<(Stream, bool), ConnectError> {
-    if let Some(s) = worker.pool.borrow_mut().take(addr, cluster.idle_timeout) {
+    if let Some(s) = worker
+        .pool
+        .borrow_mut()
+        .take(addr, cluster.idle_timeout, !replayable)
+    {
         return Ok((s, true));
     }
     let keepalive = cluster.keepalive.map(|k| KeepaliveOpts {
