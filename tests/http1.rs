@@ -712,3 +712,28 @@ print('ok')
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// HTTP/1.0 has no chunked coding: a chunked upstream body reaches a 1.0 client de-chunked, ended by
+/// the close; a 1.1 client on the same route gets it chunked on a connection that stays open.
+#[test]
+fn http10_clients_never_get_chunked_bodies() {
+    let chunky = RecordingBackend::start(Arc::new(|_: &str, _: &[u8]| {
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n".to_vec()
+    }));
+    let (_keel, port) = egress(&[(chunky.addr, "v1")], "", "");
+    let answer = raw_exchange(port, b"GET / HTTP/1.0\r\nHost: reviews\r\n\r\n");
+    let lower = answer.to_ascii_lowercase();
+    assert!(
+        lower.starts_with("http/1.1 200")
+            && !lower.contains("transfer-encoding")
+            && lower.contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.ends_with("\r\n\r\nhello world"), "{answer:?}");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    for _ in 0..2 {
+        let (status, head, body) = http_request(&mut s, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n");
+        assert_eq!((status, body.as_slice()), (200, &b"hello world"[..]));
+        assert!(head.contains("transfer-encoding: chunked"));
+    }
+}

@@ -546,12 +546,15 @@ async fn exchange(
         resp.headers.has_token(b"connection", b"close") || resp.version == Version::Http10;
     // A close-delimited body reaches an HTTP/1.1 client re-framed as chunked; an HTTP/1.0 client
     // gets it close-delimited and the connection ends.
+    // HTTP/1.0 has no chunked coding: a 1.0 client gets an unknown-length body close-delimited
+    // (de-chunked) and the connection ends; a 1.1 client gets a close-delimited body re-framed as
+    // chunked, keeping its connection.
     let out_body = match resp_body {
-        BodyKind::CloseDelimited if head.version == Version::Http11 => BodyKind::Chunked,
-        BodyKind::CloseDelimited => {
+        BodyKind::CloseDelimited | BodyKind::Chunked if head.version == Version::Http10 => {
             next = Next::Close;
             BodyKind::CloseDelimited
         }
+        BodyKind::CloseDelimited => BodyKind::Chunked,
         other => other,
     };
     rewrite_response(&mut resp, route, target, next, out_body, false);
@@ -585,9 +588,13 @@ async fn exchange(
             .await
         }
         BodyKind::Chunked => {
-            copy_chunked(&mut up, &down.stream, activity, |n| {
-                lstats.tx_bytes.add(n as u64)
-            })
+            copy_chunked(
+                &mut up,
+                &down.stream,
+                out_body == BodyKind::Chunked,
+                activity,
+                |n| lstats.tx_bytes.add(n as u64),
+            )
             .await
         }
         BodyKind::CloseDelimited => {
@@ -835,7 +842,7 @@ async fn send_request(
     let result = match body {
         BodyKind::None | BodyKind::CloseDelimited => Ok(()),
         BodyKind::Length(n) => copy_length(down, &up.stream, n, activity, |_| {}).await,
-        BodyKind::Chunked => copy_chunked(down, &up.stream, activity, |_| {}).await,
+        BodyKind::Chunked => copy_chunked(down, &up.stream, true, activity, |_| {}).await,
     };
     result.map_err(|e| match e {
         CopyError::Write => SendError::Upstream,
@@ -903,9 +910,11 @@ async fn copy_length(
 }
 
 /// Decodes a chunked body strictly and re-encodes it (extensions dropped, trailers kept).
+/// With `chunk` false the data is written as it is (for an HTTP/1.0 client, close-delimited).
 async fn copy_chunked(
     from: &mut BufferedStream,
     to: &Stream,
+    chunk: bool,
     activity: &Cell<u64>,
     mut count: impl FnMut(usize),
 ) -> Result<(), CopyError> {
@@ -921,16 +930,22 @@ async fn copy_chunked(
         {
             Step::Framing { consumed } => from.consume(consumed),
             Step::Data { range } => {
-                header.clear();
-                chunked::chunk_header(range.len(), &mut header);
                 let data = &from.buffered()[range.clone()];
-                to.write_all_vectored(&[&header, data, b"\r\n"])
-                    .await
-                    .map_err(|_| CopyError::Write)?;
+                let written = if chunk {
+                    header.clear();
+                    chunked::chunk_header(range.len(), &mut header);
+                    to.write_all_vectored(&[&header, data, b"\r\n"]).await
+                } else {
+                    to.write_all(data).await
+                };
+                written.map_err(|_| CopyError::Write)?;
                 count(range.len());
                 from.consume(range.end);
             }
         }
+    }
+    if !chunk {
+        return Ok(());
     }
     let mut tail = b"0\r\n".to_vec();
     for (name, value) in decoder.trailers.iter() {
