@@ -5,6 +5,7 @@
 
 pub mod admin;
 pub mod http;
+pub mod idle;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;

@@ -1,11 +1,9 @@
 //! L4 proxying: a downstream connection is paired with an upstream one and bytes flow both ways,
 //! each direction half-closing independently, until both ends are done, an error, or the idle timeout.
 
-use std::cell::Cell;
 use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
-use std::time::Duration;
 
 use keel_io::{connect, forward::forward_with, ConnectError, KeepaliveOpts, Stream};
 
@@ -60,9 +58,13 @@ pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: Socket
     };
     tracing::trace!(%peer, upstream = %endpoint.address, "connected");
 
-    // Activity ticks: every chunk moved either way bumps it; the idle watch closes the pair when it
-    // stops moving for a whole idle timeout.
-    let activity = Cell::new(0u64);
+    // The worker's idle sweeper shuts both sockets down when no byte moves either way for the
+    // cluster's idleTimeout; the guard (declared after both streams) forgets them before they close.
+    let idle = worker
+        .idle
+        .register(down.raw_fd(), cluster.idle_timeout, index);
+    idle.0.set_upstream(up.raw_fd());
+    let activity = &idle.0.activity;
     let how = worker.forwarding;
     let mut to_upstream = pin!(forward_with(how, &down, &up, |n| {
         lstats.rx_bytes.add(n as u64);
@@ -72,24 +74,28 @@ pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: Socket
         lstats.tx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     }));
-    let mut idle = pin!(idle_watch(&activity, cluster.idle_timeout));
     let (mut up_done, mut down_done) = (false, false);
     while !(up_done && down_done) {
-        monoio::select! {
+        let failed = monoio::select! {
             r = &mut to_upstream, if !up_done => match r {
-                Ok(_) => up_done = true,
-                Err(_) => { lstats.reset.inc(); break; }
+                Ok(_) => { up_done = true; false }
+                Err(_) => true,
             },
             r = &mut to_downstream, if !down_done => match r {
-                Ok(_) => down_done = true,
-                Err(_) => { lstats.reset.inc(); break; }
+                Ok(_) => { down_done = true; false }
+                Err(_) => true,
             },
-            _ = &mut idle => {
-                lstats.idle_timeout.inc();
-                tracing::debug!(%peer, listener = %listener.name, "idle timeout");
-                break;
+        };
+        if failed {
+            // An idle-timeout shutdown is counted by the sweeper, not as a reset.
+            if !idle.0.expired() {
+                lstats.reset.inc();
             }
+            break;
         }
+    }
+    if idle.0.expired() {
+        tracing::debug!(%peer, listener = %listener.name, "idle timeout");
     }
     // Dropping both streams closes both sockets.
 }
@@ -100,27 +106,5 @@ struct UpstreamGuard<'a>(&'a crate::stats::ClusterCounters);
 impl Drop for UpstreamGuard<'_> {
     fn drop(&mut self) {
         self.0.cx_closed.inc();
-    }
-}
-
-/// Resolves once `activity` has not changed for `timeout` (checked in quarters, so the connection
-/// closes between 1× and 1.25× the timeout after the last byte).
-pub(crate) async fn idle_watch(activity: &Cell<u64>, timeout: Duration) {
-    const QUARTERS: u32 = 4;
-    let tick = (timeout / QUARTERS).max(Duration::from_millis(1));
-    let mut last = activity.get();
-    let mut quiet = 0;
-    loop {
-        monoio::time::sleep(tick).await;
-        let now = activity.get();
-        if now == last {
-            quiet += 1;
-            if quiet >= QUARTERS {
-                return;
-            }
-        } else {
-            quiet = 0;
-            last = now;
-        }
     }
 }

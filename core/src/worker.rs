@@ -28,6 +28,8 @@ pub struct Worker {
     rng: RefCell<Rng>,
     /// Idle upstream HTTP/1.1 connections of this worker.
     pub pool: RefCell<crate::http::pool::UpstreamPool>,
+    /// Idle timeouts of this worker's connections.
+    pub idle: crate::idle::IdleSweep,
     active: Cell<usize>,
     last_warning: Cell<Option<Instant>>,
     suppressed: Cell<u64>,
@@ -68,6 +70,7 @@ impl Worker {
             routes,
             rng: RefCell::new(Rng::new(seed)),
             pool: RefCell::new(Default::default()),
+            idle: Default::default(),
             active: Cell::new(0),
             last_warning: Cell::new(None),
             suppressed: Cell::new(0),
@@ -181,6 +184,7 @@ pub async fn run(
             }
         }
     }
+    monoio::spawn(sweep_idle(worker.clone()));
     let _ = ready.send(Ok(worker.id));
     for task in accepting {
         task.await;
@@ -189,6 +193,18 @@ pub async fn run(
         monoio::time::sleep(Duration::from_millis(20)).await;
     }
     tracing::debug!(worker = worker.id, "worker drained");
+}
+
+/// Runs the worker's idle sweep every tick, counting each connection it closes.
+async fn sweep_idle(worker: Rc<Worker>) {
+    loop {
+        monoio::time::sleep(crate::idle::TICK).await;
+        worker.idle.sweep(|entry| {
+            if let Some(l) = worker.stats.listeners.get(entry.listener) {
+                l.slots[worker.id].idle_timeout.inc();
+            }
+        });
+    }
 }
 
 async fn accept_loop(

@@ -9,6 +9,16 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 
+/// Shuts a socket down both ways, waking whatever waits on it; `-1` is ignored. The caller must know
+/// `fd` is open (the idle sweeper clears its fds before their streams close).
+pub fn shutdown_fd(fd: RawFd) {
+    if fd >= 0 {
+        // SAFETY: shutdown(2) on an fd the caller guarantees open; no memory is passed. Errors
+        // (e.g. ENOTCONN on an already closed connection) leave nothing to do.
+        unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    }
+}
+
 /// A TCP stream registered with the worker's runtime.
 pub struct Stream {
     inner: monoio::net::TcpStream,
@@ -199,8 +209,8 @@ impl Stream {
         self.inner.as_raw_fd()
     }
 
-    /// The socket's fd, for syscalls this crate makes directly (splice).
-    pub(crate) fn raw_fd(&self) -> RawFd {
+    /// The socket's fd, for syscalls made directly (splice, the idle sweeper's shutdown).
+    pub fn raw_fd(&self) -> RawFd {
         self.inner.as_raw_fd()
     }
 }

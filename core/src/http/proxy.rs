@@ -7,7 +7,6 @@
 use std::cell::Cell;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::pin::pin;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -22,6 +21,7 @@ use super::h1::chunked::{self, Step};
 use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limits};
 use super::head::{RequestHead, ResponseHead, Version};
 use super::headers::Headers;
+use crate::idle::IdleEntry;
 use crate::worker::{ActiveGuard, Worker};
 
 /// Envoy's response flags, recorded per request.
@@ -80,23 +80,22 @@ pub async fn serve(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketA
         max_target_bytes: limits.max_request_target_bytes,
     };
     let mut down = BufferedStream::new(down);
-    let activity = Cell::new(0u64);
-    // One idle watch for the connection's whole life: it fires when no byte has moved either way
-    // for `idleTimeout`, between requests or in the middle of one (a client that stops reading).
-    let requests = pin!(requests(
+    // The worker's idle sweeper closes the connection when no byte moves either way for
+    // idleTimeout, between requests or in the middle of one (a client that stops reading). The
+    // guard is declared after the stream, so it forgets the fd before the stream closes it.
+    let idle = worker
+        .idle
+        .register(down.stream.raw_fd(), limits.idle_timeout, index);
+    requests(
         &worker,
         index,
         &mut down,
         peer,
-        &activity,
+        &idle.0,
         &head_limits,
-        &limits
-    ));
-    let idle = pin!(crate::tcp_proxy::idle_watch(&activity, limits.idle_timeout));
-    monoio::select! {
-        _ = requests => {}
-        _ = idle => lstats.idle_timeout.inc(),
-    }
+        &limits,
+    )
+    .await;
 }
 
 /// Serves requests on one connection until either side is done.
@@ -105,10 +104,11 @@ async fn requests(
     index: usize,
     down: &mut BufferedStream,
     peer: SocketAddr,
-    activity: &Cell<u64>,
+    idle: &IdleEntry,
     head_limits: &Limits,
     limits: &HttpLimits,
 ) {
+    let activity = &idle.activity;
     let lstats = &worker.stats.listeners[index].slots[worker.id];
     loop {
         let head = match read_request(down, head_limits, limits, activity).await {
@@ -133,7 +133,7 @@ async fn requests(
         lstats.rq_total.inc();
         // The exchange's state (kilobytes) is boxed so it exists only while a request is in
         // flight: an idle keep-alive connection keeps just this loop's small state.
-        if Box::pin(exchange(worker, index, down, head, peer, activity)).await == Next::Close {
+        if Box::pin(exchange(worker, index, down, head, peer, idle)).await == Next::Close {
             break;
         }
     }
@@ -315,8 +315,9 @@ async fn exchange(
     down: &mut BufferedStream,
     (mut head, body): (RequestHead, BodyKind),
     peer: SocketAddr,
-    activity: &Cell<u64>,
+    idle: &IdleEntry,
 ) -> Next {
+    let activity = &idle.activity;
     let snapshot = &*worker.snapshot;
     let listener = &snapshot.listeners[index];
     let lstats = &worker.stats.listeners[index].slots[worker.id];
@@ -462,6 +463,9 @@ async fn exchange(
             }
         };
         let mut up = BufferedStream::new(up_stream);
+        // While this upstream is in use, an idle timeout shuts it down too (declared after `up`,
+        // so the fd is forgotten before `up` can close it).
+        let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
         let sent = send_request(&mut up, down, &head_bytes, body, activity).await;
         match sent {
             Err(SendError::Downstream) => return Next::Close,
@@ -473,7 +477,9 @@ async fn exchange(
                     local_reply(&down.stream, 400, "invalid chunked body", Next::Close, &[]).await;
                 return Next::Close;
             }
-            Err(SendError::Upstream) if reused && attempt == 1 && replayable => continue,
+            Err(SendError::Upstream) if reused && attempt == 1 && replayable && !idle.expired() => {
+                continue
+            }
             Err(SendError::Upstream) => {
                 count_status(lstats, 503);
                 let _ = local_reply(&down.stream, 503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", Next::Close, &[]).await;
@@ -483,7 +489,11 @@ async fn exchange(
         }
         match read_response(&mut up, &head.method, activity).await {
             Ok(r) => break (up, r),
-            Err(ResponseError::Closed) if reused && attempt == 1 && replayable => continue,
+            Err(ResponseError::Closed)
+                if reused && attempt == 1 && replayable && !idle.expired() =>
+            {
+                continue
+            }
             Err(e) => {
                 let (status, text, flag) = match e {
                     ResponseError::Head(h) => (502, h.reason, Flag::UpstreamProtocolError),
@@ -497,6 +507,7 @@ async fn exchange(
         }
     };
 
+    let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
     // Informational responses (100, 103) go to the client as they come; the final one follows.
     let (mut resp, mut resp_body) = response;
     while (100..200).contains(&resp.status) && resp.status != 101 {
@@ -618,6 +629,22 @@ async fn exchange(
     }
     tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint.address, duration_us = started.elapsed().as_micros() as u64, "request");
     next
+}
+
+/// Registers an upstream socket with the connection's idle entry while it is in use.
+struct UpstreamFd<'a>(&'a IdleEntry);
+
+impl<'a> UpstreamFd<'a> {
+    fn new(idle: &'a IdleEntry, fd: std::os::fd::RawFd) -> UpstreamFd<'a> {
+        idle.set_upstream(fd);
+        UpstreamFd(idle)
+    }
+}
+
+impl Drop for UpstreamFd<'_> {
+    fn drop(&mut self) {
+        self.0.set_upstream(-1);
+    }
 }
 
 /// Whether the client asked to keep the connection (HTTP/1.1 default) or to close it.
