@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
 
-use keel_io::{connect, forward::forward_with, ConnectError, KeepaliveOpts, Stream};
+use keel_io::{connect, forward::forward_with, KeepaliveOpts, Stream};
 
 use crate::worker::{ActiveGuard, Worker};
 
@@ -43,16 +43,7 @@ pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: Socket
     let up = match connect(endpoint.address, cluster.connect_timeout, keepalive).await {
         Ok(up) => up,
         Err(e) => {
-            cstats.connect_fail.inc();
-            match &e {
-                ConnectError::Refused(_) => lstats.connect_refused.inc(),
-                ConnectError::Timeout => {
-                    lstats.connect_timeout.inc();
-                    cstats.connect_timeout.inc();
-                }
-                ConnectError::Other(_) => lstats.connect_error.inc(),
-            }
-            worker.warn_upstream(&listener.name, &cluster.name, endpoint.address, &e);
+            worker.upstream_connect_failed(index, cluster_index, endpoint.address, &e);
             return;
         }
     };

@@ -105,6 +105,34 @@ impl Worker {
         self.active.get()
     }
 
+    /// Counts a failed upstream connect on listener `listener` and cluster `cluster` by its kind, and
+    /// logs it (rate-limited).
+    pub fn upstream_connect_failed(
+        &self,
+        listener: usize,
+        cluster: usize,
+        endpoint: std::net::SocketAddr,
+        e: &keel_io::ConnectError,
+    ) {
+        let lstats = &self.stats.listeners[listener].slots[self.id];
+        let cstats = &self.stats.clusters[cluster].slots[self.id];
+        cstats.connect_fail.inc();
+        match e {
+            keel_io::ConnectError::Refused(_) => lstats.connect_refused.inc(),
+            keel_io::ConnectError::Timeout => {
+                lstats.connect_timeout.inc();
+                cstats.connect_timeout.inc();
+            }
+            keel_io::ConnectError::Other(_) => lstats.connect_error.inc(),
+        }
+        self.warn_upstream(
+            &self.snapshot.listeners[listener].name,
+            &self.snapshot.clusters[cluster].name,
+            endpoint,
+            e,
+        );
+    }
+
     /// Logs an upstream problem at most once a second per worker, so a dead upstream under load
     /// yields a readable log and exact counters rather than a flood.
     pub fn warn_upstream(

@@ -39,19 +39,7 @@ impl RequestHead {
     }
 }
 
-/// `host:port` → `host` (IPv6 literals keep their brackets).
-pub fn strip_port(authority: &str) -> &str {
-    if authority.starts_with('[') {
-        return match authority.find(']') {
-            Some(i) => &authority[..=i],
-            None => authority,
-        };
-    }
-    match authority.rsplit_once(':') {
-        Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-        _ => authority,
-    }
-}
+pub use keel_config::host::strip_port;
 
 /// A response head.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -386,7 +386,6 @@ async fn exchange(
         } => (route, target, match_index),
     };
     let cluster = &snapshot.clusters[target.target.cluster];
-    let cstats = &worker.stats.clusters[target.target.cluster].slots[worker.id];
     let Some(endpoint) = worker
         .pick_endpoint(target.target.cluster)
         .and_then(|i| cluster.endpoints.get(i))
@@ -444,16 +443,7 @@ async fn exchange(
         {
             Ok(x) => x,
             Err(e) => {
-                cstats.connect_fail.inc();
-                match &e {
-                    ConnectError::Refused(_) => lstats.connect_refused.inc(),
-                    ConnectError::Timeout => {
-                        lstats.connect_timeout.inc();
-                        cstats.connect_timeout.inc();
-                    }
-                    ConnectError::Other(_) => lstats.connect_error.inc(),
-                }
-                worker.warn_upstream(&listener.name, &cluster.name, endpoint.address, &e);
+                worker.upstream_connect_failed(index, target.target.cluster, endpoint.address, &e);
                 count_status(lstats, 503);
                 if body != BodyKind::None {
                     next = Next::Close;
