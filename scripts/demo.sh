@@ -16,7 +16,7 @@ if [ -z "${KEEL_BIN:-}" ]; then
   KEEL_BIN=target/release/keel
 fi
 
-for port in 8080 15080 15081 15000; do
+for port in 8080 15080 15081 15082 15000; do
   if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
     echo "demo.sh: port $port is already in use on 127.0.0.1; stop what uses it and try again" >&2
     exit 1
@@ -54,12 +54,21 @@ echo "$inbound"
 echo "\$ curl -s http://127.0.0.1:15081/      # outbound: the ServiceEntry 'backend' through Keel"
 outbound=$(curl -fsS http://127.0.0.1:15081/)
 echo "$outbound"
+echo "\$ curl -si -H 'Host: web' http://127.0.0.1:15082/   # outbound HTTP, routed by Host; Keel adds x-served-by"
+web=$(curl -fsS -i -H 'Host: web' http://127.0.0.1:15082/ | tr -d '\r')
+echo "$web" | grep -iE '^(HTTP/|x-served-by|x-request-id)'
+echo "$web" | tail -1
+echo "\$ curl -s -H 'Host: web' http://127.0.0.1:15082/ping   # answered by Keel itself (directResponse)"
+ping=$(curl -fsS -H 'Host: web' http://127.0.0.1:15082/ping)
+echo "$ping"
 echo "\$ curl -s http://127.0.0.1:15000/stats/prometheus | grep accepted"
 curl -fsS http://127.0.0.1:15000/stats/prometheus | grep '^keel_listener_connections_accepted_total'
 
 if [ "${1:-}" = "--check" ]; then
   expected="Hello from the backend, through Keel."
   [ "$inbound" = "$expected" ] && [ "$outbound" = "$expected" ] || { echo "demo.sh: unexpected answer" >&2; exit 1; }
+  echo "$web" | grep -qi '^x-served-by: keel' && echo "$web" | tail -1 | grep -qx "$expected" || { echo "demo.sh: unexpected HTTP answer" >&2; exit 1; }
+  [ "$ping" = "pong from keel" ] || { echo "demo.sh: unexpected /ping answer" >&2; exit 1; }
   echo "demo: ok"
   exit 0
 fi
@@ -68,6 +77,7 @@ cat <<MSG
 
 Keel is running (log: $WORK/keel.log). In another terminal, paste:
   curl http://127.0.0.1:15080/
+  curl -i -H 'Host: web' http://127.0.0.1:15082/
   curl http://127.0.0.1:15000/stats/prometheus
 Press Ctrl-C to stop.
 MSG
