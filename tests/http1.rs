@@ -737,3 +737,46 @@ fn http10_clients_never_get_chunked_bodies() {
         assert!(head.contains("transfer-encoding: chunked"));
     }
 }
+
+/// An upstream that answers before reading the body (413) and stops reading: its answer reaches the
+/// client, and the client's connection is closed afterwards (its unread body cannot be resynchronised).
+#[test]
+fn an_early_upstream_answer_reaches_the_client() {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(mut c) = c else { return };
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match c.read(&mut buf) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = c.write_all(
+                    b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\n\r\ntoo big!",
+                );
+                std::thread::sleep(Duration::from_secs(5));
+            });
+        }
+    });
+    let (_keel, port) = egress(&[(addr, "v1")], "", "");
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.write_all(b"POST /upload HTTP/1.1\r\nHost: reviews\r\nContent-Length: 16777216\r\n\r\n")
+        .unwrap();
+    let mut writer = s.try_clone().unwrap();
+    std::thread::spawn(move || {
+        let chunk = vec![b'x'; 65536];
+        for _ in 0..256 {
+            if writer.write_all(&chunk).is_err() {
+                return;
+            }
+        }
+    });
+    let (status, head, body) = read_response(&mut s);
+    assert_eq!((status, body.as_slice()), (413, &b"too big!"[..]));
+    assert!(head.contains("connection: close"), "{head}");
+}

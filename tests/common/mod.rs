@@ -11,13 +11,35 @@ use std::time::{Duration, Instant};
 
 pub const DRIVERS: [&str; 2] = ["uring", "epoll"];
 
-/// A port that was free a moment ago.
+/// A port free to listen on, taken below the kernel's ephemeral range (where outgoing connections get
+/// their local ports), so no client connection of a test running in parallel can take it before Keel
+/// binds it. Each test process walks its own stretch of ports.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let (low, high) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| {
+            let mut it = r.split_whitespace().filter_map(|x| x.parse::<usize>().ok());
+            Some((it.next()?, it.next()?))
+        })
+        .unwrap_or((32768, 60999));
+    // Below the ephemeral range when there is room for it, else above it.
+    let (base, span) = if low > 12000 {
+        (10000, low - 10000)
+    } else {
+        (high + 1, 65535 - high)
+    };
+    let offset = (std::process::id() as usize * 397) % span;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        assert!(n < span, "no free port left");
+        let port = (base + (offset + n) % span) as u16;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok()
+            && TcpListener::bind(("127.0.0.1", port)).is_ok()
+        {
+            return port;
+        }
+    }
 }
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
@@ -515,7 +537,8 @@ pub fn http_request(s: &mut TcpStream, request: &[u8]) -> (u16, String, Vec<u8>)
 }
 
 pub fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // Generous: 2 cores run every test of a binary at once, some moving hundreds of MiB.
+    s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut buf = Vec::new();
     let mut tmp = [0u8; 65536];
     let end = loop {

@@ -6,24 +6,17 @@ use std::io;
 
 use keel_io::{Buffer, Stream};
 
-/// A connection and the unread bytes already taken from it.
-pub struct BufferedStream {
-    pub stream: Stream,
+/// Bytes read from a stream but not consumed yet; the buffer is pooled and held only while
+/// non-empty. Kept apart from the stream so one task can write to the stream while another part
+/// of it reads (a request body going up while the response head is awaited).
+#[derive(Default)]
+pub struct ReadBuf {
     buf: Option<Buffer>,
     start: usize,
     end: usize,
 }
 
-impl BufferedStream {
-    pub fn new(stream: Stream) -> BufferedStream {
-        BufferedStream {
-            stream,
-            buf: None,
-            start: 0,
-            end: 0,
-        }
-    }
-
+impl ReadBuf {
     /// Bytes read but not yet consumed.
     pub fn buffered(&self) -> &[u8] {
         match &self.buf {
@@ -42,11 +35,16 @@ impl BufferedStream {
         }
     }
 
-    /// Reads more bytes after those buffered, waiting for readiness before taking a buffer.
-    /// Returns how many arrived (0 at EOF). `activity` ticks for idle tracking.
-    pub async fn fill(&mut self, activity: &Cell<u64>) -> io::Result<usize> {
+    /// Whether any byte is held (a partial or pipelined message).
+    pub fn has_buffered(&self) -> bool {
+        self.start < self.end
+    }
+
+    /// Reads more bytes from `stream` after those buffered, waiting for readiness before taking a
+    /// buffer. Returns how many arrived (0 at EOF). `activity` ticks for idle tracking.
+    pub async fn fill(&mut self, stream: &Stream, activity: &Cell<u64>) -> io::Result<usize> {
         if self.buf.is_none() {
-            self.stream.readable().await?;
+            stream.readable().await?;
             self.buf = Some(Buffer::take_http());
         }
         loop {
@@ -61,7 +59,7 @@ impl BufferedStream {
                 self.end -= self.start;
                 self.start = 0;
             }
-            match self.stream.try_read(&mut buf[self.end..]) {
+            match stream.try_read(&mut buf[self.end..]) {
                 Ok(n) => {
                     self.end += n;
                     activity.set(activity.get().wrapping_add(1));
@@ -72,21 +70,48 @@ impl BufferedStream {
                     }
                     return Ok(n);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.stream.readable().await?,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.readable().await?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e),
             }
         }
     }
+}
 
-    /// Whether any byte is held (a partial or pipelined message).
+/// A connection and the unread bytes already taken from it.
+pub struct BufferedStream {
+    pub stream: Stream,
+    pub rb: ReadBuf,
+}
+
+impl BufferedStream {
+    pub fn new(stream: Stream) -> BufferedStream {
+        BufferedStream {
+            stream,
+            rb: ReadBuf::default(),
+        }
+    }
+
+    pub fn buffered(&self) -> &[u8] {
+        self.rb.buffered()
+    }
+
+    pub fn consume(&mut self, n: usize) {
+        self.rb.consume(n)
+    }
+
     pub fn has_buffered(&self) -> bool {
-        self.start < self.end
+        self.rb.has_buffered()
+    }
+
+    /// See [`ReadBuf::fill`].
+    pub async fn fill(&mut self, activity: &Cell<u64>) -> io::Result<usize> {
+        self.rb.fill(&self.stream, activity).await
     }
 
     /// Takes the stream back, with any bytes still buffered (for an upgrade tunnel).
     pub fn into_parts(self) -> (Stream, Vec<u8>) {
-        let rest = self.buffered().to_vec();
+        let rest = self.rb.buffered().to_vec();
         (self.stream, rest)
     }
 }

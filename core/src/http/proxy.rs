@@ -16,7 +16,7 @@ use keel_config::http_routes::{
 use keel_config::{Cluster, HttpLimits};
 use keel_io::{connect, ConnectError, KeepaliveOpts, Stream};
 
-use super::conn::BufferedStream;
+use super::conn::{BufferedStream, ReadBuf};
 use super::h1::chunked::{self, Step};
 use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limits};
 use super::head::{RequestHead, ResponseHead, Version};
@@ -431,7 +431,7 @@ async fn exchange(
             "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
         );
     let mut attempt = 0;
-    let (mut up, response) = loop {
+    let (mut up, response, early) = loop {
         attempt += 1;
         let (up_stream, reused) = match upstream(
             worker,
@@ -456,7 +456,51 @@ async fn exchange(
         // While this upstream is in use, an idle timeout shuts it down too (declared after `up`,
         // so the fd is forgotten before `up` can close it).
         let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
-        let sent = send_request(&mut up, down, &head_bytes, body, activity).await;
+        if up.stream.write_all(&head_bytes).await.is_err() {
+            if reused && attempt == 1 && replayable && !idle.expired() {
+                continue;
+            }
+            count_status(lstats, 503);
+            let _ = local_reply(&down.stream, 503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", Next::Close, &[]).await;
+            return Next::Close;
+        }
+        // The body goes up while the response head is awaited: an upstream may answer early (a 413,
+        // a redirect) and stop reading, and its answer is what the client must get.
+        let (sent, response) = if body == BodyKind::None {
+            (
+                Ok(()),
+                read_response(&up.stream, &mut up.rb, &head.method, activity).await,
+            )
+        } else {
+            let BufferedStream {
+                stream: up_stream,
+                rb: up_rb,
+            } = &mut up;
+            let up_stream = &*up_stream;
+            let mut sending = std::pin::pin!(send_body(up_stream, down, body, activity));
+            let mut receiving =
+                std::pin::pin!(read_response(up_stream, up_rb, &head.method, activity));
+            let mut sent: Option<Result<(), SendError>> = None;
+            loop {
+                monoio::select! {
+                    done = &mut sending, if sent.is_none() => {
+                        // A fault on the client's side ends the exchange; the response is not awaited
+                        // (the placeholder below is never looked at: the send error is handled first).
+                        if matches!(done, Err(SendError::Downstream) | Err(SendError::BadBody)) {
+                            break (done, Err(ResponseError::Closed));
+                        }
+                        sent = Some(done);
+                    },
+                    r = &mut receiving => {
+                        // A response before the whole body went up: the rest of the request is
+                        // abandoned, so neither connection can carry another message.
+                        let sent = sent.take().unwrap_or(Err(SendError::Upstream));
+                        break (if r.is_ok() && sent.is_err() { Err(SendError::EarlyResponse) } else { sent }, r);
+                    },
+                }
+            }
+        };
+        let early = matches!(sent, Err(SendError::EarlyResponse));
         match sent {
             Err(SendError::Downstream) => return Next::Close,
             Err(SendError::BadBody) => {
@@ -467,18 +511,10 @@ async fn exchange(
                     local_reply(&down.stream, 400, "invalid chunked body", Next::Close, &[]).await;
                 return Next::Close;
             }
-            Err(SendError::Upstream) if reused && attempt == 1 && replayable && !idle.expired() => {
-                continue
-            }
-            Err(SendError::Upstream) => {
-                count_status(lstats, 503);
-                let _ = local_reply(&down.stream, 503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", Next::Close, &[]).await;
-                return Next::Close;
-            }
-            Ok(()) => {}
+            _ => {}
         }
-        match read_response(&mut up, &head.method, activity).await {
-            Ok(r) => break (up, r),
+        match response {
+            Ok(r) => break (up, r, early),
             Err(ResponseError::Closed)
                 if reused && attempt == 1 && replayable && !idle.expired() =>
             {
@@ -496,6 +532,9 @@ async fn exchange(
             }
         }
     };
+    if early {
+        next = Next::Close;
+    }
 
     let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
     // Informational responses (100, 103) go to the client as they come; the final one follows.
@@ -508,7 +547,7 @@ async fn exchange(
                 return Next::Close;
             }
         }
-        match read_response(&mut up, &head.method, activity).await {
+        match read_response(&up.stream, &mut up.rb, &head.method, activity).await {
             Ok((r, b)) => (resp, resp_body) = (r, b),
             Err(_) => return Next::Close,
         }
@@ -842,24 +881,21 @@ enum SendError {
     Downstream,
     /// The client's chunked body broke the framing rules: nothing more is forwarded.
     BadBody,
+    /// The upstream answered before the whole body was sent.
+    EarlyResponse,
 }
 
-/// Writes the request head and streams the body from the client to the upstream.
-async fn send_request(
-    up: &mut BufferedStream,
+/// Streams the request body from the client to the upstream.
+async fn send_body(
+    up: &Stream,
     down: &mut BufferedStream,
-    head: &[u8],
     body: BodyKind,
     activity: &Cell<u64>,
 ) -> Result<(), SendError> {
-    up.stream
-        .write_all(head)
-        .await
-        .map_err(|_| SendError::Upstream)?;
     let result = match body {
         BodyKind::None | BodyKind::CloseDelimited => Ok(()),
-        BodyKind::Length(n) => copy_length(down, &up.stream, n, activity, |_| {}).await,
-        BodyKind::Chunked => copy_chunked(down, &up.stream, true, activity, |_| {}).await,
+        BodyKind::Length(n) => copy_length(down, up, n, activity, |_| {}).await,
+        BodyKind::Chunked => copy_chunked(down, up, true, activity, |_| {}).await,
     };
     result.map_err(|e| match e {
         CopyError::Write => SendError::Upstream,
@@ -874,23 +910,24 @@ enum ResponseError {
 }
 
 async fn read_response(
-    up: &mut BufferedStream,
+    stream: &Stream,
+    rb: &mut ReadBuf,
     method: &str,
     activity: &Cell<u64>,
 ) -> Result<(ResponseHead, BodyKind), ResponseError> {
     let limits = Limits::default();
     loop {
-        if up.has_buffered() {
-            match parse_response(up.buffered(), method, &limits) {
+        if rb.has_buffered() {
+            match parse_response(rb.buffered(), method, &limits) {
                 Ok(Some((head, len, body))) => {
-                    up.consume(len);
+                    rb.consume(len);
                     return Ok((head, body));
                 }
                 Ok(None) => {}
                 Err(e) => return Err(ResponseError::Head(e)),
             }
         }
-        match up.fill(activity).await {
+        match rb.fill(stream, activity).await {
             Ok(0) | Err(_) => return Err(ResponseError::Closed),
             Ok(_) => {}
         }
