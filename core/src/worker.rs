@@ -89,9 +89,8 @@ impl Worker {
     }
 
     /// A weighted random choice among `weights` (route destinations); `None` when all are zero.
-    pub fn pick_weighted(&self, weights: impl Iterator<Item = u32>) -> Option<usize> {
-        let weights: Vec<u32> = weights.collect();
-        WeightedRandom::new(&weights).pick(&mut self.rng.borrow_mut())
+    pub fn pick_weighted(&self, weights: impl Iterator<Item = u32> + Clone) -> Option<usize> {
+        keel_lb::pick_weighted(weights, &mut self.rng.borrow_mut())
     }
 
     /// The endpoint index of `cluster` for the next connection.

@@ -9,7 +9,7 @@ mod weighted_random;
 
 pub use rng::Rng;
 pub use round_robin::RoundRobin;
-pub use weighted_random::WeightedRandom;
+pub use weighted_random::{pick_weighted, WeightedRandom};
 
 /// A per-worker balancer over a fixed list of weighted choices (endpoints or route targets).
 ///
