@@ -21,7 +21,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the proxy until SIGTERM or SIGINT, then drain.
+    /// Run the proxy: SIGHUP or a config file change reloads, SIGTERM drains and exits, SIGINT
+    /// exits at once, SIGUSR2 starts the binary again to take over (with --upgrade-socket).
     Run {
         /// A YAML file (documents separated by ---) or a directory of *.yaml / *.yml files.
         #[arg(short, long)]
@@ -38,12 +39,24 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value = "text")]
         log_format: LogFormat,
-        /// How long open connections may finish after SIGTERM/SIGINT (e.g. 5s, 500ms, 1m).
+        /// How long open connections may finish after SIGTERM — and outbound listeners keep serving
+        /// the app — before the process exits (e.g. 5s, 500ms, 1m).
         #[arg(long, default_value = "5s", value_parser = parse_duration)]
         drain_timeout: Duration,
         /// How bytes move between sockets: splice (zero-copy through a pipe) or copy (user-space buffer).
         #[arg(long, value_enum, default_value = "splice")]
         forwarding: ForwardingArg,
+        /// Do not watch the config files; reload only on SIGHUP.
+        #[arg(long)]
+        no_watch: bool,
+        /// Take over the listening sockets of the keel serving this upgrade socket, then have it
+        /// drain and exit (zero-downtime binary upgrade).
+        #[arg(long, value_name = "SOCKET")]
+        upgrade_from: Option<PathBuf>,
+        /// Offer this process's listening sockets to a successor on this Unix socket; SIGUSR2
+        /// starts the binary again with --upgrade-from it.
+        #[arg(long, value_name = "SOCKET")]
+        upgrade_socket: Option<PathBuf>,
     },
     /// Parse, validate and compile a config; print every error and exit non-zero on any.
     Validate {
@@ -126,6 +139,9 @@ fn main() -> ExitCode {
             log_format,
             drain_timeout,
             forwarding,
+            no_watch,
+            upgrade_from,
+            upgrade_socket,
         } => {
             if let Err(e) = init_logging(&log_level, log_format) {
                 eprintln!("keel: {e}");
@@ -146,6 +162,10 @@ fn main() -> ExitCode {
                 driver,
                 drain_timeout,
                 forwarding,
+                watch: !no_watch,
+                upgrade_from,
+                upgrade_socket,
+                argv: std::env::args_os().collect(),
             };
             match keel_core::run(opts) {
                 Ok(()) => ExitCode::SUCCESS,

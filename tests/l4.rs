@@ -473,7 +473,7 @@ fn sigterm_drains_open_connections() {
     assert!(keel.log_text().contains("drained"));
 }
 
-/// SIGINT with a connection that never closes: exit 0 when the drain timeout expires.
+/// SIGTERM with a connection that never closes: exit 0 when the drain timeout expires.
 #[test]
 fn drain_timeout_bounds_shutdown() {
     let (echo, _) = echo_backend();
@@ -487,13 +487,37 @@ fn drain_timeout_bounds_shutdown() {
     let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
     echo_round_trip(&mut open, b"x");
     let start = Instant::now();
-    keel.signal(libc::SIGINT);
+    keel.signal(libc::SIGTERM);
     let status = keel.wait_exit(Duration::from_secs(5)).expect("no exit");
     assert!(status.success());
     let took = start.elapsed();
     assert!(
         took >= Duration::from_millis(450) && took < Duration::from_secs(3),
         "{took:?}"
+    );
+}
+
+/// SIGINT exits at once, open connections or not.
+#[test]
+fn sigint_exits_without_draining() {
+    let (echo, _) = echo_backend();
+    let (admin, port) = (free_port(), free_port());
+    let config = format!(
+        "{}{}",
+        proxy_yaml(admin, 1),
+        ingress_yaml(port, echo, "connectTimeout: 1s")
+    );
+    let mut keel = Keel::start(&config, admin, &["--drain-timeout", "10s"]);
+    let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    echo_round_trip(&mut open, b"x");
+    let start = Instant::now();
+    keel.signal(libc::SIGINT);
+    let status = keel.wait_exit(Duration::from_secs(5)).expect("no exit");
+    assert!(status.success());
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        start.elapsed()
     );
 }
 

@@ -14,6 +14,7 @@ pub mod load;
 pub mod locate;
 pub mod model;
 pub mod snapshot;
+pub mod watch;
 
 pub use error::{ConfigError, ConfigErrors};
 pub use snapshot::*;

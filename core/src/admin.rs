@@ -5,23 +5,26 @@
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use keel_config::Snapshot;
-
+use crate::server::Event;
 use crate::stats::Stats;
+use crate::worker::DrainScope;
 
 /// Admin requests served at once; more are refused with 503 rather than queued without bound.
 const MAX_CONCURRENT: usize = 16;
 /// Largest request head accepted.
 const MAX_HEAD: usize = 8192;
 
-/// What the admin endpoints read.
+/// What the admin endpoints read, and where they send what they ask of the process.
 pub struct AdminState {
     pub stats: Arc<Stats>,
-    pub snapshot: Arc<Snapshot>,
+    pub events: mpsc::Sender<Event>,
+    /// Set when a successor process has taken the admin socket over: this thread stops accepting.
+    pub stop: Arc<AtomicBool>,
 }
 
 /// Serves the admin API on `listener` until the process exits.
@@ -33,8 +36,14 @@ pub fn serve(
         .name("keel-admin".into())
         .spawn(move || {
             let busy = Arc::new(AtomicUsize::new(0));
-            for conn in listener.incoming() {
-                let Ok(mut conn) = conn else { continue };
+            while !state.stop.load(Ordering::Relaxed) {
+                if !readable(&listener, 200) {
+                    continue;
+                }
+                let Ok((mut conn, _)) = listener.accept() else {
+                    continue;
+                };
+                let _ = conn.set_nonblocking(false);
                 if busy.fetch_add(1, Ordering::AcqRel) >= MAX_CONCURRENT {
                     busy.fetch_sub(1, Ordering::AcqRel);
                     let _ = respond(&mut conn, 503, "text/plain", b"admin busy\n");
@@ -52,6 +61,17 @@ pub fn serve(
                 }
             }
         })
+}
+
+/// Waits up to `ms` for a connection on `listener` (so the loop can notice `stop`).
+fn readable(listener: &TcpListener, ms: i32) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd owned by this frame.
+    unsafe { libc::poll(&mut pfd, 1, ms) > 0 }
 }
 
 fn handle(mut conn: TcpStream, state: &AdminState) {
@@ -74,6 +94,32 @@ fn handle(mut conn: TcpStream, state: &AdminState) {
     let mut parts = line.split(' ');
     let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
     let path = target.split('?').next().unwrap_or("");
+    if path == "/drain_listeners" {
+        // As Envoy's: POST only (a probe or a browser must not drain by accident); `?inboundonly`
+        // drains only the listeners facing the mesh.
+        if method != "POST" {
+            let _ = respond(&mut conn, 405, "text/plain", b"use POST\n");
+            return;
+        }
+        let query = target.split_once('?').map_or("", |(_, q)| q);
+        let scope = if query.split('&').any(|p| p == "inboundonly") {
+            DrainScope::Inbound
+        } else {
+            DrainScope::All
+        };
+        let (tx, rx) = mpsc::channel();
+        let answer = if state.events.send(Event::DrainListeners(scope, tx)).is_ok() {
+            rx.recv_timeout(Duration::from_secs(15))
+                .unwrap_or_else(|_| Err("no answer".into()))
+        } else {
+            Err("the process is shutting down".into())
+        };
+        let _ = match answer {
+            Ok(()) => respond(&mut conn, 200, "text/plain", b"OK\n"),
+            Err(e) => respond(&mut conn, 503, "text/plain", format!("{e}\n").as_bytes()),
+        };
+        return;
+    }
     if method != "GET" && method != "HEAD" {
         let _ = respond(&mut conn, 405, "text/plain", b"method not allowed\n");
         return;
@@ -89,11 +135,15 @@ fn handle(mut conn: TcpStream, state: &AdminState) {
             "text/plain; version=0.0.4",
             state.stats.prometheus().into_bytes(),
         ),
-        "/config_dump" => (200, "application/json", json(&state.snapshot.dump)),
+        "/config_dump" => (
+            200,
+            "application/json",
+            json(&state.stats.published().snapshot.dump),
+        ),
         "/" => (
             200,
             "text/plain",
-            b"keel admin: /ready /healthz /stats /stats/prometheus /config_dump\n".to_vec(),
+            b"keel admin: /ready /healthz /stats /stats/prometheus /config_dump, POST /drain_listeners[?inboundonly]\n".to_vec(),
         ),
         _ => (404, "text/plain", b"not found\n".to_vec()),
     };

@@ -6,11 +6,16 @@
 //! whole timeout has its sockets shut down (`shutdown(2)`, both directions), which wakes whatever
 //! the connection task waits on with EOF or an error, and the task ends as for any close. An idle
 //! connection thus costs a few dozen bytes here, not a timer in its task.
+//!
+//! The same sweep closes the connections of a draining listener that sit between requests (an
+//! idle HTTP keep-alive connection), so a drain does not wait for their idle timeout.
 
 use std::cell::{Cell, RefCell};
 use std::os::fd::RawFd;
 use std::rc::{Rc, Weak};
 use std::time::Duration;
+
+use crate::generation::ListenerState;
 
 /// Sweep period: idle timeouts fire between the timeout and the timeout plus one tick.
 pub const TICK: Duration = Duration::from_millis(100);
@@ -25,8 +30,10 @@ pub struct IdleEntry {
     /// Sockets to shut down on expiry: downstream, and the upstream while one is in use.
     fds: [Cell<RawFd>; 2],
     expired: Cell<bool>,
-    /// Listener index, for the idle-timeout counter.
-    pub listener: usize,
+    /// The connection's listener: its idle-timeout counter, and whether it drains.
+    pub listener: Rc<ListenerState>,
+    /// Set by the connection while it waits for a new request with nothing read of it.
+    pub between_requests: Cell<bool>,
 }
 
 impl IdleEntry {
@@ -61,7 +68,7 @@ pub struct IdleSweep {
 
 impl IdleSweep {
     /// Registers a connection whose downstream socket is `fd`.
-    pub fn register(&self, fd: RawFd, timeout: Duration, listener: usize) -> IdleGuard {
+    pub fn register(&self, fd: RawFd, timeout: Duration, listener: Rc<ListenerState>) -> IdleGuard {
         let ticks = timeout.as_millis().div_ceil(TICK.as_millis()).max(1) as u64;
         let entry = Rc::new(IdleEntry {
             activity: Cell::new(0),
@@ -72,6 +79,7 @@ impl IdleSweep {
             fds: [Cell::new(fd), Cell::new(-1)],
             expired: Cell::new(false),
             listener,
+            between_requests: Cell::new(false),
         });
         self.entries.borrow_mut().push(Rc::downgrade(&entry));
         IdleGuard(entry)
@@ -87,7 +95,11 @@ impl IdleSweep {
                 return false;
             };
             let a = e.activity.get();
-            if a != e.seen.get() {
+            if e.between_requests.get() && e.listener.is_draining() {
+                for fd in &e.fds {
+                    keel_io::stream::shutdown_fd(fd.get());
+                }
+            } else if a != e.seen.get() {
                 e.seen.set(a);
                 e.quiet_since.set(t);
             } else if !e.expired.get() && t - e.quiet_since.get() >= e.timeout_ticks {
@@ -118,7 +130,7 @@ mod tests {
     #[test]
     fn expires_after_quiet_ticks_and_activity_resets() {
         let sweep = IdleSweep::default();
-        let guard = sweep.register(-1, Duration::from_millis(300), 0);
+        let guard = sweep.register(-1, Duration::from_millis(300), ListenerState::for_test());
         let mut expired = 0;
         sweep.sweep(|_| expired += 1);
         sweep.sweep(|_| expired += 1);

@@ -4,8 +4,12 @@
 //! `keel_lb` for picks. Protocol codecs (HTTP/1, HTTP/2), routing and filters will live here too.
 
 pub mod admin;
+pub mod fleet;
+pub mod generation;
+pub mod handover;
 pub mod http;
 pub mod idle;
+pub mod sd_notify;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;

@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use keel_config::Snapshot;
@@ -73,6 +73,8 @@ pub struct ClusterCounters {
 #[repr(align(128))]
 pub struct WorkerCounters {
     pub accepted: Counter,
+    /// Downstream connections ended; `accepted - closed` is what a drain waits for.
+    pub closed: Counter,
 }
 
 /// A listener's counters across workers.
@@ -103,15 +105,93 @@ fn sum<T>(slots: &[T], f: impl Fn(&T) -> &Counter) -> u64 {
     slots.iter().map(|s| f(s).get()).fold(0, u64::wrapping_add)
 }
 
+/// The listener and cluster counters of one config version, indexed as its snapshot is.
+///
+/// A reload builds a new table that reuses the entries of listeners and clusters whose name (and
+/// direction) did not change, so their counters carry on across reloads; the entries of removed
+/// ones live only as long as the connections still counting into them.
+#[derive(Debug, Default)]
+pub struct CounterTable {
+    pub listeners: Vec<Arc<ListenerStats>>,
+    pub clusters: Vec<Arc<ClusterStats>>,
+}
+
+impl CounterTable {
+    /// Counters for `snapshot`, reusing `previous`'s entries by name, with a slot per worker.
+    pub fn for_snapshot(
+        snapshot: &Snapshot,
+        workers: usize,
+        previous: Option<&CounterTable>,
+    ) -> CounterTable {
+        let listeners = snapshot
+            .listeners
+            .iter()
+            .map(|l| {
+                let direction = l.direction.as_str();
+                previous
+                    .and_then(|p| {
+                        p.listeners
+                            .iter()
+                            .find(|x| x.name == l.name && x.direction == direction)
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(ListenerStats {
+                            name: l.name.clone(),
+                            direction,
+                            slots: slots(workers),
+                        })
+                    })
+            })
+            .collect();
+        let clusters = snapshot
+            .clusters
+            .iter()
+            .map(|c| {
+                previous
+                    .and_then(|p| p.clusters.iter().find(|x| x.name == c.name))
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Arc::new(ClusterStats {
+                            name: c.name.clone(),
+                            slots: slots(workers),
+                        })
+                    })
+            })
+            .collect();
+        CounterTable {
+            listeners,
+            clusters,
+        }
+    }
+}
+
+/// The config in force and its counters, as the admin endpoints show them.
+#[derive(Debug, Clone)]
+pub struct Published {
+    pub snapshot: Arc<Snapshot>,
+    pub table: Arc<CounterTable>,
+}
+
+/// Outcomes of config reloads, counted by the thread that reloads.
+#[derive(Debug, Default)]
+pub struct ReloadCounters {
+    pub success: AtomicU64,
+    pub failure: AtomicU64,
+    /// Reloads asked for whose files had not changed (nothing to do).
+    pub unchanged: AtomicU64,
+    /// Milliseconds from the trigger to every worker serving the last successful reload.
+    pub last_duration_ms: AtomicU64,
+}
+
 /// Every counter of the process, plus the facts the admin endpoints report.
 #[derive(Debug)]
 pub struct Stats {
     pub driver: IoDriver,
     pub workers: usize,
-    pub listeners: Vec<ListenerStats>,
-    pub clusters: Vec<ClusterStats>,
     pub per_worker: Box<[WorkerCounters]>,
-    pub config_version: String,
+    pub reloads: ReloadCounters,
+    published: Mutex<Published>,
     started: Instant,
     ready: AtomicBool,
     draining: AtomicBool,
@@ -119,33 +199,44 @@ pub struct Stats {
 
 impl Stats {
     /// Counters for every listener and cluster of `snapshot`, with a slot per worker.
-    pub fn new(snapshot: &Snapshot, driver: IoDriver, workers: usize) -> Arc<Stats> {
+    pub fn new(snapshot: &Arc<Snapshot>, driver: IoDriver, workers: usize) -> Arc<Stats> {
         Arc::new(Stats {
             driver,
             workers,
-            listeners: snapshot
-                .listeners
-                .iter()
-                .map(|l| ListenerStats {
-                    name: l.name.clone(),
-                    direction: l.direction.as_str(),
-                    slots: slots(workers),
-                })
-                .collect(),
-            clusters: snapshot
-                .clusters
-                .iter()
-                .map(|c| ClusterStats {
-                    name: c.name.clone(),
-                    slots: slots(workers),
-                })
-                .collect(),
             per_worker: slots(workers),
-            config_version: snapshot.version.clone(),
+            reloads: ReloadCounters::default(),
+            published: Mutex::new(Published {
+                snapshot: snapshot.clone(),
+                table: Arc::new(CounterTable::for_snapshot(snapshot, workers, None)),
+            }),
             started: Instant::now(),
             ready: AtomicBool::new(false),
             draining: AtomicBool::new(false),
         })
+    }
+
+    /// The config in force and its counter table.
+    pub fn published(&self) -> Published {
+        match self.published.lock() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Makes `p` the config the admin endpoints report (after every worker has committed it).
+    pub fn publish(&self, p: Published) {
+        match self.published.lock() {
+            Ok(mut g) => *g = p,
+            Err(poisoned) => *poisoned.into_inner() = p,
+        }
+    }
+
+    /// Downstream connections open on all workers.
+    pub fn open_connections(&self) -> u64 {
+        self.per_worker
+            .iter()
+            .map(|w| w.accepted.get().saturating_sub(w.closed.get()))
+            .sum()
     }
 
     pub fn set_ready(&self) {
@@ -168,6 +259,7 @@ impl Stats {
     /// Prometheus text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
         let mut out = String::with_capacity(4096);
+        let Published { snapshot, table } = self.published();
         let l_metrics: [(&str, &str, &str, ListenerField); 6] = [
             (
                 "keel_listener_connections_accepted_total",
@@ -208,7 +300,7 @@ impl Stats {
         ];
         for (name, kind, help, f) in l_metrics {
             header(&mut out, name, kind, help);
-            for l in &self.listeners {
+            for l in &table.listeners {
                 let _ = writeln!(
                     out,
                     "{name}{{listener=\"{}\",direction=\"{}\"}} {}",
@@ -224,7 +316,7 @@ impl Stats {
             "gauge",
             "Downstream connections open now.",
         );
-        for l in &self.listeners {
+        for l in &table.listeners {
             let active =
                 sum(&l.slots, |c| &c.accepted).saturating_sub(sum(&l.slots, |c| &c.closed));
             let _ = writeln!(
@@ -240,7 +332,7 @@ impl Stats {
             "counter",
             "Upstream connects that failed, by reason.",
         );
-        for l in &self.listeners {
+        for l in &table.listeners {
             for (reason, f) in [
                 (
                     "refused",
@@ -271,7 +363,7 @@ impl Stats {
         ];
         for (name, help, f) in c_metrics {
             header(&mut out, name, "counter", help);
-            for c in &self.clusters {
+            for c in &table.clusters {
                 let _ = writeln!(
                     out,
                     "{name}{{cluster=\"{}\"}} {}",
@@ -286,7 +378,7 @@ impl Stats {
             "gauge",
             "Upstream connections open now.",
         );
-        for c in &self.clusters {
+        for c in &table.clusters {
             let active =
                 sum(&c.slots, |s| &s.cx_total).saturating_sub(sum(&c.slots, |s| &s.cx_closed));
             let _ = writeln!(
@@ -331,7 +423,35 @@ impl Stats {
         let _ = writeln!(
             out,
             "keel_config_info{{version=\"{}\"}} 1",
-            escape(&self.config_version)
+            escape(&snapshot.version)
+        );
+        header(
+            &mut out,
+            "keel_config_reloads_total",
+            "counter",
+            "Config reloads by result (unchanged: the files had not changed).",
+        );
+        for (result, n) in [
+            ("success", &self.reloads.success),
+            ("failure", &self.reloads.failure),
+            ("unchanged", &self.reloads.unchanged),
+        ] {
+            let _ = writeln!(
+                out,
+                "keel_config_reloads_total{{result=\"{result}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "keel_config_last_reload_duration_milliseconds",
+            "gauge",
+            "From the reload trigger to every worker serving the new config, for the last successful reload.",
+        );
+        let _ = writeln!(
+            out,
+            "keel_config_last_reload_duration_milliseconds {}",
+            self.reloads.last_duration_ms.load(Relaxed)
         );
         header(
             &mut out,
@@ -350,14 +470,21 @@ impl Stats {
     /// The same figures as JSON, for `/stats`.
     pub fn json(&self) -> serde_json::Value {
         use serde_json::json;
+        let Published { snapshot, table } = self.published();
         json!({
             "io_driver": self.driver.as_str(),
             "workers": self.workers,
-            "config_version": self.config_version,
+            "config_version": snapshot.version,
+            "config_reloads": {
+                "success": self.reloads.success.load(Relaxed),
+                "failure": self.reloads.failure.load(Relaxed),
+                "unchanged": self.reloads.unchanged.load(Relaxed),
+                "last_duration_ms": self.reloads.last_duration_ms.load(Relaxed),
+            },
             "uptime_seconds": self.started.elapsed().as_secs(),
             "ready": self.is_ready(),
             "draining": self.is_draining(),
-            "listeners": self.listeners.iter().map(|l| {
+            "listeners": table.listeners.iter().map(|l| {
                 let s = &l.slots;
                 json!({
                     "name": l.name,
@@ -379,7 +506,7 @@ impl Stats {
                     "http_5xx": sum(s, |c| &c.rq_5xx),
                 })
             }).collect::<Vec<_>>(),
-            "clusters": self.clusters.iter().map(|c| {
+            "clusters": table.clusters.iter().map(|c| {
                 let s = &c.slots;
                 json!({
                     "name": c.name,

@@ -7,26 +7,27 @@ use std::rc::Rc;
 
 use keel_io::{connect, forward::forward_with, KeepaliveOpts, Stream};
 
-use crate::worker::{ActiveGuard, Worker};
+use crate::worker::{ActiveGuard, ListenerRef, Worker};
 
-/// Proxies one accepted connection on listener `index`.
-pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketAddr) {
-    let _active = ActiveGuard::new(&worker, index);
-    // Borrowed through the task's `Rc<Worker>`: no shared refcount is touched per connection.
-    let snapshot = &*worker.snapshot;
-    let listener = &snapshot.listeners[index];
-    let lstats = &worker.stats.listeners[index].slots[worker.id];
+/// Proxies one accepted connection on listener `at`, with the config generation it was accepted
+/// under for its whole life.
+pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Stream, peer: SocketAddr) {
+    let _active = ActiveGuard::new(&worker, &at.state);
+    let snapshot = &*at.gen.snapshot;
+    let listener = at.config();
+    let lstats = at.counters(worker.id);
     lstats.accepted.inc();
     let _ = down.set_nodelay();
 
-    let Some(cluster_index) = worker.pick_cluster(index) else {
+    let Some(cluster_index) = at.gen.pick_cluster(at.index, &mut worker.rng()) else {
         lstats.no_healthy_upstream.inc();
         return;
     };
     let cluster = &snapshot.clusters[cluster_index];
-    let cstats = &worker.stats.clusters[cluster_index].slots[worker.id];
-    let Some(endpoint) = worker
-        .pick_endpoint(cluster_index)
+    let cstats = &at.gen.clusters[cluster_index].slots[worker.id];
+    let Some(endpoint) = at
+        .gen
+        .pick_endpoint(cluster_index, &mut worker.rng())
         .and_then(|i| cluster.endpoints.get(i))
     else {
         lstats.no_healthy_upstream.inc();
@@ -43,7 +44,7 @@ pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: Socket
     let up = match connect(endpoint.address, cluster.connect_timeout, keepalive).await {
         Ok(up) => up,
         Err(e) => {
-            worker.upstream_connect_failed(index, cluster_index, endpoint.address, &e);
+            worker.upstream_connect_failed(&at, cluster_index, endpoint.address, &e);
             return;
         }
     };
@@ -53,7 +54,7 @@ pub async fn handle(worker: Rc<Worker>, index: usize, down: Stream, peer: Socket
     // cluster's idleTimeout; the guard (declared after both streams) forgets them before they close.
     let idle = worker
         .idle
-        .register(down.raw_fd(), cluster.idle_timeout, index);
+        .register(down.raw_fd(), cluster.idle_timeout, at.state.clone());
     idle.0.set_upstream(up.raw_fd());
     let activity = &idle.0.activity;
     let how = worker.forwarding;

@@ -1,62 +1,94 @@
 //! One worker: a monoio runtime on one core with its own listening sockets, balancers and counters.
 //!
-//! Nothing here is shared with other workers on the hot path: the snapshot is read-only, balancer
-//! state and the random generator are core-local, and counters are this worker's own slots.
+//! Nothing here is shared with other workers on the hot path: the config generation is read-only,
+//! balancer state and the random generator are core-local, and counters are this worker's own
+//! slots. The process talks to a worker only through its [`Control`] channel: to swap in a new
+//! config (prepare, then commit or abort) and to drain listeners.
 
-use std::cell::{Cell, RefCell};
+use std::cell::{Cell, RefCell, RefMut};
 use std::net::TcpListener as StdListener;
+use std::os::fd::{BorrowedFd, OwnedFd, RawFd};
 use std::rc::Rc;
+use std::sync::mpsc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use keel_config::{Cluster, LbPolicy, Protocol, Snapshot};
-use keel_lb::{Balancer, Rng, RoundRobin, WeightedRandom};
-use tokio::sync::watch;
+use keel_config::{Protocol, Snapshot};
+use keel_lb::Rng;
+use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::stats::Stats;
+use crate::generation::{Generation, ListenerState};
+use crate::stats::{CounterTable, ListenerCounters, Stats};
 use crate::tcp_proxy;
 
-/// A worker's view of the config and its core-local state.
+/// Sockets handed to a worker: each with the name of the listener it belongs to.
+pub type NamedSockets = Vec<(String, StdListener)>;
+
+/// Which listeners a drain covers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrainScope {
+    /// Listeners facing the mesh (SIGTERM: the app may still need its outbound ones).
+    Inbound,
+    /// Every listener (binary upgrade, `/drain_listeners`).
+    All,
+}
+
+/// What the process asks of a worker.
+pub enum Control {
+    /// Build a generation for `snapshot` and register `sockets` (its new listeners), without
+    /// serving them yet; reply whether that worked.
+    Prepare {
+        snapshot: Arc<Snapshot>,
+        table: Arc<CounterTable>,
+        sockets: NamedSockets,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    /// Serve the prepared generation: new connections and requests use it, new listeners accept,
+    /// removed listeners drain.
+    Commit {
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    /// Forget the prepared generation; its sockets close.
+    Abort,
+    /// Stop accepting on the listeners in `scope` and let their connections finish.
+    Drain {
+        scope: DrainScope,
+        reply: mpsc::Sender<Result<(), String>>,
+    },
+    /// Copies of the listening sockets still accepting, for a successor process.
+    Export {
+        reply: mpsc::Sender<Result<Vec<(String, OwnedFd)>, String>>,
+    },
+}
+
+/// A worker's core-local state, and its current config generation.
 pub struct Worker {
     pub id: usize,
     /// How this worker moves bytes (splice or copy).
     pub forwarding: keel_io::Forwarding,
-    pub snapshot: Arc<Snapshot>,
     pub stats: Arc<Stats>,
-    balancers: RefCell<Vec<Balancer>>,
-    routes: Vec<Option<WeightedRandom>>,
+    current: RefCell<Rc<Generation>>,
     rng: RefCell<Rng>,
     /// Idle upstream HTTP/1.1 connections of this worker.
     pub pool: RefCell<crate::http::pool::UpstreamPool>,
     /// Idle timeouts of this worker's connections.
     pub idle: crate::idle::IdleSweep,
     active: Cell<usize>,
+    /// Listening sockets accepting now, with their listener (for a handover to a successor).
+    listening: RefCell<Vec<(Rc<ListenerState>, RawFd)>>,
     last_warning: Cell<Option<Instant>>,
     suppressed: Cell<u64>,
 }
 
 impl Worker {
-    /// Builds worker `id`'s balancers from the snapshot; round robin starts at a different endpoint per worker.
+    /// Worker `id` serving `snapshot` with the counters of `table`.
     pub fn new(
         id: usize,
         snapshot: Arc<Snapshot>,
+        table: &CounterTable,
         stats: Arc<Stats>,
         forwarding: keel_io::Forwarding,
     ) -> Worker {
-        let balancers = snapshot
-            .clusters
-            .iter()
-            .map(|c| balancer_for(c, id))
-            .collect();
-        let routes = snapshot
-            .listeners
-            .iter()
-            .map(|l| {
-                (l.route.len() > 1).then(|| {
-                    WeightedRandom::new(&l.route.iter().map(|w| w.weight).collect::<Vec<_>>())
-                })
-            })
-            .collect();
         let seed = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
@@ -64,39 +96,31 @@ impl Worker {
         Worker {
             id,
             forwarding,
-            snapshot,
+            current: RefCell::new(Rc::new(Generation::new(id, snapshot, table, None))),
             stats,
-            balancers: RefCell::new(balancers),
-            routes,
             rng: RefCell::new(Rng::new(seed)),
             pool: RefCell::new(Default::default()),
             idle: Default::default(),
             active: Cell::new(0),
+            listening: RefCell::new(Vec::new()),
             last_warning: Cell::new(None),
             suppressed: Cell::new(0),
         }
     }
 
-    /// The cluster a new connection on listener `listener` goes to (weighted when the route splits).
-    pub fn pick_cluster(&self, listener: usize) -> Option<usize> {
-        let route = &self.snapshot.listeners.get(listener)?.route;
-        match self.routes.get(listener)? {
-            None => route.first().map(|w| w.cluster),
-            Some(picker) => picker
-                .pick(&mut self.rng.borrow_mut())
-                .map(|i| route[i].cluster),
-        }
+    /// The config generation new connections and requests use.
+    pub fn current(&self) -> Rc<Generation> {
+        self.current.borrow().clone()
+    }
+
+    /// The worker's random generator (weighted picks, jitter).
+    pub fn rng(&self) -> RefMut<'_, Rng> {
+        self.rng.borrow_mut()
     }
 
     /// A weighted random choice among `weights` (route destinations); `None` when all are zero.
     pub fn pick_weighted(&self, weights: impl Iterator<Item = u32> + Clone) -> Option<usize> {
         keel_lb::pick_weighted(weights, &mut self.rng.borrow_mut())
-    }
-
-    /// The endpoint index of `cluster` for the next connection.
-    pub fn pick_endpoint(&self, cluster: usize) -> Option<usize> {
-        let mut balancers = self.balancers.borrow_mut();
-        balancers.get_mut(cluster)?.pick(&mut self.rng.borrow_mut())
     }
 
     /// Connections open on this worker.
@@ -108,13 +132,13 @@ impl Worker {
     /// logs it (rate-limited).
     pub fn upstream_connect_failed(
         &self,
-        listener: usize,
+        listener: &ListenerRef,
         cluster: usize,
         endpoint: std::net::SocketAddr,
         e: &keel_io::ConnectError,
     ) {
-        let lstats = &self.stats.listeners[listener].slots[self.id];
-        let cstats = &self.stats.clusters[cluster].slots[self.id];
+        let lstats = listener.counters(self.id);
+        let cstats = &listener.gen.clusters[cluster].slots[self.id];
         cstats.connect_fail.inc();
         match e {
             keel_io::ConnectError::Refused(_) => lstats.connect_refused.inc(),
@@ -125,8 +149,8 @@ impl Worker {
             keel_io::ConnectError::Other(_) => lstats.connect_error.inc(),
         }
         self.warn_upstream(
-            &self.snapshot.listeners[listener].name,
-            &self.snapshot.clusters[cluster].name,
+            &listener.state.name,
+            &listener.gen.snapshot.clusters[cluster].name,
             endpoint,
             e,
         );
@@ -156,65 +180,126 @@ impl Worker {
     }
 }
 
-fn balancer_for(cluster: &Cluster, worker: usize) -> Balancer {
-    let weights: Vec<u32> = cluster.endpoints.iter().map(|e| e.weight).collect();
-    match cluster.lb {
-        LbPolicy::RoundRobin => Balancer::RoundRobin(RoundRobin::new(&weights, worker)),
-        LbPolicy::Random => Balancer::Random(WeightedRandom::new(&weights)),
+/// A connection's listener: its lasting state, and the generation and index it is served with.
+pub struct ListenerRef {
+    pub gen: Rc<Generation>,
+    pub state: Rc<ListenerState>,
+    pub index: usize,
+}
+
+impl ListenerRef {
+    /// The listener's config in this connection's generation.
+    pub fn config(&self) -> &keel_config::Listener {
+        &self.gen.snapshot.listeners[self.index]
+    }
+
+    /// This worker's counters for the listener.
+    pub fn counters(&self, worker: usize) -> &ListenerCounters {
+        &self.state.stats.slots[worker]
+    }
+
+    /// Moves a keep-alive connection onto the worker's current generation before its next
+    /// request, when its listener is still there and still of the same protocol; otherwise the
+    /// connection keeps the generation it has (and closes after the request, as its listener drains).
+    pub fn refresh(&mut self, worker: &Worker) {
+        let current = worker.current.borrow();
+        if Rc::ptr_eq(&current, &self.gen) || !current.has_listener(&self.state) {
+            return;
+        }
+        let index = self.state.index.get();
+        if current.snapshot.listeners[index].protocol == self.config().protocol {
+            self.gen = current.clone();
+            self.index = index;
+        }
     }
 }
 
 /// Counts a connection as open for as long as it lives; drain waits for these to reach zero.
-pub struct ActiveGuard(Rc<Worker>, usize);
+pub struct ActiveGuard(Rc<Worker>, Rc<ListenerState>);
 
 impl ActiveGuard {
-    pub fn new(worker: &Rc<Worker>, listener: usize) -> ActiveGuard {
+    pub fn new(worker: &Rc<Worker>, listener: &Rc<ListenerState>) -> ActiveGuard {
         worker.active.set(worker.active.get() + 1);
-        ActiveGuard(worker.clone(), listener)
+        ActiveGuard(worker.clone(), listener.clone())
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
         self.0.active.set(self.0.active.get() - 1);
-        if let Some(l) = self.0.stats.listeners.get(self.1) {
-            l.slots[self.0.id].closed.inc();
-        }
+        self.1.stats.slots[self.0.id].closed.inc();
+        self.0.stats.per_worker[self.0.id].closed.inc();
     }
 }
 
-/// Runs worker `worker` until `shutdown` turns true, then stops accepting and returns once its
-/// connections have all closed (the caller enforces the drain deadline).
+/// Runs worker `worker` on its initial `sockets`, then follows its `control` channel for as long
+/// as the process lives.
 ///
 /// `ready` is told once every listener is registered with this worker's runtime.
 pub async fn run(
     worker: Rc<Worker>,
-    listeners: Vec<StdListener>,
-    shutdown: watch::Receiver<bool>,
-    ready: std::sync::mpsc::Sender<Result<usize, String>>,
+    sockets: NamedSockets,
+    mut control: UnboundedReceiver<Control>,
+    ready: mpsc::Sender<Result<usize, String>>,
 ) {
-    let mut accepting = Vec::new();
-    for (index, std_listener) in listeners.into_iter().enumerate() {
-        match keel_io::listener::Acceptor::from_std(std_listener) {
-            Ok(l) => accepting.push(monoio::spawn(accept_loop(
-                worker.clone(),
-                index,
-                l,
-                shutdown.clone(),
-            ))),
-            Err(e) => {
-                let _ = ready.send(Err(format!(
-                    "worker {}: cannot register listener: {e}",
-                    worker.id
-                )));
-                return;
+    let acceptors = match register(&worker.current(), sockets) {
+        Ok(a) => a,
+        Err(e) => {
+            let _ = ready.send(Err(format!("worker {}: {e}", worker.id)));
+            return;
+        }
+    };
+    start_accepting(&worker, acceptors);
+    monoio::spawn(sweep_idle(worker.clone()));
+    let _ = ready.send(Ok(worker.id));
+    let mut prepared: Option<(Rc<Generation>, Vec<Accepting>)> = None;
+    while let Some(msg) = control.recv().await {
+        match msg {
+            Control::Prepare {
+                snapshot,
+                table,
+                sockets,
+                reply,
+            } => {
+                let gen = Rc::new(Generation::new(
+                    worker.id,
+                    snapshot,
+                    &table,
+                    Some(&worker.current()),
+                ));
+                let result = register(&gen, sockets).map(|acceptors| {
+                    prepared = Some((gen, acceptors));
+                });
+                let _ = reply.send(result.map_err(|e| format!("worker {}: {e}", worker.id)));
+            }
+            Control::Commit { reply } => {
+                let result = match prepared.take() {
+                    Some((gen, acceptors)) => {
+                        commit(&worker, gen, acceptors);
+                        Ok(())
+                    }
+                    None => Err(format!("worker {}: nothing prepared to commit", worker.id)),
+                };
+                let _ = reply.send(result);
+            }
+            Control::Abort => prepared = None,
+            Control::Drain { scope, reply } => {
+                let gen = worker.current();
+                for (l, state) in gen.snapshot.listeners.iter().zip(&gen.listeners) {
+                    if scope == DrainScope::All || l.direction == keel_config::Direction::Inbound {
+                        state.drain();
+                    }
+                }
+                let _ = reply.send(Ok(()));
+            }
+            Control::Export { reply } => {
+                let _ = reply.send(export(&worker));
             }
         }
     }
-    monoio::spawn(sweep_idle(worker.clone()));
-    let _ = ready.send(Ok(worker.id));
-    for task in accepting {
-        task.await;
+    // The process is going away: stop accepting everywhere and let connections finish.
+    for state in &worker.current().listeners {
+        state.drain();
     }
     while worker.active() > 0 {
         monoio::time::sleep(Duration::from_millis(20)).await;
@@ -222,33 +307,100 @@ pub async fn run(
     tracing::debug!(worker = worker.id, "worker drained");
 }
 
+/// Duplicates of this worker's listening sockets that still accept, by listener name.
+fn export(worker: &Worker) -> Result<Vec<(String, OwnedFd)>, String> {
+    let mut out = Vec::new();
+    for (state, fd) in worker.listening.borrow().iter() {
+        if state.is_draining() {
+            continue;
+        }
+        // SAFETY: `fd` belongs to an acceptor whose loop is still running on this thread, so it is
+        // open for the duration of this borrow.
+        let borrowed = unsafe { BorrowedFd::borrow_raw(*fd) };
+        let dup = borrowed.try_clone_to_owned().map_err(|e| {
+            format!(
+                "worker {}: cannot duplicate a listening socket: {e}",
+                worker.id
+            )
+        })?;
+        out.push((state.name.clone(), dup));
+    }
+    Ok(out)
+}
+
+/// A registered listening socket and the listener it belongs to.
+type Accepting = (Rc<ListenerState>, keel_io::listener::Acceptor);
+
+/// Registers `sockets` with this worker's runtime, each under its listener's state in `gen`.
+fn register(gen: &Generation, sockets: NamedSockets) -> Result<Vec<Accepting>, String> {
+    let mut out = Vec::with_capacity(sockets.len());
+    for (name, socket) in sockets {
+        let state = gen
+            .listeners
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| format!("no listener named {name} in the new config"))?;
+        let acceptor = keel_io::listener::Acceptor::from_std(socket)
+            .map_err(|e| format!("cannot register listener {name}: {e}"))?;
+        out.push((state.clone(), acceptor));
+    }
+    Ok(out)
+}
+
+fn start_accepting(worker: &Rc<Worker>, acceptors: Vec<Accepting>) {
+    for (state, acceptor) in acceptors {
+        monoio::spawn(accept_loop(worker.clone(), state, acceptor));
+    }
+}
+
+/// Makes `gen` current: listeners it keeps carry on, new ones start accepting, removed ones drain;
+/// idle upstream connections to endpoints no cluster names any more are closed.
+fn commit(worker: &Rc<Worker>, gen: Rc<Generation>, acceptors: Vec<Accepting>) {
+    gen.adopt_listeners();
+    let old = worker.current.replace(gen.clone());
+    for state in &old.listeners {
+        if !gen.has_listener(state) {
+            state.drain();
+        }
+    }
+    let endpoints: std::collections::HashSet<std::net::SocketAddr> = gen
+        .snapshot
+        .clusters
+        .iter()
+        .flat_map(|c| c.endpoints.iter().map(|e| e.address))
+        .collect();
+    worker
+        .pool
+        .borrow_mut()
+        .retain(|addr| endpoints.contains(addr));
+    start_accepting(worker, acceptors);
+}
+
 /// Runs the worker's idle sweep every tick, counting each connection it closes.
 async fn sweep_idle(worker: Rc<Worker>) {
     loop {
         monoio::time::sleep(crate::idle::TICK).await;
         worker.idle.sweep(|entry| {
-            if let Some(l) = worker.stats.listeners.get(entry.listener) {
-                l.slots[worker.id].idle_timeout.inc();
-            }
+            entry.listener.stats.slots[worker.id].idle_timeout.inc();
         });
     }
 }
 
 async fn accept_loop(
     worker: Rc<Worker>,
-    index: usize,
+    state: Rc<ListenerState>,
     listener: keel_io::listener::Acceptor,
-    mut shutdown: watch::Receiver<bool>,
 ) {
-    let name = worker.snapshot.listeners[index].name.clone();
-    let protocol = worker.snapshot.listeners[index].protocol;
+    let mut drain = state.drain_signal();
+    let fd = listener.raw_fd();
+    worker.listening.borrow_mut().push((state.clone(), fd));
     loop {
-        // Wait for pending connections or for shutdown; cancelling a readiness wait is harmless.
+        // Wait for pending connections or for the drain; cancelling a readiness wait is harmless.
         let stop = monoio::select! {
             r = listener.readable() => r.is_err(),
-            _ = shutdown.wait_for(|draining| *draining) => true,
+            _ = drain.wait_for(|draining| *draining) => true,
         };
-        if stop {
+        if stop || state.is_draining() {
             break;
         }
         // Take every connection waiting, then wait again.
@@ -256,14 +408,22 @@ async fn accept_loop(
             match listener.try_accept() {
                 Ok((stream, peer)) => {
                     worker.stats.per_worker[worker.id].accepted.inc();
+                    let gen = worker.current();
+                    let index = state.index.get();
+                    let protocol = gen.snapshot.listeners[index].protocol;
+                    let at = ListenerRef {
+                        gen,
+                        state: state.clone(),
+                        index,
+                    };
                     match protocol {
                         Protocol::Tcp => {
-                            monoio::spawn(tcp_proxy::handle(worker.clone(), index, stream, peer));
+                            monoio::spawn(tcp_proxy::handle(worker.clone(), at, stream, peer));
                         }
                         Protocol::Http => {
                             monoio::spawn(crate::http::proxy::serve(
                                 worker.clone(),
-                                index,
+                                at,
                                 stream,
                                 peer,
                             ));
@@ -274,12 +434,16 @@ async fn accept_loop(
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {}
                 Err(e) => {
                     // Out of fds or memory: back off instead of spinning, and say so.
-                    tracing::warn!(worker = worker.id, listener = %name, error = %e, "accept failed");
+                    tracing::warn!(worker = worker.id, listener = %state.name, error = %e, "accept failed");
                     monoio::time::sleep(Duration::from_millis(50)).await;
                     break;
                 }
             }
         }
     }
-    tracing::debug!(worker = worker.id, listener = %name, "stopped accepting");
+    worker
+        .listening
+        .borrow_mut()
+        .retain(|(s, f)| !(*f == fd && Rc::ptr_eq(s, &state)));
+    tracing::debug!(worker = worker.id, listener = %state.name, "stopped accepting");
 }

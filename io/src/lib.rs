@@ -11,6 +11,7 @@ pub mod forward;
 pub mod listener;
 pub mod splice;
 pub mod stream;
+pub mod unix_seqpacket;
 pub mod worker;
 
 pub use buffer::{Buffer, BUFFER_SIZE, HTTP_BUFFER_SIZE};

@@ -60,6 +60,11 @@ impl Acceptor {
         })
     }
 
+    /// The listening socket's fd, for duplicating it to hand over.
+    pub fn raw_fd(&self) -> std::os::fd::RawFd {
+        self.inner.as_raw_fd()
+    }
+
     /// Resolves when a connection is waiting.
     pub async fn readable(&self) -> io::Result<()> {
         self.inner.readable(false).await

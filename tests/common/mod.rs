@@ -536,26 +536,38 @@ pub fn http_request(s: &mut TcpStream, request: &[u8]) -> (u16, String, Vec<u8>)
     read_response(s)
 }
 
+/// Reads one response, and not a byte more: pipelined responses that arrive together stay in the
+/// socket for the next call.
 pub fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
     // Generous: 2 cores run every test of a binary at once, some moving hundreds of MiB.
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     let mut buf = Vec::new();
-    let mut tmp = [0u8; 65536];
-    let end = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = s.read(&mut tmp).unwrap();
+    while !buf.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8; 1];
+        let n = s.read(&mut byte).unwrap();
         assert!(
             n > 0,
             "connection closed before a response head: {:?}",
             String::from_utf8_lossy(&buf)
         );
-        buf.extend_from_slice(&tmp[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        buf.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&buf).to_ascii_lowercase();
     let status: u16 = head[9..12].parse().unwrap();
-    let mut rest = buf[end..].to_vec();
+    let line = |s: &mut TcpStream| {
+        let mut l = Vec::new();
+        while !l.ends_with(b"\r\n") {
+            let mut byte = [0u8; 1];
+            assert_eq!(
+                s.read(&mut byte).unwrap(),
+                1,
+                "closed inside a chunked body"
+            );
+            l.push(byte[0]);
+        }
+        l.truncate(l.len() - 2);
+        l
+    };
     let body = if status == 204 || status == 304 || (100..200).contains(&status) {
         Vec::new()
     } else if let Some(cl) = head
@@ -563,33 +575,32 @@ pub fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
         .find_map(|l| l.strip_prefix("content-length: "))
         .and_then(|v| v.trim().parse::<usize>().ok())
     {
-        while rest.len() < cl {
-            let n = s.read(&mut tmp).unwrap();
-            assert!(n > 0);
-            rest.extend_from_slice(&tmp[..n]);
-        }
-        rest.truncate(cl);
-        rest
+        let mut body = vec![0u8; cl];
+        s.read_exact(&mut body).unwrap();
+        body
     } else if head.contains("transfer-encoding: chunked") {
         let mut body = Vec::new();
         loop {
-            while !rest.windows(2).any(|w| w == b"\r\n") {
-                let n = s.read(&mut tmp).unwrap();
-                rest.extend_from_slice(&tmp[..n]);
-            }
-            let i = rest.windows(2).position(|w| w == b"\r\n").unwrap();
-            let size =
-                usize::from_str_radix(std::str::from_utf8(&rest[..i]).unwrap().trim(), 16).unwrap();
-            rest.drain(..i + 2);
-            while rest.len() < size + 2 {
-                let n = s.read(&mut tmp).unwrap();
-                rest.extend_from_slice(&tmp[..n]);
-            }
+            let size_line = line(s);
+            let size = usize::from_str_radix(
+                std::str::from_utf8(&size_line)
+                    .unwrap()
+                    .split(';')
+                    .next()
+                    .unwrap()
+                    .trim(),
+                16,
+            )
+            .unwrap();
             if size == 0 {
+                // Trailers, if any, up to the empty line.
+                while !line(s).is_empty() {}
                 break;
             }
-            body.extend_from_slice(&rest[..size]);
-            rest.drain(..size + 2);
+            let at = body.len();
+            body.resize(at + size, 0);
+            s.read_exact(&mut body[at..]).unwrap();
+            assert!(line(s).is_empty(), "chunk not followed by CRLF");
         }
         body
     } else {

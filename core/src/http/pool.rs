@@ -40,6 +40,11 @@ impl UpstreamPool {
         }
     }
 
+    /// Closes the idle connections to endpoints for which `keep` is false (after a reload).
+    pub fn retain(&mut self, mut keep: impl FnMut(&SocketAddr) -> bool) {
+        self.idle.retain(|addr, _| keep(addr));
+    }
+
     /// Idle connections held, over all endpoints.
     pub fn idle_count(&self) -> usize {
         self.idle.values().map(Vec::len).sum()

@@ -22,7 +22,7 @@ use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limi
 use super::head::{RequestHead, ResponseHead, Version};
 use super::headers::Headers;
 use crate::idle::IdleEntry;
-use crate::worker::{ActiveGuard, Worker};
+use crate::worker::{ActiveGuard, ListenerRef, Worker};
 
 /// Envoy's response flags, recorded per request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,13 +67,13 @@ enum Next {
     Close,
 }
 
-/// Serves HTTP/1.1 on one accepted connection of HTTP listener `index`.
-pub async fn serve(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketAddr) {
-    let _active = ActiveGuard::new(&worker, index);
-    let lstats = &worker.stats.listeners[index].slots[worker.id];
-    lstats.accepted.inc();
+/// Serves HTTP/1.1 on one accepted connection of HTTP listener `at`. Each request is routed by
+/// the config generation in force when its head arrived.
+pub async fn serve(worker: Rc<Worker>, mut at: ListenerRef, down: Stream, peer: SocketAddr) {
+    let _active = ActiveGuard::new(&worker, &at.state);
+    at.counters(worker.id).accepted.inc();
     let _ = down.set_nodelay();
-    let limits = worker.snapshot.proxy.http;
+    let limits = at.gen.snapshot.proxy.http;
     let head_limits = Limits {
         max_head_bytes: limits.max_request_headers_bytes,
         max_headers: limits.max_headers,
@@ -85,10 +85,10 @@ pub async fn serve(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketA
     // guard is declared after the stream, so it forgets the fd before the stream closes it.
     let idle = worker
         .idle
-        .register(down.stream.raw_fd(), limits.idle_timeout, index);
+        .register(down.stream.raw_fd(), limits.idle_timeout, at.state.clone());
     requests(
         &worker,
-        index,
+        &mut at,
         &mut down,
         peer,
         &idle.0,
@@ -101,17 +101,16 @@ pub async fn serve(worker: Rc<Worker>, index: usize, down: Stream, peer: SocketA
 /// Serves requests on one connection until either side is done.
 async fn requests(
     worker: &Rc<Worker>,
-    index: usize,
+    at: &mut ListenerRef,
     down: &mut BufferedStream,
     peer: SocketAddr,
     idle: &IdleEntry,
     head_limits: &Limits,
     limits: &HttpLimits,
 ) {
-    let activity = &idle.activity;
-    let lstats = &worker.stats.listeners[index].slots[worker.id];
     loop {
-        let head = match read_request(down, head_limits, limits, activity).await {
+        let lstats = at.counters(worker.id);
+        let head = match read_request(down, head_limits, limits, idle).await {
             Ok(Some(h)) => h,
             Ok(None) => break,
             Err(ReadError::Head(e)) => {
@@ -131,9 +130,10 @@ async fn requests(
             Err(ReadError::Io) => break,
         };
         lstats.rq_total.inc();
+        at.refresh(worker);
         // The exchange's state (kilobytes) is boxed so it exists only while a request is in
         // flight: an idle keep-alive connection keeps just this loop's small state.
-        if Box::pin(exchange(worker, index, down, head, peer, idle)).await == Next::Close {
+        if Box::pin(exchange(worker, at, down, head, peer, idle)).await == Next::Close {
             break;
         }
     }
@@ -150,8 +150,9 @@ async fn read_request(
     down: &mut BufferedStream,
     head_limits: &Limits,
     limits: &HttpLimits,
-    activity: &Cell<u64>,
+    idle: &IdleEntry,
 ) -> Result<Option<(RequestHead, BodyKind)>, ReadError> {
+    let activity = &idle.activity;
     let mut deadline: Option<Instant> = None;
     loop {
         if down.has_buffered() {
@@ -168,7 +169,13 @@ async fn read_request(
         // Waiting for the first byte of a request is bounded by the connection's idle watch; once a
         // head has started, it must complete within requestHeadersTimeout.
         let filled = match deadline {
-            None => down.fill(activity).await,
+            None => {
+                // Nothing of a request read yet: a drain of the listener may close us now.
+                idle.between_requests.set(!down.has_buffered());
+                let r = down.fill(activity).await;
+                idle.between_requests.set(false);
+                r
+            }
             // Boxed: the timer exists only while a head arrives in pieces, not in the state every
             // idle connection carries.
             Some(d) => match Box::pin(monoio::time::timeout(
@@ -311,18 +318,23 @@ fn decide<'a>(
 /// Handles one request from head to the end of its response.
 async fn exchange(
     worker: &Rc<Worker>,
-    index: usize,
+    at: &ListenerRef,
     down: &mut BufferedStream,
     (mut head, body): (RequestHead, BodyKind),
     peer: SocketAddr,
     idle: &IdleEntry,
 ) -> Next {
     let activity = &idle.activity;
-    let snapshot = &*worker.snapshot;
-    let listener = &snapshot.listeners[index];
-    let lstats = &worker.stats.listeners[index].slots[worker.id];
+    let snapshot = &*at.gen.snapshot;
+    let listener = at.config();
+    let lstats = at.counters(worker.id);
     let started = Instant::now();
     let mut next = client_wants(&head);
+    if at.state.is_draining() {
+        // The listener drains (removed by a reload, SIGTERM, /drain_listeners): this response
+        // carries `Connection: close`.
+        next = Next::Close;
+    }
 
     if head.method == "CONNECT" {
         count_status(lstats, 405);
@@ -386,8 +398,9 @@ async fn exchange(
         } => (route, target, match_index),
     };
     let cluster = &snapshot.clusters[target.target.cluster];
-    let Some(endpoint) = worker
-        .pick_endpoint(target.target.cluster)
+    let Some(endpoint) = at
+        .gen
+        .pick_endpoint(target.target.cluster, &mut worker.rng())
         .and_then(|i| cluster.endpoints.get(i))
     else {
         lstats.no_healthy_upstream.inc();
@@ -443,7 +456,7 @@ async fn exchange(
         {
             Ok(x) => x,
             Err(e) => {
-                worker.upstream_connect_failed(index, target.target.cluster, endpoint.address, &e);
+                worker.upstream_connect_failed(at, target.target.cluster, endpoint.address, &e);
                 count_status(lstats, 503);
                 if body != BodyKind::None {
                     next = Next::Close;

@@ -1,0 +1,161 @@
+//! A worker's view of one config version: the snapshot, its counters, and the balancer state built
+//! from it.
+//!
+//! A reload gives every worker a new [`Generation`]; the old one lives on, unchanged, in the
+//! connections and requests that started on it, and is freed when the last of them ends. What must
+//! outlive a generation — a listener's socket, drain state and counters — sits in [`ListenerState`],
+//! which the new generation takes over from the old one when the listener is kept.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use keel_config::{Cluster, LbPolicy, Snapshot};
+use keel_lb::{Balancer, Rng, RoundRobin, WeightedRandom};
+use tokio::sync::watch;
+
+use crate::stats::{ClusterStats, CounterTable, ListenerStats};
+
+/// One listener on one worker, for as long as its sockets are open, across config versions.
+pub struct ListenerState {
+    pub name: String,
+    pub stats: Arc<ListenerStats>,
+    /// Where the listener sits in the worker's current generation (stale once it is removed).
+    pub index: Cell<usize>,
+    /// Turns true when the listener drains: its accept loops stop (closing its sockets) and its
+    /// HTTP connections close after the response in progress, or at once when idle.
+    draining: watch::Sender<bool>,
+}
+
+impl ListenerState {
+    fn new(name: String, stats: Arc<ListenerStats>, index: usize) -> ListenerState {
+        ListenerState {
+            name,
+            stats,
+            index: Cell::new(index),
+            draining: watch::Sender::new(false),
+        }
+    }
+
+    /// A lone listener state, for unit tests of what hangs off one.
+    #[cfg(test)]
+    pub fn for_test() -> Rc<ListenerState> {
+        let stats = Arc::new(ListenerStats {
+            name: "test".into(),
+            direction: "inbound",
+            slots: Box::new([]),
+        });
+        Rc::new(ListenerState::new("test".into(), stats, 0))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+
+    /// Stops accepting on this listener and lets its connections finish.
+    pub fn drain(&self) {
+        self.draining.send_replace(true);
+    }
+
+    /// A receiver an accept loop waits on to learn that the listener drains.
+    pub fn drain_signal(&self) -> watch::Receiver<bool> {
+        self.draining.subscribe()
+    }
+}
+
+/// One config version as one worker runs it.
+pub struct Generation {
+    pub snapshot: Arc<Snapshot>,
+    /// Per listener of the snapshot, in its order.
+    pub listeners: Vec<Rc<ListenerState>>,
+    /// Per cluster of the snapshot, in its order.
+    pub clusters: Vec<Arc<ClusterStats>>,
+    balancers: RefCell<Vec<Balancer>>,
+    routes: Vec<Option<WeightedRandom>>,
+}
+
+impl Generation {
+    /// Worker `worker`'s generation for `snapshot`, taking over `previous`'s listener states for
+    /// listeners that are kept (same name and direction). Round robin starts at a different
+    /// endpoint per worker.
+    pub fn new(
+        worker: usize,
+        snapshot: Arc<Snapshot>,
+        table: &CounterTable,
+        previous: Option<&Generation>,
+    ) -> Generation {
+        let listeners = snapshot
+            .listeners
+            .iter()
+            .zip(&table.listeners)
+            .enumerate()
+            .map(|(index, (l, stats))| {
+                previous
+                    .and_then(|p| {
+                        p.listeners
+                            .iter()
+                            .find(|s| s.name == l.name && Arc::ptr_eq(&s.stats, stats))
+                    })
+                    .cloned()
+                    .unwrap_or_else(|| {
+                        Rc::new(ListenerState::new(l.name.clone(), stats.clone(), index))
+                    })
+            })
+            .collect();
+        let balancers = snapshot
+            .clusters
+            .iter()
+            .map(|c| balancer_for(c, worker))
+            .collect();
+        let routes = snapshot
+            .listeners
+            .iter()
+            .map(|l| {
+                (l.route.len() > 1).then(|| {
+                    WeightedRandom::new(&l.route.iter().map(|w| w.weight).collect::<Vec<_>>())
+                })
+            })
+            .collect();
+        Generation {
+            clusters: table.clusters.clone(),
+            snapshot,
+            listeners,
+            balancers: RefCell::new(balancers),
+            routes,
+        }
+    }
+
+    /// Points each listener state at its place in this generation; called when it goes live.
+    pub fn adopt_listeners(&self) {
+        for (i, l) in self.listeners.iter().enumerate() {
+            l.index.set(i);
+        }
+    }
+
+    /// Whether `state` is one of this generation's listeners (it was not removed).
+    pub fn has_listener(&self, state: &Rc<ListenerState>) -> bool {
+        self.listeners.iter().any(|s| Rc::ptr_eq(s, state))
+    }
+
+    /// The cluster a new connection on listener `listener` goes to (weighted when the route splits).
+    pub fn pick_cluster(&self, listener: usize, rng: &mut Rng) -> Option<usize> {
+        let route = &self.snapshot.listeners.get(listener)?.route;
+        match self.routes.get(listener)? {
+            None => route.first().map(|w| w.cluster),
+            Some(picker) => picker.pick(rng).map(|i| route[i].cluster),
+        }
+    }
+
+    /// The endpoint index of `cluster` for the next connection.
+    pub fn pick_endpoint(&self, cluster: usize, rng: &mut Rng) -> Option<usize> {
+        self.balancers.borrow_mut().get_mut(cluster)?.pick(rng)
+    }
+}
+
+fn balancer_for(cluster: &Cluster, worker: usize) -> Balancer {
+    let weights: Vec<u32> = cluster.endpoints.iter().map(|e| e.weight).collect();
+    match cluster.lb {
+        LbPolicy::RoundRobin => Balancer::RoundRobin(RoundRobin::new(&weights, worker)),
+        LbPolicy::Random => Balancer::Random(WeightedRandom::new(&weights)),
+    }
+}
