@@ -20,6 +20,11 @@ use crate::generation::ListenerState;
 /// Sweep period: idle timeouts fire between the timeout and the timeout plus one tick.
 pub const TICK: Duration = Duration::from_millis(100);
 
+/// How long a keep-alive connection of a draining listener must have been idle before the sweep
+/// closes it. A client busy on it gets `Connection: close` on its next response instead; the grace
+/// keeps the close from racing a request the client is just sending.
+const DRAIN_GRACE_TICKS: u64 = 5;
+
 /// One connection's idle state.
 pub struct IdleEntry {
     /// Bumped by the connection whenever bytes move either way.
@@ -95,14 +100,20 @@ impl IdleSweep {
                 return false;
             };
             let a = e.activity.get();
-            if e.between_requests.get() && e.listener.is_draining() {
+            let quiet = t - e.quiet_since.get();
+            if a != e.seen.get() {
+                e.seen.set(a);
+                e.quiet_since.set(t);
+            } else if e.between_requests.get()
+                && e.listener.is_draining()
+                && quiet >= DRAIN_GRACE_TICKS
+            {
+                // A keep-alive connection of a draining listener, idle between requests: close it
+                // rather than wait for its idle timeout. Busy ones get `Connection: close` instead.
                 for fd in &e.fds {
                     keel_io::stream::shutdown_fd(fd.get());
                 }
-            } else if a != e.seen.get() {
-                e.seen.set(a);
-                e.quiet_since.set(t);
-            } else if !e.expired.get() && t - e.quiet_since.get() >= e.timeout_ticks {
+            } else if !e.expired.get() && quiet >= e.timeout_ticks {
                 e.expired.set(true);
                 for fd in &e.fds {
                     keel_io::stream::shutdown_fd(fd.get());

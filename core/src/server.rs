@@ -223,11 +223,10 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         admin_stop: &admin_stop,
     };
     let result = control.serve(&mut fleet, &events);
-    if let (Some(stop), Some(path)) = (successors, &opts.upgrade_socket) {
+    if let (Some((stop, inode)), Some(path)) = (successors, &opts.upgrade_socket) {
         stop.store(true, Ordering::Relaxed);
-        if result == Exit::Upgraded {
-            // The successor owns the upgrade socket path now.
-        } else {
+        // After an upgrade the path is the successor's socket: remove only our own.
+        if result != Exit::Upgraded && inode_of(path) == Some(inode) {
             let _ = std::fs::remove_file(path);
         }
     }
@@ -261,14 +260,21 @@ fn initial_sockets(
     Ok(per_worker)
 }
 
+fn inode_of(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
 /// Accepts successors on the upgrade socket at `path` (each becomes an [`Event::Successor`]);
-/// the returned flag stops the thread.
+/// returns the flag that stops the thread, and the socket file's inode.
 fn offer_sockets(
     path: &std::path::Path,
     events: mpsc::Sender<Event>,
-) -> Result<Arc<AtomicBool>, String> {
+) -> Result<(Arc<AtomicBool>, u64), String> {
     let listener =
         SeqPacket::listen(path).map_err(|e| format!("upgrade socket {}: {e}", path.display()))?;
+    let inode =
+        inode_of(path).ok_or_else(|| format!("upgrade socket {}: vanished", path.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     std::thread::Builder::new()
@@ -290,7 +296,7 @@ fn offer_sockets(
             }
         })
         .map_err(|e| format!("cannot start the upgrade thread: {e}"))?;
-    Ok(stop)
+    Ok((stop, inode))
 }
 
 /// How the control loop ended.
@@ -437,7 +443,7 @@ impl Control<'_> {
         loop {
             if !serve_outbound && self.stats.open_connections() == 0 {
                 tracing::info!("drained");
-                return Exit::Drained;
+                break;
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
@@ -463,7 +469,7 @@ impl Control<'_> {
                 open,
                 "drain timeout reached; closing the remaining connections"
             );
-        } else {
+        } else if serve_outbound {
             tracing::info!("drained");
         }
         if why == "upgrade" {

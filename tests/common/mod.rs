@@ -139,6 +139,18 @@ impl Keel {
         panic!("keel did not become ready; log:\n{}", self.log_text());
     }
 
+    /// The config file this keel was started with.
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("keel.yaml")
+    }
+
+    /// Replaces the config file atomically (write aside, then rename), as a deploy tool would.
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.dir.join(".keel.yaml.tmp");
+        std::fs::write(&tmp, config).unwrap();
+        std::fs::rename(&tmp, self.config_path()).unwrap();
+    }
+
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
