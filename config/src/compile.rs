@@ -52,13 +52,12 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
     }
     let proxy = proxy.ok_or_else(Vec::new)?;
     let version = format!("{:016x}", raw.content_hash);
-    let dump = dump(&raw, &version, &listeners, &c.clusters);
     Ok(Snapshot {
         version,
         proxy,
         listeners,
         clusters: c.clusters,
-        dump,
+        source: std::sync::Arc::new(raw),
     })
 }
 
@@ -1596,7 +1595,8 @@ fn parse_bind(
     }
 }
 
-fn dump(
+/// The effective config as JSON, for `/config_dump`.
+pub fn dump(
     raw: &RawConfig,
     version: &str,
     listeners: &[Listener],

@@ -147,20 +147,8 @@ pub fn read(path: &Path) -> Result<RawConfig, Vec<ConfigError>> {
 /// Parses the documents of one file's text into `raw`; `file` only labels errors.
 pub fn parse_file(file: &Path, text: &str, raw: &mut RawConfig, errors: &mut Vec<ConfigError>) {
     let file = Arc::new(file.to_path_buf());
-    let docs = match locate::index(text) {
-        Ok(docs) => docs,
-        Err(e) => {
-            errors.push(ConfigError {
-                file: (*file).clone(),
-                line: e.line,
-                column: e.column,
-                path: String::new(),
-                message: format!("YAML syntax error: {}", e.message),
-            });
-            return;
-        }
-    };
-    for doc in docs {
+    let source: Arc<str> = Arc::from(text);
+    for doc in locate::split(&source) {
         if doc.empty {
             continue;
         }
@@ -168,11 +156,81 @@ pub fn parse_file(file: &Path, text: &str, raw: &mut RawConfig, errors: &mut Vec
             file: file.clone(),
             doc: Arc::new(doc),
         };
-        let body = &text[origin.doc.text.clone()];
+        let doc = origin.doc.clone();
+        let body = doc.body(text);
+        if parse_quickly(body, &origin, raw) {
+            continue;
+        }
+        if let Some(e) = origin.doc.syntax_error() {
+            errors.push(ConfigError {
+                file: (*file).clone(),
+                line: e.line,
+                column: e.column,
+                path: String::new(),
+                message: format!("YAML syntax error: {}", e.message),
+            });
+            continue;
+        }
         if let Err(e) = parse_document(body, origin, raw) {
             errors.push(e);
         }
     }
+}
+
+/// The common case in one pass: a document whose top-level `apiVersion` and `kind` lines name an
+/// implemented kind, and which deserializes without error. False when anything is off; the caller
+/// then takes the careful path, which finds and explains the problem.
+fn parse_quickly(body: &str, origin: &Origin, raw: &mut RawConfig) -> bool {
+    let top = |key: &str| {
+        body.lines().find_map(|l| {
+            let v = l.strip_prefix(key)?.strip_prefix(':')?;
+            let v = v.split(" #").next().unwrap_or(v).trim();
+            (!v.is_empty() && !v.starts_with(['"', '\'', '&', '*', '!', '{', '['])).then_some(v)
+        })
+    };
+    let (Some(kind), Some(api_version)) = (top("kind"), top("apiVersion")) else {
+        return false;
+    };
+    let Some((_, versions, true)) = KINDS.iter().find(|(k, ..)| *k == kind) else {
+        return false;
+    };
+    if !versions.contains(&api_version) {
+        return false;
+    }
+    fn typed<T: DeserializeOwned>(
+        body: &str,
+        origin: &Origin,
+        kind: &str,
+        api_version: &str,
+    ) -> Option<Located<T>> {
+        let value: Resource<T> = serde_saphyr::from_str_with_options(body, parse_options()).ok()?;
+        (value.kind == kind && value.api_version == api_version).then(|| Located {
+            value,
+            origin: origin.clone(),
+        })
+    }
+    let pushed = match kind {
+        "Proxy" => typed(body, origin, kind, api_version).map(|r| raw.proxies.push(r)),
+        "Sidecar" => typed(body, origin, kind, api_version).map(|r| raw.sidecars.push(r)),
+        "ServiceEntry" => {
+            typed(body, origin, kind, api_version).map(|r| raw.service_entries.push(r))
+        }
+        "VirtualService" => {
+            typed(body, origin, kind, api_version).map(|r| raw.virtual_services.push(r))
+        }
+        "DestinationRule" => {
+            typed(body, origin, kind, api_version).map(|r| raw.destination_rules.push(r))
+        }
+        _ => None,
+    };
+    pushed.is_some()
+}
+
+fn parse_options() -> serde_saphyr::Options {
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.with_snippet = false;
+    options
 }
 
 fn parse_document(body: &str, origin: Origin, raw: &mut RawConfig) -> Result<(), ConfigError> {
@@ -229,16 +287,14 @@ fn located<T: DeserializeOwned>(body: &str, origin: Origin) -> Result<Located<T>
 
 /// Deserializes one document, turning a failure into an error with file, line, column and field path.
 fn deserialize<T: DeserializeOwned>(body: &str, origin: &Origin) -> Result<T, ConfigError> {
-    let mut options = serde_saphyr::Options::default();
-    options.strict_booleans = true;
-    options.with_snippet = false;
     let mut path = String::new();
-    let result = serde_saphyr::with_deserializer_from_str_with_options(body, options, |de| {
-        serde_path_to_error::deserialize(de).map_err(|e| {
-            path = e.path().to_string();
-            e.into_inner()
-        })
-    });
+    let result =
+        serde_saphyr::with_deserializer_from_str_with_options(body, parse_options(), |de| {
+            serde_path_to_error::deserialize(de).map_err(|e| {
+                path = e.path().to_string();
+                e.into_inner()
+            })
+        });
     result.map_err(|e| {
         // serde_path_to_error writes `?` for a segment it could not name (e.g. a duplicate key).
         let path = path

@@ -3,8 +3,13 @@
 //! serde tells us *that* a value is wrong; validation done after deserializing only knows the field
 //! path. This index, built from the parser's events, turns `spec.ingress[1].port.number` back into
 //! `file:12:9` so every error points at the node to fix.
+//!
+//! Indexing costs as much as parsing the YAML again, so it is done only for a document that has
+//! an error to report: [`split`] cuts a file into documents by their `---` markers alone, and a
+//! document indexes itself the first time a position is asked of it.
 
 use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
 
 use serde_saphyr::granit_parser::{Event, Parser};
 
@@ -15,29 +20,61 @@ pub struct Document {
     pub first_line: usize,
     /// Byte range of the document's text in the file, from the start of `first_line`.
     pub text: std::ops::Range<usize>,
-    /// Field path (`spec.egress[0].port`) → (line, column), both 1-based, in file coordinates.
-    positions: HashMap<String, (usize, usize)>,
+    /// Field path (`spec.egress[0].port`) → (line, column), both 1-based, in file coordinates;
+    /// built on first use.
+    positions: OnceLock<HashMap<String, (usize, usize)>>,
+    /// The whole file's text, for indexing on demand.
+    source: Option<Arc<str>>,
     /// The document holds no node at all (a stray `---`, only comments).
     pub empty: bool,
 }
 
 impl Document {
+    /// The document's own text.
+    pub fn body<'a>(&'a self, file_text: &'a str) -> &'a str {
+        &file_text[self.text.clone()]
+    }
+
+    fn positions(&self) -> &HashMap<String, (usize, usize)> {
+        self.positions.get_or_init(|| {
+            let Some(source) = &self.source else {
+                return HashMap::new();
+            };
+            let body = &source[self.text.clone()];
+            let shift = self.first_line - 1;
+            match index(body) {
+                Ok(docs) => docs
+                    .into_iter()
+                    .flat_map(|d| d.positions.into_inner().unwrap_or_default())
+                    .map(|(k, (line, col))| (k, (line + shift, col)))
+                    .collect(),
+                Err(_) => HashMap::new(),
+            }
+        })
+    }
+
+    /// The YAML syntax error in this document, if it has one, in file coordinates.
+    pub fn syntax_error(&self) -> Option<SyntaxError> {
+        let source = self.source.as_ref()?;
+        index(&source[self.text.clone()])
+            .err()
+            .map(|e| SyntaxError {
+                line: e.line + self.first_line - 1,
+                ..e
+            })
+    }
+
     /// Position of the node at `path`, or of its nearest ancestor that exists.
     pub fn position(&self, path: &str) -> (usize, usize) {
+        let positions = self.positions();
         let mut p = path;
         loop {
-            if let Some(pos) = self.positions.get(p) {
+            if let Some(pos) = positions.get(p) {
                 return *pos;
             }
             match p.rfind(['.', '[']) {
                 Some(i) => p = &p[..i],
-                None => {
-                    return self
-                        .positions
-                        .get("")
-                        .copied()
-                        .unwrap_or((self.first_line, 1))
-                }
+                None => return positions.get("").copied().unwrap_or((self.first_line, 1)),
             }
         }
     }
@@ -62,6 +99,62 @@ fn join(parent: &str, key: &str) -> String {
     } else {
         format!("{parent}.{key}")
     }
+}
+
+/// Splits `source` into documents at its document markers (`---` or `...` at the start of a
+/// line, which YAML reserves there in any context), without parsing it.
+pub fn split(source: &Arc<str>) -> Vec<Document> {
+    let text: &str = source;
+    let mut docs = Vec::new();
+    let mut start = 0usize;
+    let mut first_line = 1usize;
+    let mut content = false;
+    let mut offset = 0usize;
+    let mut marker_open = false;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker = |m: &str| {
+            bare.strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+        };
+        if marker("---") || marker("...") {
+            if content || marker_open {
+                docs.push(Document {
+                    first_line,
+                    text: start..offset,
+                    positions: OnceLock::new(),
+                    source: Some(source.clone()),
+                    empty: !content,
+                });
+            }
+            let starts = marker("---");
+            // `...` ends a document; what follows until the next `---` is not part of one.
+            start = offset;
+            first_line = n + 1;
+            content = starts && !bare[3..].trim().is_empty() && !bare[3..].trim().starts_with('#');
+            marker_open = starts;
+            if !starts {
+                start = offset + line.len();
+                first_line = n + 2;
+            }
+        } else {
+            let t = bare.trim_start();
+            if !t.is_empty() && !t.starts_with('#') {
+                content = true;
+            }
+        }
+        offset += line.len();
+    }
+    if content || marker_open {
+        docs.push(Document {
+            first_line,
+            text: start..text.len(),
+            positions: OnceLock::new(),
+            source: Some(source.clone()),
+            empty: !content,
+        });
+    }
+    docs
 }
 
 /// Splits `text` into documents and indexes the position of every node.
@@ -96,7 +189,8 @@ pub fn index(text: &str) -> Result<Vec<Document>, SyntaxError> {
                 docs.push(Document {
                     first_line,
                     text: line_offset(first_line)..text.len(),
-                    positions: HashMap::new(),
+                    positions: OnceLock::from(HashMap::new()),
+                    source: None,
                     empty: false,
                 });
                 nodes_in_doc = 0;
@@ -122,7 +216,9 @@ pub fn index(text: &str) -> Result<Vec<Document>, SyntaxError> {
             continue;
         }
         nodes_in_doc += 1;
-        let Some(doc) = docs.last_mut() else { continue };
+        let Some(positions) = docs.last_mut().and_then(|d| d.positions.get_mut()) else {
+            continue;
+        };
         let path = match stack.last_mut() {
             None => String::new(),
             Some(Frame::Map { path, key }) => match key.take() {
@@ -133,7 +229,7 @@ pub fn index(text: &str) -> Result<Vec<Document>, SyntaxError> {
                         _ => "?".to_string(),
                     };
                     let full = join(path, &k);
-                    doc.positions.entry(full).or_insert(pos);
+                    positions.entry(full).or_insert(pos);
                     *key = Some(k);
                     if opens {
                         // A complex key: index its insides under a placeholder, never reported.
@@ -152,7 +248,7 @@ pub fn index(text: &str) -> Result<Vec<Document>, SyntaxError> {
                 p
             }
         };
-        doc.positions.entry(path.clone()).or_insert(pos);
+        positions.entry(path.clone()).or_insert(pos);
         if opens {
             stack.push(match event {
                 Event::MappingStart(..) => Frame::Map { path, key: None },
@@ -193,6 +289,25 @@ mod tests {
         assert_eq!(docs[3].first_line, 7);
         assert_eq!(docs[3].position("d"), (8, 1));
         assert_eq!(docs[1].position("c"), (4, 1));
+    }
+
+    #[test]
+    fn split_matches_the_parser() {
+        let text = "a: 1\n---\nb: 2\nc: 3\n---\n# only a comment\n---\nd: 4\n...\n--- {e: 5}\n";
+        let source: Arc<str> = Arc::from(text);
+        let docs = split(&source);
+        assert_eq!(docs.len(), 5);
+        assert_eq!(docs[0].body(text), "a: 1\n");
+        assert_eq!(docs[1].body(text), "---\nb: 2\nc: 3\n");
+        assert!(docs[2].empty);
+        assert_eq!((docs[3].first_line, docs[3].body(text)), (7, "---\nd: 4\n"));
+        assert_eq!(docs[3].position("d"), (8, 1));
+        assert_eq!(docs[1].position("c"), (4, 1));
+        assert_eq!(docs[4].body(text), "--- {e: 5}\n");
+        assert!(!docs[4].empty);
+        // A block scalar's content is indented, so a `---` inside one cannot be at column 0.
+        let text = "a: |\n  ---\n  x\nb: 2\n";
+        assert_eq!(split(&Arc::from(text)).len(), 1);
     }
 
     #[test]

@@ -15,8 +15,15 @@ pub struct Snapshot {
     pub proxy: ProxySettings,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
-    /// The effective config as JSON, for `/config_dump`.
-    pub dump: serde_json::Value,
+    /// The resources it was compiled from, for `/config_dump` (rendered on request, not at load).
+    pub source: std::sync::Arc<crate::load::RawConfig>,
+}
+
+impl Snapshot {
+    /// The effective config as JSON: version, files, resources, listeners and clusters.
+    pub fn dump(&self) -> serde_json::Value {
+        crate::compile::dump(&self.source, &self.version, &self.listeners, &self.clusters)
+    }
 }
 
 /// What the `Proxy` resource says about this process.

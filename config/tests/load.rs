@@ -126,7 +126,10 @@ fn compiles_listeners_routes_and_clusters() {
         1000,
         "subset policy overrides the rule's"
     );
-    assert_eq!(snap.dump["listeners"].as_array().map(|a| a.len()), Some(2));
+    assert_eq!(
+        snap.dump()["listeners"].as_array().map(|a| a.len()),
+        Some(2)
+    );
     assert_eq!(snap.version.len(), 16);
 }
 

@@ -138,7 +138,7 @@ fn handle(mut conn: TcpStream, state: &AdminState) {
         "/config_dump" => (
             200,
             "application/json",
-            json(&state.stats.published().snapshot.dump),
+            json(&state.stats.published().snapshot.dump()),
         ),
         "/" => (
             200,

@@ -246,7 +246,7 @@ fn initial_sockets(
     for l in &snapshot.listeners {
         let group = match inherited.remove(&l.name) {
             Some(group) => group,
-            None => keel_io::listener::bind_group(l.address, workers).map_err(|e| {
+            None => bind_patiently(l.address, workers).map_err(|e| {
                 StartError::Other(format!(
                     "listener {} ({}): cannot bind {}: {e}",
                     l.name,
@@ -263,6 +263,22 @@ fn initial_sockets(
 fn inode_of(path: &std::path::Path) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
     std::fs::symlink_metadata(path).ok().map(|m| m.ino())
+}
+
+/// Binds a listener's sockets, waiting up to a second for a port that is busy: when Keel restarts
+/// on io_uring, the kernel closes the old process's listening sockets a few milliseconds after it
+/// exits (the ring is torn down asynchronously), and a restart must not fail for that. A port that
+/// stays busy is refused as before.
+fn bind_patiently(addr: std::net::SocketAddr, workers: usize) -> std::io::Result<Vec<TcpListener>> {
+    let deadline = Instant::now() + Duration::from_secs(1);
+    loop {
+        match keel_io::listener::bind_group(addr, workers) {
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            other => return other,
+        }
+    }
 }
 
 /// Accepts successors on the upgrade socket at `path` (each becomes an [`Event::Successor`]);
