@@ -63,8 +63,35 @@ enum Command {
         #[arg(short, long)]
         config: PathBuf,
     },
+    /// Exit 0 when the keel whose admin listens at ADDR is ready (GET /ready answers 200), else 1:
+    /// an exec probe for Kubernetes and container health checks, needing no curl in the image.
+    Ready {
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin: std::net::SocketAddr,
+    },
     /// Print the version.
     Version,
+}
+
+/// `keel ready`: one GET /ready to the admin listener, with short timeouts.
+fn probe_ready(admin: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    let timeout = Duration::from_secs(2);
+    let mut s = std::net::TcpStream::connect_timeout(&admin, timeout)
+        .map_err(|e| format!("{admin}: {e}"))?;
+    let _ = s.set_read_timeout(Some(timeout));
+    let _ = s.set_write_timeout(Some(timeout));
+    s.write_all(b"GET /ready HTTP/1.1\r\nHost: keel\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("{admin}: {e}"))?;
+    let mut answer = Vec::new();
+    let _ = s.read_to_end(&mut answer);
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or("no answer");
+    if status.starts_with("HTTP/1.1 200") {
+        Ok(())
+    } else {
+        Err(format!("{admin}: {status}"))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -108,6 +135,13 @@ fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Command::Ready { admin } => match probe_ready(admin) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("keel: not ready: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Version => {
             println!("keel {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
