@@ -1,7 +1,9 @@
-//! Keel's proxy engine: workers with their listeners, the TCP proxy, counters and the admin API.
+//! Keel's proxy engine: workers with their listeners, the TCP and HTTP/1.1 proxies, counters, the
+//! admin API, and the process lifecycle (reload, drain, binary upgrade, systemd readiness).
 //!
-//! It reads a compiled `keel_config::Snapshot`, uses `keel_io` for sockets and runtimes and
-//! `keel_lb` for picks. Protocol codecs (HTTP/1, HTTP/2), routing and filters will live here too.
+//! It reads compiled `keel_config::Snapshot`s — each worker runs one as a [`generation`], and a
+//! reload swaps a new one in on every worker through the [`fleet`] — uses `keel_io` for sockets and
+//! runtimes and `keel_lb` for picks.
 
 pub mod admin;
 pub mod fleet;

@@ -1,5 +1,6 @@
 //! Runtime glue for Keel's thread-per-core design: which io driver runs, worker threads pinned to
-//! cores, SO_REUSEPORT listening sockets, pooled buffers, and moving bytes between sockets.
+//! cores, SO_REUSEPORT listening sockets, pooled buffers, moving bytes between sockets, and passing
+//! sockets to another process (SCM_RIGHTS) for a binary upgrade.
 //!
 //! This crate knows sockets and runtimes but nothing of config, routing or balancing; the proxy
 //! engine (`keel-core`) composes these pieces.
