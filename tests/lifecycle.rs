@@ -207,29 +207,36 @@ fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-/// SIGHUP every 100 ms for 10 s, the route alternating, under steady load: no request fails and
-/// both routes are served; the last config is the one in force.
+/// SIGHUP every 100 ms for 10 s under steady load, each config changing the route and swapping one
+/// listener for another: no request fails, both routes are served, and the last config is the one
+/// in force, listeners included.
 #[test]
 fn reload_storm_under_load_loses_nothing() {
     let app = RecordingBackend::echo("app");
-    let (admin, port) = (free_port(), free_port());
-    let keel = Keel::start(
-        &routed(admin, port, app.addr, "a", &[]),
-        admin,
-        &["--no-watch"],
-    );
+    let (admin, port, x, y) = (free_port(), free_port(), free_port(), free_port());
+    let config = |n: usize| {
+        if n % 2 == 1 {
+            routed(admin, port, app.addr, "b", &[y])
+        } else {
+            routed(admin, port, app.addr, "a", &[x])
+        }
+    };
+    let keel = Keel::start(&config(0), admin, &["--no-watch"]);
     assert_eq!(route_now(port), "a");
     let load = Load::start(port, 3, 1);
     let start = Instant::now();
     let mut sent = 0;
     while start.elapsed() < Duration::from_secs(10) {
         sent += 1;
-        let route = if sent % 2 == 1 { "b" } else { "a" };
-        keel.write_config(&routed(admin, port, app.addr, route, &[]));
+        keel.write_config(&config(sent));
         keel.signal(libc::SIGHUP);
         std::thread::sleep(Duration::from_millis(100));
     }
-    let last = if sent % 2 == 1 { "b" } else { "a" };
+    let (last, present, absent) = if sent % 2 == 1 {
+        ("b", y, x)
+    } else {
+        ("a", x, y)
+    };
     assert!(eventually(Duration::from_secs(5), || route_now(port) == last));
     let (ok, failures, routes) = load.finish();
     assert!(
@@ -243,9 +250,12 @@ fn reload_storm_under_load_loses_nothing() {
         routes.get("a").copied().unwrap_or(0) > 10 && routes.get("b").copied().unwrap_or(0) > 10,
         "{routes:?}"
     );
+    assert!(TcpStream::connect(("127.0.0.1", present)).is_ok());
+    assert!(TcpStream::connect(("127.0.0.1", absent)).is_err());
     assert_eq!(reloads(&keel, "failure"), 0);
     assert!(
-        reloads(&keel, "success") >= sent as u64 / 2,
+        eventually(Duration::from_secs(5), || reloads(&keel, "success")
+            >= sent as u64 / 2),
         "{}",
         keel.stats()["config_reloads"]
     );
@@ -299,17 +309,20 @@ fn listeners_come_and_go(driver: &str) {
     }
     let (ok, failures, _) = load.finish();
     assert!(failures.is_empty(), "{failures:?}");
-    assert!(ok > 100);
-    let names: Vec<String> = keel.stats()["listeners"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|l| l["name"].as_str().unwrap().to_string())
-        .collect();
+    assert!(ok > 10, "only {ok} requests");
+    // The admin view follows once every worker has committed.
+    let listed = |port: u16| {
+        keel.stats()["listeners"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|l| l["name"].as_str().unwrap().ends_with(&format!("_{port}")))
+    };
     assert!(
-        names.iter().any(|n| n.ends_with(&format!("_{extra_a}")))
-            && !names.iter().any(|n| n.ends_with(&format!("_{extra_b}"))),
-        "{names:?}"
+        eventually(Duration::from_secs(5), || listed(extra_a)
+            && !listed(extra_b)),
+        "{}",
+        keel.stats()["listeners"]
     );
 }
 
@@ -512,7 +525,11 @@ fn admin_drain_listeners() {
     let mut answer = String::new();
     s.read_to_string(&mut answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-    assert!(TcpStream::connect(("127.0.0.1", inbound)).is_err());
+    assert!(eventually(Duration::from_secs(2), || TcpStream::connect((
+        "127.0.0.1",
+        inbound
+    ))
+    .is_err()));
     let mut out = TcpStream::connect(("127.0.0.1", outbound)).unwrap();
     assert_eq!(exchange(&mut out, "reviews").unwrap().0, 200);
     assert_eq!(http_get(admin, "/ready").unwrap().0, 200);

@@ -40,6 +40,10 @@ pub struct Fleet {
     workers: Vec<UnboundedSender<Control>>,
     stats: Arc<Stats>,
     current: Arc<Snapshot>,
+    /// Replaced snapshots still used by connections on some worker. Holding a reference here means
+    /// the last one is always dropped by [`Fleet::reap`] on this thread, never by a worker: freeing a
+    /// large config (10,000 routes: milliseconds) must not stall requests.
+    retired: Vec<Arc<Snapshot>>,
 }
 
 impl Fleet {
@@ -52,7 +56,13 @@ impl Fleet {
             workers,
             stats,
             current,
+            retired: Vec::new(),
         }
+    }
+
+    /// Frees the retired snapshots no worker uses any more.
+    pub fn reap(&mut self) {
+        self.retired.retain(|s| Arc::strong_count(s) > 1);
     }
 
     /// The config in force.
@@ -167,7 +177,9 @@ impl Fleet {
             snapshot: next.clone(),
             table,
         });
-        self.current = next;
+        let old = std::mem::replace(&mut self.current, next);
+        self.retired.push(old);
+        self.reap();
         Ok(())
     }
 

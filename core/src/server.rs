@@ -222,7 +222,6 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         admin_fd,
         admin_stop: &admin_stop,
     };
-    lower_priority_of_this_thread();
     let result = control.serve(&mut fleet, &events);
     if let (Some((stop, inode)), Some(path)) = (successors, &opts.upgrade_socket) {
         stop.store(true, Ordering::Relaxed);
@@ -232,20 +231,6 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         }
     }
     Ok(())
-}
-
-/// Gives the control thread (which parses and compiles reloads) a lower CPU priority than the
-/// workers it shares cores with, so a reload waits for the workers rather than delaying requests.
-/// Linux sets nice values per thread; failure only costs latency, so it is logged and ignored.
-fn lower_priority_of_this_thread() {
-    // SAFETY: gettid has no arguments; setpriority takes plain integers for this thread.
-    let r = unsafe {
-        let tid = libc::gettid();
-        libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, 10)
-    };
-    if r != 0 {
-        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot lower the control thread's priority");
-    }
 }
 
 /// How long the watcher waits for a burst of file events to end before reloading.
@@ -349,7 +334,15 @@ struct Control<'a> {
 impl Control<'_> {
     /// Handles events until the process must exit.
     fn serve(&self, fleet: &mut Fleet, events: &mpsc::Receiver<Event>) -> Exit {
-        while let Ok(event) = events.recv() {
+        loop {
+            let event = match events.recv_timeout(Duration::from_secs(1)) {
+                Ok(event) => event,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    fleet.reap();
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return Exit::Interrupted,
+            };
             match event {
                 Event::Signal(SIGHUP) => self.reload(fleet, "SIGHUP"),
                 Event::ConfigChanged => self.reload(fleet, "file change"),
@@ -373,7 +366,6 @@ impl Control<'_> {
                 }
             }
         }
-        Exit::Interrupted
     }
 
     fn reload(&self, fleet: &mut Fleet, trigger: &str) {
