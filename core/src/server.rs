@@ -222,6 +222,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         admin_fd,
         admin_stop: &admin_stop,
     };
+    schedule_as_batch();
     let result = control.serve(&mut fleet, &events);
     if let (Some((stop, inode)), Some(path)) = (successors, &opts.upgrade_socket) {
         stop.store(true, Ordering::Relaxed);
@@ -231,6 +232,19 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         }
     }
     Ok(())
+}
+
+/// Puts the control thread (which parses and compiles reloads) under SCHED_BATCH: it keeps its fair
+/// share of the CPU, so a reload is never starved, but waking up does not preempt the worker it
+/// shares a core with, so a reload does not cut into requests in flight. Linux schedules threads
+/// individually; the workers keep the normal policy. Failure only costs latency: logged, ignored.
+fn schedule_as_batch() {
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: sched_setscheduler on this thread (pid 0) with a valid, owned sched_param.
+    let r = unsafe { libc::sched_setscheduler(0, libc::SCHED_BATCH, &param) };
+    if r != 0 {
+        tracing::debug!(error = %std::io::Error::last_os_error(), "cannot set SCHED_BATCH on the control thread");
+    }
 }
 
 /// How long the watcher waits for a burst of file events to end before reloading.
