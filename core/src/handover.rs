@@ -30,6 +30,17 @@ pub fn give(
     sockets: &BTreeMap<String, Vec<OwnedFd>>,
     admin: Option<RawFd>,
 ) -> Result<u32, String> {
+    // The socket file is 0600, and the peer must be our own user (or root) all the same.
+    let peer = conn
+        .peer_uid()
+        .map_err(|e| format!("cannot identify the new process: {e}"))?;
+    // SAFETY: getuid has no arguments and cannot fail.
+    let ours = unsafe { libc::getuid() };
+    if peer != ours && peer != 0 {
+        return Err(format!(
+            "refused: the new process runs as uid {peer}, this one as uid {ours}"
+        ));
+    }
     let (hello, _) = conn
         .recv(STEP_TIMEOUT)
         .map_err(|e| format!("no hello from the new process: {e}"))?;

@@ -74,9 +74,32 @@ impl SeqPacket {
                 len,
             )
         })?;
+        // Whoever connects is handed every listening socket: only our own user may.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+        }
         // SAFETY: listen(2) on our bound socket.
         check(unsafe { libc::listen(fd.as_raw_fd(), 4) })?;
         Ok(SeqPacket(fd))
+    }
+
+    /// The user id of the process at the other end of a connected socket (SO_PEERCRED).
+    pub fn peer_uid(&self) -> io::Result<u32> {
+        // SAFETY: an all-zero ucred is a valid out-buffer.
+        let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+        let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+        // SAFETY: getsockopt writes at most `len` bytes into `cred`, which we own.
+        check(unsafe {
+            libc::getsockopt(
+                self.0.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            )
+        })?;
+        Ok(cred.uid)
     }
 
     /// Connects to the socket listening at `path`.
@@ -264,6 +287,13 @@ mod tests {
             }
         });
         let conn = server.accept(Duration::from_secs(5)).unwrap().unwrap();
+        // SAFETY: getuid has no arguments and cannot fail.
+        assert_eq!(conn.peer_uid().unwrap(), unsafe { libc::getuid() });
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
         let file_path = path.with_extension("txt");
         std::fs::File::create(&file_path)
             .unwrap()
