@@ -643,3 +643,67 @@ fn third_pid(log: &str) -> i32 {
         .and_then(|p| p.parse().ok())
         .unwrap_or_else(|| panic!("no pid logged:\n{log}"))
 }
+
+/// A request in flight when a reload commits finishes on the config it started with; the next
+/// request on the same keep-alive connection uses the new one. A listener whose protocol changes
+/// (HTTP to TCP on the same port) keeps its socket: nothing is refused while it switches.
+#[test]
+fn in_flight_requests_keep_their_config_and_changed_listeners_keep_serving() {
+    let backend = RecordingBackend::start(Arc::new(|head: &str, _: &[u8]| {
+        if head.starts_with("GET /slow ") {
+            std::thread::sleep(Duration::from_millis(800));
+        }
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
+    }));
+    let (admin, port) = (free_port(), free_port());
+    let keel = Keel::start(
+        &routed(admin, port, backend.addr, "a", &[]),
+        admin,
+        &["--no-watch"],
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /slow HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    keel.write_config(&routed(admin, port, backend.addr, "b", &[]));
+    keel.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || route_now(port) == "b"));
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        assert_eq!(s.read(&mut b).unwrap(), 1);
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert_eq!(header(&head, "x-route"), Some("a"), "{head}");
+    let mut body = [0u8; 2];
+    s.read_exact(&mut body).unwrap();
+    let (_, head) = exchange(&mut s, "reviews").unwrap();
+    assert_eq!(
+        header(&head, "x-route"),
+        Some("b"),
+        "the next request: {head}"
+    );
+
+    // The same port turned into a TCP listener in front of an echo server: the socket stays.
+    let (echo, _) = echo_backend();
+    let tcp = format!(
+        "{}{}",
+        proxy_yaml(admin, 2),
+        ingress_yaml(port, echo, "connectTimeout: 1s")
+    );
+    keel.write_config(&tcp);
+    keel.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || {
+        let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        c.write_all(b"ping").unwrap();
+        let mut got = [0u8; 4];
+        c.read_exact(&mut got).is_ok() && &got == b"ping"
+    }));
+    // The idle HTTP keep-alive connection from before belonged to the HTTP listener, which drained:
+    // it has been closed (a busy one would have had `Connection: close` on its next response).
+    let mut b = [0u8; 1];
+    assert!(matches!(s.read(&mut b), Ok(0) | Err(_)), "still open");
+}

@@ -25,6 +25,9 @@ pub struct ListenerState {
     /// Turns true when the listener drains: its accept loops stop (closing its sockets) and its
     /// HTTP connections close after the response in progress, or at once when idle.
     draining: watch::Sender<bool>,
+    /// Set when a reload gives the same address to a listener of another kind (say, inbound
+    /// instead of outbound): the sockets carry on accepting for that one instead of closing.
+    successor: RefCell<Option<Rc<ListenerState>>>,
 }
 
 impl ListenerState {
@@ -34,7 +37,19 @@ impl ListenerState {
             stats,
             index: Cell::new(index),
             draining: watch::Sender::new(false),
+            successor: RefCell::new(None),
         }
+    }
+
+    /// Drains this listener's connections, but hands its sockets to `next` (same address).
+    pub fn hand_over_to(&self, next: Rc<ListenerState>) {
+        *self.successor.borrow_mut() = Some(next);
+        self.drain();
+    }
+
+    /// Who takes this listener's sockets over, if anyone.
+    pub fn successor(&self) -> Option<Rc<ListenerState>> {
+        self.successor.borrow().clone()
     }
 
     /// A lone listener state, for unit tests of what hangs off one.

@@ -359,8 +359,13 @@ fn commit(worker: &Rc<Worker>, gen: Rc<Generation>, acceptors: Vec<Accepting>) {
     gen.adopt_listeners();
     let old = worker.current.replace(gen.clone());
     for state in &old.listeners {
-        if !gen.has_listener(state) {
-            state.drain();
+        if gen.has_listener(state) {
+            continue;
+        }
+        // The same address as another kind of listener keeps its sockets; a removed one closes them.
+        match gen.listeners.iter().find(|s| s.name == state.name) {
+            Some(next) => state.hand_over_to(next.clone()),
+            None => state.drain(),
         }
     }
     let endpoints: std::collections::HashSet<std::net::SocketAddr> = gen
@@ -388,7 +393,7 @@ async fn sweep_idle(worker: Rc<Worker>) {
 
 async fn accept_loop(
     worker: Rc<Worker>,
-    state: Rc<ListenerState>,
+    mut state: Rc<ListenerState>,
     listener: keel_io::listener::Acceptor,
 ) {
     let mut drain = state.drain_signal();
@@ -396,12 +401,28 @@ async fn accept_loop(
     worker.listening.borrow_mut().push((state.clone(), fd));
     loop {
         // Wait for pending connections or for the drain; cancelling a readiness wait is harmless.
-        let stop = monoio::select! {
+        let failed = monoio::select! {
             r = listener.readable() => r.is_err(),
-            _ = drain.wait_for(|draining| *draining) => true,
+            _ = drain.wait_for(|draining| *draining) => false,
         };
-        if stop || state.is_draining() {
+        if failed {
             break;
+        }
+        if state.is_draining() {
+            match state.successor() {
+                // Same address, another kind of listener: keep accepting, for it.
+                Some(next) => {
+                    for entry in worker.listening.borrow_mut().iter_mut() {
+                        if entry.1 == fd && Rc::ptr_eq(&entry.0, &state) {
+                            entry.0 = next.clone();
+                        }
+                    }
+                    state = next;
+                    drain = state.drain_signal();
+                    continue;
+                }
+                None => break,
+            }
         }
         // Take every connection waiting, then wait again.
         loop {
