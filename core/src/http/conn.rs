@@ -40,6 +40,43 @@ impl ReadBuf {
         self.start < self.end
     }
 
+    /// One non-blocking read into the buffer (taken from the pool for it, and given back if
+    /// nothing came): `Ok(Some(n))` bytes arrived (0 at EOF), `Ok(None)` none were ready.
+    pub fn try_fill(&mut self, stream: &Stream, activity: &Cell<u64>) -> io::Result<Option<usize>> {
+        let buf = self.buf.get_or_insert_with(Buffer::take_http);
+        if self.end == buf.len() {
+            if self.start == 0 {
+                return Err(io::Error::other("read buffer full"));
+            }
+            buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        let result = stream.try_read(&mut buf[self.end..]);
+        let result = match result {
+            Ok(n) => {
+                self.end += n;
+                activity.set(activity.get().wrapping_add(1));
+                Ok(Some(n))
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        };
+        if self.start == self.end {
+            self.buf = None;
+            self.start = 0;
+            self.end = 0;
+        }
+        result
+    }
+
     /// Reads more bytes from `stream` after those buffered, waiting for readiness before taking a
     /// buffer. Returns how many arrived (0 at EOF). `activity` ticks for idle tracking.
     pub async fn fill(&mut self, stream: &Stream, activity: &Cell<u64>) -> io::Result<usize> {
@@ -102,6 +139,11 @@ impl BufferedStream {
 
     pub fn has_buffered(&self) -> bool {
         self.rb.has_buffered()
+    }
+
+    /// See [`ReadBuf::try_fill`].
+    pub fn try_fill(&mut self, activity: &Cell<u64>) -> io::Result<Option<usize>> {
+        self.rb.try_fill(&self.stream, activity)
     }
 
     /// See [`ReadBuf::fill`].

@@ -21,7 +21,7 @@ use super::h1::chunked::{self, Step};
 use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limits};
 use super::head::{RequestHead, ResponseHead, Version};
 use super::headers::Headers;
-use crate::idle::IdleEntry;
+use crate::idle::{IdleEntry, IdleGuard};
 use crate::worker::{ActiveGuard, ListenerRef, Worker};
 
 /// Envoy's response flags, recorded per request.
@@ -69,80 +69,150 @@ enum Next {
 
 /// Serves HTTP/1.1 on one accepted connection of HTTP listener `at`. Each request is routed by
 /// the config generation in force when its head arrived.
-pub async fn serve(worker: Rc<Worker>, mut at: ListenerRef, down: Stream, peer: SocketAddr) {
-    let _active = ActiveGuard::new(&worker, &at.state);
+///
+/// The setup is done here, synchronously, and everything the connection keeps goes into one
+/// [`Conn`] moved into the task: an `async fn` with these arguments would store them twice.
+pub fn serve(
+    worker: Rc<Worker>,
+    at: ListenerRef,
+    down: Stream,
+    peer: SocketAddr,
+) -> impl std::future::Future<Output = ()> {
+    let active = ActiveGuard::new(&worker, &at.state);
     at.counters(worker.id).accepted.inc();
     let _ = down.set_nodelay();
+    // The worker's idle sweeper closes the connection when no byte moves either way for
+    // idleTimeout, between requests or in the middle of one (a client that stops reading).
+    let idle = worker.idle.register(
+        down.raw_fd(),
+        at.gen.snapshot.proxy.http.idle_timeout,
+        at.state.clone(),
+    );
+    requests(Conn {
+        idle,
+        down: BufferedStream::new(down),
+        worker,
+        at,
+        peer,
+        _active: active,
+    })
+}
+
+/// One downstream HTTP/1.1 connection: all it holds between requests.
+struct Conn {
+    /// Declared before `down`, so it is dropped first and the sweeper forgets the fd before the
+    /// stream closes it (and the number can be reused).
+    idle: IdleGuard,
+    down: BufferedStream,
+    worker: Rc<Worker>,
+    at: ListenerRef,
+    peer: SocketAddr,
+    _active: ActiveGuard,
+}
+
+/// Serves requests on one connection until either side is done.
+///
+/// A plain `fn` returning an `async move` block that captures `c`: an `async fn` would move its
+/// argument into a second copy inside the future (rust-lang/rust#62958).
+#[allow(clippy::manual_async_fn)]
+fn requests(mut c: Conn) -> impl std::future::Future<Output = ()> {
+    async move {
+        loop {
+            // Between requests the connection waits here, and this wait is all the state an idle
+            // keep-alive connection keeps besides its `Conn`: a readiness wait — no buffer, no
+            // timer. Everything else (reading the head, the exchange, error replies) is one boxed
+            // future that exists only while a request is in hand.
+            if !c.down.has_buffered() {
+                c.idle.0.between_requests.set(true);
+                let ready = c.down.stream.readable().await;
+                c.idle.0.between_requests.set(false);
+                if ready.is_err() {
+                    break;
+                }
+            }
+            if Box::pin(one_request(&mut c)).await == Next::Close {
+                break;
+            }
+        }
+    }
+}
+
+/// Reads one request head (or the close between requests) and handles the request.
+async fn one_request(c: &mut Conn) -> Next {
+    let Conn {
+        idle,
+        down,
+        worker,
+        at,
+        peer,
+        ..
+    } = c;
+    let idle = &idle.0;
     let limits = at.gen.snapshot.proxy.http;
     let head_limits = Limits {
         max_head_bytes: limits.max_request_headers_bytes,
         max_headers: limits.max_headers,
         max_target_bytes: limits.max_request_target_bytes,
     };
-    let mut down = BufferedStream::new(down);
-    // The worker's idle sweeper closes the connection when no byte moves either way for
-    // idleTimeout, between requests or in the middle of one (a client that stops reading). The
-    // guard is declared after the stream, so it forgets the fd before the stream closes it.
-    let idle = worker
-        .idle
-        .register(down.stream.raw_fd(), limits.idle_timeout, at.state.clone());
-    requests(
-        &worker,
-        &mut at,
-        &mut down,
-        peer,
-        &idle.0,
-        &head_limits,
-        &limits,
-    )
-    .await;
-}
-
-/// Serves requests on one connection until either side is done.
-async fn requests(
-    worker: &Rc<Worker>,
-    at: &mut ListenerRef,
-    down: &mut BufferedStream,
-    peer: SocketAddr,
-    idle: &IdleEntry,
-    head_limits: &Limits,
-    limits: &HttpLimits,
-) {
-    loop {
-        let lstats = at.counters(worker.id);
-        let head = match read_request(down, head_limits, limits, idle).await {
-            Ok(Some(h)) => h,
-            Ok(None) => break,
-            Err(ReadError::Head(e)) => {
-                lstats.rq_total.inc();
-                count_status(lstats, e.status);
-                tracing::debug!(%peer, status = e.status, reason = e.reason, flag = "DPE", "refused request");
-                let _ = local_reply(&down.stream, e.status, e.reason, Next::Close, &[]).await;
-                break;
-            }
-            Err(ReadError::Timeout) => {
-                lstats.rq_total.inc();
-                count_status(lstats, 408);
-                let _ =
-                    local_reply(&down.stream, 408, "request head timeout", Next::Close, &[]).await;
-                break;
-            }
-            Err(ReadError::Io) => break,
-        };
-        lstats.rq_total.inc();
-        at.refresh(worker);
-        // The exchange's state (kilobytes) is boxed so it exists only while a request is in
-        // flight: an idle keep-alive connection keeps just this loop's small state.
-        if Box::pin(exchange(worker, at, down, head, peer, idle)).await == Next::Close {
-            break;
+    let read = match head_now(down, &head_limits, &idle.activity) {
+        Some(read) => read,
+        None => read_request(down, &head_limits, &limits, idle).await,
+    };
+    let lstats = at.counters(worker.id);
+    let head = match read {
+        Ok(Some(h)) => h,
+        Ok(None) => return Next::Close,
+        Err(ReadError::Head(e)) => {
+            lstats.rq_total.inc();
+            count_status(lstats, e.status);
+            tracing::debug!(peer = %*peer, status = e.status, reason = e.reason, flag = "DPE", "refused request");
+            let _ = local_reply(&down.stream, e.status, e.reason, Next::Close, &[]).await;
+            return Next::Close;
         }
-    }
+        Err(ReadError::Timeout) => {
+            lstats.rq_total.inc();
+            count_status(lstats, 408);
+            let _ = local_reply(&down.stream, 408, "request head timeout", Next::Close, &[]).await;
+            return Next::Close;
+        }
+        Err(ReadError::Io) => return Next::Close,
+    };
+    lstats.rq_total.inc();
+    at.refresh(worker);
+    exchange(worker, at, down, head, *peer, idle).await
 }
 
 enum ReadError {
     Head(HeadError),
     Timeout,
     Io,
+}
+
+/// The next request head if it can be had without waiting: parsed from what is buffered, or from
+/// one non-blocking read (a whole head usually arrives in one segment). `None` when more must be
+/// awaited — a head in pieces, or a spurious wakeup — which [`read_request`] then does.
+fn head_now(
+    down: &mut BufferedStream,
+    head_limits: &Limits,
+    activity: &Cell<u64>,
+) -> Option<Result<Option<(RequestHead, BodyKind)>, ReadError>> {
+    let parse = |down: &mut BufferedStream| match parse_request(down.buffered(), head_limits) {
+        Ok(Some((head, len, body))) => {
+            down.consume(len);
+            Some(Ok(Some((head, body))))
+        }
+        Ok(None) => None,
+        Err(e) => Some(Err(ReadError::Head(e))),
+    };
+    if down.has_buffered() {
+        return parse(down);
+    }
+    match down.try_fill(activity) {
+        Ok(Some(0)) => Some(Ok(None)),
+        Ok(Some(_)) => parse(down),
+        Ok(None) => None,
+        Err(_) => Some(Err(ReadError::Io)),
+    }
 }
 
 /// Reads one request head: `Ok(None)` when the client closes (or idles out) between requests.
