@@ -23,15 +23,16 @@ pub const TICK: Duration = Duration::from_millis(100);
 /// How long a keep-alive connection of a draining listener must have been idle before the sweep
 /// closes it. A client busy on it gets `Connection: close` on its next response instead; the grace
 /// keeps the close from racing a request the client is just sending.
-const DRAIN_GRACE_TICKS: u64 = 5;
+const DRAIN_GRACE_TICKS: u32 = 5;
 
 /// One connection's idle state.
 pub struct IdleEntry {
     /// Bumped by the connection whenever bytes move either way.
-    pub activity: Cell<u64>,
-    seen: Cell<u64>,
-    quiet_since: Cell<u64>,
-    timeout_ticks: u64,
+    pub activity: Cell<u32>,
+    seen: Cell<u32>,
+    /// Sweep tick (modulo 2^32: 13 years of ticks) since which nothing has moved.
+    quiet_since: Cell<u32>,
+    timeout_ticks: u32,
     /// Sockets to shut down on expiry: downstream, and the upstream while one is in use.
     fds: [Cell<RawFd>; 2],
     expired: Cell<bool>,
@@ -68,18 +69,21 @@ impl Drop for IdleGuard {
 #[derive(Default)]
 pub struct IdleSweep {
     entries: RefCell<Vec<Weak<IdleEntry>>>,
-    tick: Cell<u64>,
+    tick: Cell<u32>,
 }
 
 impl IdleSweep {
     /// Registers a connection whose downstream socket is `fd`.
     pub fn register(&self, fd: RawFd, timeout: Duration, listener: Rc<ListenerState>) -> IdleGuard {
-        let ticks = timeout.as_millis().div_ceil(TICK.as_millis()).max(1) as u64;
+        let ticks = timeout
+            .as_millis()
+            .div_ceil(TICK.as_millis())
+            .clamp(1, u32::MAX as u128) as u32;
         let entry = Rc::new(IdleEntry {
             activity: Cell::new(0),
             seen: Cell::new(0),
             // Counted from the next sweep, as activity is: a timeout never fires early.
-            quiet_since: Cell::new(self.tick.get() + 1),
+            quiet_since: Cell::new(self.tick.get().wrapping_add(1)),
             timeout_ticks: ticks,
             fds: [Cell::new(fd), Cell::new(-1)],
             expired: Cell::new(false),
@@ -93,14 +97,14 @@ impl IdleSweep {
     /// Advances the clock one tick; calls `on_expire` for each entry that has just expired, after
     /// shutting its sockets down. Forgets entries whose connection has ended.
     pub fn sweep(&self, mut on_expire: impl FnMut(&IdleEntry)) {
-        let t = self.tick.get() + 1;
+        let t = self.tick.get().wrapping_add(1);
         self.tick.set(t);
         self.entries.borrow_mut().retain(|weak| {
             let Some(e) = weak.upgrade() else {
                 return false;
             };
             let a = e.activity.get();
-            let quiet = t - e.quiet_since.get();
+            let quiet = t.wrapping_sub(e.quiet_since.get());
             if a != e.seen.get() {
                 e.seen.set(a);
                 e.quiet_since.set(t);

@@ -123,6 +123,19 @@ impl Worker {
         keel_lb::pick_weighted(weights, &mut self.rng.borrow_mut())
     }
 
+    /// Counts a downstream connection as open (see [`ActiveGuard`]; HTTP connections count
+    /// themselves, to keep their state small).
+    pub fn connection_opened(&self) {
+        self.active.set(self.active.get() + 1);
+    }
+
+    /// Counts a downstream connection of `listener` as closed.
+    pub fn connection_closed(&self, listener: &ListenerState) {
+        self.active.set(self.active.get() - 1);
+        listener.stats.slots[self.id].closed.inc();
+        self.stats.per_worker[self.id].closed.inc();
+    }
+
     /// Connections open on this worker.
     pub fn active(&self) -> usize {
         self.active.get()
@@ -219,16 +232,14 @@ pub struct ActiveGuard(Rc<Worker>, Rc<ListenerState>);
 
 impl ActiveGuard {
     pub fn new(worker: &Rc<Worker>, listener: &Rc<ListenerState>) -> ActiveGuard {
-        worker.active.set(worker.active.get() + 1);
+        worker.connection_opened();
         ActiveGuard(worker.clone(), listener.clone())
     }
 }
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.active.set(self.0.active.get() - 1);
-        self.1.stats.slots[self.0.id].closed.inc();
-        self.0.stats.per_worker[self.0.id].closed.inc();
+        self.0.connection_closed(&self.1);
     }
 }
 

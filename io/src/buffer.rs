@@ -18,8 +18,11 @@ thread_local! {
 }
 
 /// A buffer from this thread's pool, returned to it on drop.
+///
+/// A plain `Box<[u8]>` (16 bytes, never null), so `Option<Buffer>` costs no more: it sits in the
+/// state of every connection.
 pub struct Buffer {
-    data: Option<Box<[u8]>>,
+    data: Box<[u8]>,
 }
 
 impl Buffer {
@@ -28,7 +31,7 @@ impl Buffer {
         let data = POOL
             .with(|p| p.borrow_mut().pop())
             .unwrap_or_else(|| vec![0u8; BUFFER_SIZE].into_boxed_slice());
-        Buffer { data: Some(data) }
+        Buffer { data }
     }
 
     /// Takes an HTTP buffer (heads and body chunks) from its pool.
@@ -36,7 +39,7 @@ impl Buffer {
         let data = HTTP_POOL
             .with(|p| p.borrow_mut().pop())
             .unwrap_or_else(|| vec![0u8; HTTP_BUFFER_SIZE].into_boxed_slice());
-        Buffer { data: Some(data) }
+        Buffer { data }
     }
 
     /// Forwarding buffers currently waiting in this thread's pool.
@@ -48,19 +51,21 @@ impl Buffer {
 impl Deref for Buffer {
     type Target = [u8];
     fn deref(&self) -> &[u8] {
-        self.data.as_deref().unwrap_or(&[])
+        &self.data
     }
 }
 
 impl DerefMut for Buffer {
     fn deref_mut(&mut self) -> &mut [u8] {
-        self.data.as_deref_mut().unwrap_or(&mut [])
+        &mut self.data
     }
 }
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        if let Some(data) = self.data.take() {
+        // An empty boxed slice does not allocate: taking the data leaves nothing to free.
+        let data = std::mem::take(&mut self.data);
+        if !data.is_empty() {
             let pool = if data.len() == HTTP_BUFFER_SIZE {
                 &HTTP_POOL
             } else {

@@ -42,10 +42,13 @@ impl Stream {
     }
 
     /// Resolves when a read would not block (data, EOF or an error is pending).
-    pub async fn readable(&self) -> io::Result<()> {
+    ///
+    /// monoio's own future, returned as is: it is what every idle connection waits on, so no
+    /// wrapper state is added to it.
+    pub fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + '_ {
         // Not relaxed: our reads bypass monoio, so its cached readiness may be stale and must be
         // checked with poll(2) on the epoll driver (io_uring ignores the flag).
-        self.inner.readable(false).await
+        self.inner.readable(false)
     }
 
     /// Resolves when a write would not block.

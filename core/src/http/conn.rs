@@ -12,22 +12,23 @@ use keel_io::{Buffer, Stream};
 #[derive(Default)]
 pub struct ReadBuf {
     buf: Option<Buffer>,
-    start: usize,
-    end: usize,
+    /// Offsets into `buf` (at most 64 KiB), as u32: this sits in every idle connection's state.
+    start: u32,
+    end: u32,
 }
 
 impl ReadBuf {
     /// Bytes read but not yet consumed.
     pub fn buffered(&self) -> &[u8] {
         match &self.buf {
-            Some(b) => &b[self.start..self.end],
+            Some(b) => &b[self.start as usize..self.end as usize],
             None => &[],
         }
     }
 
     /// Marks `n` buffered bytes as used; gives the buffer back when nothing is left in it.
     pub fn consume(&mut self, n: usize) {
-        self.start = (self.start + n).min(self.end);
+        self.start = (self.start as usize + n).min(self.end as usize) as u32;
         if self.start == self.end {
             self.buf = None;
             self.start = 0;
@@ -42,20 +43,20 @@ impl ReadBuf {
 
     /// One non-blocking read into the buffer (taken from the pool for it, and given back if
     /// nothing came): `Ok(Some(n))` bytes arrived (0 at EOF), `Ok(None)` none were ready.
-    pub fn try_fill(&mut self, stream: &Stream, activity: &Cell<u64>) -> io::Result<Option<usize>> {
+    pub fn try_fill(&mut self, stream: &Stream, activity: &Cell<u32>) -> io::Result<Option<usize>> {
         let buf = self.buf.get_or_insert_with(Buffer::take_http);
-        if self.end == buf.len() {
+        if self.end as usize == buf.len() {
             if self.start == 0 {
                 return Err(io::Error::other("read buffer full"));
             }
-            buf.copy_within(self.start..self.end, 0);
+            buf.copy_within(self.start as usize..self.end as usize, 0);
             self.end -= self.start;
             self.start = 0;
         }
-        let result = stream.try_read(&mut buf[self.end..]);
+        let result = stream.try_read(&mut buf[self.end as usize..]);
         let result = match result {
             Ok(n) => {
-                self.end += n;
+                self.end += n as u32;
                 activity.set(activity.get().wrapping_add(1));
                 Ok(Some(n))
             }
@@ -79,7 +80,7 @@ impl ReadBuf {
 
     /// Reads more bytes from `stream` after those buffered, waiting for readiness before taking a
     /// buffer. Returns how many arrived (0 at EOF). `activity` ticks for idle tracking.
-    pub async fn fill(&mut self, stream: &Stream, activity: &Cell<u64>) -> io::Result<usize> {
+    pub async fn fill(&mut self, stream: &Stream, activity: &Cell<u32>) -> io::Result<usize> {
         if self.buf.is_none() {
             stream.readable().await?;
             self.buf = Some(Buffer::take_http());
@@ -88,17 +89,17 @@ impl ReadBuf {
             let Some(buf) = self.buf.as_mut() else {
                 return Ok(0);
             };
-            if self.end == buf.len() {
+            if self.end as usize == buf.len() {
                 if self.start == 0 {
                     return Err(io::Error::other("read buffer full"));
                 }
-                buf.copy_within(self.start..self.end, 0);
+                buf.copy_within(self.start as usize..self.end as usize, 0);
                 self.end -= self.start;
                 self.start = 0;
             }
-            match stream.try_read(&mut buf[self.end..]) {
+            match stream.try_read(&mut buf[self.end as usize..]) {
                 Ok(n) => {
-                    self.end += n;
+                    self.end += n as u32;
                     activity.set(activity.get().wrapping_add(1));
                     if n == 0 && self.start == self.end {
                         self.buf = None;
@@ -142,12 +143,12 @@ impl BufferedStream {
     }
 
     /// See [`ReadBuf::try_fill`].
-    pub fn try_fill(&mut self, activity: &Cell<u64>) -> io::Result<Option<usize>> {
+    pub fn try_fill(&mut self, activity: &Cell<u32>) -> io::Result<Option<usize>> {
         self.rb.try_fill(&self.stream, activity)
     }
 
     /// See [`ReadBuf::fill`].
-    pub async fn fill(&mut self, activity: &Cell<u64>) -> io::Result<usize> {
+    pub async fn fill(&mut self, activity: &Cell<u32>) -> io::Result<usize> {
         self.rb.fill(&self.stream, activity).await
     }
 

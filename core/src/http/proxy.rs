@@ -22,7 +22,7 @@ use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limi
 use super::head::{RequestHead, ResponseHead, Version};
 use super::headers::Headers;
 use crate::idle::{IdleEntry, IdleGuard};
-use crate::worker::{ActiveGuard, ListenerRef, Worker};
+use crate::worker::{ListenerRef, Worker};
 
 /// Envoy's response flags, recorded per request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,7 +78,7 @@ pub fn serve(
     down: Stream,
     peer: SocketAddr,
 ) -> impl std::future::Future<Output = ()> {
-    let active = ActiveGuard::new(&worker, &at.state);
+    worker.connection_opened();
     at.counters(worker.id).accepted.inc();
     let _ = down.set_nodelay();
     // The worker's idle sweeper closes the connection when no byte moves either way for
@@ -93,8 +93,8 @@ pub fn serve(
         down: BufferedStream::new(down),
         worker,
         at,
-        peer,
-        _active: active,
+        peer_ip: peer.ip(),
+        peer_port: peer.port(),
     })
 }
 
@@ -106,8 +106,15 @@ struct Conn {
     down: BufferedStream,
     worker: Rc<Worker>,
     at: ListenerRef,
-    peer: SocketAddr,
-    _active: ActiveGuard,
+    /// The client's address, kept in 19 bytes rather than a 32-byte `SocketAddr`.
+    peer_ip: IpAddr,
+    peer_port: u16,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        self.worker.connection_closed(&self.at.state);
+    }
 }
 
 /// Serves requests on one connection until either side is done.
@@ -139,12 +146,12 @@ fn requests(mut c: Conn) -> impl std::future::Future<Output = ()> {
 
 /// Reads one request head (or the close between requests) and handles the request.
 async fn one_request(c: &mut Conn) -> Next {
+    let peer = SocketAddr::new(c.peer_ip, c.peer_port);
     let Conn {
         idle,
         down,
         worker,
         at,
-        peer,
         ..
     } = c;
     let idle = &idle.0;
@@ -165,7 +172,7 @@ async fn one_request(c: &mut Conn) -> Next {
         Err(ReadError::Head(e)) => {
             lstats.rq_total.inc();
             count_status(lstats, e.status);
-            tracing::debug!(peer = %*peer, status = e.status, reason = e.reason, flag = "DPE", "refused request");
+            tracing::debug!(%peer, status = e.status, reason = e.reason, flag = "DPE", "refused request");
             let _ = local_reply(&down.stream, e.status, e.reason, Next::Close, &[]).await;
             return Next::Close;
         }
@@ -179,7 +186,7 @@ async fn one_request(c: &mut Conn) -> Next {
     };
     lstats.rq_total.inc();
     at.refresh(worker);
-    exchange(worker, at, down, head, *peer, idle).await
+    exchange(worker, at, down, head, peer, idle).await
 }
 
 enum ReadError {
@@ -194,7 +201,7 @@ enum ReadError {
 fn head_now(
     down: &mut BufferedStream,
     head_limits: &Limits,
-    activity: &Cell<u64>,
+    activity: &Cell<u32>,
 ) -> Option<Result<Option<(RequestHead, BodyKind)>, ReadError>> {
     let parse = |down: &mut BufferedStream| match parse_request(down.buffered(), head_limits) {
         Ok(Some((head, len, body))) => {
@@ -973,7 +980,7 @@ async fn send_body(
     up: &Stream,
     down: &mut BufferedStream,
     body: BodyKind,
-    activity: &Cell<u64>,
+    activity: &Cell<u32>,
 ) -> Result<(), SendError> {
     let result = match body {
         BodyKind::None | BodyKind::CloseDelimited => Ok(()),
@@ -996,7 +1003,7 @@ async fn read_response(
     stream: &Stream,
     rb: &mut ReadBuf,
     method: &str,
-    activity: &Cell<u64>,
+    activity: &Cell<u32>,
 ) -> Result<(ResponseHead, BodyKind), ResponseError> {
     let limits = Limits::default();
     loop {
@@ -1028,7 +1035,7 @@ async fn copy_length(
     from: &mut BufferedStream,
     to: &Stream,
     mut n: u64,
-    activity: &Cell<u64>,
+    activity: &Cell<u32>,
     mut count: impl FnMut(usize),
 ) -> Result<(), CopyError> {
     while n > 0 {
@@ -1052,7 +1059,7 @@ async fn copy_chunked(
     from: &mut BufferedStream,
     to: &Stream,
     chunk: bool,
-    activity: &Cell<u64>,
+    activity: &Cell<u32>,
     mut count: impl FnMut(usize),
 ) -> Result<(), CopyError> {
     let mut decoder = chunked::Decoder::default();
@@ -1100,7 +1107,7 @@ async fn copy_until_close(
     from: &mut BufferedStream,
     to: &Stream,
     chunk: bool,
-    activity: &Cell<u64>,
+    activity: &Cell<u32>,
     mut count: impl FnMut(usize),
 ) -> Result<(), CopyError> {
     let mut header = Vec::with_capacity(20);
@@ -1134,7 +1141,7 @@ async fn copy_until_close(
 async fn tunnel(
     down: &mut BufferedStream,
     up: BufferedStream,
-    activity: &Cell<u64>,
+    activity: &Cell<u32>,
     lstats: &crate::stats::ListenerCounters,
 ) {
     // Bytes that arrived with the heads go first.
