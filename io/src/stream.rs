@@ -20,8 +20,19 @@ pub fn shutdown_fd(fd: RawFd) {
 }
 
 /// A TCP stream registered with the worker's runtime.
+///
+/// monoio is used for readiness only (every read and write is our own syscall), so the socket is
+/// held as monoio's smallest registered-fd type, whose readiness waits are the same PollAdd /
+/// epoll registration as a `TcpStream`'s: `monoio::net::UnixStream`, 8 bytes, where a `TcpStream`
+/// is 80 (it caches both socket addresses, which Keel never asks it for). Nothing Unix-specific
+/// of that type is ever called; TCP options and addresses go through socket2 on the fd.
 pub struct Stream {
-    inner: monoio::net::TcpStream,
+    inner: monoio::net::UnixStream,
+}
+
+fn inet(addr: socket2::SockAddr) -> io::Result<SocketAddr> {
+    addr.as_socket()
+        .ok_or_else(|| io::Error::other("not an IP socket address"))
 }
 
 fn cvt(ret: isize) -> io::Result<usize> {
@@ -35,9 +46,15 @@ fn cvt(ret: isize) -> io::Result<usize> {
 impl Stream {
     /// Registers an accepted or connected socket with the current worker's runtime.
     pub fn from_std(stream: std::net::TcpStream) -> io::Result<Stream> {
+        use std::os::fd::{FromRawFd, IntoRawFd};
         stream.set_nonblocking(true)?;
+        let fd = stream.into_raw_fd();
+        // SAFETY: `fd` was just released by the TcpStream, so this wrapper is its only owner; it is
+        // used only to hand the fd to monoio, which registers it and closes it on drop (or drops
+        // the wrapper, closing it, if registration fails).
+        let owned = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
         Ok(Stream {
-            inner: monoio::net::TcpStream::from_std(stream)?,
+            inner: monoio::net::UnixStream::from_std(owned)?,
         })
     }
 
@@ -197,15 +214,22 @@ impl Stream {
 
     /// Disables Nagle: without it, small writes wait for delayed ACKs (measured ~70× slower here).
     pub fn set_nodelay(&self) -> io::Result<()> {
-        self.inner.set_nodelay(true)
+        self.with_socket(|s| s.set_nodelay(true))
     }
 
     pub fn peer_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.peer_addr()
+        self.with_socket(|s| inet(s.peer_addr()?))
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.inner.local_addr()
+        self.with_socket(|s| inet(s.local_addr()?))
+    }
+
+    /// Runs `f` with the socket borrowed for socket2's option and address calls.
+    fn with_socket<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
+        // SAFETY: the fd is open for as long as `self` lives, which outlasts this call.
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.inner.as_raw_fd()) };
+        f(socket2::SockRef::from(&fd))
     }
 
     fn fd(&self) -> RawFd {
