@@ -473,9 +473,9 @@ fn sigterm_drains_open_connections() {
     assert!(keel.log_text().contains("drained"));
 }
 
-/// SIGTERM with a connection that never closes: exit 0 when the drain timeout expires.
-#[test]
-fn drain_timeout_bounds_shutdown() {
+/// Sends `signal` to a one-worker Keel (started with `--drain-timeout drain`) that has a
+/// connection open which never closes; returns how long the process took to exit 0.
+fn exit_time_with_an_open_connection(drain: &str, signal: i32) -> Duration {
     let (echo, _) = echo_backend();
     let (admin, port) = (free_port(), free_port());
     let config = format!(
@@ -483,14 +483,20 @@ fn drain_timeout_bounds_shutdown() {
         proxy_yaml(admin, 1),
         ingress_yaml(port, echo, "connectTimeout: 1s")
     );
-    let mut keel = Keel::start(&config, admin, &["--drain-timeout", "500ms"]);
+    let mut keel = Keel::start(&config, admin, &["--drain-timeout", drain]);
     let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
     echo_round_trip(&mut open, b"x");
     let start = Instant::now();
-    keel.signal(libc::SIGTERM);
+    keel.signal(signal);
     let status = keel.wait_exit(Duration::from_secs(5)).expect("no exit");
     assert!(status.success());
-    let took = start.elapsed();
+    start.elapsed()
+}
+
+/// SIGTERM with a connection that never closes: exit 0 when the drain timeout expires.
+#[test]
+fn drain_timeout_bounds_shutdown() {
+    let took = exit_time_with_an_open_connection("500ms", libc::SIGTERM);
     assert!(
         took >= Duration::from_millis(450) && took < Duration::from_secs(3),
         "{took:?}"
@@ -500,25 +506,8 @@ fn drain_timeout_bounds_shutdown() {
 /// SIGINT exits at once, open connections or not.
 #[test]
 fn sigint_exits_without_draining() {
-    let (echo, _) = echo_backend();
-    let (admin, port) = (free_port(), free_port());
-    let config = format!(
-        "{}{}",
-        proxy_yaml(admin, 1),
-        ingress_yaml(port, echo, "connectTimeout: 1s")
-    );
-    let mut keel = Keel::start(&config, admin, &["--drain-timeout", "10s"]);
-    let mut open = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    echo_round_trip(&mut open, b"x");
-    let start = Instant::now();
-    keel.signal(libc::SIGINT);
-    let status = keel.wait_exit(Duration::from_secs(5)).expect("no exit");
-    assert!(status.success());
-    assert!(
-        start.elapsed() < Duration::from_secs(2),
-        "{:?}",
-        start.elapsed()
-    );
+    let took = exit_time_with_an_open_connection("10s", libc::SIGINT);
+    assert!(took < Duration::from_secs(2), "{took:?}");
 }
 
 /// SIGHUP is not a reason to die.
