@@ -1,7 +1,9 @@
-//! Criterion benches of per-connection hot paths: the balancer picks and the pooled buffer round trip.
+//! Criterion benches of per-connection hot paths: the balancer picks (and consistent-hash table
+//! builds), the pooled buffer round trip, config compilation and the HTTP/1 parsers.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
-use keel_lb::{Rng, RoundRobin, WeightedRandom};
+use keel_lb::hash::hash_bytes;
+use keel_lb::{LeastRequest, Maglev, RingHash, Rng, RoundRobin, WeightedRandom};
 
 fn picks(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
@@ -23,8 +25,53 @@ fn picks(c: &mut Criterion) {
         group.bench_with_input(BenchmarkId::new("weighted_random", n), &n, |b, _| {
             b.iter(|| black_box(wr.pick(&mut rng)))
         });
+        let mut p2c = LeastRequest::new(&equal);
+        for i in 0..n {
+            for _ in 0..(i % 5) {
+                p2c.started(i);
+            }
+        }
+        group.bench_with_input(BenchmarkId::new("least_request_p2c", n), &n, |b, _| {
+            b.iter(|| black_box(p2c.pick(&mut rng)))
+        });
+        let mut wp2c = LeastRequest::new(&weighted);
+        group.bench_with_input(BenchmarkId::new("least_request_weighted", n), &n, |b, _| {
+            b.iter(|| black_box(wp2c.pick(&mut rng)))
+        });
+        // Consistent hashing: the key's hash is part of every pick (a 24-byte header value).
+        let names: Vec<String> = (0..n)
+            .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250))
+            .collect();
+        let hosts: Vec<(&str, u32)> = names.iter().map(|h| (h.as_str(), 1)).collect();
+        let ring = RingHash::new(&hosts, keel_lb::ring_hash::DEFAULT_MIN_RING_SIZE);
+        let maglev = Maglev::new(&hosts, keel_lb::maglev::DEFAULT_TABLE_SIZE).expect("prime size");
+        let key = b"user-3f9a1c27-5e1d-44b2-a";
+        group.bench_with_input(BenchmarkId::new("ring_hash_with_hash", n), &n, |b, _| {
+            b.iter(|| black_box(ring.pick(hash_bytes(black_box(key), 0))))
+        });
+        group.bench_with_input(BenchmarkId::new("maglev_with_hash", n), &n, |b, _| {
+            b.iter(|| black_box(maglev.pick(hash_bytes(black_box(key), 0))))
+        });
     }
     group.finish();
+}
+
+fn table_builds(c: &mut Criterion) {
+    let names: Vec<String> = (0..1000)
+        .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250))
+        .collect();
+    let hosts: Vec<(&str, u32)> = names.iter().map(|h| (h.as_str(), 1)).collect();
+    c.bench_function("ring_hash_build_1000_hosts", |b| {
+        b.iter(|| {
+            black_box(RingHash::new(
+                &hosts,
+                keel_lb::ring_hash::DEFAULT_MIN_RING_SIZE,
+            ))
+        })
+    });
+    c.bench_function("maglev_build_1000_hosts_65537", |b| {
+        b.iter(|| black_box(Maglev::new(&hosts, keel_lb::maglev::DEFAULT_TABLE_SIZE)))
+    });
 }
 
 fn buffers(c: &mut Criterion) {
@@ -77,5 +124,5 @@ fn http1(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, picks, buffers, config, http1);
+criterion_group!(benches, picks, table_builds, buffers, config, http1);
 criterion_main!(benches);
