@@ -780,3 +780,45 @@ fn an_early_upstream_answer_reaches_the_client() {
     assert_eq!((status, body.as_slice()), (413, &b"too big!"[..]));
     assert!(head.contains("connection: close"), "{head}");
 }
+
+/// LEAST_REQUEST: requests go to the endpoint with fewer in flight, so a slow endpoint that
+/// holds its requests gets few new ones (round robin would give it half).
+#[test]
+fn least_request_avoids_the_busy_endpoint() {
+    let slow = RecordingBackend::start(Arc::new(|_: &str, _: &[u8]| {
+        std::thread::sleep(Duration::from_millis(1500));
+        b"HTTP/1.1 200 OK\r\nx-backend: slow\r\ncontent-length: 0\r\n\r\n".to_vec()
+    }));
+    let fast = RecordingBackend::echo("fast");
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: { simple: LEAST_REQUEST }
+";
+    let (_keel, port) = egress(&[(slow.addr, "v1"), (fast.addr, "v2")], rule, "");
+    let clients: Vec<_> = (0..20)
+        .map(|i| {
+            std::thread::sleep(Duration::from_millis(30));
+            std::thread::spawn(move || {
+                let (status, head, _) = get(port, &format!("/{i}"), "");
+                assert_eq!(status, 200);
+                head.lines()
+                    .find_map(|l| l.strip_prefix("x-backend: "))
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+        })
+        .collect();
+    let backends: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let to_slow = backends.iter().filter(|b| *b == "slow").count();
+    assert!(to_slow <= 3, "{backends:?}");
+    assert_eq!(
+        backends.len() - to_slow,
+        backends.iter().filter(|b| *b == "fast").count()
+    );
+}

@@ -233,53 +233,55 @@ impl Compiler {
                 }
             }
         }
-        let policy =
-            |e: &mut Vec<ConfigError>, o: &Origin, tp: &Option<TrafficPolicy>, at: &str| {
-                if let Some(tp) = tp {
+        let policy = |e: &mut Vec<ConfigError>,
+                      o: &Origin,
+                      tp: &Option<TrafficPolicy>,
+                      at: &str| {
+            if let Some(tp) = tp {
+                not_supported(
+                    e,
+                    o,
+                    &tp.outlier_detection,
+                    &format!("{at}.outlierDetection"),
+                );
+                not_supported(e, o, &tp.tls, &format!("{at}.tls"));
+                not_supported(
+                    e,
+                    o,
+                    &tp.port_level_settings,
+                    &format!("{at}.portLevelSettings"),
+                );
+                not_supported(e, o, &tp.tunnel, &format!("{at}.tunnel"));
+                not_supported(e, o, &tp.proxy_protocol, &format!("{at}.proxyProtocol"));
+                if let Some(lb) = &tp.load_balancer {
                     not_supported(
                         e,
                         o,
-                        &tp.outlier_detection,
-                        &format!("{at}.outlierDetection"),
+                        &lb.consistent_hash,
+                        &format!("{at}.loadBalancer.consistentHash"),
                     );
-                    not_supported(e, o, &tp.tls, &format!("{at}.tls"));
                     not_supported(
                         e,
                         o,
-                        &tp.port_level_settings,
-                        &format!("{at}.portLevelSettings"),
+                        &lb.locality_lb_setting,
+                        &format!("{at}.loadBalancer.localityLbSetting"),
                     );
-                    not_supported(e, o, &tp.tunnel, &format!("{at}.tunnel"));
-                    not_supported(e, o, &tp.proxy_protocol, &format!("{at}.proxyProtocol"));
-                    if let Some(lb) = &tp.load_balancer {
-                        not_supported(
-                            e,
-                            o,
-                            &lb.consistent_hash,
-                            &format!("{at}.loadBalancer.consistentHash"),
-                        );
-                        not_supported(
-                            e,
-                            o,
-                            &lb.locality_lb_setting,
-                            &format!("{at}.loadBalancer.localityLbSetting"),
-                        );
-                        not_supported(
-                            e,
-                            o,
-                            &lb.warmup_duration_secs,
-                            &format!("{at}.loadBalancer.warmupDurationSecs"),
-                        );
-                        if let Some(SimpleLb::LeastRequest | SimpleLb::Passthrough) = lb.simple {
-                            e.push(o.error(
+                    not_supported(
+                        e,
+                        o,
+                        &lb.warmup_duration_secs,
+                        &format!("{at}.loadBalancer.warmupDurationSecs"),
+                    );
+                    if let Some(SimpleLb::Passthrough) = lb.simple {
+                        e.push(o.error(
                                 &format!("{at}.loadBalancer.simple"),
-                                "only ROUND_ROBIN and RANDOM are supported yet",
+                                "PASSTHROUGH is not supported yet (ROUND_ROBIN, RANDOM and LEAST_REQUEST are)",
                             ));
-                        }
                     }
-                    pool(e, o, &tp.connection_pool, &format!("{at}.connectionPool"));
                 }
-            };
+                pool(e, o, &tp.connection_pool, &format!("{at}.connectionPool"));
+            }
+        };
         for dr in &raw.destination_rules {
             let (o, s) = (&dr.origin, &dr.value.spec);
             not_supported(e, o, &s.workload_selector, "spec.workloadSelector");
@@ -1436,6 +1438,7 @@ impl Compiler {
         let tcp = pool.and_then(|p| p.tcp.as_ref());
         let lb = match lb_settings.and_then(|l| l.simple) {
             Some(SimpleLb::Random) => LbPolicy::Random,
+            Some(SimpleLb::LeastRequest) => LbPolicy::LeastRequest,
             _ => LbPolicy::RoundRobin,
         };
         let endpoints = spec

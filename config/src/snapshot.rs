@@ -112,6 +112,8 @@ pub struct WeightedCluster {
 pub enum LbPolicy {
     RoundRobin,
     Random,
+    /// Power of two choices on requests in flight (per worker).
+    LeastRequest,
 }
 
 /// TCP keepalive for upstream sockets (`connectionPool.tcp.tcpKeepalive`).

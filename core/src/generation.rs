@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use keel_config::{Cluster, LbPolicy, Snapshot};
-use keel_lb::{Balancer, Rng, RoundRobin, WeightedRandom};
+use keel_lb::{Balancer, LeastRequest, Rng, RoundRobin, WeightedRandom};
 use tokio::sync::watch;
 
 use crate::stats::{ClusterStats, CounterTable, ListenerStats};
@@ -161,9 +161,33 @@ impl Generation {
         }
     }
 
-    /// The endpoint index of `cluster` for the next connection.
-    pub fn pick_endpoint(&self, cluster: usize, rng: &mut Rng) -> Option<usize> {
-        self.balancers.borrow_mut().get_mut(cluster)?.pick(rng)
+    /// The endpoint index of `cluster` for the next connection or request, counted as in flight
+    /// (for least request) until the returned guard drops.
+    pub fn pick_endpoint(&self, cluster: usize, rng: &mut Rng) -> Option<InFlight<'_>> {
+        let mut balancers = self.balancers.borrow_mut();
+        let balancer = balancers.get_mut(cluster)?;
+        let endpoint = balancer.pick(rng)?;
+        balancer.started(endpoint);
+        Some(InFlight {
+            gen: self,
+            cluster,
+            endpoint,
+        })
+    }
+}
+
+/// A picked endpoint, counted as busy by its cluster's balancer while this lives.
+pub struct InFlight<'a> {
+    gen: &'a Generation,
+    cluster: usize,
+    pub endpoint: usize,
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if let Some(b) = self.gen.balancers.borrow_mut().get_mut(self.cluster) {
+            b.finished(self.endpoint);
+        }
     }
 }
 
@@ -172,5 +196,6 @@ fn balancer_for(cluster: &Cluster, worker: usize) -> Balancer {
     match cluster.lb {
         LbPolicy::RoundRobin => Balancer::RoundRobin(RoundRobin::new(&weights, worker)),
         LbPolicy::Random => Balancer::Random(WeightedRandom::new(&weights)),
+        LbPolicy::LeastRequest => Balancer::LeastRequest(LeastRequest::new(&weights)),
     }
 }

@@ -25,10 +25,11 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Stream, peer: Soc
     };
     let cluster = &snapshot.clusters[cluster_index];
     let cstats = &at.gen.clusters[cluster_index].slots[worker.id];
-    let Some(endpoint) = at
-        .gen
-        .pick_endpoint(cluster_index, &mut worker.rng())
-        .and_then(|i| cluster.endpoints.get(i))
+    // Counted in flight (least request) for as long as the connection lasts.
+    let picked = at.gen.pick_endpoint(cluster_index, &mut worker.rng());
+    let Some(endpoint) = picked
+        .as_ref()
+        .and_then(|p| cluster.endpoints.get(p.endpoint))
     else {
         lstats.no_healthy_upstream.inc();
         tracing::debug!(listener = %listener.name, cluster = %cluster.name, "no endpoint");

@@ -40,6 +40,20 @@ impl Balancer {
         self.pick_keyed(rng, None)
     }
 
+    /// A request (or connection) to choice `i` began: the least-request balancer counts it.
+    pub fn started(&mut self, i: usize) {
+        if let Balancer::LeastRequest(b) = self {
+            b.started(i);
+        }
+    }
+
+    /// A request (or connection) to choice `i` ended.
+    pub fn finished(&mut self, i: usize) {
+        if let Balancer::LeastRequest(b) = self {
+            b.finished(i);
+        }
+    }
+
     /// A pick for a request whose hash key (header, cookie, source address...) hashed to `key`.
     pub fn pick_keyed(&mut self, rng: &mut Rng, key: Option<u64>) -> Option<usize> {
         match self {

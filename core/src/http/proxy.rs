@@ -475,10 +475,13 @@ async fn exchange(
         } => (route, target, match_index),
     };
     let cluster = &snapshot.clusters[target.target.cluster];
-    let Some(endpoint) = at
+    // Counted in flight (least request) until this exchange ends.
+    let picked = at
         .gen
-        .pick_endpoint(target.target.cluster, &mut worker.rng())
-        .and_then(|i| cluster.endpoints.get(i))
+        .pick_endpoint(target.target.cluster, &mut worker.rng());
+    let Some(endpoint) = picked
+        .as_ref()
+        .and_then(|p| cluster.endpoints.get(p.endpoint))
     else {
         lstats.no_healthy_upstream.inc();
         count_status(lstats, 503);
