@@ -822,3 +822,50 @@ spec:
         backends.iter().filter(|b| *b == "fast").count()
     );
 }
+
+/// consistentHash on a header: the same value always reaches the same endpoint; different values
+/// spread over both; a request without the header is still served.
+#[test]
+fn consistent_hash_on_a_header_is_sticky() {
+    for table in [
+        "ringHash: { minimumRingSize: 1024 }",
+        "maglev: { tableSize: 65537 }",
+    ] {
+        let (a, b) = (RecordingBackend::echo("a"), RecordingBackend::echo("b"));
+        let rule = format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: reviews }}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {{ consistentHash: {{ httpHeaderName: x-user, {table} }} }}
+"
+        );
+        let (_keel, port) = egress(&[(a.addr, "v1"), (b.addr, "v2")], &rule, "");
+        let backend_of = |headers: &str| {
+            let (status, head, _) = get(port, "/", headers);
+            assert_eq!(status, 200);
+            head.lines()
+                .find_map(|l| l.strip_prefix("x-backend: "))
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for user in 0..20 {
+            let first = backend_of(&format!("x-user: user-{user}\r\n"));
+            for _ in 0..3 {
+                assert_eq!(
+                    backend_of(&format!("x-user: user-{user}\r\n")),
+                    first,
+                    "{table}"
+                );
+            }
+            seen.insert(first);
+        }
+        assert_eq!(seen.len(), 2, "{table}: 20 users all on one endpoint");
+        assert!(!backend_of("").is_empty());
+    }
+}

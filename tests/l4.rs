@@ -569,3 +569,49 @@ fn downstream_reset_tears_down_upstream() {
         );
     }
 }
+
+/// consistentHash with useSourceIp on a TCP route: every connection from one client address lands
+/// on the same endpoint (round robin would alternate).
+#[test]
+fn consistent_hash_on_source_ip_pins_tcp_clients() {
+    let (a, b) = (banner_backend("A"), banner_backend("B"));
+    let (admin, port) = (free_port(), free_port());
+    let config = format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default }}
+spec:
+  egress:
+  - port: {{ number: {port}, protocol: TCP }}
+    hosts: [\"./*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: svc }}
+spec:
+  hosts: [svc]
+  ports: [{{ number: {port}, name: tcp, protocol: TCP }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: 127.0.0.1, ports: {{ tcp: {} }} }}
+  - {{ address: 127.0.0.1, ports: {{ tcp: {} }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: svc }}
+spec:
+  host: svc
+  trafficPolicy:
+    loadBalancer: {{ consistentHash: {{ useSourceIp: true }} }}
+",
+        proxy_yaml(admin, 2),
+        a.port(),
+        b.port()
+    );
+    let _keel = Keel::start(&config, admin, &[]);
+    let picks: Vec<Vec<u8>> = (0..10)
+        .map(|_| read_all(&mut TcpStream::connect(("127.0.0.1", port)).unwrap()))
+        .collect();
+    assert!(picks.iter().all(|p| *p == picks[0]), "{picks:?}");
+}

@@ -95,6 +95,101 @@ fn overlaps(a: IpAddr, b: IpAddr) -> bool {
     a == b || a.is_unspecified() || b.is_unspecified()
 }
 
+/// Istio's default ring size, and the largest Keel accepts (Envoy's maximum).
+const DEFAULT_MIN_RING_SIZE: u64 = 1024;
+const MAX_RING_SIZE: u64 = 8 * 1024 * 1024;
+/// Istio's default Maglev table size.
+const DEFAULT_MAGLEV_TABLE_SIZE: u64 = 65537;
+
+/// `consistentHash` must name exactly one key and at most one table, with sane sizes.
+fn check_consistent_hash(
+    errors: &mut Vec<ConfigError>,
+    o: &Origin,
+    ch: &ConsistentHash,
+    with_simple: bool,
+    at: &str,
+) {
+    not_supported(errors, o, &ch.http_cookie, &format!("{at}.httpCookie"));
+    let keys = [
+        ch.http_header_name.is_some(),
+        ch.http_cookie.is_some(),
+        ch.use_source_ip == Some(true),
+        ch.http_query_parameter_name.is_some(),
+    ];
+    match keys.iter().filter(|k| **k).count() {
+        0 => errors.push(o.error(at, "consistentHash needs one of httpHeaderName, httpCookie, useSourceIp: true or httpQueryParameterName")),
+        1 => {}
+        _ => errors.push(o.error(at, "consistentHash takes only one of httpHeaderName, httpCookie, useSourceIp and httpQueryParameterName")),
+    }
+    if ch.http_header_name.as_deref() == Some("") {
+        errors.push(o.error(&format!("{at}.httpHeaderName"), "must not be empty"));
+    }
+    if ch.http_query_parameter_name.as_deref() == Some("") {
+        errors.push(o.error(&format!("{at}.httpQueryParameterName"), "must not be empty"));
+    }
+    if ch.ring_hash.is_some() && ch.maglev.is_some() {
+        errors.push(o.error(at, "set ringHash or maglev, not both"));
+    }
+    if with_simple {
+        errors.push(o.error(
+            at,
+            "set loadBalancer.simple or loadBalancer.consistentHash, not both",
+        ));
+    }
+    let ring = ch
+        .ring_hash
+        .as_ref()
+        .and_then(|r| r.minimum_ring_size)
+        .or(ch.minimum_ring_size);
+    if let Some(size) = ring {
+        if !(1..=MAX_RING_SIZE).contains(&size) {
+            errors.push(o.error(
+                &format!("{at}.ringHash.minimumRingSize"),
+                format!("must be between 1 and {MAX_RING_SIZE}"),
+            ));
+        }
+    }
+    if let Some(size) = ch.maglev.as_ref().and_then(|m| m.table_size) {
+        if size > 5_000_011 || !is_prime(size) {
+            errors.push(o.error(
+                &format!("{at}.maglev.tableSize"),
+                format!("{size} is not a prime of at most 5000011 (Istio's default is 65537)"),
+            ));
+        }
+    }
+}
+
+fn is_prime(n: u64) -> bool {
+    n >= 2 && (2..).take_while(|d| d * d <= n).all(|d| !n.is_multiple_of(d))
+}
+
+/// The balancer and hash key a valid `consistentHash` asks for.
+fn consistent_hash_policy(ch: &ConsistentHash) -> (LbPolicy, Option<HashKey>) {
+    let key = if let Some(h) = &ch.http_header_name {
+        Some(HashKey::Header(h.to_ascii_lowercase()))
+    } else if ch.use_source_ip == Some(true) {
+        Some(HashKey::SourceIp)
+    } else {
+        ch.http_query_parameter_name
+            .clone()
+            .map(HashKey::QueryParameter)
+    };
+    let lb = match &ch.maglev {
+        Some(m) => LbPolicy::Maglev {
+            table_size: m.table_size.unwrap_or(DEFAULT_MAGLEV_TABLE_SIZE) as usize,
+        },
+        None => LbPolicy::RingHash {
+            min_ring_size: ch
+                .ring_hash
+                .as_ref()
+                .and_then(|r| r.minimum_ring_size)
+                .or(ch.minimum_ring_size)
+                .unwrap_or(DEFAULT_MIN_RING_SIZE) as usize,
+        },
+    };
+    (lb, key)
+}
+
 fn not_supported<T>(errors: &mut Vec<ConfigError>, origin: &Origin, field: &Option<T>, path: &str) {
     if field.is_some() {
         errors.push(origin.error(path, format!("field `{path}` is not supported yet")));
@@ -254,12 +349,15 @@ impl Compiler {
                 not_supported(e, o, &tp.tunnel, &format!("{at}.tunnel"));
                 not_supported(e, o, &tp.proxy_protocol, &format!("{at}.proxyProtocol"));
                 if let Some(lb) = &tp.load_balancer {
-                    not_supported(
-                        e,
-                        o,
-                        &lb.consistent_hash,
-                        &format!("{at}.loadBalancer.consistentHash"),
-                    );
+                    if let Some(ch) = &lb.consistent_hash {
+                        check_consistent_hash(
+                            e,
+                            o,
+                            ch,
+                            lb.simple.is_some(),
+                            &format!("{at}.loadBalancer.consistentHash"),
+                        );
+                    }
                     not_supported(
                         e,
                         o,
@@ -686,6 +784,7 @@ impl Compiler {
                     labels: BTreeMap::new(),
                 }],
                 lb: LbPolicy::RoundRobin,
+                hash_key: None,
                 connect_timeout: tcp
                     .and_then(|t| t.connect_timeout)
                     .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),
@@ -1436,10 +1535,19 @@ impl Compiler {
             .and_then(|p| p.connection_pool.as_ref())
             .or(top.and_then(|p| p.connection_pool.as_ref()));
         let tcp = pool.and_then(|p| p.tcp.as_ref());
-        let lb = match lb_settings.and_then(|l| l.simple) {
-            Some(SimpleLb::Random) => LbPolicy::Random,
-            Some(SimpleLb::LeastRequest) => LbPolicy::LeastRequest,
-            _ => LbPolicy::RoundRobin,
+        let (lb, hash_key) = match lb_settings {
+            Some(LoadBalancerSettings {
+                consistent_hash: Some(ch),
+                ..
+            }) => consistent_hash_policy(ch),
+            _ => (
+                match lb_settings.and_then(|l| l.simple) {
+                    Some(SimpleLb::Random) => LbPolicy::Random,
+                    Some(SimpleLb::LeastRequest) => LbPolicy::LeastRequest,
+                    _ => LbPolicy::RoundRobin,
+                },
+                None,
+            ),
         };
         let endpoints = spec
             .endpoints
@@ -1465,6 +1573,7 @@ impl Compiler {
             name,
             endpoints,
             lb,
+            hash_key,
             connect_timeout: tcp
                 .and_then(|t| t.connect_timeout)
                 .map_or(DEFAULT_CONNECT_TIMEOUT, |d| d.0),

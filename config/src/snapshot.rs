@@ -114,6 +114,25 @@ pub enum LbPolicy {
     Random,
     /// Power of two choices on requests in flight (per worker).
     LeastRequest,
+    /// Consistent hashing on a ring of at least this many points.
+    RingHash {
+        min_ring_size: usize,
+    },
+    /// Consistent hashing with a Maglev table of this (prime) size.
+    Maglev {
+        table_size: usize,
+    },
+}
+
+/// What a request is hashed by for consistent hashing (`consistentHash`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header's value (name lower-cased).
+    Header(String),
+    /// The downstream client's IP address (also for TCP).
+    SourceIp,
+    /// A query parameter's value.
+    QueryParameter(String),
 }
 
 /// TCP keepalive for upstream sockets (`connectionPool.tcp.tcpKeepalive`).
@@ -130,6 +149,8 @@ pub struct Cluster {
     pub name: String,
     pub endpoints: Vec<Endpoint>,
     pub lb: LbPolicy,
+    /// For `RingHash` and `Maglev`: what to hash; a request without it is balanced at random.
+    pub hash_key: Option<HashKey>,
     pub connect_timeout: Duration,
     /// No bytes either way for this long closes both sides.
     pub idle_timeout: Duration,

@@ -357,3 +357,80 @@ fn selector_picks_sidecar() {
         "a selecting Sidecar wins over the namespace default"
     );
 }
+
+#[test]
+fn consistent_hash_policies_and_their_errors() {
+    let with = |lb: &str| {
+        full().replace(
+            "    loadBalancer: { simple: RANDOM }",
+            &format!("    loadBalancer: {lb}"),
+        )
+    };
+    let snap = load_str(
+        "test.yaml",
+        &with("{ consistentHash: { httpHeaderName: X-User, maglev: { tableSize: 251 } } }"),
+    )
+    .unwrap();
+    let db = snap
+        .clusters
+        .iter()
+        .find(|c| c.name.ends_with("|v1|db.example.com"))
+        .unwrap();
+    assert_eq!(db.lb, keel_config::LbPolicy::Maglev { table_size: 251 });
+    assert_eq!(
+        db.hash_key,
+        Some(keel_config::HashKey::Header("x-user".into()))
+    );
+    let snap = load_str(
+        "test.yaml",
+        &with("{ consistentHash: { useSourceIp: true } }"),
+    )
+    .unwrap();
+    let db = &snap
+        .clusters
+        .iter()
+        .find(|c| c.name.ends_with("|v1|db.example.com"))
+        .unwrap();
+    assert_eq!(
+        db.lb,
+        keel_config::LbPolicy::RingHash {
+            min_ring_size: 1024
+        }
+    );
+    assert_eq!(db.hash_key, Some(keel_config::HashKey::SourceIp));
+
+    for (lb, path, message) in [
+        (
+            "{ consistentHash: { ringHash: { minimumRingSize: 64 } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "needs one of",
+        ),
+        (
+            "{ consistentHash: { useSourceIp: true, httpHeaderName: x } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "only one of",
+        ),
+        (
+            "{ consistentHash: { httpQueryParameterName: u, maglev: { tableSize: 65536 } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.maglev.tableSize",
+            "not a prime",
+        ),
+        (
+            "{ consistentHash: { httpCookie: { name: s, ttl: 0s } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie",
+            "not supported yet",
+        ),
+        (
+            "{ simple: RANDOM, consistentHash: { useSourceIp: true } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash",
+            "not both",
+        ),
+    ] {
+        let e = errors(&with(lb));
+        assert!(
+            e.iter()
+                .any(|e| e.path == path && e.message.contains(message)),
+            "{lb}: {e:#?}"
+        );
+    }
+}

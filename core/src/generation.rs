@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use keel_config::{Cluster, LbPolicy, Snapshot};
-use keel_lb::{Balancer, LeastRequest, Rng, RoundRobin, WeightedRandom};
+use keel_lb::{Balancer, LeastRequest, Maglev, RingHash, Rng, RoundRobin, WeightedRandom};
 use tokio::sync::watch;
 
 use crate::stats::{ClusterStats, CounterTable, ListenerStats};
@@ -163,16 +163,30 @@ impl Generation {
 
     /// The endpoint index of `cluster` for the next connection or request, counted as in flight
     /// (for least request) until the returned guard drops.
-    pub fn pick_endpoint(&self, cluster: usize, rng: &mut Rng) -> Option<InFlight<'_>> {
+    /// `key` is the request's hash for consistent hashing (see [`Generation::hash_key`]).
+    pub fn pick_endpoint(
+        &self,
+        cluster: usize,
+        rng: &mut Rng,
+        key: Option<u64>,
+    ) -> Option<InFlight<'_>> {
         let mut balancers = self.balancers.borrow_mut();
         let balancer = balancers.get_mut(cluster)?;
-        let endpoint = balancer.pick(rng)?;
+        let endpoint = balancer.pick_keyed(rng, key)?;
         balancer.started(endpoint);
         Some(InFlight {
             gen: self,
             cluster,
             endpoint,
         })
+    }
+}
+
+/// The hash of a client's IP address, for `consistentHash.useSourceIp`.
+pub fn source_ip_hash(ip: std::net::IpAddr) -> u64 {
+    match ip {
+        std::net::IpAddr::V4(v4) => keel_lb::hash::hash_bytes(&v4.octets(), 0),
+        std::net::IpAddr::V6(v6) => keel_lb::hash::hash_bytes(&v6.octets(), 0),
     }
 }
 
@@ -193,9 +207,28 @@ impl Drop for InFlight<'_> {
 
 fn balancer_for(cluster: &Cluster, worker: usize) -> Balancer {
     let weights: Vec<u32> = cluster.endpoints.iter().map(|e| e.weight).collect();
+    // Consistent hashing places hosts by name (`ip:port`), so every worker builds the same table.
+    let names: Vec<String> = cluster
+        .endpoints
+        .iter()
+        .map(|e| e.address.to_string())
+        .collect();
+    let hosts: Vec<(&str, u32)> = names
+        .iter()
+        .zip(&weights)
+        .map(|(n, w)| (n.as_str(), *w))
+        .collect();
     match cluster.lb {
         LbPolicy::RoundRobin => Balancer::RoundRobin(RoundRobin::new(&weights, worker)),
         LbPolicy::Random => Balancer::Random(WeightedRandom::new(&weights)),
         LbPolicy::LeastRequest => Balancer::LeastRequest(LeastRequest::new(&weights)),
+        LbPolicy::RingHash { min_ring_size } => {
+            Balancer::RingHash(RingHash::new(&hosts, min_ring_size))
+        }
+        // The size was checked to be prime when the config was compiled.
+        LbPolicy::Maglev { table_size } => match Maglev::new(&hosts, table_size) {
+            Ok(m) => Balancer::Maglev(m),
+            Err(_) => Balancer::RingHash(RingHash::new(&hosts, 1024)),
+        },
     }
 }

@@ -26,7 +26,10 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Stream, peer: Soc
     let cluster = &snapshot.clusters[cluster_index];
     let cstats = &at.gen.clusters[cluster_index].slots[worker.id];
     // Counted in flight (least request) for as long as the connection lasts.
-    let picked = at.gen.pick_endpoint(cluster_index, &mut worker.rng());
+    // A TCP connection can be hashed only by its source address; other keys balance at random.
+    let key = matches!(cluster.hash_key, Some(keel_config::HashKey::SourceIp))
+        .then(|| crate::generation::source_ip_hash(peer.ip()));
+    let picked = at.gen.pick_endpoint(cluster_index, &mut worker.rng(), key);
     let Some(endpoint) = picked
         .as_ref()
         .and_then(|p| cluster.endpoints.get(p.endpoint))

@@ -476,9 +476,13 @@ async fn exchange(
     };
     let cluster = &snapshot.clusters[target.target.cluster];
     // Counted in flight (least request) until this exchange ends.
+    let key = cluster
+        .hash_key
+        .as_ref()
+        .and_then(|k| request_hash(k, &head, peer.ip()));
     let picked = at
         .gen
-        .pick_endpoint(target.target.cluster, &mut worker.rng());
+        .pick_endpoint(target.target.cluster, &mut worker.rng(), key);
     let Some(endpoint) = picked
         .as_ref()
         .and_then(|p| cluster.endpoints.get(p.endpoint))
@@ -751,6 +755,23 @@ async fn exchange(
     }
     tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint.address, duration_us = started.elapsed().as_micros() as u64, "request");
     next
+}
+
+/// The request's hash for consistent hashing, or `None` when it lacks the key (then the pick is
+/// random, as Envoy's).
+fn request_hash(key: &keel_config::HashKey, head: &RequestHead, peer: IpAddr) -> Option<u64> {
+    use keel_config::HashKey;
+    use keel_lb::hash::hash_bytes;
+    match key {
+        HashKey::Header(name) => head.headers.get(name.as_bytes()).map(|v| hash_bytes(v, 0)),
+        HashKey::SourceIp => Some(crate::generation::source_ip_hash(peer)),
+        HashKey::QueryParameter(name) => head.query().and_then(|q| {
+            q.split('&').find_map(|pair| {
+                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                (k == name).then(|| hash_bytes(v.as_bytes(), 0))
+            })
+        }),
+    }
 }
 
 /// Registers an upstream socket with the connection's idle entry while it is in use.
