@@ -781,6 +781,17 @@ fn an_early_upstream_answer_reaches_the_client() {
     assert!(head.contains("connection: close"), "{head}");
 }
 
+/// GETs `path` with `headers`, expects 200, and returns the `x-backend` that answered.
+fn served_by(port: u16, path: &str, headers: &str) -> String {
+    let (status, head, _) = get(port, path, headers);
+    assert_eq!(status, 200);
+    head.lines()
+        .find_map(|l| l.strip_prefix("x-backend: "))
+        .unwrap_or("")
+        .trim()
+        .to_string()
+}
+
 /// LEAST_REQUEST: requests go to the endpoint with fewer in flight, so a slow endpoint that
 /// holds its requests gets few new ones (round robin would give it half).
 #[test]
@@ -803,15 +814,7 @@ spec:
     let clients: Vec<_> = (0..20)
         .map(|i| {
             std::thread::sleep(Duration::from_millis(30));
-            std::thread::spawn(move || {
-                let (status, head, _) = get(port, &format!("/{i}"), "");
-                assert_eq!(status, 200);
-                head.lines()
-                    .find_map(|l| l.strip_prefix("x-backend: "))
-                    .unwrap_or("")
-                    .trim()
-                    .to_string()
-            })
+            std::thread::spawn(move || served_by(port, &format!("/{i}"), ""))
         })
         .collect();
     let backends: Vec<String> = clients.into_iter().map(|c| c.join().unwrap()).collect();
@@ -844,15 +847,7 @@ spec:
 "
         );
         let (_keel, port) = egress(&[(a.addr, "v1"), (b.addr, "v2")], &rule, "");
-        let backend_of = |headers: &str| {
-            let (status, head, _) = get(port, "/", headers);
-            assert_eq!(status, 200);
-            head.lines()
-                .find_map(|l| l.strip_prefix("x-backend: "))
-                .unwrap_or("")
-                .trim()
-                .to_string()
-        };
+        let backend_of = |headers: &str| served_by(port, "/", headers);
         let mut seen = std::collections::BTreeSet::new();
         for user in 0..20 {
             let first = backend_of(&format!("x-user: user-{user}\r\n"));
