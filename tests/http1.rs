@@ -864,3 +864,52 @@ spec:
         assert!(!backend_of("").is_empty());
     }
 }
+
+/// consistentHash on a cookie with a ttl: a client without the cookie gets one (Set-Cookie with
+/// Max-Age and Path) and, sending it back, stays on the endpoint that served it first.
+#[test]
+fn consistent_hash_on_a_generated_cookie_is_sticky() {
+    let (a, b) = (RecordingBackend::echo("a"), RecordingBackend::echo("b"));
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: { consistentHash: { httpCookie: { name: session, path: /, ttl: 1h } } }
+";
+    let (_keel, port) = egress(&[(a.addr, "v1"), (b.addr, "v2")], rule, "");
+    let mut seen = std::collections::BTreeSet::new();
+    for _ in 0..20 {
+        let (status, head, _) = get(port, "/", "");
+        assert_eq!(status, 200);
+        let set = head
+            .lines()
+            .find_map(|l| l.strip_prefix("set-cookie: "))
+            .unwrap_or_else(|| panic!("no set-cookie: {head}"))
+            .trim()
+            .to_string();
+        assert!(
+            set.starts_with("session=") && set.ends_with("; max-age=3600; path=/; httponly"),
+            "{set}"
+        );
+        let first = head
+            .lines()
+            .find_map(|l| l.strip_prefix("x-backend: "))
+            .unwrap()
+            .trim()
+            .to_string();
+        let cookie = set.split(';').next().unwrap().to_string();
+        for _ in 0..3 {
+            let (_, head, _) = get(port, "/", &format!("Cookie: theme=dark; {cookie}\r\n"));
+            assert!(
+                !head.contains("set-cookie"),
+                "no new cookie once sent: {head}"
+            );
+            assert!(head.contains(&format!("x-backend: {first}")), "{head}");
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 2, "20 sessions all on one endpoint");
+}

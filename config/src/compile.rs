@@ -109,7 +109,29 @@ fn check_consistent_hash(
     with_simple: bool,
     at: &str,
 ) {
-    not_supported(errors, o, &ch.http_cookie, &format!("{at}.httpCookie"));
+    if let Some(c) = &ch.http_cookie {
+        not_supported(
+            errors,
+            o,
+            &c.attributes,
+            &format!("{at}.httpCookie.attributes"),
+        );
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if c.name.is_empty() || !c.name.bytes().all(token) {
+            errors.push(o.error(
+                &format!("{at}.httpCookie.name"),
+                format!("`{}` is not a valid cookie name", c.name),
+            ));
+        }
+        if let Some(p) = &c.path {
+            if !p.starts_with('/') || p.bytes().any(|b| b == b';' || b.is_ascii_control()) {
+                errors.push(o.error(
+                    &format!("{at}.httpCookie.path"),
+                    format!("`{p}` is not a cookie path (it starts with / and has no ; or control characters)"),
+                ));
+            }
+        }
+    }
     let keys = [
         ch.http_header_name.is_some(),
         ch.http_cookie.is_some(),
@@ -170,6 +192,12 @@ fn is_prime(n: u64) -> bool {
 fn consistent_hash_policy(ch: &ConsistentHash) -> (LbPolicy, Option<HashKey>) {
     let key = if let Some(h) = &ch.http_header_name {
         Some(HashKey::Header(h.to_ascii_lowercase()))
+    } else if let Some(c) = &ch.http_cookie {
+        Some(HashKey::Cookie {
+            name: c.name.clone(),
+            path: c.path.clone(),
+            ttl: c.ttl.map(|d| d.0),
+        })
     } else if ch.use_source_ip == Some(true) {
         Some(HashKey::SourceIp)
     } else {

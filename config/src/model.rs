@@ -626,7 +626,7 @@ pub struct ConsistentHash {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http_header_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http_cookie: Option<NotSupported>,
+    pub http_cookie: Option<HttpCookie>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_source_ip: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -638,6 +638,19 @@ pub struct ConsistentHash {
     /// Deprecated by Istio in favour of `ringHash.minimumRingSize`; still honoured.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub minimum_ring_size: Option<u64>,
+}
+
+/// `consistentHash.httpCookie`: hash by a cookie, generated when absent if `ttl` is set.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpCookie {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attributes: Option<NotSupported>,
 }
 
 /// `consistentHash.ringHash`.

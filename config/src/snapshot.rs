@@ -133,6 +133,13 @@ pub enum HashKey {
     SourceIp,
     /// A query parameter's value.
     QueryParameter(String),
+    /// A cookie's value; when the request has none and `ttl` is set, Keel makes one up, hashes
+    /// by it, and sets it on the response (`Max-Age` = ttl; a session cookie when ttl is 0).
+    Cookie {
+        name: String,
+        path: Option<String>,
+        ttl: Option<Duration>,
+    },
 }
 
 /// TCP keepalive for upstream sockets (`connectionPool.tcp.tcpKeepalive`).

@@ -416,9 +416,19 @@ fn consistent_hash_policies_and_their_errors() {
             "not a prime",
         ),
         (
-            "{ consistentHash: { httpCookie: { name: s, ttl: 0s } } }",
-            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie",
+            "{ consistentHash: { httpCookie: { name: s, ttl: 0s, attributes: [] } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes",
             "not supported yet",
+        ),
+        (
+            "{ consistentHash: { httpCookie: { name: \"a b\", ttl: 0s } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.name",
+            "not a valid cookie name",
+        ),
+        (
+            "{ consistentHash: { httpCookie: { name: s, path: x } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.path",
+            "not a cookie path",
         ),
         (
             "{ simple: RANDOM, consistentHash: { useSourceIp: true } }",

@@ -476,10 +476,10 @@ async fn exchange(
     };
     let cluster = &snapshot.clusters[target.target.cluster];
     // Counted in flight (least request) until this exchange ends.
-    let key = cluster
-        .hash_key
-        .as_ref()
-        .and_then(|k| request_hash(k, &head, peer.ip()));
+    let (key, set_cookie) = match &cluster.hash_key {
+        Some(k) => request_hash(k, &head, peer.ip(), &mut worker.rng()),
+        None => (None, None),
+    };
     let picked = at
         .gen
         .pick_endpoint(target.target.cluster, &mut worker.rng(), key);
@@ -671,6 +671,9 @@ async fn exchange(
             BodyKind::None,
             true,
         );
+        if let Some(c) = &set_cookie {
+            resp.headers.push(b"set-cookie", c.as_bytes());
+        }
         let mut bytes = Vec::new();
         encode::response(&resp, &mut bytes);
         if down.stream.write_all(&bytes).await.is_ok() {
@@ -695,6 +698,9 @@ async fn exchange(
         other => other,
     };
     rewrite_response(&mut resp, route, target, next, out_body, false);
+    if let Some(c) = &set_cookie {
+        resp.headers.push(b"set-cookie", c.as_bytes());
+    }
     let mut bytes = Vec::with_capacity(512);
     encode::response(&resp, &mut bytes);
     // The head and whatever of a Content-Length body is already buffered leave in one sendmsg.
@@ -757,20 +763,57 @@ async fn exchange(
     next
 }
 
-/// The request's hash for consistent hashing, or `None` when it lacks the key (then the pick is
-/// random, as Envoy's).
-fn request_hash(key: &keel_config::HashKey, head: &RequestHead, peer: IpAddr) -> Option<u64> {
+/// The request's hash for consistent hashing — `None` when it lacks the key (the pick is then
+/// random, as Envoy's) — and, for a cookie key Keel had to make up, the `set-cookie` value that
+/// pins the client to the same endpoint from its next request on.
+fn request_hash(
+    key: &keel_config::HashKey,
+    head: &RequestHead,
+    peer: IpAddr,
+    rng: &mut keel_lb::Rng,
+) -> (Option<u64>, Option<String>) {
     use keel_config::HashKey;
     use keel_lb::hash::hash_bytes;
     match key {
-        HashKey::Header(name) => head.headers.get(name.as_bytes()).map(|v| hash_bytes(v, 0)),
-        HashKey::SourceIp => Some(crate::generation::source_ip_hash(peer)),
-        HashKey::QueryParameter(name) => head.query().and_then(|q| {
-            q.split('&').find_map(|pair| {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                (k == name).then(|| hash_bytes(v.as_bytes(), 0))
-            })
-        }),
+        HashKey::Header(name) => (
+            head.headers.get(name.as_bytes()).map(|v| hash_bytes(v, 0)),
+            None,
+        ),
+        HashKey::SourceIp => (Some(crate::generation::source_ip_hash(peer)), None),
+        HashKey::QueryParameter(name) => (
+            head.query().and_then(|q| {
+                q.split('&').find_map(|pair| {
+                    let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+                    (k == name).then(|| hash_bytes(v.as_bytes(), 0))
+                })
+            }),
+            None,
+        ),
+        HashKey::Cookie { name, path, ttl } => {
+            let sent = head.headers.get(b"cookie").and_then(|all| {
+                all.split(|b| *b == b';').find_map(|pair| {
+                    let pair = pair.trim_ascii();
+                    let (k, v) = pair.split_at(pair.iter().position(|b| *b == b'=')?);
+                    (k == name.as_bytes()).then(|| hash_bytes(&v[1..], 0))
+                })
+            });
+            match (sent, ttl) {
+                (Some(hash), _) => (Some(hash), None),
+                (None, None) => (None, None),
+                (None, Some(ttl)) => {
+                    let value = format!("{:016x}", rng.next_u64());
+                    let mut cookie = format!("{name}={value}");
+                    if !ttl.is_zero() {
+                        cookie.push_str(&format!("; Max-Age={}", ttl.as_secs().max(1)));
+                    }
+                    if let Some(p) = path {
+                        cookie.push_str(&format!("; Path={p}"));
+                    }
+                    cookie.push_str("; HttpOnly");
+                    (Some(hash_bytes(value.as_bytes(), 0)), Some(cookie))
+                }
+            }
+        }
     }
 }
 
