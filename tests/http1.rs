@@ -912,4 +912,36 @@ spec:
         seen.insert(first);
     }
     assert_eq!(seen.len(), 2, "20 sessions all on one endpoint");
+
+    // The same with curl and a cookie jar, as a browser would.
+    let jar = temp_dir("cookies").join("jar");
+    let curl = || {
+        let out = std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "-H",
+                "Host: reviews",
+                "-c",
+            ])
+            .arg(&jar)
+            .arg("-b")
+            .arg(&jar)
+            .arg(format!("http://127.0.0.1:{port}/"))
+            .output()
+            .expect("curl runs");
+        let head = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        head.lines()
+            .find_map(|l| l.strip_prefix("x-backend: "))
+            .unwrap_or_else(|| panic!("no answer: {head}"))
+            .trim()
+            .to_string()
+    };
+    let first = curl();
+    for _ in 0..4 {
+        assert_eq!(curl(), first);
+    }
 }
