@@ -171,8 +171,12 @@ impl Fleet {
         for worker in &self.workers {
             let _ = worker.send(Control::Commit { reply: tx.clone() });
         }
-        // Every worker prepared, so a commit cannot fail; an error here is a worker gone.
-        collect(&rx, self.workers.len()).map_err(|e| format!("commit failed: {e}"))?;
+        // Every worker prepared, so a commit cannot fail; an error here is a worker gone or stuck.
+        // The commit was sent to all, so the new config is what the live workers run: record it
+        // as current either way, or the next reload would compare against a config nobody runs.
+        if let Err(e) = collect(&rx, self.workers.len()) {
+            tracing::error!("config commit: {e}; the workers that answered serve the new config");
+        }
         self.stats.publish(Published {
             snapshot: next.clone(),
             table,

@@ -13,6 +13,24 @@ mod rng;
 mod round_robin;
 mod weighted_random;
 
+/// Fixtures the consistent-hashing tests share: host names and request keys.
+#[cfg(test)]
+mod test_support {
+    /// `n` endpoint names as `ip:port`.
+    pub fn names(n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250))
+            .collect()
+    }
+
+    /// 100,000 hashed request keys.
+    pub fn keys() -> Vec<u64> {
+        (0..100_000)
+            .map(|i| crate::hash::hash_bytes(format!("key-{i}").as_bytes(), 0))
+            .collect()
+    }
+}
+
 pub use least_request::LeastRequest;
 pub use maglev::Maglev;
 pub use ring_hash::RingHash;

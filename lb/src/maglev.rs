@@ -97,23 +97,11 @@ impl Maglev {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::hash_bytes;
-
-    fn names(n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250))
-            .collect()
-    }
+    use crate::test_support::{keys, names};
 
     fn table(names: &[String]) -> Maglev {
         let hosts: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
         Maglev::new(&hosts, DEFAULT_TABLE_SIZE).unwrap()
-    }
-
-    fn keys() -> Vec<u64> {
-        (0..100_000)
-            .map(|i| hash_bytes(format!("key-{i}").as_bytes(), 0))
-            .collect()
     }
 
     #[test]

@@ -75,23 +75,11 @@ impl RingHash {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hash::hash_bytes;
-
-    fn names(n: usize) -> Vec<String> {
-        (0..n)
-            .map(|i| format!("10.0.{}.{}:8080", i / 250, i % 250))
-            .collect()
-    }
+    use crate::test_support::{keys, names};
 
     fn ring(names: &[String]) -> RingHash {
         let hosts: Vec<(&str, u32)> = names.iter().map(|n| (n.as_str(), 1)).collect();
         RingHash::new(&hosts, DEFAULT_MIN_RING_SIZE)
-    }
-
-    fn keys() -> Vec<u64> {
-        (0..100_000)
-            .map(|i| hash_bytes(format!("key-{i}").as_bytes(), 0))
-            .collect()
     }
 
     #[test]
