@@ -146,8 +146,8 @@ fn main() -> ExitCode {
             println!("keel {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS
         }
-        Command::Validate { config } => match keel_config::load(&config) {
-            Ok(s) => {
+        Command::Validate { config } => match keel_core::config::load(&config) {
+            Ok((s, _)) => {
                 println!(
                     "{}: valid: {} listeners, {} clusters, version {}",
                     config.display(),

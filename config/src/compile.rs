@@ -16,17 +16,30 @@ use crate::load::{Located, Origin, RawConfig};
 use crate::model::*;
 use crate::snapshot::*;
 
+mod tls;
+
+pub use tls::{DEFAULT_TRUST_DOMAIN, ROOT_NAMESPACE};
+
+use crate::load::fnv1a;
+
 /// Compiles parsed resources into a snapshot, or returns every error found.
 pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
     let mut c = Compiler {
         errors: Vec::new(),
         clusters: Vec::new(),
         cluster_index: HashMap::new(),
+        material: Vec::new(),
+        material_hash: raw.content_hash,
+        peer_authn: tls::PeerAuthn::default(),
     };
     c.check_not_supported(&raw);
     let proxy = c.proxy(&raw);
+    if let Some(p) = &proxy {
+        c.peer_authn = c.peer_authn(&raw, p);
+    }
     let registry = c.registry(&raw);
-    let rules = c.destination_rules(&raw, &registry);
+    let have_identity = proxy.as_ref().is_some_and(|p| p.identity.is_some());
+    let rules = c.destination_rules(&raw, &registry, have_identity);
     let mut listeners = Vec::new();
     if let Some(proxy) = &proxy {
         if let Some(sidecar) = c.select_sidecar(&raw, proxy) {
@@ -51,12 +64,13 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         return Err(c.errors);
     }
     let proxy = proxy.ok_or_else(Vec::new)?;
-    let version = format!("{:016x}", raw.content_hash);
+    let version = format!("{:016x}", c.material_hash);
     Ok(Snapshot {
         version,
         proxy,
         listeners,
         clusters: c.clusters,
+        material_files: c.material,
         source: std::sync::Arc::new(raw),
     })
 }
@@ -65,6 +79,12 @@ struct Compiler {
     errors: Vec<ConfigError>,
     clusters: Vec<Cluster>,
     cluster_index: HashMap<String, usize>,
+    /// Certificate and key files read, to be watched for rotation.
+    material: Vec<std::path::PathBuf>,
+    /// The config files' hash with every certificate and key file folded in: the config version.
+    material_hash: u64,
+    /// The PeerAuthentication in force for this workload.
+    peer_authn: tls::PeerAuthn,
 }
 
 /// One port of one service in the registry.
@@ -89,6 +109,10 @@ impl<'a> Registry<'a> {
 struct Rule<'a> {
     host: String,
     rule: &'a Located<DestinationRuleSpec>,
+    /// `trafficPolicy.tls`, compiled.
+    tls: Option<tls::RuleTls>,
+    /// Subsets whose own trafficPolicy sets `tls` (which then replaces the rule's).
+    subset_tls: Vec<(String, Option<tls::RuleTls>)>,
 }
 
 fn overlaps(a: IpAddr, b: IpAddr) -> bool {
@@ -233,7 +257,6 @@ impl Compiler {
         let e = &mut self.errors;
         for p in &raw.proxies {
             let (o, s) = (&p.origin, &p.value.spec);
-            not_supported(e, o, &s.identity, "spec.identity");
             not_supported(e, o, &s.interception, "spec.interception");
             not_supported(e, o, &s.telemetry, "spec.telemetry");
         }
@@ -262,7 +285,26 @@ impl Compiler {
         for sc in &raw.sidecars {
             let (o, s) = (&sc.origin, &sc.value.spec);
             for (i, ing) in s.ingress.iter().enumerate() {
-                not_supported(e, o, &ing.tls, &format!("spec.ingress[{i}].tls"));
+                if let Some(t) = &ing.tls {
+                    let at = format!("spec.ingress[{i}].tls");
+                    not_supported(e, o, &t.https_redirect, &format!("{at}.httpsRedirect"));
+                    not_supported(e, o, &t.credential_name, &format!("{at}.credentialName"));
+                    not_supported(e, o, &t.credential_names, &format!("{at}.credentialNames"));
+                    not_supported(e, o, &t.ca_crl, &format!("{at}.caCrl"));
+                    not_supported(
+                        e,
+                        o,
+                        &t.verify_certificate_spki,
+                        &format!("{at}.verifyCertificateSpki"),
+                    );
+                    not_supported(
+                        e,
+                        o,
+                        &t.verify_certificate_hash,
+                        &format!("{at}.verifyCertificateHash"),
+                    );
+                    not_supported(e, o, &t.cipher_suites, &format!("{at}.cipherSuites"));
+                }
                 pool(
                     e,
                     o,
@@ -290,7 +332,6 @@ impl Compiler {
             not_supported(e, o, &s.addresses, "spec.addresses");
             not_supported(e, o, &s.workload_selector, "spec.workloadSelector");
             not_supported(e, o, &s.export_to, "spec.exportTo");
-            not_supported(e, o, &s.subject_alt_names, "spec.subjectAltNames");
             for (i, ep) in s.endpoints.iter().enumerate() {
                 not_supported(e, o, &ep.network, &format!("spec.endpoints[{i}].network"));
             }
@@ -370,7 +411,15 @@ impl Compiler {
                     &tp.outlier_detection,
                     &format!("{at}.outlierDetection"),
                 );
-                not_supported(e, o, &tp.tls, &format!("{at}.tls"));
+                if let Some(t) = &tp.tls {
+                    not_supported(
+                        e,
+                        o,
+                        &t.credential_name,
+                        &format!("{at}.tls.credentialName"),
+                    );
+                    not_supported(e, o, &t.ca_crl, &format!("{at}.tls.caCrl"));
+                }
                 not_supported(
                     e,
                     o,
@@ -507,6 +556,12 @@ impl Compiler {
             workers,
             admin_address,
             labels: spec.workload.labels.clone(),
+            identity: self.identity(p),
+            tls_handshake_timeout: spec
+                .tls
+                .as_ref()
+                .and_then(|t| t.handshake_timeout)
+                .map_or(Duration::from_secs(10), |d| d.0),
         })
     }
 
@@ -630,6 +685,7 @@ impl Compiler {
         &mut self,
         raw: &'a RawConfig,
         registry: &Registry<'a>,
+        have_identity: bool,
     ) -> Vec<Rule<'a>> {
         let mut rules: Vec<Rule<'a>> = Vec::new();
         for dr in &raw.destination_rules {
@@ -664,7 +720,26 @@ impl Compiler {
                     ));
                 }
             }
-            rules.push(Rule { host, rule: dr });
+            let spec = &dr.value.spec;
+            let tls = spec
+                .traffic_policy
+                .as_ref()
+                .and_then(|p| p.tls.as_ref())
+                .and_then(|t| self.rule_tls(o, "spec.trafficPolicy.tls", t, have_identity));
+            let mut subset_tls = Vec::new();
+            for (i, sub) in spec.subsets.iter().enumerate() {
+                if let Some(t) = sub.traffic_policy.as_ref().and_then(|p| p.tls.as_ref()) {
+                    let at = format!("spec.subsets[{i}].trafficPolicy.tls");
+                    let compiled = self.rule_tls(o, &at, t, have_identity);
+                    subset_tls.push((sub.name.clone(), compiled));
+                }
+            }
+            rules.push(Rule {
+                host,
+                rule: dr,
+                tls,
+                subset_tls,
+            });
         }
         rules
     }
@@ -823,6 +898,7 @@ impl Compiler {
                     .and_then(|t| t.idle_timeout)
                     .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
                 keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
+                tls: None,
             });
             let target = WeightedCluster { cluster, weight: 1 };
             // Inbound HTTP goes to the local app whatever the Host, as Istio's inbound listeners do.
@@ -847,6 +923,23 @@ impl Compiler {
                     }],
                 }],
             });
+            let tls = match &ing.tls {
+                Some(t) => match self.ingress_tls(o, &format!("{at}.tls"), t) {
+                    Some(t) => Some(DownstreamTls::Terminate(Box::new(t))),
+                    None => continue,
+                },
+                None if proxy.identity.is_none() => None,
+                None => match self
+                    .peer_authn
+                    .mode_for(ing.port.number, u32::from(endpoint.port()))
+                {
+                    MtlsMode::Strict => Some(DownstreamTls::Mesh { permissive: false }),
+                    MtlsMode::Disable => None,
+                    MtlsMode::Permissive | MtlsMode::Unset => {
+                        Some(DownstreamTls::Mesh { permissive: true })
+                    }
+                },
+            };
             out.push(Listener {
                 name: listener_name(address),
                 address,
@@ -854,6 +947,7 @@ impl Compiler {
                 protocol,
                 route: vec![target],
                 http,
+                tls,
             });
         }
         for (i, eg) in spec.egress.iter().enumerate() {
@@ -927,6 +1021,7 @@ impl Compiler {
                     protocol,
                     route: Vec::new(),
                     http: Some(HttpRouteTable { virtual_hosts }),
+                    tls: None,
                 });
                 continue;
             }
@@ -971,6 +1066,7 @@ impl Compiler {
                 protocol,
                 route,
                 http: None,
+                tls: None,
             });
         }
     }
@@ -1580,6 +1676,13 @@ impl Compiler {
                 None,
             ),
         };
+        // A subset's own `tls` replaces the rule's, like every other top-level policy field.
+        let rule_tls = rule.and_then(|r| {
+            subset
+                .and_then(|s| r.subset_tls.iter().find(|(n, _)| n == s))
+                .map_or(r.tls.as_ref(), |(_, t)| t.as_ref())
+        });
+        let tls = rule_tls.map(|t| t.for_cluster(host, sp.number, subset, &spec.subject_alt_names));
         let endpoints = spec
             .endpoints
             .iter()
@@ -1612,6 +1715,7 @@ impl Compiler {
                 .and_then(|t| t.idle_timeout)
                 .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
+            tls,
         }))
     }
 
@@ -1767,6 +1871,9 @@ pub fn dump(
     raw.destination_rules
         .iter()
         .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
+    raw.peer_authentications
+        .iter()
+        .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
     let ms = |d: Duration| d.as_millis() as u64;
     json!({
         "version": version,
@@ -1783,12 +1890,18 @@ pub fn dump(
                 "routes": v.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
             })).collect::<Vec<_>>()),
             "route": l.route.iter().map(|w| json!({"cluster": clusters[w.cluster].name, "weight": w.weight})).collect::<Vec<_>>(),
+            "tls": l.tls.as_ref().map(|t| t.describe()),
         })).collect::<Vec<_>>(),
         "clusters": clusters.iter().map(|c| json!({
             "name": c.name,
             "lb": format!("{:?}", c.lb),
             "connect_timeout_ms": ms(c.connect_timeout),
             "idle_timeout_ms": ms(c.idle_timeout),
+            "tls": c.tls.as_ref().map(|t| json!({
+                "mode": format!("{:?}", t.mode),
+                "sni": t.sni,
+                "subject_alt_names": t.subject_alt_names,
+            })),
             "endpoints": c.endpoints.iter().map(|e| json!({"address": e.address.to_string(), "weight": e.weight, "labels": e.labels})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })

@@ -45,6 +45,7 @@ pub struct RawConfig {
     pub service_entries: Vec<Located<ServiceEntrySpec>>,
     pub virtual_services: Vec<Located<VirtualServiceSpec>>,
     pub destination_rules: Vec<Located<DestinationRuleSpec>>,
+    pub peer_authentications: Vec<Located<PeerAuthenticationSpec>>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
     /// FNV-1a of every file's name and content: the config version shown in `/config_dump`.
@@ -68,7 +69,7 @@ const KINDS: &[(&str, &[&str], bool)] = &[
     ("DestinationRule", NETWORKING, true),
     ("Gateway", NETWORKING, false),
     ("WorkloadEntry", NETWORKING, false),
-    ("PeerAuthentication", SECURITY, false),
+    ("PeerAuthentication", SECURITY, true),
     ("AuthorizationPolicy", SECURITY, false),
     ("RequestAuthentication", SECURITY, false),
 ];
@@ -108,7 +109,8 @@ pub fn config_files(path: &Path) -> Result<Vec<PathBuf>, ConfigError> {
     Ok(files)
 }
 
-fn fnv1a(hash: &mut u64, bytes: &[u8]) {
+/// FNV-1a, for the config version.
+pub(crate) fn fnv1a(hash: &mut u64, bytes: &[u8]) {
     for b in bytes {
         *hash ^= u64::from(*b);
         *hash = hash.wrapping_mul(0x100_0000_01b3);
@@ -221,6 +223,9 @@ fn parse_quickly(body: &str, origin: &Origin, raw: &mut RawConfig) -> bool {
         "DestinationRule" => {
             typed(body, origin, kind, api_version).map(|r| raw.destination_rules.push(r))
         }
+        "PeerAuthentication" => {
+            typed(body, origin, kind, api_version).map(|r| raw.peer_authentications.push(r))
+        }
         _ => None,
     };
     pushed.is_some()
@@ -272,6 +277,7 @@ fn parse_document(body: &str, origin: Origin, raw: &mut RawConfig) -> Result<(),
         "ServiceEntry" => raw.service_entries.push(located(body, origin)?),
         "VirtualService" => raw.virtual_services.push(located(body, origin)?),
         "DestinationRule" => raw.destination_rules.push(located(body, origin)?),
+        "PeerAuthentication" => raw.peer_authentications.push(located(body, origin)?),
         _ => return Err(origin.error("kind", format!("kind {kind} is not supported yet"))),
     }
     Ok(())

@@ -86,7 +86,9 @@ pub struct ProxySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<NotSupported>,
+    pub identity: Option<IdentitySpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ProxyTls>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interception: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -124,6 +126,30 @@ pub struct HttpSettings {
     /// Longest request target, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_target_bytes: Option<u32>,
+}
+
+/// `Proxy.spec.identity`: this workload's mesh certificate, as istiod would issue it. Paths are
+/// relative to the file that names them.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct IdentitySpec {
+    /// PEM chain, leaf first; the leaf's URI SAN is `spiffe://<trustDomain>/ns/<ns>/sa/<sa>`.
+    pub certificate_chain: String,
+    pub private_key: String,
+    /// PEM roots of the mesh: peers' certificates must chain to one of them.
+    pub root_certificates: String,
+    /// `cluster.local` when absent, as Istio's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_domain: Option<String>,
+}
+
+/// `Proxy.spec.tls`: how Keel's TLS listeners treat their clients.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ProxyTls {
+    /// A client must send its first byte and complete the handshake within this (default 10s).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout: Option<Duration>,
 }
 
 /// The admin listener.
@@ -224,7 +250,7 @@ pub struct IngressListener {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_endpoint: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<NotSupported>,
+    pub tls: Option<ServerTlsSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPoolSettings>,
 }
@@ -283,8 +309,9 @@ pub struct ServiceEntrySpec {
     pub workload_selector: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub export_to: Option<NotSupported>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub subject_alt_names: Option<NotSupported>,
+    /// Identities the service's workloads present (ISTIO_MUTUAL checks the peer against them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
 }
 
 /// `ServiceEntry.location`.
@@ -596,7 +623,7 @@ pub struct TrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlier_detection: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<NotSupported>,
+    pub tls: Option<ClientTlsSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub port_level_settings: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -693,4 +720,153 @@ pub struct Subset {
     pub labels: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_policy: Option<TrafficPolicy>,
+}
+
+// ---------------------------------------------------------------- TLS settings
+
+/// Istio's `ServerTLSSettings` (Sidecar `ingress[].tls`): TLS terminated for clients outside the mesh.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ServerTlsSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ServerTlsMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_protocol_version: Option<TlsProtocol>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_protocol_version: Option<TlsProtocol>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub https_redirect: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_names: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_certificate_spki: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub verify_certificate_hash: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cipher_suites: Option<NotSupported>,
+}
+
+/// `ServerTLSSettings.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ServerTlsMode {
+    #[serde(rename = "PASSTHROUGH")]
+    Passthrough,
+    #[serde(rename = "SIMPLE")]
+    Simple,
+    #[serde(rename = "MUTUAL")]
+    Mutual,
+    #[serde(rename = "AUTO_PASSTHROUGH")]
+    AutoPassthrough,
+    #[serde(rename = "ISTIO_MUTUAL")]
+    IstioMutual,
+    #[serde(rename = "OPTIONAL_MUTUAL")]
+    OptionalMutual,
+}
+
+/// `minProtocolVersion` / `maxProtocolVersion`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+pub enum TlsProtocol {
+    #[serde(rename = "TLS_AUTO")]
+    Auto,
+    #[serde(rename = "TLSV1_0")]
+    V1_0,
+    #[serde(rename = "TLSV1_1")]
+    V1_1,
+    #[serde(rename = "TLSV1_2")]
+    V1_2,
+    #[serde(rename = "TLSV1_3")]
+    V1_3,
+}
+
+/// Istio's `ClientTLSSettings` (DestinationRule `trafficPolicy.tls`): TLS to the upstream.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClientTlsSettings {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<ClientTlsMode>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub private_key: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_certificates: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_alt_names: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sni: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub insecure_skip_verify: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credential_name: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_crl: Option<NotSupported>,
+}
+
+/// `ClientTLSSettings.mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum ClientTlsMode {
+    #[serde(rename = "DISABLE")]
+    Disable,
+    #[serde(rename = "SIMPLE")]
+    Simple,
+    #[serde(rename = "MUTUAL")]
+    Mutual,
+    #[serde(rename = "ISTIO_MUTUAL")]
+    IstioMutual,
+}
+
+// ---------------------------------------------------------------- PeerAuthentication
+
+/// `security.istio.io` PeerAuthentication: whether inbound connections must be mesh mTLS.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct PeerAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MutualTls>,
+    /// By the workload port (the ingress listener's port or its defaultEndpoint's port).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub port_level_mtls: BTreeMap<u32, MutualTls>,
+}
+
+/// Istio's `WorkloadSelector` of security resources: `matchLabels`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LabelSelector {
+    #[serde(default)]
+    pub match_labels: BTreeMap<String, String>,
+}
+
+/// `PeerAuthentication.mtls`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MutualTls {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<MtlsMode>,
+}
+
+/// `mtls.mode`; UNSET inherits from the policy above (namespace, then mesh).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum MtlsMode {
+    #[serde(rename = "UNSET")]
+    Unset,
+    #[serde(rename = "DISABLE")]
+    Disable,
+    #[serde(rename = "PERMISSIVE")]
+    Permissive,
+    #[serde(rename = "STRICT")]
+    Strict,
 }

@@ -15,6 +15,8 @@ pub struct Snapshot {
     pub proxy: ProxySettings,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
+    /// Certificate and key files the config names: watched, so that a rotated file reloads.
+    pub material_files: Vec<std::path::PathBuf>,
     /// The resources it was compiled from, for `/config_dump` (rendered on request, not at load).
     pub source: std::sync::Arc<crate::load::RawConfig>,
 }
@@ -36,6 +38,10 @@ pub struct ProxySettings {
     pub admin_address: SocketAddr,
     pub labels: BTreeMap<String, String>,
     pub http: HttpLimits,
+    /// The mesh certificate (`spec.identity`); without it there is no mesh mTLS either way.
+    pub identity: Option<Identity>,
+    /// First byte and TLS handshake of a downstream connection must arrive within this.
+    pub tls_handshake_timeout: Duration,
 }
 
 /// HTTP connection limits and timeouts (`Proxy.spec.http`).
@@ -97,6 +103,8 @@ pub struct Listener {
     pub route: Vec<WeightedCluster>,
     /// HTTP listeners: virtual hosts and routes.
     pub http: Option<crate::http_routes::HttpRouteTable>,
+    /// TLS on accepted connections: mesh mTLS (from PeerAuthentication) or the Sidecar ingress `tls`.
+    pub tls: Option<DownstreamTls>,
 }
 
 /// A cluster a route can pick, with its relative weight.
@@ -162,6 +170,8 @@ pub struct Cluster {
     /// No bytes either way for this long closes both sides.
     pub idle_timeout: Duration,
     pub keepalive: Option<Keepalive>,
+    /// TLS to the endpoints (DestinationRule `trafficPolicy.tls`); `None` is plaintext.
+    pub tls: Option<UpstreamTls>,
 }
 
 /// One upstream address.
@@ -178,3 +188,98 @@ pub const DEFAULT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Where the admin listener binds when `Proxy.spec.admin` is absent.
 pub const DEFAULT_ADMIN_ADDRESS: &str = "127.0.0.1:15000";
+
+/// A PEM file named by the config, read when the config was loaded (so a change to it is a new
+/// config version, and a bad one is rejected like any other config error).
+#[derive(Debug, Clone)]
+pub struct Pem {
+    /// As resolved (relative paths are relative to the file naming them).
+    pub path: std::path::PathBuf,
+    pub bytes: std::sync::Arc<[u8]>,
+    /// Where it was named, for errors found when the TLS contexts are built.
+    pub origin: crate::load::Origin,
+    pub field: String,
+}
+
+impl Pem {
+    /// An error about this file's content, pointing at the field that names it.
+    pub fn error(&self, message: impl std::fmt::Display) -> crate::ConfigError {
+        self.origin
+            .error(&self.field, format!("{}: {message}", self.path.display()))
+    }
+}
+
+/// This workload's mesh identity (`Proxy.spec.identity`).
+#[derive(Debug, Clone)]
+pub struct Identity {
+    pub certificate_chain: Pem,
+    pub private_key: Pem,
+    pub root_certificates: Pem,
+    pub trust_domain: String,
+}
+
+/// How accepted connections are secured.
+#[derive(Debug, Clone)]
+pub enum DownstreamTls {
+    /// Mesh mTLS with the proxy's identity; clients must present a mesh certificate of our trust
+    /// domain. `permissive` also admits plaintext on the same port (told apart by the first byte).
+    Mesh { permissive: bool },
+    /// TLS for clients outside the mesh, with the listener's own certificate (Sidecar ingress `tls`).
+    Terminate(Box<ServerTls>),
+}
+
+impl DownstreamTls {
+    /// Lower-case name for logs and `/config_dump`.
+    pub fn describe(&self) -> &'static str {
+        match self {
+            DownstreamTls::Mesh { permissive: true } => "istio_mutual_permissive",
+            DownstreamTls::Mesh { permissive: false } => "istio_mutual_strict",
+            DownstreamTls::Terminate(t) if t.client_ca.is_some() => "mutual",
+            DownstreamTls::Terminate(_) => "simple",
+        }
+    }
+}
+
+/// TLS protocol versions, oldest first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TlsVersion {
+    V1_2,
+    V1_3,
+}
+
+/// Sidecar ingress `tls` SIMPLE / MUTUAL.
+#[derive(Debug, Clone)]
+pub struct ServerTls {
+    pub certificate_chain: Pem,
+    pub private_key: Pem,
+    /// MUTUAL: client certificates must chain to these.
+    pub client_ca: Option<Pem>,
+    /// MUTUAL: a client certificate must carry one of these SANs (DNS or URI), when any are given.
+    pub subject_alt_names: Vec<String>,
+    pub min_version: TlsVersion,
+    pub max_version: TlsVersion,
+}
+
+/// DestinationRule `tls` mode, DISABLE being no [`UpstreamTls`] at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamTlsMode {
+    Simple,
+    Mutual,
+    IstioMutual,
+}
+
+/// TLS origination to a cluster's endpoints.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub mode: UpstreamTlsMode,
+    /// Sent as SNI and, without `subject_alt_names`, the name the certificate must be valid for.
+    pub sni: String,
+    /// The server certificate must carry one of these (DNS or URI SAN) when any are given.
+    pub subject_alt_names: Vec<String>,
+    /// SIMPLE / MUTUAL roots; `None` = the system's (`/etc/ssl/certs/ca-certificates.crt`).
+    pub ca: Option<Pem>,
+    /// MUTUAL: our certificate and key.
+    pub client_certificate: Option<Pem>,
+    pub private_key: Option<Pem>,
+    pub insecure_skip_verify: bool,
+}

@@ -75,18 +75,18 @@ impl Fleet {
     /// field, and the failure is counted.
     pub fn reload(&mut self, path: &Path, trigger: &str) -> Result<ReloadOutcome, String> {
         let started = Instant::now();
-        let result = match keel_config::load(path) {
+        let result = match crate::config::load(path) {
             Err(errors) => {
                 for e in &errors.0 {
                     tracing::error!(trigger, "config reload rejected: {e}");
                 }
                 Err(format!("{} config error(s)", errors.0.len()))
             }
-            Ok(snapshot) if snapshot.version == self.current.version => {
+            Ok((snapshot, _)) if snapshot.version == self.current.version => {
                 Ok(ReloadOutcome::Unchanged)
             }
-            Ok(snapshot) => self
-                .apply(snapshot, &mut Inherited::new())
+            Ok((snapshot, tls)) => self
+                .apply(snapshot, tls, &mut Inherited::new())
                 .map(|()| ReloadOutcome::Applied),
         };
         let elapsed = started.elapsed();
@@ -120,8 +120,14 @@ impl Fleet {
 
     /// Swaps `next` in on every worker, binding its new listeners (or taking them from
     /// `inherited`); all or nothing.
-    pub fn apply(&mut self, next: Snapshot, inherited: &mut Inherited) -> Result<(), String> {
+    pub fn apply(
+        &mut self,
+        next: Snapshot,
+        tls: keel_tls::TlsContexts,
+        inherited: &mut Inherited,
+    ) -> Result<(), String> {
         let next = Arc::new(next);
+        let tls = Arc::new(tls);
         self.refuse_restart_only_changes(&next);
         let previous = self.stats.published();
         let table = Arc::new(CounterTable::for_snapshot(
@@ -155,6 +161,7 @@ impl Fleet {
         for (worker, sockets) in self.workers.iter().zip(per_worker) {
             let sent = worker.send(Control::Prepare {
                 snapshot: next.clone(),
+                tls: tls.clone(),
                 table: table.clone(),
                 sockets,
                 reply: tx.clone(),

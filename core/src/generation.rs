@@ -81,6 +81,8 @@ impl ListenerState {
 /// One config version as one worker runs it.
 pub struct Generation {
     pub snapshot: Arc<Snapshot>,
+    /// The TLS contexts built for the snapshot (indexed as its listeners and clusters).
+    pub tls: Arc<keel_tls::TlsContexts>,
     /// Per listener of the snapshot, in its order.
     pub listeners: Vec<Rc<ListenerState>>,
     /// Per cluster of the snapshot, in its order.
@@ -96,6 +98,7 @@ impl Generation {
     pub fn new(
         worker: usize,
         snapshot: Arc<Snapshot>,
+        tls: Arc<keel_tls::TlsContexts>,
         table: &CounterTable,
         previous: Option<&Generation>,
     ) -> Generation {
@@ -134,6 +137,7 @@ impl Generation {
         Generation {
             clusters: table.clusters.clone(),
             snapshot,
+            tls,
             listeners,
             balancers: RefCell::new(balancers),
             routes,

@@ -6,6 +6,8 @@
 //! runtimes and `keel_lb` for picks.
 
 pub mod admin;
+pub mod config;
+pub mod downstream_tls;
 pub mod fleet;
 pub mod generation;
 pub mod handover;
@@ -15,6 +17,7 @@ pub mod sd_notify;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
+pub mod upstream;
 pub mod worker;
 
 pub use server::{run, RunOptions, StartError};

@@ -84,7 +84,8 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     // Signals first: a SIGTERM during start-up must drain, not kill.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2])
         .map_err(|e| StartError::Other(format!("cannot install signal handlers: {e}")))?;
-    let snapshot = Arc::new(keel_config::load(&opts.config).map_err(StartError::Config)?);
+    let (snapshot, tls) = crate::config::load(&opts.config).map_err(StartError::Config)?;
+    let (snapshot, tls) = (Arc::new(snapshot), Arc::new(tls));
     let driver = driver::resolve(opts.driver).map_err(StartError::Other)?;
     let cores = io_worker::allowed_cores();
     let workers = opts
@@ -133,8 +134,9 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     for (id, sockets) in per_worker.into_iter().enumerate() {
         let (control_tx, control_rx) = tokio::sync::mpsc::unbounded_channel();
         controls.push(control_tx);
-        let (snapshot, table, stats, ready, forwarding) = (
+        let (snapshot, tls, table, stats, ready, forwarding) = (
             snapshot.clone(),
+            tls.clone(),
             table.clone(),
             stats.clone(),
             ready_tx.clone(),
@@ -142,7 +144,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         );
         let core = cores.get(id % cores.len().max(1)).copied();
         let handle = io_worker::spawn(id, core, driver, move || {
-            let w = Rc::new(Worker::new(id, snapshot, &table, stats, forwarding));
+            let w = Rc::new(Worker::new(id, snapshot, tls, &table, stats, forwarding));
             worker::run(w, sockets, control_rx, ready)
         })
         .map_err(|e| StartError::Other(format!("cannot start worker {id}: {e}")))?;

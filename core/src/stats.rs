@@ -56,6 +56,16 @@ pub struct ListenerCounters {
     pub rq_3xx: Counter,
     pub rq_4xx: Counter,
     pub rq_5xx: Counter,
+    /// TLS handshakes completed on a TLS listener.
+    pub tls_handshake: Counter,
+    /// Handshakes that failed (bad or missing certificate, protocol error, close mid-handshake).
+    pub tls_handshake_error: Counter,
+    /// Connections that did not finish the handshake within the TLS handshake timeout.
+    pub tls_handshake_timeout: Counter,
+    /// Plaintext connections refused by a listener that requires TLS (STRICT, ingress `tls`).
+    pub tls_plaintext_refused: Counter,
+    /// Plaintext connections let through by a PERMISSIVE listener.
+    pub tls_plaintext_accepted: Counter,
 }
 
 /// One worker's counters for one cluster.
@@ -344,6 +354,41 @@ impl Stats {
                 let _ = writeln!(out, "keel_listener_upstream_connect_failures_total{{listener=\"{}\",direction=\"{}\",reason=\"{reason}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
             }
         }
+        header(
+            &mut out,
+            "keel_listener_tls_handshakes_total",
+            "counter",
+            "Downstream TLS handshakes, by result.",
+        );
+        for l in &table.listeners {
+            for (result, f) in [
+                (
+                    "success",
+                    (|c| &c.tls_handshake) as fn(&ListenerCounters) -> &Counter,
+                ),
+                ("error", |c| &c.tls_handshake_error),
+                ("timeout", |c| &c.tls_handshake_timeout),
+            ] {
+                let _ = writeln!(out, "keel_listener_tls_handshakes_total{{listener=\"{}\",direction=\"{}\",result=\"{result}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
+            }
+        }
+        header(
+            &mut out,
+            "keel_listener_tls_plaintext_connections_total",
+            "counter",
+            "Plaintext connections on TLS listeners: accepted (PERMISSIVE) or refused (STRICT).",
+        );
+        for l in &table.listeners {
+            for (result, f) in [
+                (
+                    "accepted",
+                    (|c| &c.tls_plaintext_accepted) as fn(&ListenerCounters) -> &Counter,
+                ),
+                ("refused", |c| &c.tls_plaintext_refused),
+            ] {
+                let _ = writeln!(out, "keel_listener_tls_plaintext_connections_total{{listener=\"{}\",direction=\"{}\",result=\"{result}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
+            }
+        }
         let c_metrics: [(&str, &str, ClusterField); 3] = [
             (
                 "keel_cluster_upstream_cx_total",
@@ -504,6 +549,11 @@ impl Stats {
                     "http_3xx": sum(s, |c| &c.rq_3xx),
                     "http_4xx": sum(s, |c| &c.rq_4xx),
                     "http_5xx": sum(s, |c| &c.rq_5xx),
+                    "tls_handshakes": sum(s, |c| &c.tls_handshake),
+                    "tls_handshake_errors": sum(s, |c| &c.tls_handshake_error),
+                    "tls_handshake_timeouts": sum(s, |c| &c.tls_handshake_timeout),
+                    "tls_plaintext_accepted": sum(s, |c| &c.tls_plaintext_accepted),
+                    "tls_plaintext_refused": sum(s, |c| &c.tls_plaintext_refused),
                 })
             }).collect::<Vec<_>>(),
             "clusters": table.clusters.iter().map(|c| {

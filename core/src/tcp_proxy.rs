@@ -5,13 +5,14 @@ use std::net::SocketAddr;
 use std::pin::pin;
 use std::rc::Rc;
 
-use keel_io::{connect, forward::forward_with, KeepaliveOpts, Stream};
+use keel_io::forward::forward_with;
+use keel_tls::Transport;
 
 use crate::worker::{ActiveGuard, ListenerRef, Worker};
 
 /// Proxies one accepted connection on listener `at`, with the config generation it was accepted
 /// under for its whole life.
-pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Stream, peer: SocketAddr) {
+pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: SocketAddr) {
     let _active = ActiveGuard::new(&worker, &at.state);
     let snapshot = &*at.gen.snapshot;
     let listener = at.config();
@@ -40,12 +41,7 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Stream, peer: Soc
     };
     cstats.cx_total.inc();
     let _upstream_open = UpstreamGuard(cstats);
-    let keepalive = cluster.keepalive.map(|k| KeepaliveOpts {
-        time: k.time,
-        interval: k.interval,
-        retries: k.probes,
-    });
-    let up = match connect(endpoint.address, cluster.connect_timeout, keepalive).await {
+    let up = match crate::upstream::open(&at.gen, cluster_index, endpoint.address).await {
         Ok(up) => up,
         Err(e) => {
             worker.upstream_connect_failed(&at, cluster_index, endpoint.address, &e);
@@ -61,12 +57,11 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Stream, peer: Soc
         .register(down.raw_fd(), cluster.idle_timeout, at.state.clone());
     idle.0.set_upstream(up.raw_fd());
     let activity = &idle.0.activity;
-    let how = worker.forwarding;
-    let mut to_upstream = pin!(forward_with(how, &down, &up, |n| {
+    let mut to_upstream = pin!(forward(worker.forwarding, &down, &up, |n| {
         lstats.rx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     }));
-    let mut to_downstream = pin!(forward_with(how, &up, &down, |n| {
+    let mut to_downstream = pin!(forward(worker.forwarding, &up, &down, |n| {
         lstats.tx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     }));
@@ -94,6 +89,20 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Stream, peer: Soc
         tracing::debug!(%peer, listener = %listener.name, "idle timeout");
     }
     // Dropping both streams closes both sockets.
+}
+
+/// Moves `src` to `dst` until EOF: by the worker's mechanism (splice or copy) between plaintext
+/// sockets, through a buffer (decrypting and encrypting) when either side is TLS.
+async fn forward(
+    how: keel_io::Forwarding,
+    src: &Transport,
+    dst: &Transport,
+    on_chunk: impl FnMut(usize),
+) -> std::io::Result<u64> {
+    match (src.plain(), dst.plain()) {
+        (Some(s), Some(d)) => forward_with(how, s, d, on_chunk).await,
+        _ => keel_tls::transport::forward(src, dst, on_chunk).await,
+    }
 }
 
 /// Counts the upstream connection closed however `handle` ends.

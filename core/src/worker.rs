@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use keel_config::{Protocol, Snapshot};
 use keel_lb::Rng;
+use keel_tls::Transport;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::generation::{Generation, ListenerState};
@@ -39,6 +40,7 @@ pub enum Control {
     /// serving them yet; reply whether that worked.
     Prepare {
         snapshot: Arc<Snapshot>,
+        tls: Arc<keel_tls::TlsContexts>,
         table: Arc<CounterTable>,
         sockets: NamedSockets,
         reply: mpsc::Sender<Result<(), String>>,
@@ -85,6 +87,7 @@ impl Worker {
     pub fn new(
         id: usize,
         snapshot: Arc<Snapshot>,
+        tls: Arc<keel_tls::TlsContexts>,
         table: &CounterTable,
         stats: Arc<Stats>,
         forwarding: keel_io::Forwarding,
@@ -96,7 +99,7 @@ impl Worker {
         Worker {
             id,
             forwarding,
-            current: RefCell::new(Rc::new(Generation::new(id, snapshot, table, None))),
+            current: RefCell::new(Rc::new(Generation::new(id, snapshot, tls, table, None))),
             stats,
             rng: RefCell::new(Rng::new(seed)),
             pool: RefCell::new(Default::default()),
@@ -169,6 +172,34 @@ impl Worker {
         );
     }
 
+    /// Logs a refused downstream connection (TLS) under the same once-a-second limit as upstream
+    /// problems: a scan or a flood of plaintext clients yields counters, not a log flood.
+    pub fn warn_downstream(
+        &self,
+        listener: &str,
+        peer: std::net::SocketAddr,
+        what: &dyn std::fmt::Display,
+    ) {
+        if let Some(suppressed) = self.may_warn() {
+            tracing::warn!(worker = self.id, listener, %peer, suppressed, "downstream {what}");
+        }
+    }
+
+    /// Whether a rate-limited warning may be logged now, and how many were suppressed since the last.
+    fn may_warn(&self) -> Option<u64> {
+        let now = Instant::now();
+        if self
+            .last_warning
+            .get()
+            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
+        {
+            self.suppressed.set(self.suppressed.get() + 1);
+            return None;
+        }
+        self.last_warning.set(Some(now));
+        Some(self.suppressed.replace(0))
+    }
+
     /// Logs an upstream problem at most once a second per worker, so a dead upstream under load
     /// yields a readable log and exact counters rather than a flood.
     pub fn warn_upstream(
@@ -178,18 +209,9 @@ impl Worker {
         endpoint: std::net::SocketAddr,
         what: &dyn std::fmt::Display,
     ) {
-        let now = Instant::now();
-        if self
-            .last_warning
-            .get()
-            .is_some_and(|t| now.duration_since(t) < Duration::from_secs(1))
-        {
-            self.suppressed.set(self.suppressed.get() + 1);
-            return;
+        if let Some(suppressed) = self.may_warn() {
+            tracing::warn!(worker = self.id, listener, cluster, %endpoint, suppressed, "upstream {what}");
         }
-        self.last_warning.set(Some(now));
-        let suppressed = self.suppressed.replace(0);
-        tracing::warn!(worker = self.id, listener, cluster, %endpoint, suppressed, "upstream {what}");
     }
 }
 
@@ -268,6 +290,7 @@ pub async fn run(
         match msg {
             Control::Prepare {
                 snapshot,
+                tls,
                 table,
                 sockets,
                 reply,
@@ -275,6 +298,7 @@ pub async fn run(
                 let gen = Rc::new(Generation::new(
                     worker.id,
                     snapshot,
+                    tls,
                     &table,
                     Some(&worker.current()),
                 ));
@@ -402,6 +426,22 @@ async fn sweep_idle(worker: Rc<Worker>) {
     }
 }
 
+/// A connection of a TLS listener: the handshake (or the plaintext check), then the proxy.
+async fn secure_then_serve(
+    worker: Rc<Worker>,
+    at: ListenerRef,
+    stream: keel_io::Stream,
+    peer: std::net::SocketAddr,
+) {
+    let Some(stream) = crate::downstream_tls::secure(&worker, &at, stream, peer).await else {
+        return;
+    };
+    match at.config().protocol {
+        Protocol::Tcp => tcp_proxy::handle(worker, at, stream, peer).await,
+        Protocol::Http => crate::http::proxy::serve(worker, at, stream, peer).await,
+    }
+}
+
 async fn accept_loop(
     worker: Rc<Worker>,
     mut state: Rc<ListenerState>,
@@ -448,6 +488,13 @@ async fn accept_loop(
                         state: state.clone(),
                         index,
                     };
+                    if at.config().tls.is_some() {
+                        // The handshake runs in the connection's task; plaintext listeners skip
+                        // this step and its state entirely.
+                        monoio::spawn(secure_then_serve(worker.clone(), at, stream, peer));
+                        continue;
+                    }
+                    let stream = Transport::Plain(stream);
                     match protocol {
                         Protocol::Tcp => {
                             monoio::spawn(tcp_proxy::handle(worker.clone(), at, stream, peer));

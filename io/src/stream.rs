@@ -101,6 +101,17 @@ impl Stream {
         })
     }
 
+    /// One non-blocking `sendmsg` of `bufs` in order; never raises SIGPIPE.
+    pub fn try_write_vectored(&self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+        // SAFETY: an all-zero msghdr is valid; it then points at `bufs`, whose IoSlices are
+        // ABI-compatible with iovec on Unix and outlive the call.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
+        msg.msg_iovlen = bufs.len().min(1024) as _;
+        // SAFETY: sendmsg(2) only reads the iovecs set above, on an fd owned by `self.inner`.
+        cvt(unsafe { libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+    }
+
     /// Writes all of `buf`, waiting for writability whenever the socket buffer is full.
     pub async fn write_all(&self, mut buf: &[u8]) -> io::Result<()> {
         while !buf.is_empty() {
@@ -159,6 +170,28 @@ impl Stream {
             }
         }
         Ok(())
+    }
+
+    /// Peeks at the first byte waiting, without consuming it: `Ok(None)` at EOF, `WouldBlock` when
+    /// nothing has arrived.
+    pub fn try_peek_byte(&self) -> io::Result<Option<u8>> {
+        let mut b = [0u8; 1];
+        // SAFETY: recv(2) with MSG_PEEK into a 1-byte stack buffer; the fd is owned by `self.inner`.
+        let n = cvt(unsafe {
+            libc::recv(
+                self.fd(),
+                b.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        })?;
+        Ok((n == 1).then_some(b[0]))
+    }
+
+    /// Makes the coming close a reset (SO_LINGER 0): how a connection is refused outright, so
+    /// the client sees "connection reset" rather than an empty reply.
+    pub fn reset_on_close(&self) -> io::Result<()> {
+        self.with_socket(|s| s.set_linger(Some(std::time::Duration::ZERO)))
     }
 
     /// Whether an idle connection is still usable: open, and with nothing unexpected to read.

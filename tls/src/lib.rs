@@ -1,3 +1,16 @@
-//! TLS for Keel: rustls (ring provider) setup, certificates, SPIFFE identities, and the monoio ⇄ rustls
-//! stream adapter. Nothing is implemented here yet; TLS arrives with its own issue, and until then
-//! every TLS-related config field is refused at load ("not supported yet").
+//! TLS for Keel: rustls (ring provider only) contexts built from the compiled config, mesh
+//! identities (SPIFFE) and their verification, and our own monoio ⇄ rustls stream adapter over
+//! Keel's readiness-driven sockets. Depends on `config` (what to build) and `io` (the socket).
+
+pub mod contexts;
+pub mod spiffe;
+pub mod stream;
+pub mod transport;
+pub mod verify;
+
+pub use rustls;
+
+pub use contexts::{build, TlsContexts, UpstreamContext};
+pub use spiffe::SpiffeId;
+pub use stream::{Session, TlsStream};
+pub use transport::Transport;

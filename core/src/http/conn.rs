@@ -4,7 +4,8 @@
 use std::cell::Cell;
 use std::io;
 
-use keel_io::{Buffer, Stream};
+use keel_io::Buffer;
+use keel_tls::Transport;
 
 /// Bytes read from a stream but not consumed yet; the buffer is pooled and held only while
 /// non-empty. Kept apart from the stream so one task can write to the stream while another part
@@ -43,7 +44,11 @@ impl ReadBuf {
 
     /// One non-blocking read into the buffer (taken from the pool for it, and given back if
     /// nothing came): `Ok(Some(n))` bytes arrived (0 at EOF), `Ok(None)` none were ready.
-    pub fn try_fill(&mut self, stream: &Stream, activity: &Cell<u32>) -> io::Result<Option<usize>> {
+    pub fn try_fill(
+        &mut self,
+        stream: &Transport,
+        activity: &Cell<u32>,
+    ) -> io::Result<Option<usize>> {
         let buf = self.buf.get_or_insert_with(Buffer::take_http);
         if self.end as usize == buf.len() {
             if self.start == 0 {
@@ -80,7 +85,7 @@ impl ReadBuf {
 
     /// Reads more bytes from `stream` after those buffered, waiting for readiness before taking a
     /// buffer. Returns how many arrived (0 at EOF). `activity` ticks for idle tracking.
-    pub async fn fill(&mut self, stream: &Stream, activity: &Cell<u32>) -> io::Result<usize> {
+    pub async fn fill(&mut self, stream: &Transport, activity: &Cell<u32>) -> io::Result<usize> {
         if self.buf.is_none() {
             stream.readable().await?;
             self.buf = Some(Buffer::take_http());
@@ -118,12 +123,12 @@ impl ReadBuf {
 
 /// A connection and the unread bytes already taken from it.
 pub struct BufferedStream {
-    pub stream: Stream,
+    pub stream: Transport,
     pub rb: ReadBuf,
 }
 
 impl BufferedStream {
-    pub fn new(stream: Stream) -> BufferedStream {
+    pub fn new(stream: Transport) -> BufferedStream {
         BufferedStream {
             stream,
             rb: ReadBuf::default(),
@@ -153,7 +158,7 @@ impl BufferedStream {
     }
 
     /// Takes the stream back, with any bytes still buffered (for an upgrade tunnel).
-    pub fn into_parts(self) -> (Stream, Vec<u8>) {
+    pub fn into_parts(self) -> (Transport, Vec<u8>) {
         let rest = self.rb.buffered().to_vec();
         (self.stream, rest)
     }

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 use keel_config::http_routes::{
     HeaderOps, HttpRoute, HttpRouteTable, RequestView, RouteAction, RouteTarget, StringMatch,
 };
-use keel_config::{Cluster, HttpLimits};
-use keel_io::{connect, ConnectError, KeepaliveOpts, Stream};
+use keel_config::HttpLimits;
+use keel_io::ConnectError;
+use keel_tls::Transport;
 
 use super::conn::{BufferedStream, ReadBuf};
 use super::h1::chunked::{self, Step};
@@ -75,7 +76,7 @@ enum Next {
 pub fn serve(
     worker: Rc<Worker>,
     at: ListenerRef,
-    down: Stream,
+    down: Transport,
     peer: SocketAddr,
 ) -> impl std::future::Future<Output = ()> {
     worker.connection_opened();
@@ -303,6 +304,7 @@ fn decide<'a>(
     table: &'a HttpRouteTable,
     head: &RequestHead,
     port: u16,
+    scheme: &'static str,
 ) -> Decision<'a> {
     let Some(vhost) = table.virtual_host(&head.authority) else {
         return Decision::Reply {
@@ -322,7 +324,7 @@ fn decide<'a>(
         path: head.path_only(),
         query: head.query(),
         authority: &head.authority,
-        scheme: "http",
+        scheme,
         port,
         header: &lookup,
     };
@@ -443,7 +445,18 @@ async fn exchange(
     let Some(table) = &listener.http else {
         return Next::Close;
     };
-    let (route, target, match_index) = match decide(worker, table, &head, listener.address.port()) {
+    let scheme = if down.stream.session().is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let (route, target, match_index) = match decide(
+        worker,
+        table,
+        &head,
+        listener.address.port(),
+        scheme,
+    ) {
         Decision::Reply {
             status,
             body: text,
@@ -505,6 +518,8 @@ async fn exchange(
         body,
         websocket,
         expect_continue,
+        scheme,
+        client_cert(at, &down.stream),
     );
     let mut head_bytes = Vec::with_capacity(512);
     encode::request(&head, &mut head_bytes);
@@ -532,7 +547,8 @@ async fn exchange(
         attempt += 1;
         let (up_stream, reused) = match upstream(
             worker,
-            cluster,
+            &at.gen,
+            target.target.cluster,
             endpoint.address,
             replayable && attempt == 1,
         )
@@ -757,7 +773,11 @@ async fn exchange(
     }
     if !upstream_close && resp_body != BodyKind::CloseDelimited && !up.has_buffered() {
         let (stream, _) = up.into_parts();
-        worker.pool.borrow_mut().put(endpoint.address, stream);
+        let key = (
+            endpoint.address,
+            crate::upstream::pool_key(&at.gen, target.target.cluster),
+        );
+        worker.pool.borrow_mut().put(key, stream);
     }
     tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint.address, duration_us = started.elapsed().as_micros() as u64, "request");
     next
@@ -886,6 +906,54 @@ fn apply_ops(headers: &mut Headers, ops: &HeaderOps) {
     }
 }
 
+/// The `x-forwarded-client-cert` element for a request on an mTLS connection of an inbound
+/// listener, as Envoy writes it (`By=<our SPIFFE id>;Hash=<SHA-256 of the peer's
+/// certificate>;URI=<the peer's SPIFFE id>`); `None` elsewhere.
+fn client_cert(at: &ListenerRef, down: &Transport) -> Option<String> {
+    if at.config().direction != keel_config::Direction::Inbound {
+        return None;
+    }
+    let session = down.session()?;
+    let hash = session.peer_cert_sha256.as_deref()?;
+    let mut element = String::with_capacity(200);
+    if let Some(me) = &at.gen.tls.identity {
+        element.push_str("By=");
+        element.push_str(me.uri());
+        element.push(';');
+    }
+    element.push_str("Hash=");
+    element.push_str(hash);
+    if let Some(peer) = &session.peer_id {
+        element.push_str(";URI=");
+        element.push_str(peer.uri());
+    }
+    Some(element)
+}
+
+/// `x-forwarded-proto` from the downstream connection when the client did not set it, and
+/// `x-forwarded-client-cert`: with a verified client certificate our element is appended to what
+/// came (Envoy's APPEND_FORWARD, Istio's sidecar default); without one the header is removed, so
+/// a client cannot claim an identity it did not prove.
+fn forwarded_security(h: &mut Headers, scheme: &str, client_cert: Option<String>) {
+    if !h.contains(b"x-forwarded-proto") {
+        h.push(b"x-forwarded-proto", scheme.as_bytes());
+    }
+    match client_cert {
+        None => {
+            h.remove(b"x-forwarded-client-cert");
+        }
+        Some(element) => {
+            let value = match h.get(b"x-forwarded-client-cert") {
+                Some(prev) if !prev.is_empty() => {
+                    format!("{},{element}", String::from_utf8_lossy(prev))
+                }
+                _ => element,
+            };
+            h.set(b"x-forwarded-client-cert", value.as_bytes());
+        }
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 fn rewrite_request(
     head: &mut RequestHead,
@@ -896,6 +964,8 @@ fn rewrite_request(
     body: BodyKind,
     websocket: bool,
     expect_continue: bool,
+    scheme: &str,
+    client_cert: Option<String>,
 ) {
     let h = &mut head.headers;
     strip_hop_by_hop(h, websocket);
@@ -918,9 +988,7 @@ fn rewrite_request(
         None => peer.to_string(),
     };
     h.set(b"x-forwarded-for", xff.as_bytes());
-    if !h.contains(b"x-forwarded-proto") {
-        h.push(b"x-forwarded-proto", b"http");
-    }
+    forwarded_security(h, scheme, client_cert);
     if !h.contains(b"x-request-id") {
         h.push(b"x-request-id", request_id().as_bytes());
     }
@@ -1012,23 +1080,17 @@ fn request_id() -> String {
 /// fresh one.
 async fn upstream(
     worker: &Worker,
-    cluster: &Cluster,
+    gen: &crate::generation::Generation,
+    cluster: usize,
     addr: SocketAddr,
     replayable: bool,
-) -> Result<(Stream, bool), ConnectError> {
-    if let Some(s) = worker
-        .pool
-        .borrow_mut()
-        .take(addr, cluster.idle_timeout, !replayable)
-    {
+) -> Result<(Transport, bool), ConnectError> {
+    let key = (addr, crate::upstream::pool_key(gen, cluster));
+    let max_idle = gen.snapshot.clusters[cluster].idle_timeout;
+    if let Some(s) = worker.pool.borrow_mut().take(key, max_idle, !replayable) {
         return Ok((s, true));
     }
-    let keepalive = cluster.keepalive.map(|k| KeepaliveOpts {
-        time: k.time,
-        interval: k.interval,
-        retries: k.probes,
-    });
-    connect(addr, cluster.connect_timeout, keepalive)
+    crate::upstream::open(gen, cluster, addr)
         .await
         .map(|s| (s, false))
 }
@@ -1044,7 +1106,7 @@ enum SendError {
 
 /// Streams the request body from the client to the upstream.
 async fn send_body(
-    up: &Stream,
+    up: &Transport,
     down: &mut BufferedStream,
     body: BodyKind,
     activity: &Cell<u32>,
@@ -1067,7 +1129,7 @@ enum ResponseError {
 }
 
 async fn read_response(
-    stream: &Stream,
+    stream: &Transport,
     rb: &mut ReadBuf,
     method: &str,
     activity: &Cell<u32>,
@@ -1100,7 +1162,7 @@ enum CopyError {
 /// Moves exactly `n` body bytes from `from` (buffered bytes first) to `to`.
 async fn copy_length(
     from: &mut BufferedStream,
-    to: &Stream,
+    to: &Transport,
     mut n: u64,
     activity: &Cell<u32>,
     mut count: impl FnMut(usize),
@@ -1124,7 +1186,7 @@ async fn copy_length(
 /// With `chunk` false the data is written as it is (for an HTTP/1.0 client, close-delimited).
 async fn copy_chunked(
     from: &mut BufferedStream,
-    to: &Stream,
+    to: &Transport,
     chunk: bool,
     activity: &Cell<u32>,
     mut count: impl FnMut(usize),
@@ -1172,7 +1234,7 @@ async fn copy_chunked(
 /// Copies until the upstream closes, re-framing as chunked when `chunk` is set.
 async fn copy_until_close(
     from: &mut BufferedStream,
-    to: &Stream,
+    to: &Transport,
     chunk: bool,
     activity: &Cell<u32>,
     mut count: impl FnMut(usize),
@@ -1220,11 +1282,11 @@ async fn tunnel(
     {
         return;
     }
-    let to_up = keel_io::forward::forward(&down.stream, &up, |n| {
+    let to_up = keel_tls::transport::forward(&down.stream, &up, |n| {
         lstats.rx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     });
-    let to_down = keel_io::forward::forward(&up, &down.stream, |n| {
+    let to_down = keel_tls::transport::forward(&up, &down.stream, |n| {
         lstats.tx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     });
@@ -1233,7 +1295,7 @@ async fn tunnel(
 
 /// A response Keel makes itself.
 async fn local_reply(
-    stream: &Stream,
+    stream: &Transport,
     status: u16,
     body: &str,
     next: Next,
@@ -1258,7 +1320,7 @@ async fn local_reply(
     stream.write_all(&out).await?;
     if next == Next::Close {
         // Let the client read the reply before the close: half-close, then give it a moment.
-        let _ = stream.shutdown_write();
+        let _ = stream.shutdown_write().await;
         let _ = monoio::time::timeout(Duration::from_millis(200), stream.readable()).await;
     }
     Ok(())

@@ -1,0 +1,14 @@
+//! Loading a config the way workers run it: compiled, and with its TLS contexts built, so that a
+//! bad certificate is a config error found before anything is swapped in.
+
+use std::path::Path;
+
+use keel_config::{ConfigErrors, Snapshot};
+use keel_tls::TlsContexts;
+
+/// Reads, validates and compiles the config at `path`, then builds its TLS contexts.
+pub fn load(path: &Path) -> Result<(Snapshot, TlsContexts), ConfigErrors> {
+    let snapshot = keel_config::load(path)?;
+    let tls = keel_tls::build(&snapshot).map_err(ConfigErrors)?;
+    Ok((snapshot, tls))
+}

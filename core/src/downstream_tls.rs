@@ -1,0 +1,126 @@
+//! Securing accepted connections as their listener says: mesh mTLS (PeerAuthentication STRICT or
+//! PERMISSIVE) or TLS termination (Sidecar ingress `tls`).
+//!
+//! The first byte tells TLS from plaintext without consuming anything (a TLS record starts with
+//! 0x16, handshake; no HTTP method or sane plaintext protocol does): PERMISSIVE lets plaintext
+//! through on the same port, STRICT resets it. The wait for that byte and the handshake are
+//! bounded by the proxy's TLS handshake timeout, so a client that connects and stalls costs a
+//! timer, not a worker.
+
+use std::io;
+use std::net::SocketAddr;
+
+use keel_config::DownstreamTls;
+use keel_io::Stream;
+use keel_tls::{TlsStream, Transport};
+
+use crate::worker::{ListenerRef, Worker};
+
+/// The first byte of a TLS record carrying a handshake message (a ClientHello, here).
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Why a connection was not secured.
+enum Refused {
+    Plaintext,
+    Closed,
+    Timeout,
+    Handshake(io::Error),
+}
+
+async fn first_byte(stream: &Stream) -> io::Result<Option<u8>> {
+    loop {
+        match stream.try_peek_byte() {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => stream.readable().await?,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            other => return other,
+        }
+    }
+}
+
+async fn handshake(
+    stream: Stream,
+    config: std::sync::Arc<keel_tls::rustls::ServerConfig>,
+    mode: &DownstreamTls,
+) -> Result<Transport, Refused> {
+    let first = match first_byte(&stream).await {
+        Ok(Some(b)) => b,
+        Ok(None) | Err(_) => return Err(Refused::Closed),
+    };
+    if first != TLS_HANDSHAKE {
+        if matches!(mode, DownstreamTls::Mesh { permissive: true }) {
+            return Ok(Transport::Plain(stream));
+        }
+        let _ = stream.reset_on_close();
+        return Err(Refused::Plaintext);
+    }
+    TlsStream::accept(stream, config)
+        .await
+        .map(|t| Transport::Tls(Box::new(t)))
+        .map_err(Refused::Handshake)
+}
+
+/// The connection, secured as listener `at` requires; `None` when it was refused (counted, and
+/// logged at most once a second per worker).
+pub async fn secure(
+    worker: &Worker,
+    at: &ListenerRef,
+    stream: Stream,
+    peer: SocketAddr,
+) -> Option<Transport> {
+    let listener = at.config();
+    let Some(mode) = &listener.tls else {
+        return Some(Transport::Plain(stream));
+    };
+    let lstats = at.counters(worker.id);
+    let Some(config) = at.gen.tls.listeners.get(at.index).cloned().flatten() else {
+        // Built with the snapshot for every TLS listener; its absence would be a bug, and failing
+        // closed is the only safe answer.
+        lstats.tls_handshake_error.inc();
+        return None;
+    };
+    let timeout = at.gen.snapshot.proxy.tls_handshake_timeout;
+    let result = match monoio::time::timeout(timeout, handshake(stream, config, mode)).await {
+        Ok(r) => r,
+        Err(_) => Err(Refused::Timeout),
+    };
+    match result {
+        Ok(t) => {
+            if t.session().is_some() {
+                lstats.tls_handshake.inc();
+            } else {
+                lstats.tls_plaintext_accepted.inc();
+            }
+            Some(t)
+        }
+        Err(Refused::Closed) => {
+            lstats.tls_handshake_error.inc();
+            None
+        }
+        Err(Refused::Plaintext) => {
+            lstats.tls_plaintext_refused.inc();
+            worker.warn_downstream(
+                &listener.name,
+                peer,
+                &format!(
+                    "plaintext connection refused: listener requires TLS ({})",
+                    mode.describe()
+                ),
+            );
+            None
+        }
+        Err(Refused::Timeout) => {
+            lstats.tls_handshake_timeout.inc();
+            worker.warn_downstream(
+                &listener.name,
+                peer,
+                &format!("TLS handshake not completed within {timeout:?}"),
+            );
+            None
+        }
+        Err(Refused::Handshake(e)) => {
+            lstats.tls_handshake_error.inc();
+            worker.warn_downstream(&listener.name, peer, &format!("TLS handshake failed: {e}"));
+            None
+        }
+    }
+}
