@@ -85,6 +85,88 @@ pub fn spawn(
         })
 }
 
+/// Watches the certificate and key files a config names, so that a rotated file reloads the
+/// config (which reads them). The set changes with the config: [`FilesWatch::watch`] adds the
+/// directories of new files (a directory stays watched; events for names no longer wanted are
+/// ignored). A Kubernetes Secret mount's `..data` swap counts as a change of every file in it.
+pub struct FilesWatch {
+    fd: std::sync::Arc<Inotify>,
+    /// Watch descriptor → file names wanted in that directory.
+    wanted: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i32, Vec<Vec<u8>>>>>,
+}
+
+impl FilesWatch {
+    /// Starts the watcher thread; `on_change` runs on it after each debounced burst of events on
+    /// a wanted file.
+    pub fn spawn(
+        debounce: Duration,
+        mut on_change: impl FnMut() + Send + 'static,
+    ) -> io::Result<FilesWatch> {
+        let fd = std::sync::Arc::new(Inotify::new()?);
+        let wanted: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i32, Vec<Vec<u8>>>>> =
+            Default::default();
+        let (thread_fd, thread_wanted) = (fd.clone(), wanted.clone());
+        std::thread::Builder::new()
+            .name("keel-cert-watch".into())
+            .spawn(move || {
+                let mut pending = false;
+                loop {
+                    let wait = if pending {
+                        debounce.as_millis().min(i32::MAX as u128) as i32
+                    } else {
+                        -1
+                    };
+                    match thread_fd.wait(wait) {
+                        Ok(true) => {
+                            let mut changed = false;
+                            let read = thread_fd.read_events(|wd, name| {
+                                let wanted = thread_wanted.lock().unwrap_or_else(|e| e.into_inner());
+                                changed |= name == b"..data"
+                                    || wanted.get(&wd).is_some_and(|names| names.iter().any(|n| n == name));
+                            });
+                            if read.is_err() {
+                                return;
+                            }
+                            pending |= changed;
+                        }
+                        Ok(false) => {
+                            if pending {
+                                pending = false;
+                                on_change();
+                            }
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                        Err(e) => {
+                            tracing::error!(error = %e, "certificate watch failed; reload with SIGHUP after rotating");
+                            return;
+                        }
+                    }
+                }
+            })?;
+        Ok(FilesWatch { fd, wanted })
+    }
+
+    /// Makes sure every file of `files` is watched (its directory, for its name).
+    pub fn watch(&self, files: &[PathBuf]) {
+        let mut wanted = self.wanted.lock().unwrap_or_else(|e| e.into_inner());
+        for file in files {
+            let (dir, name) = target(file);
+            let Some(name) = name else { continue };
+            match self.fd.watch(&dir) {
+                Ok(wd) => {
+                    let names = wanted.entry(wd).or_default();
+                    if !names.contains(&name) {
+                        names.push(name);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(file = %file.display(), error = %e, "cannot watch for certificate rotation; reload with SIGHUP after rotating")
+                }
+            }
+        }
+    }
+}
+
 /// An inotify instance (closed on drop).
 struct Inotify(i32);
 
@@ -98,7 +180,8 @@ impl Inotify {
         Ok(Inotify(fd))
     }
 
-    fn watch(&self, dir: &Path) -> io::Result<()> {
+    /// Watches `dir` (again: the kernel returns the same descriptor); returns its descriptor.
+    fn watch(&self, dir: &Path) -> io::Result<i32> {
         let c = CString::new(dir.as_os_str().as_bytes())
             .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
         let mask = libc::IN_CLOSE_WRITE
@@ -116,7 +199,7 @@ impl Inotify {
                 format!("cannot watch {}: {e}", dir.display()),
             ));
         }
-        Ok(())
+        Ok(wd)
     }
 
     /// Waits up to `timeout_ms` (-1: forever) for events; true when some are ready.
@@ -136,6 +219,12 @@ impl Inotify {
 
     /// Reads the waiting events and calls `each` with the name of every one that has a name.
     fn read_names(&self, mut each: impl FnMut(&[u8])) -> io::Result<()> {
+        self.read_events(|_, name| each(name))
+    }
+
+    /// Reads the waiting events and calls `each` with the watch descriptor and name of every one
+    /// that has a name.
+    fn read_events(&self, mut each: impl FnMut(i32, &[u8])) -> io::Result<()> {
         // Aligned for `inotify_event`; large enough for many events with maximal names.
         #[repr(C, align(8))]
         struct Buf([u8; 16384]);
@@ -155,6 +244,7 @@ impl Inotify {
         let mut at = 0;
         while at + header <= bytes.len() {
             // Fields by offset (wd, mask, cookie: 4 bytes each; then the name length).
+            let wd = i32::from_ne_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]);
             let len = u32::from_ne_bytes([
                 bytes[at + 12],
                 bytes[at + 13],
@@ -165,7 +255,7 @@ impl Inotify {
             let name = &bytes[at + header..end];
             let name = &name[..name.iter().position(|b| *b == 0).unwrap_or(name.len())];
             if !name.is_empty() {
-                each(name);
+                each(wd, name);
             }
             at = end;
         }

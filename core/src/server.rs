@@ -73,6 +73,8 @@ pub enum Event {
     Signal(i32),
     /// The watcher saw the config files change.
     ConfigChanged,
+    /// A certificate or key file the config names changed (rotation).
+    MaterialChanged,
     /// `POST /drain_listeners`; the answer goes back to the admin request.
     DrainListeners(DrainScope, mpsc::Sender<Result<(), String>>),
     /// A successor connected to the upgrade socket.
@@ -187,6 +189,23 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
             tracing::warn!(config = %opts.config.display(), error = %e, "cannot watch the config; reload with SIGHUP");
         }
     }
+    let material = if opts.watch {
+        let tx = events_tx.clone();
+        match keel_config::watch::FilesWatch::spawn(WATCH_DEBOUNCE, move || {
+            let _ = tx.send(Event::MaterialChanged);
+        }) {
+            Ok(w) => {
+                w.watch(&snapshot.material_files);
+                Some(w)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch certificate files; reload with SIGHUP after rotating");
+                None
+            }
+        }
+    } else {
+        None
+    };
 
     stats.set_ready();
     tracing::info!(
@@ -223,6 +242,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         stats: &stats,
         admin_fd,
         admin_stop: &admin_stop,
+        material,
     };
     schedule_as_batch();
     let result = control.serve(&mut fleet, &events);
@@ -345,6 +365,8 @@ struct Control<'a> {
     stats: &'a Arc<Stats>,
     admin_fd: std::os::fd::RawFd,
     admin_stop: &'a AtomicBool,
+    /// Watches the certificate and key files of the config in force.
+    material: Option<keel_config::watch::FilesWatch>,
 }
 
 impl Control<'_> {
@@ -362,6 +384,7 @@ impl Control<'_> {
             match event {
                 Event::Signal(SIGHUP) => self.reload(fleet, "SIGHUP"),
                 Event::ConfigChanged => self.reload(fleet, "file change"),
+                Event::MaterialChanged => self.reload(fleet, "certificate file change"),
                 Event::Signal(SIGTERM) => {
                     return self.shut_down(fleet, events, DrainScope::Inbound, "SIGTERM")
                 }
@@ -387,6 +410,9 @@ impl Control<'_> {
     fn reload(&self, fleet: &mut Fleet, trigger: &str) {
         sd_notify::reloading();
         let _ = fleet.reload(&self.opts.config, trigger);
+        if let Some(w) = &self.material {
+            w.watch(&fleet.current().material_files);
+        }
         sd_notify::notify("READY=1");
     }
 

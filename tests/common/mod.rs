@@ -1,6 +1,8 @@
 //! Test harness: the real `keel` binary on loopback with real config files, and small real backends.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
