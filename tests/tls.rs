@@ -722,3 +722,131 @@ fn tls_config_errors_name_the_field() {
         assert!(out.contains(want), "want `{want}` in:\n{out}");
     }
 }
+
+/// A Keel terminating SIMPLE TLS with `cert` in front of an echo backend named `name`.
+fn tls_terminator(cert: &Issued, name: &'static str) -> (Keel, u16, RecordingBackend) {
+    let app = RecordingBackend::echo(name);
+    let (port, admin) = (free_port(), free_port());
+    let config = proxy_yaml(admin, 1)
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default, namespace: default }}
+spec:
+  ingress:
+  - port: {{ number: {port}, protocol: HTTP, name: https }}
+    bind: 127.0.0.1
+    defaultEndpoint: {}
+    tls: {{ mode: SIMPLE, serverCertificate: {}, privateKey: {} }}
+",
+            app.addr,
+            cert.cert.display(),
+            cert.key.display()
+        );
+    (Keel::start(&config, admin, &[]), port, app)
+}
+
+#[test]
+fn tls_passthrough_routes_by_sni() {
+    let pki = Mesh::new();
+    let a_cert = pki
+        .ca
+        .issue(&pki.dir, "a", &[San::Dns("a.example.com")], false);
+    let b_cert = pki.ca.issue(
+        &pki.dir,
+        "b",
+        &[San::Dns("b.example.com"), San::Dns("x.wild.example")],
+        false,
+    );
+    let (_a, a_port, _a_app) = tls_terminator(&a_cert, "a");
+    let (_b, b_port, _b_app) = tls_terminator(&b_cert, "b");
+    let (port, admin) = (free_port(), free_port());
+    let config = proxy_yaml(admin, 2)
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default, namespace: default }}
+spec:
+  egress:
+  - port: {{ number: {port}, protocol: TLS }}
+    bind: 127.0.0.1
+    hosts: [\"*/*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: a, namespace: default }}
+spec:
+  hosts: [a.example.com]
+  ports: [{{ number: {port}, name: tls, protocol: TLS, targetPort: {a_port} }}]
+  resolution: STATIC
+  endpoints: [{{ address: 127.0.0.1 }}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: b, namespace: default }}
+spec:
+  hosts: [b.example.com]
+  ports: [{{ number: {port}, name: tls, protocol: TLS, targetPort: {b_port} }}]
+  resolution: STATIC
+  endpoints: [{{ address: 127.0.0.1 }}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: b, namespace: default }}
+spec:
+  hosts: [b.example.com]
+  tls:
+  - match: [{{ sniHosts: [b.example.com, \"*.wild.example\"] }}]
+    route: [{{ destination: {{ host: b.example.com }} }}]
+"
+        );
+    let keel = Keel::start(&config, admin, &[]);
+    for (name, backend) in [
+        ("a.example.com", "a"),
+        ("b.example.com", "b"),
+        ("x.wild.example", "b"),
+    ] {
+        // The client's TLS session ends at the backend: curl verifies the backend's certificate
+        // for the name it asked for, through Keel, which never decrypts.
+        let resolve = format!("{name}:{port}:127.0.0.1");
+        let url = format!("https://{name}:{port}/sni");
+        let out = Command::new("curl")
+            .args([
+                "-s",
+                "-i",
+                "--max-time",
+                "5",
+                "--resolve",
+                &resolve,
+                "--cacert",
+                path(&pki.root),
+                &url,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_ascii_lowercase();
+        assert!(out.status.success(), "{name}: {text}");
+        assert!(
+            text.contains(&format!("x-backend: {backend}")),
+            "{name}: {text}"
+        );
+    }
+    // An SNI no route names, and no SNI at all: the connection is closed, and counted.
+    let resolve = format!("c.example.com:{port}:127.0.0.1");
+    let (code, _) = curl(&[
+        "--resolve",
+        &resolve,
+        "-k",
+        &format!("https://c.example.com:{port}/"),
+    ]);
+    assert_ne!(code, 0);
+    let (code, _) = curl(&["-k", &format!("https://127.0.0.1:{port}/")]);
+    assert_ne!(code, 0);
+    // Plaintext on a TLS port is not a ClientHello.
+    let (code, _) = curl(&[&format!("http://127.0.0.1:{port}/")]);
+    assert_ne!(code, 0);
+    keel.wait_listener_stat("no_route", 2);
+    assert_eq!(keel.listener_stat("tls_handshake_errors"), 1);
+}

@@ -373,7 +373,27 @@ impl Compiler {
                     );
                 }
             }
-            not_supported(e, o, &s.tls, "spec.tls");
+            for (i, r) in s.tls.iter().enumerate() {
+                if r.matches.is_empty() {
+                    e.push(o.error(
+                        &format!("spec.tls[{i}].match"),
+                        "a tls route needs a match with sniHosts",
+                    ));
+                }
+                for (j, m) in r.matches.iter().enumerate() {
+                    let at = format!("spec.tls[{i}].match[{j}]");
+                    if m.sni_hosts.is_empty() {
+                        e.push(o.error(&format!("{at}.sniHosts"), "sniHosts is required"));
+                    }
+                    not_supported(
+                        e,
+                        o,
+                        &m.destination_subnets,
+                        &format!("{at}.destinationSubnets"),
+                    );
+                    not_supported(e, o, &m.gateways, &format!("{at}.gateways"));
+                }
+            }
             not_supported(e, o, &s.export_to, "spec.exportTo");
             if let Some(gw) = &s.gateways {
                 if gw.iter().any(|g| g != "mesh") {
@@ -948,6 +968,7 @@ impl Compiler {
                 route: vec![target],
                 http,
                 tls,
+                sni_routes: Vec::new(),
             });
         }
         for (i, eg) in spec.egress.iter().enumerate() {
@@ -1022,6 +1043,46 @@ impl Compiler {
                     route: Vec::new(),
                     http: Some(HttpRouteTable { virtual_hosts }),
                     tls: None,
+                    sni_routes: Vec::new(),
+                });
+                continue;
+            }
+            if port
+                .protocol
+                .as_deref()
+                .is_some_and(|p| p.eq_ignore_ascii_case("TLS") || p.eq_ignore_ascii_case("HTTPS"))
+            {
+                if services.is_empty() {
+                    self.errors.push(o.error(
+                        &format!("{at}.port.number"),
+                        format!(
+                            "no ServiceEntry admitted by this listener's hosts has port {}",
+                            port.number
+                        ),
+                    ));
+                    continue;
+                }
+                let mut sni_routes = Vec::new();
+                for service in &services {
+                    self.sni_routes_for(
+                        raw,
+                        registry,
+                        rules,
+                        proxy,
+                        service,
+                        port.number,
+                        &mut sni_routes,
+                    );
+                }
+                out.push(Listener {
+                    name: listener_name(address),
+                    address,
+                    direction: Direction::Outbound,
+                    protocol,
+                    route: Vec::new(),
+                    http: None,
+                    tls: None,
+                    sni_routes,
                 });
                 continue;
             }
@@ -1067,6 +1128,7 @@ impl Compiler {
                 route,
                 http: None,
                 tls: None,
+                sni_routes: Vec::new(),
             });
         }
     }
@@ -1117,7 +1179,8 @@ impl Compiler {
     ) -> Protocol {
         if check_protocol(&mut self.errors, o, protocol, path) {
             match protocol.unwrap_or("TCP").to_ascii_uppercase().as_str() {
-                "TCP" => return Protocol::Tcp,
+                // TLS and HTTPS are passed through (routed by SNI on egress ports).
+                "TCP" | "TLS" | "HTTPS" => return Protocol::Tcp,
                 "HTTP" => return Protocol::Http,
                 p => self.errors.push(o.error(
                     path,
@@ -1129,6 +1192,91 @@ impl Compiler {
     }
 
     /// The first VirtualService tcp route for `host` that matches traffic on `port` from this workload.
+    /// The SNI routes of `service` on a TLS passthrough port: its VirtualService's `tls` routes
+    /// whose match applies here, else its own host to its own cluster.
+    #[allow(clippy::too_many_arguments)]
+    fn sni_routes_for(
+        &mut self,
+        raw: &RawConfig,
+        registry: &Registry,
+        rules: &[Rule],
+        proxy: &ProxySettings,
+        service: &Service,
+        port: u32,
+        out: &mut Vec<SniRoute>,
+    ) {
+        let host = service.host.as_str();
+        let Some(vs) = find_virtual_service(raw, host, |vs| !vs.value.spec.tls.is_empty()) else {
+            match self.cluster_for(registry, rules, host, None, port) {
+                Ok(c) => out.push(SniRoute {
+                    server_names: vec![host.to_string()],
+                    route: vec![WeightedCluster {
+                        cluster: c,
+                        weight: 1,
+                    }],
+                }),
+                Err(m) => self
+                    .errors
+                    .push(service.entry.origin.error("spec.hosts", m)),
+            }
+            return;
+        };
+        let ns = vs.value.metadata.namespace();
+        for (i, r) in vs.value.spec.tls.iter().enumerate() {
+            let names: Vec<String> = r
+                .matches
+                .iter()
+                .filter(|m| {
+                    m.port.is_none_or(|p| p == port)
+                        && labels_match(&m.source_labels, &proxy.labels)
+                        && m.source_namespace
+                            .as_deref()
+                            .is_none_or(|n| n == proxy.namespace)
+                })
+                .flat_map(|m| m.sni_hosts.iter().cloned())
+                .collect();
+            if names.is_empty() {
+                continue;
+            }
+            let mut route = Vec::new();
+            for (k, rd) in r.route.iter().enumerate() {
+                let dest = host::qualify(&rd.destination.host, ns);
+                match self.cluster_for(
+                    registry,
+                    rules,
+                    &dest,
+                    rd.destination.subset.as_deref(),
+                    rd.destination.port.as_ref().map_or(port, |p| p.number),
+                ) {
+                    Ok(c) => route.push(WeightedCluster {
+                        cluster: c,
+                        weight: if r.route.len() == 1 {
+                            1
+                        } else {
+                            rd.weight.unwrap_or(0)
+                        },
+                    }),
+                    Err(m) => self.errors.push(
+                        vs.origin
+                            .error(&format!("spec.tls[{i}].route[{k}].destination"), m),
+                    ),
+                }
+            }
+            route.retain(|w| w.weight > 0);
+            if route.is_empty() {
+                self.push_unique(vs.origin.error(
+                    &format!("spec.tls[{i}].route"),
+                    "at least one destination with a non-zero weight is required",
+                ));
+                continue;
+            }
+            out.push(SniRoute {
+                server_names: names,
+                route,
+            });
+        }
+    }
+
     fn tcp_route_for(
         &mut self,
         raw: &RawConfig,
@@ -1891,6 +2039,10 @@ pub fn dump(
             })).collect::<Vec<_>>()),
             "route": l.route.iter().map(|w| json!({"cluster": clusters[w.cluster].name, "weight": w.weight})).collect::<Vec<_>>(),
             "tls": l.tls.as_ref().map(|t| t.describe()),
+            "sni_routes": l.sni_routes.iter().map(|r| json!({
+                "server_names": r.server_names,
+                "route": r.route.iter().map(|w| json!({"cluster": clusters[w.cluster].name, "weight": w.weight})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
         "clusters": clusters.iter().map(|c| json!({
             "name": c.name,

@@ -367,8 +367,8 @@ pub struct VirtualServiceSpec {
     pub gateways: Option<Vec<String>>,
     #[serde(default)]
     pub http: Vec<HttpRoute>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tls: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tls: Vec<TlsRoute>,
     #[serde(default)]
     pub tcp: Vec<TcpRoute>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -550,6 +550,34 @@ pub struct TcpRoute {
     pub matches: Vec<L4Match>,
     #[serde(default)]
     pub route: Vec<RouteDestination>,
+}
+
+/// `VirtualService.tls[]`: TLS passthrough, routed by the ClientHello's SNI.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsRoute {
+    #[serde(default, rename = "match")]
+    pub matches: Vec<TlsMatch>,
+    #[serde(default)]
+    pub route: Vec<RouteDestination>,
+}
+
+/// `VirtualService.tls[].match[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TlsMatch {
+    #[serde(default)]
+    pub sni_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination_subnets: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<u32>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub source_labels: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gateways: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_namespace: Option<String>,
 }
 
 /// `VirtualService.tcp[].match[]`.

@@ -105,6 +105,43 @@ pub struct Listener {
     pub http: Option<crate::http_routes::HttpRouteTable>,
     /// TLS on accepted connections: mesh mTLS (from PeerAuthentication) or the Sidecar ingress `tls`.
     pub tls: Option<DownstreamTls>,
+    /// TLS passthrough (an egress port with protocol TLS or HTTPS): the route is chosen by the
+    /// ClientHello's SNI, in order; empty for every other listener.
+    pub sni_routes: Vec<SniRoute>,
+}
+
+impl Listener {
+    /// The route for a ClientHello naming `server_name`: an exact name first, then the most
+    /// specific wildcard (`*.example.com`), as Envoy matches `server_names`.
+    pub fn sni_route(&self, server_name: Option<&str>) -> Option<&SniRoute> {
+        let name = server_name?;
+        self.sni_routes
+            .iter()
+            .find(|r| r.server_names.iter().any(|s| s.eq_ignore_ascii_case(name)))
+            .or_else(|| {
+                self.sni_routes
+                    .iter()
+                    .filter_map(|r| {
+                        r.server_names
+                            .iter()
+                            .filter(|s| s.starts_with('*') && crate::host::matches(s, name))
+                            .map(|s| s.len())
+                            .max()
+                            .map(|len| (len, r))
+                    })
+                    .max_by_key(|(len, _)| *len)
+                    .map(|(_, r)| r)
+            })
+    }
+}
+
+/// One SNI route of a TLS passthrough listener.
+#[derive(Debug, Clone)]
+pub struct SniRoute {
+    /// Names as written (`reviews.example.com`, `*.example.com`).
+    pub server_names: Vec<String>,
+    /// Weighted destinations (one entry = no choice).
+    pub route: Vec<WeightedCluster>,
 }
 
 /// A cluster a route can pick, with its relative weight.

@@ -66,6 +66,8 @@ pub struct ListenerCounters {
     pub tls_plaintext_refused: Counter,
     /// Plaintext connections let through by a PERMISSIVE listener.
     pub tls_plaintext_accepted: Counter,
+    /// TLS passthrough connections whose SNI matched no route.
+    pub no_route: Counter,
 }
 
 /// One worker's counters for one cluster.
@@ -270,7 +272,7 @@ impl Stats {
     pub fn prometheus(&self) -> String {
         let mut out = String::with_capacity(4096);
         let Published { snapshot, table } = self.published();
-        let l_metrics: [(&str, &str, &str, ListenerField); 6] = [
+        let l_metrics: [(&str, &str, &str, ListenerField); 7] = [
             (
                 "keel_listener_connections_accepted_total",
                 "counter",
@@ -294,6 +296,12 @@ impl Stats {
                 "counter",
                 "Connections closed because the cluster had no endpoint.",
                 |c| &c.no_healthy_upstream,
+            ),
+            (
+                "keel_listener_no_route_total",
+                "counter",
+                "TLS passthrough connections whose SNI matched no route.",
+                |c| &c.no_route,
             ),
             (
                 "keel_listener_idle_timeouts_total",
@@ -554,6 +562,7 @@ impl Stats {
                     "tls_handshake_timeouts": sum(s, |c| &c.tls_handshake_timeout),
                     "tls_plaintext_accepted": sum(s, |c| &c.tls_plaintext_accepted),
                     "tls_plaintext_refused": sum(s, |c| &c.tls_plaintext_refused),
+                    "no_route": sum(s, |c| &c.no_route),
                 })
             }).collect::<Vec<_>>(),
             "clusters": table.clusters.iter().map(|c| {

@@ -20,7 +20,43 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     lstats.accepted.inc();
     let _ = down.set_nodelay();
 
-    let Some(cluster_index) = at.gen.pick_cluster(at.index, &mut worker.rng()) else {
+    // TLS passthrough: the ClientHello's SNI picks the route; its bytes go upstream first.
+    let mut hello = Vec::new();
+    let picked_cluster = if listener.sni_routes.is_empty() {
+        at.gen.pick_cluster(at.index, &mut worker.rng())
+    } else {
+        let timeout = snapshot.proxy.tls_handshake_timeout;
+        let read = monoio::time::timeout(timeout, read_client_hello(&down, &mut hello)).await;
+        let info = match read {
+            Ok(Ok(info)) => info,
+            Ok(Err(e)) => {
+                lstats.tls_handshake_error.inc();
+                worker.warn_downstream(&listener.name, peer, &format!("TLS passthrough: {e}"));
+                return;
+            }
+            Err(_) => {
+                lstats.tls_handshake_timeout.inc();
+                return;
+            }
+        };
+        let Some(route) = listener.sni_route(info.server_name.as_deref()) else {
+            lstats.no_route.inc();
+            let name = info.server_name.as_deref().unwrap_or("(none)");
+            worker.warn_downstream(
+                &listener.name,
+                peer,
+                &format!("TLS passthrough: no route for SNI {name}"),
+            );
+            return;
+        };
+        match route.route.as_slice() {
+            [one] => Some(one.cluster),
+            many => worker
+                .pick_weighted(many.iter().map(|w| w.weight))
+                .map(|i| many[i].cluster),
+        }
+    };
+    let Some(cluster_index) = picked_cluster else {
         lstats.no_healthy_upstream.inc();
         return;
     };
@@ -49,6 +85,11 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         }
     };
     tracing::trace!(%peer, upstream = %endpoint.address, "connected");
+    if !hello.is_empty() && up.write_all(&hello).await.is_err() {
+        return;
+    }
+    lstats.rx_bytes.add(hello.len() as u64);
+    drop(hello);
 
     // The worker's idle sweeper shuts both sockets down when no byte moves either way for the
     // cluster's idleTimeout; the guard (declared after both streams) forgets them before they close.
@@ -89,6 +130,31 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         tracing::debug!(%peer, listener = %listener.name, "idle timeout");
     }
     // Dropping both streams closes both sockets.
+}
+
+/// Reads a whole ClientHello into `into` (consumed from the socket: the caller forwards it).
+async fn read_client_hello(
+    down: &Transport,
+    into: &mut Vec<u8>,
+) -> Result<keel_tls::client_hello::ClientHelloInfo, String> {
+    use keel_tls::client_hello::{parse, MAX_CLIENT_HELLO};
+    let mut chunk = [0u8; 2048];
+    loop {
+        down.readable().await.map_err(|e| e.to_string())?;
+        match down.try_read(&mut chunk) {
+            Ok(0) => return Err("connection closed before a complete ClientHello".into()),
+            Ok(n) => into.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e.to_string()),
+        }
+        match parse(into) {
+            Ok(Some(info)) => return Ok(info),
+            Ok(None) if into.len() <= MAX_CLIENT_HELLO + 1024 => {}
+            Ok(None) => return Err("ClientHello too large".into()),
+            Err(e) => return Err(e.to_string()),
+        }
+    }
 }
 
 /// Moves `src` to `dst` until EOF: by the worker's mechanism (splice or copy) between plaintext

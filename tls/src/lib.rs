@@ -2,6 +2,7 @@
 //! identities (SPIFFE) and their verification, and our own monoio ⇄ rustls stream adapter over
 //! Keel's readiness-driven sockets. Depends on `config` (what to build) and `io` (the socket).
 
+pub mod client_hello;
 pub mod contexts;
 pub mod spiffe;
 pub mod stream;
