@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Side-by-side load test: Keel against nginx and HAProxy, by the project's method.
 #
-#   bench/compare.sh [workload ...]        workloads: l4-1mib h1-small h1-close idle-mem (default: all)
+#   bench/compare.sh [workload ...]        workloads: l4-1mib h1-small h1-close tls-h1 tls-handshake
+#                                          idle-mem (default: all)
 #
 # The proxy under test runs alone on CPU 1 with one worker; the backend (nginx serving fixed bodies)
 # and the load generator (wrk) share CPU 0. Contenders are interleaved (A B C, A B C, ...) over
@@ -22,6 +23,7 @@ CONNS=${CONNS:-8}
 KEEL_ARGS=${KEEL_ARGS:-}
 BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
 KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013
+KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
 IDLE_CONNS=${IDLE_CONNS:-5000}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
@@ -66,6 +68,11 @@ http {
 }
 CONF
 mkdir -p "$WORK/tmp"
+# ---- one ECDSA P-256 server certificate for every contender's TLS 1.3 listener
+openssl ecparam -name prime256v1 -genkey -noout -out "$WORK/tls-key.pem" 2>/dev/null
+openssl req -x509 -new -key "$WORK/tls-key.pem" -sha256 -days 30 -subj "/CN=localhost" \
+  -addext "subjectAltName=DNS:localhost" -out "$WORK/tls.pem" 2>/dev/null
+cat "$WORK/tls.pem" "$WORK/tls-key.pem" > "$WORK/tls-combined.pem"
 taskset -c 0 nginx -c "$WORK/backend.conf" -e "$WORK/backend.err"
 
 # ---- contenders on CPU 1, one worker each
@@ -84,6 +91,11 @@ http {
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
   server {
     listen 127.0.0.1:$NGINX_HTTP;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+  server {
+    listen 127.0.0.1:$NGINX_TLS ssl;
+    ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls-key.pem; ssl_protocols TLSv1.3;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
@@ -105,6 +117,10 @@ listen l4
 listen h1
   mode http
   bind 127.0.0.1:$HAPROXY_HTTP
+  server backend 127.0.0.1:$BACKEND
+listen tls
+  mode http
+  bind 127.0.0.1:$HAPROXY_TLS ssl crt $WORK/tls-combined.pem ssl-min-ver TLSv1.3
   server backend 127.0.0.1:$BACKEND
 CONF
 taskset -c 1 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &
@@ -130,6 +146,10 @@ spec:
   - port: { number: $KEEL_HTTP, protocol: HTTP }
     bind: 127.0.0.1
     defaultEndpoint: 127.0.0.1:$BACKEND
+  - port: { number: $KEEL_TLS, protocol: HTTP }
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:$BACKEND
+    tls: { mode: SIMPLE, serverCertificate: $WORK/tls.pem, privateKey: $WORK/tls-key.pem, minProtocolVersion: TLSV1_3 }
 CONF
 # shellcheck disable=SC2086
 taskset -c 1 "$KEEL_BIN" run -c "$WORK/keel.yaml" --workers 1 --log-level warn $KEEL_ARGS >"$WORK/keel.log" 2>&1 &
@@ -139,6 +159,9 @@ KEEL_PID=$!
 for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT $KEEL_HTTP $NGINX_HTTP $HAPROXY_HTTP; do
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/1k" && break; sleep 0.05; done
   curl -fs -o /dev/null "http://127.0.0.1:$port/1k" || { echo "compare.sh: nothing answers on port $port" >&2; cat "$WORK"/*.log "$WORK"/*.err >&2 2>/dev/null; exit 1; }
+done
+for port in $KEEL_TLS $NGINX_TLS $HAPROXY_TLS; do
+  curl -fsk -o /dev/null "https://127.0.0.1:$port/1k" || { echo "compare.sh: no TLS on port $port" >&2; cat "$WORK"/*.log "$WORK"/*.err >&2 2>/dev/null; exit 1; }
 done
 KEEL_DRIVER=$(curl -fs "http://127.0.0.1:$ADMIN/stats" | sed -n 's/.*"io_driver": "\([a-z_]*\)".*/\1/p')
 
@@ -155,6 +178,7 @@ port_of() { # CONTENDER l4|http
   case $1-$2 in
     keel-l4) echo $KEEL_PORT ;; nginx-l4) echo $NGINX_PORT ;; haproxy-l4) echo $HAPROXY_PORT ;;
     keel-http) echo $KEEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
+    keel-tls) echo $KEEL_TLS ;; nginx-tls) echo $NGINX_TLS ;; haproxy-tls) echo $HAPROXY_TLS ;;
     direct-*) echo $BACKEND ;;
   esac
 }
@@ -179,16 +203,19 @@ TICK_US=$(( 1000000 / $(getconf CLK_TCK) ))
 # run_one WORKLOAD CONTENDER -> appends "contender reqs rps units_per_s cpu_per_unit p50 p99 steal%" to $WORK/rows.WORKLOAD.
 # The unit is a MiB for bulk workloads and a request otherwise.
 run_one() {
-  local workload=$1 who=$2 port path unit_bytes conns extra=() pids c0 c1 s0 s1 t0 t1 out reqs rps p50 p99
+  local workload=$1 who=$2 port path unit_bytes conns extra=() pids c0 c1 s0 s1 t0 t1 out reqs rps p50 p99 scheme=http
   case $workload in
     l4-1mib) port=$(port_of "$who" l4); path=/1m; unit_bytes=1048576; conns=$CONNS ;;
     h1-small) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64 ;;
     h1-close) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Connection: close") ;;
+    # The direct row of a TLS workload is plaintext (the backend has no TLS): a load reference only.
+    tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; [ "$who" = direct ] || scheme=https ;;
+    tls-handshake) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=16; extra=(-H "Connection: close"); [ "$who" = direct ] || scheme=https ;;
   esac
   pids=$(pids_of "$who")
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
-  out=$(taskset -c 0 wrk -t1 -c"$conns" -d"${DURATION}s" --latency "${extra[@]}" "http://127.0.0.1:$port$path")
+  out=$(taskset -c 0 wrk -t1 -c"$conns" -d"${DURATION}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path")
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
   reqs=$(echo "$out" | awk '/requests in/{print $1}')
@@ -279,10 +306,10 @@ report() {
 }
 
 WORKLOADS=("$@")
-[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close idle-mem)
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake idle-mem)
 : > "$WORK/report.md"
 for workload in "${WORKLOADS[@]}"; do
-  case $workload in l4-1mib|h1-small|h1-close|idle-mem) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
+  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|idle-mem) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
   : > "$WORK/rows.$workload"
   [ "$workload" = idle-mem ] || run_one "$workload" direct
   rounds=$ROUNDS

@@ -575,6 +575,7 @@ fn mtls_load(
             let good = body.matches("200\n").count();
             ok += good;
             if code != 0 || good != 3 {
+                eprintln!("mtls_load: curl exit {code}, {good} of 3 answered: {body}");
                 failed += 1;
             }
         }

@@ -277,6 +277,18 @@ impl TlsStream {
     }
 }
 
+impl Drop for TlsStream {
+    /// A connection closed without `shutdown_write` still says goodbye properly: close_notify,
+    /// sent if the socket takes it now (never waited for).
+    fn drop(&mut self) {
+        let conn = self.conn.get_mut();
+        if !conn.is_handshaking() && !self.eof.get() {
+            conn.send_close_notify();
+            let _ = self.try_flush();
+        }
+    }
+}
+
 fn session_of(conn: &Connection) -> Session {
     let leaf = conn.peer_certificates().and_then(|c| c.first());
     let (peer_id, peer_cert_sha256) = match leaf {
