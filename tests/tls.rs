@@ -472,27 +472,8 @@ fn destination_rule_simple_verifies_the_upstream_name() {
         &[San::Dns("reviews.default.svc.cluster.local")],
         false,
     );
-    let app = RecordingBackend::echo("app");
     // The TLS upstream: a Keel terminating SIMPLE TLS in front of the app.
-    let (tls_port, admin_s) = (free_port(), free_port());
-    let upstream = proxy_yaml(admin_s, 1)
-        + &format!(
-            "---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{ name: default, namespace: default }}
-spec:
-  ingress:
-  - port: {{ number: {tls_port}, protocol: HTTP, name: https }}
-    bind: 127.0.0.1
-    defaultEndpoint: {}
-    tls: {{ mode: SIMPLE, serverCertificate: {}, privateKey: {} }}
-",
-            app.addr,
-            server.cert.display(),
-            server.key.display()
-        );
-    let _upstream = Keel::start(&upstream, admin_s, &[]);
+    let (_upstream, tls_port, _app) = tls_terminator(&server, "app");
     for (sni, want) in [(None, "200"), (Some("other.example"), "503")] {
         let (out, admin) = (free_port(), free_port());
         let sni = sni.map(|s| format!(", sni: {s}")).unwrap_or_default();

@@ -18,7 +18,7 @@ use rustls::{ClientConfig, RootCertStore, ServerConfig, SupportedProtocolVersion
 
 use crate::spiffe::{spiffe_ids, SpiffeId};
 use crate::verify::{
-    IdentityServerVerifier, MeshClientVerifier, SanClientVerifier, ServerIdentity,
+    ClientIdentity, IdentityClientVerifier, IdentityServerVerifier, ServerIdentity,
 };
 
 /// Where Debian keeps the system's trusted roots (SIMPLE / MUTUAL without `caCertificates`).
@@ -346,7 +346,12 @@ fn mesh_server_config(
     let webpki = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
         .build()
         .map_err(|e| pem.error(e))?;
-    let verifier = Arc::new(MeshClientVerifier::new(webpki, id.trust_domain.clone()));
+    let verifier = Arc::new(IdentityClientVerifier::new(
+        webpki,
+        ClientIdentity::Mesh {
+            trust_domain: id.trust_domain.clone(),
+        },
+    ));
     server_config(
         Some(verifier),
         m.chain.clone(),
@@ -368,7 +373,10 @@ fn terminate_config(t: &ServerTls, http: bool) -> Result<Arc<ServerConfig>, Conf
             Some(if t.subject_alt_names.is_empty() {
                 webpki
             } else {
-                Arc::new(SanClientVerifier::new(webpki, t.subject_alt_names.clone()))
+                Arc::new(IdentityClientVerifier::new(
+                    webpki,
+                    ClientIdentity::AnyOf(t.subject_alt_names.clone()),
+                ))
             })
         }
     };

@@ -59,24 +59,30 @@ fn mesh_identity(cert: &CertificateDer<'_>, trust_domain: &str) -> Result<Spiffe
         .ok_or_else(|| identity_error(format!("peer is not in trust domain {trust_domain}")))
 }
 
-/// Inbound mesh mTLS: the client's chain must lead to the mesh roots (webpki, client-auth EKU) and
-/// its SPIFFE id must be in our trust domain.
-#[derive(Debug)]
-pub struct MeshClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    trust_domain: String,
+/// What a client certificate must prove beyond its chain.
+#[derive(Debug, Clone)]
+pub enum ClientIdentity {
+    /// Inbound mesh mTLS: a SPIFFE id in this trust domain.
+    Mesh { trust_domain: String },
+    /// Sidecar ingress MUTUAL with `subjectAltNames`: one of these SANs.
+    AnyOf(Vec<String>),
 }
 
-impl MeshClientVerifier {
-    pub fn new(inner: Arc<dyn ClientCertVerifier>, trust_domain: String) -> MeshClientVerifier {
-        MeshClientVerifier {
-            inner,
-            trust_domain,
-        }
+/// Client verification: webpki's chain check (roots, validity, client-auth EKU), then the identity.
+/// A certificate is always required.
+#[derive(Debug)]
+pub struct IdentityClientVerifier {
+    inner: Arc<dyn ClientCertVerifier>,
+    identity: ClientIdentity,
+}
+
+impl IdentityClientVerifier {
+    pub fn new(inner: Arc<dyn ClientCertVerifier>, identity: ClientIdentity) -> Self {
+        IdentityClientVerifier { inner, identity }
     }
 }
 
-impl ClientCertVerifier for MeshClientVerifier {
+impl ClientCertVerifier for IdentityClientVerifier {
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
         self.inner.root_hint_subjects()
     }
@@ -93,66 +99,17 @@ impl ClientCertVerifier for MeshClientVerifier {
     ) -> Result<ClientCertVerified, Error> {
         self.inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        mesh_identity(end_entity, &self.trust_domain)?;
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
-    }
-}
-
-/// Sidecar ingress MUTUAL with `subjectAltNames`: webpki's chain check, then one of the SANs.
-#[derive(Debug)]
-pub struct SanClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
-    subject_alt_names: Vec<String>,
-}
-
-impl SanClientVerifier {
-    pub fn new(inner: Arc<dyn ClientCertVerifier>, subject_alt_names: Vec<String>) -> Self {
-        SanClientVerifier {
-            inner,
-            subject_alt_names,
-        }
-    }
-}
-
-impl ClientCertVerifier for SanClientVerifier {
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, Error> {
-        self.inner
-            .verify_client_cert(end_entity, intermediates, now)?;
-        if !has_any_san(end_entity, &self.subject_alt_names) {
-            return Err(identity_error(
-                "client certificate has none of the subjectAltNames".into(),
-            ));
+        match &self.identity {
+            ClientIdentity::Mesh { trust_domain } => {
+                mesh_identity(end_entity, trust_domain)?;
+            }
+            ClientIdentity::AnyOf(sans) => {
+                if !has_any_san(end_entity, sans) {
+                    return Err(identity_error(
+                        "client certificate has none of the subjectAltNames".into(),
+                    ));
+                }
+            }
         }
         Ok(ClientCertVerified::assertion())
     }
