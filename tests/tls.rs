@@ -832,3 +832,33 @@ spec:
     keel.wait_listener_stat("no_route", 2);
     assert_eq!(keel.listener_stat("tls_handshake_errors"), 1);
 }
+
+#[test]
+fn permissive_lets_a_server_first_protocol_through_after_the_wait() {
+    let mesh = Mesh::new();
+    let reviews = mesh.workload("reviews", REVIEWS);
+    // A database-like backend that speaks first; its client waits for the greeting.
+    let db = banner_backend("220 ready\r\n");
+    let (port, admin) = (free_port(), free_port());
+    let config = proxy_with_identity(
+        admin,
+        &reviews,
+        &mesh.root,
+        "default",
+        "  tls: { handshakeTimeout: 300ms }\n",
+    ) + &ingress(port, "TCP", db, "default");
+    let keel = Keel::start(&config, admin, &[]);
+    let started = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buf = [0u8; 32];
+    let n = std::io::Read::read(&mut s, &mut buf).unwrap();
+    assert_eq!(&buf[..n], b"220 ready\r\n");
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250) && waited < Duration::from_secs(3),
+        "{waited:?}"
+    );
+    keel.wait_listener_stat("tls_plaintext_accepted", 1);
+    assert_eq!(keel.listener_stat("tls_handshake_timeouts"), 0);
+}

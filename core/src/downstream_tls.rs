@@ -3,7 +3,7 @@
 //!
 //! The first byte tells TLS from plaintext without consuming anything (a TLS record starts with
 //! 0x16, handshake; no HTTP method or sane plaintext protocol does): PERMISSIVE lets plaintext
-//! through on the same port, STRICT resets it. The wait for that byte and the handshake are
+//! through on the same port, STRICT resets it. The wait for that byte and the handshake are each
 //! bounded by the proxy's TLS handshake timeout, so a client that connects and stalls costs a
 //! timer, not a worker.
 
@@ -37,26 +37,34 @@ async fn first_byte(stream: &Stream) -> io::Result<Option<u8>> {
     }
 }
 
+/// Tells TLS from plaintext by the first byte, then completes the handshake; each wait is bounded by
+/// `timeout`. A PERMISSIVE listener whose client says nothing within it treats the connection as
+/// plaintext: a server-first protocol (a database greeting its client) works, after that wait.
 async fn handshake(
     stream: Stream,
     config: std::sync::Arc<keel_tls::rustls::ServerConfig>,
     mode: &DownstreamTls,
+    timeout: std::time::Duration,
 ) -> Result<Transport, Refused> {
-    let first = match first_byte(&stream).await {
-        Ok(Some(b)) => b,
-        Ok(None) | Err(_) => return Err(Refused::Closed),
+    let permissive = matches!(mode, DownstreamTls::Mesh { permissive: true });
+    let first = match monoio::time::timeout(timeout, first_byte(&stream)).await {
+        Ok(Ok(Some(b))) => b,
+        Ok(_) => return Err(Refused::Closed),
+        Err(_) if permissive => return Ok(Transport::Plain(stream)),
+        Err(_) => return Err(Refused::Timeout),
     };
     if first != TLS_HANDSHAKE {
-        if matches!(mode, DownstreamTls::Mesh { permissive: true }) {
+        if permissive {
             return Ok(Transport::Plain(stream));
         }
         let _ = stream.reset_on_close();
         return Err(Refused::Plaintext);
     }
-    TlsStream::accept(stream, config)
-        .await
-        .map(|t| Transport::Tls(Box::new(t)))
-        .map_err(Refused::Handshake)
+    match monoio::time::timeout(timeout, TlsStream::accept(stream, config)).await {
+        Ok(Ok(t)) => Ok(Transport::Tls(Box::new(t))),
+        Ok(Err(e)) => Err(Refused::Handshake(e)),
+        Err(_) => Err(Refused::Timeout),
+    }
 }
 
 /// The connection, secured as listener `at` requires; `None` when it was refused (counted, and
@@ -79,10 +87,7 @@ pub async fn secure(
         return None;
     };
     let timeout = at.gen.snapshot.proxy.tls_handshake_timeout;
-    let result = match monoio::time::timeout(timeout, handshake(stream, config, mode)).await {
-        Ok(r) => r,
-        Err(_) => Err(Refused::Timeout),
-    };
+    let result = handshake(stream, config, mode, timeout).await;
     match result {
         Ok(t) => {
             if t.session().is_some() {
@@ -92,10 +97,8 @@ pub async fn secure(
             }
             Some(t)
         }
-        Err(Refused::Closed) => {
-            lstats.tls_handshake_error.inc();
-            None
-        }
+        // Connected and closed without a byte (a TCP health check): nothing went wrong.
+        Err(Refused::Closed) => None,
         Err(Refused::Plaintext) => {
             lstats.tls_plaintext_refused.inc();
             worker.warn_downstream(

@@ -75,17 +75,23 @@ impl Fleet {
     /// field, and the failure is counted.
     pub fn reload(&mut self, path: &Path, trigger: &str) -> Result<ReloadOutcome, String> {
         let started = Instant::now();
-        let result = match crate::config::load(path) {
+        // The version covers certificate files too, so an unchanged one needs no TLS contexts built.
+        let loaded = keel_config::load(path).and_then(|snapshot| {
+            if snapshot.version == self.current.version {
+                return Ok(None);
+            }
+            let tls = keel_tls::build(&snapshot).map_err(keel_config::ConfigErrors)?;
+            Ok(Some((snapshot, tls)))
+        });
+        let result = match loaded {
             Err(errors) => {
                 for e in &errors.0 {
                     tracing::error!(trigger, "config reload rejected: {e}");
                 }
                 Err(format!("{} config error(s)", errors.0.len()))
             }
-            Ok((snapshot, _)) if snapshot.version == self.current.version => {
-                Ok(ReloadOutcome::Unchanged)
-            }
-            Ok((snapshot, tls)) => self
+            Ok(None) => Ok(ReloadOutcome::Unchanged),
+            Ok(Some((snapshot, tls))) => self
                 .apply(snapshot, tls, &mut Inherited::new())
                 .map(|()| ReloadOutcome::Applied),
         };

@@ -167,7 +167,7 @@ async fn forward(
 ) -> std::io::Result<u64> {
     match (src.plain(), dst.plain()) {
         (Some(s), Some(d)) => forward_with(how, s, d, on_chunk).await,
-        _ => keel_tls::transport::forward(src, dst, on_chunk).await,
+        _ => keel_io::forward::forward(src, dst, on_chunk).await,
     }
 }
 

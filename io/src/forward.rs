@@ -28,6 +28,34 @@ impl FromStr for Forwarding {
     }
 }
 
+/// What copy forwarding needs of a connection, so plaintext sockets and TLS connections (in the
+/// TLS crate) move bytes through the same loop.
+#[allow(async_fn_in_trait)]
+pub trait Duplex {
+    /// Resolves when a read would not block.
+    async fn readable(&self) -> io::Result<()>;
+    /// One non-blocking read: `WouldBlock` when nothing is ready, `Ok(0)` at EOF.
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize>;
+    async fn write_all(&self, buf: &[u8]) -> io::Result<()>;
+    /// Ends this direction (FIN; for TLS, close_notify first).
+    async fn shutdown_write(&self) -> io::Result<()>;
+}
+
+impl Duplex for Stream {
+    async fn readable(&self) -> io::Result<()> {
+        Stream::readable(self).await
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Stream::try_read(self, buf)
+    }
+    async fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        Stream::write_all(self, buf).await
+    }
+    async fn shutdown_write(&self) -> io::Result<()> {
+        Stream::shutdown_write(self)
+    }
+}
+
 /// Moves `src` to `dst` until EOF with the chosen mechanism; see [`forward`].
 pub async fn forward_with(
     how: Forwarding,
@@ -46,9 +74,9 @@ pub async fn forward_with(
 ///
 /// No buffer is held while waiting for `src`; one is held while a chunk is in flight to `dst`, so a
 /// slow reader on `dst` applies backpressure to `src` with bounded memory.
-pub async fn forward(
-    src: &Stream,
-    dst: &Stream,
+pub async fn forward<S: Duplex, D: Duplex>(
+    src: &S,
+    dst: &D,
     mut on_chunk: impl FnMut(usize),
 ) -> io::Result<u64> {
     let mut total = 0u64;
@@ -59,7 +87,7 @@ pub async fn forward(
             match src.try_read(&mut buf) {
                 Ok(0) => {
                     drop(buf);
-                    dst.shutdown_write()?;
+                    dst.shutdown_write().await?;
                     return Ok(total);
                 }
                 Ok(n) => {

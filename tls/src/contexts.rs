@@ -397,6 +397,9 @@ fn upstream_context(
 ) -> Result<UpstreamContext, String> {
     let server_name = ServerName::try_from(tls.sni.clone())
         .map_err(|_| format!("`{}` cannot be sent as SNI", tls.sni))?;
+    if tls.insecure_skip_verify {
+        tracing::warn!(sni = %tls.sni, "insecureSkipVerify: upstream certificates are not verified");
+    }
     let config = match tls.mode {
         UpstreamTlsMode::IstioMutual => {
             let (Some(m), Some(id)) = (mesh, identity) else {

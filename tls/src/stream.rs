@@ -231,7 +231,12 @@ impl TlsStream {
                     n += 1;
                 }
                 let mut conn = self.conn.borrow_mut();
-                done += conn.writer().write_vectored(&slices[..n])?;
+                let took = conn.writer().write_vectored(&slices[..n])?;
+                if took == 0 && !conn.wants_write() {
+                    // Nothing accepted and nothing to send: the session cannot take data (closed).
+                    return Err(io::ErrorKind::WriteZero.into());
+                }
+                done += took;
             }
             // rustls buffers up to its limit; sending it all keeps memory bounded.
             self.flush().await?;

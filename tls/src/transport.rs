@@ -4,7 +4,6 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
 
-use keel_io::buffer::Buffer;
 use keel_io::Stream;
 
 use crate::stream::{Session, TlsStream};
@@ -111,37 +110,17 @@ impl Transport {
     }
 }
 
-/// Copies `src` to `dst` until `src` ends, then ends `dst`'s direction; returns the byte count.
-/// `on_chunk` sees each chunk's size once written. As [`keel_io::forward::forward`], no buffer is
-/// held while waiting for `src`.
-pub async fn forward(
-    src: &Transport,
-    dst: &Transport,
-    mut on_chunk: impl FnMut(usize),
-) -> io::Result<u64> {
-    let mut total = 0u64;
-    loop {
-        src.readable().await?;
-        let mut buf = Buffer::take();
-        loop {
-            match src.try_read(&mut buf) {
-                Ok(0) => {
-                    drop(buf);
-                    dst.shutdown_write().await?;
-                    return Ok(total);
-                }
-                Ok(n) => {
-                    dst.write_all(&buf[..n]).await?;
-                    total += n as u64;
-                    on_chunk(n);
-                    if n < buf.len() {
-                        break;
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+impl keel_io::forward::Duplex for Transport {
+    async fn readable(&self) -> io::Result<()> {
+        Transport::readable(self).await
+    }
+    fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
+        Transport::try_read(self, buf)
+    }
+    async fn write_all(&self, buf: &[u8]) -> io::Result<()> {
+        Transport::write_all(self, buf).await
+    }
+    async fn shutdown_write(&self) -> io::Result<()> {
+        Transport::shutdown_write(self).await
     }
 }

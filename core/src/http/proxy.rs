@@ -1282,11 +1282,11 @@ async fn tunnel(
     {
         return;
     }
-    let to_up = keel_tls::transport::forward(&down.stream, &up, |n| {
+    let to_up = keel_io::forward::forward(&down.stream, &up, |n| {
         lstats.rx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     });
-    let to_down = keel_tls::transport::forward(&up, &down.stream, |n| {
+    let to_down = keel_io::forward::forward(&up, &down.stream, |n| {
         lstats.tx_bytes.add(n as u64);
         activity.set(activity.get().wrapping_add(1));
     });
