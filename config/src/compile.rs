@@ -245,6 +245,65 @@ fn consistent_hash_policy(ch: &ConsistentHash) -> (LbPolicy, Option<HashKey>) {
     (lb, key)
 }
 
+/// gRPC status names, indexed by code.
+const GRPC_STATUS: [&str; 17] = [
+    "OK",
+    "CANCELLED",
+    "UNKNOWN",
+    "INVALID_ARGUMENT",
+    "DEADLINE_EXCEEDED",
+    "NOT_FOUND",
+    "ALREADY_EXISTS",
+    "PERMISSION_DENIED",
+    "RESOURCE_EXHAUSTED",
+    "FAILED_PRECONDITION",
+    "ABORTED",
+    "OUT_OF_RANGE",
+    "UNIMPLEMENTED",
+    "INTERNAL",
+    "UNAVAILABLE",
+    "DATA_LOSS",
+    "UNAUTHENTICATED",
+];
+
+/// Refuses a negative or over-large connection-pool limit (Istio's are int32; 0 means unset).
+fn check_limit(errors: &mut Vec<ConfigError>, origin: &Origin, value: Option<i64>, path: &str) {
+    if let Some(v) = value {
+        if !(0..=i32::MAX as i64).contains(&v) {
+            errors.push(origin.error(path, format!("{v} is not a limit from 0 to 2147483647")));
+        }
+    }
+}
+
+/// The circuit breakers and pooled-connection idle timeout a `connectionPool` asks for (values
+/// already checked by [`check_limit`]).
+fn pool_policy(pool: Option<&ConnectionPoolSettings>) -> (CircuitLimits, Duration) {
+    let limit = |v: Option<i64>| match v {
+        Some(n) if n > 0 => n.min(u32::MAX as i64) as u32,
+        _ => u32::MAX,
+    };
+    let tcp = pool.and_then(|p| p.tcp.as_ref());
+    let http = pool.and_then(|p| p.http.as_ref());
+    let limits = CircuitLimits {
+        max_connections: limit(tcp.and_then(|t| t.max_connections)),
+        max_pending_requests: limit(http.and_then(|h| h.http1_max_pending_requests)),
+        max_requests: limit(http.and_then(|h| h.http2_max_requests)),
+        max_retries: http
+            .and_then(|h| h.max_retries)
+            .filter(|n| *n > 0)
+            .map(|n| n.min(u32::MAX as i64) as u32),
+        max_requests_per_connection: http
+            .and_then(|h| h.max_requests_per_connection)
+            .filter(|n| *n > 0)
+            .map_or(0, |n| n.min(u32::MAX as i64) as u32),
+    };
+    let idle = http
+        .and_then(|h| h.idle_timeout)
+        .or(tcp.and_then(|t| t.idle_timeout))
+        .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0);
+    (limits, idle)
+}
+
 fn not_supported<T>(errors: &mut Vec<ConfigError>, origin: &Origin, field: &Option<T>, path: &str) {
     if field.is_some() {
         errors.push(origin.error(path, format!("field `{path}` is not supported yet")));
@@ -265,12 +324,38 @@ impl Compiler {
                     pool: &Option<ConnectionPoolSettings>,
                     at: &str| {
             if let Some(pool) = pool {
-                not_supported(e, o, &pool.http, &format!("{at}.http"));
-                if let Some(tcp) = &pool.tcp {
+                if let Some(h) = &pool.http {
+                    for (value, field) in [
+                        (h.http1_max_pending_requests, "http1MaxPendingRequests"),
+                        (h.http2_max_requests, "http2MaxRequests"),
+                        (h.max_requests_per_connection, "maxRequestsPerConnection"),
+                        (h.max_retries, "maxRetries"),
+                    ] {
+                        check_limit(e, o, value, &format!("{at}.http.{field}"));
+                    }
+                    match h.h2_upgrade_policy.as_deref() {
+                        None | Some("DEFAULT") | Some("DO_NOT_UPGRADE") => {}
+                        Some("UPGRADE") => e.push(o.error(
+                            &format!("{at}.http.h2UpgradePolicy"),
+                            "UPGRADE is not supported yet (Keel speaks HTTP/1.1 upstream)",
+                        )),
+                        Some(other) => e.push(o.error(
+                            &format!("{at}.http.h2UpgradePolicy"),
+                            format!("`{other}` is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
+                        )),
+                    }
                     not_supported(
                         e,
                         o,
-                        &tcp.max_connections,
+                        &h.max_concurrent_streams,
+                        &format!("{at}.http.maxConcurrentStreams"),
+                    );
+                }
+                if let Some(tcp) = &pool.tcp {
+                    check_limit(
+                        e,
+                        o,
+                        tcp.max_connections,
                         &format!("{at}.tcp.maxConnections"),
                     );
                     not_supported(
@@ -341,18 +426,15 @@ impl Compiler {
             for (i, r) in s.http.iter().enumerate() {
                 let at = format!("spec.http[{i}]");
                 not_supported(e, o, &r.delegate, &format!("{at}.delegate"));
-                not_supported(e, o, &r.timeout, &format!("{at}.timeout"));
-                not_supported(e, o, &r.retries, &format!("{at}.retries"));
-                not_supported(e, o, &r.fault, &format!("{at}.fault"));
-                not_supported(e, o, &r.mirror, &format!("{at}.mirror"));
-                not_supported(e, o, &r.mirrors, &format!("{at}.mirrors"));
-                not_supported(
-                    e,
-                    o,
-                    &r.mirror_percentage,
-                    &format!("{at}.mirrorPercentage"),
-                );
-                not_supported(e, o, &r.mirror_percent, &format!("{at}.mirrorPercent"));
+                if let Some(rt) = &r.retries {
+                    not_supported(
+                        e,
+                        o,
+                        &rt.retry_remote_localities,
+                        &format!("{at}.retries.retryRemoteLocalities"),
+                    );
+                    not_supported(e, o, &rt.backoff, &format!("{at}.retries.backoff"));
+                }
                 not_supported(e, o, &r.cors_policy, &format!("{at}.corsPolicy"));
                 for (j, m) in r.matches.iter().enumerate() {
                     not_supported(e, o, &m.gateways, &format!("{at}.match[{j}].gateways"));
@@ -567,6 +649,15 @@ impl Compiler {
                     );
                 }
                 http.max_request_target_bytes = n as usize;
+            }
+            if let Some(n) = h.max_request_buffer_bytes {
+                if n > 16 * 1024 * 1024 {
+                    self.errors.push(p.origin.error(
+                        "spec.http.maxRequestBufferBytes",
+                        "must be at most 16777216 (16 MiB)",
+                    ));
+                }
+                http.max_request_buffer_bytes = n as usize;
             }
         }
         Some(ProxySettings {
@@ -901,6 +992,7 @@ impl Compiler {
                 .as_ref()
                 .or(spec.inbound_connection_pool.as_ref());
             let tcp = pool.and_then(|p| p.tcp.as_ref());
+            let (limits, pool_idle_timeout) = pool_policy(pool);
             let name = format!("inbound|{}||", ing.port.number);
             let cluster = self.add_cluster(Cluster {
                 name,
@@ -919,6 +1011,8 @@ impl Compiler {
                     .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
                 keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
                 tls: None,
+                limits,
+                pool_idle_timeout,
             });
             let target = WeightedCluster { cluster, weight: 1 };
             // Inbound HTTP goes to the local app whatever the Host, as Istio's inbound listeners do.
@@ -940,6 +1034,8 @@ impl Compiler {
                         },
                         request_headers: HeaderOps::default(),
                         response_headers: HeaderOps::default(),
+                        // Istio's inbound routes neither time out nor retry.
+                        policy: hr::RoutePolicy::default(),
                     }],
                 }],
             });
@@ -1388,6 +1484,10 @@ impl Compiler {
                     },
                     request_headers: HeaderOps::default(),
                     response_headers: HeaderOps::default(),
+                    policy: hr::RoutePolicy {
+                        retry: Some(hr::RetryPolicy::istio_default()),
+                        ..Default::default()
+                    },
                 }],
                 Err(m) => {
                     self.push_unique(o.error(at, m));
@@ -1400,6 +1500,218 @@ impl Compiler {
             domains,
             routes,
         })
+    }
+
+    /// A route's `timeout`, `retries`, `fault` and mirrors, checked and compiled.
+    #[allow(clippy::too_many_arguments)]
+    fn route_policy(
+        &mut self,
+        o: &Origin,
+        r: &crate::model::HttpRoute,
+        at: &str,
+        ns: &str,
+        registry: &Registry,
+        rules: &[Rule],
+        port: Option<u32>,
+    ) -> hr::RoutePolicy {
+        let timeout = r.timeout.map(|d| d.0).filter(|d| !d.is_zero());
+        let retry = match &r.retries {
+            // Istio's default for a route that says nothing.
+            None => Some(hr::RetryPolicy::istio_default()),
+            Some(rt) => self.retry_policy(o, rt, &format!("{at}.retries")),
+        };
+        let fault = r
+            .fault
+            .as_ref()
+            .and_then(|f| self.fault(o, f, &format!("{at}.fault")));
+        let mut mirrors = Vec::new();
+        let mut mirror_to = |c: &mut Compiler, d: &Destination, share: hr::Share, field: &str| {
+            let dest = host::qualify(&d.host, ns);
+            let dport = d.port.as_ref().map_or(port.unwrap_or(0), |p| p.number);
+            match c.cluster_for(registry, rules, &dest, d.subset.as_deref(), dport) {
+                Ok(cluster) => mirrors.push(hr::Mirror { cluster, share }),
+                Err(m) => c.push_unique(o.error(field, m)),
+            }
+        };
+        let percent = |c: &mut Compiler, p: Option<Percent>, field: &str| match p {
+            Some(p) if !(0.0..=100.0).contains(&p.value) || p.value.is_nan() => {
+                c.push_unique(
+                    o.error(field, format!("{} is not a percentage (0 to 100)", p.value)),
+                );
+                hr::Share::ALL
+            }
+            Some(p) => hr::Share::percent(p.value),
+            None => hr::Share::ALL,
+        };
+        if let Some(m) = &r.mirror {
+            let share = match (r.mirror_percentage, r.mirror_percent) {
+                (Some(p), _) => percent(self, Some(p), &format!("{at}.mirrorPercentage.value")),
+                (None, Some(p)) => percent(
+                    self,
+                    Some(Percent { value: p as f64 }),
+                    &format!("{at}.mirrorPercent"),
+                ),
+                (None, None) => hr::Share::ALL,
+            };
+            mirror_to(self, m, share, &format!("{at}.mirror"));
+        } else if r.mirror_percentage.is_some() || r.mirror_percent.is_some() {
+            self.push_unique(o.error(
+                &format!("{at}.mirrorPercentage"),
+                "mirrorPercentage needs a mirror",
+            ));
+        }
+        for (k, m) in r.mirrors.iter().enumerate() {
+            let share = percent(
+                self,
+                m.percentage,
+                &format!("{at}.mirrors[{k}].percentage.value"),
+            );
+            mirror_to(
+                self,
+                &m.destination,
+                share,
+                &format!("{at}.mirrors[{k}].destination"),
+            );
+        }
+        hr::RoutePolicy {
+            timeout,
+            retry,
+            fault,
+            mirrors,
+        }
+    }
+
+    /// `retries`: `None` when they are disabled (`attempts: 0`).
+    fn retry_policy(&mut self, o: &Origin, rt: &HttpRetry, at: &str) -> Option<hr::RetryPolicy> {
+        let mut policy = hr::RetryPolicy::istio_default();
+        policy.per_try_timeout = rt.per_try_timeout.map(|d| d.0).filter(|d| !d.is_zero());
+        policy.other_host = rt.retry_ignore_previous_hosts.unwrap_or(true);
+        if let Some(on) = &rt.retry_on {
+            policy.on = hr::RetryOn::default();
+            policy.statuses.clear();
+            for token in on.split(',').map(str::trim).filter(|t| !t.is_empty()) {
+                if let Ok(code) = token.parse::<u16>() {
+                    if !(100..=599).contains(&code) {
+                        self.push_unique(o.error(
+                            &format!("{at}.retryOn"),
+                            format!("{code} is not an HTTP status"),
+                        ));
+                    }
+                    policy.statuses.push(code);
+                    policy.on.0 |= hr::RetryOn::RETRIABLE_STATUS_CODES;
+                } else if let Some((_, bit)) = hr::RetryOn::NAMES.iter().find(|(n, _)| *n == token)
+                {
+                    policy.on.0 |= bit;
+                } else {
+                    let hint = closest(token, hr::RetryOn::NAMES.iter().map(|(n, _)| *n))
+                        .map(|h| format!(" (did you mean `{h}`?)"))
+                        .unwrap_or_default();
+                    self.push_unique(o.error(
+                        &format!("{at}.retryOn"),
+                        format!("unknown retry condition `{token}`{hint}"),
+                    ));
+                }
+            }
+        }
+        match rt.attempts {
+            Some(n) if !(0..=i32::MAX as i64).contains(&n) => {
+                self.push_unique(o.error(
+                    &format!("{at}.attempts"),
+                    format!("{n} is not a number of attempts (0 or more)"),
+                ));
+                None
+            }
+            Some(n) if n > 0 => {
+                policy.retries = n.min(u32::MAX as i64) as u32;
+                Some(policy)
+            }
+            // As Istio: `attempts` 0 (or unset in a `retries` block) disables retries.
+            _ => None,
+        }
+    }
+
+    /// `fault`: `None` when it injects nothing.
+    fn fault(&mut self, o: &Origin, f: &HttpFaultInjection, at: &str) -> Option<hr::Fault> {
+        let share = |c: &mut Compiler, p: Option<Percent>, percent: Option<u32>, field: &str| {
+            let value = match (p, percent) {
+                (Some(p), _) => p.value,
+                (None, Some(p)) => p as f64,
+                // As Istio: without a percentage no request is affected.
+                (None, None) => 0.0,
+            };
+            if !(0.0..=100.0).contains(&value) || value.is_nan() {
+                c.push_unique(o.error(field, format!("{value} is not a percentage (0 to 100)")));
+            }
+            hr::Share::percent(value)
+        };
+        let delay = f.delay.as_ref().and_then(|d| {
+            not_supported(
+                &mut self.errors,
+                o,
+                &d.exponential_delay,
+                &format!("{at}.delay.exponentialDelay"),
+            );
+            let share = share(
+                self,
+                d.percentage,
+                d.percent,
+                &format!("{at}.delay.percentage"),
+            );
+            match d.fixed_delay {
+                Some(fd) => Some((fd.0, share)),
+                None => {
+                    self.push_unique(o.error(
+                        &format!("{at}.delay.fixedDelay"),
+                        "a delay needs fixedDelay",
+                    ));
+                    None
+                }
+            }
+        });
+        let abort = f.abort.as_ref().and_then(|a| {
+            not_supported(
+                &mut self.errors,
+                o,
+                &a.http2_error,
+                &format!("{at}.abort.http2Error"),
+            );
+            let share = share(self, a.percentage, None, &format!("{at}.abort.percentage"));
+            let kind = match (a.http_status, a.grpc_status.as_deref()) {
+                (Some(s), None) if (200..=599).contains(&s) => hr::Abort::Http(s as u16),
+                (Some(s), None) => {
+                    self.push_unique(o.error(
+                        &format!("{at}.abort.httpStatus"),
+                        format!("{s} is not an HTTP status (200-599)"),
+                    ));
+                    return None;
+                }
+                (None, Some(g)) => match GRPC_STATUS.iter().position(|n| *n == g) {
+                    Some(code) => hr::Abort::Grpc(code as u32),
+                    None => {
+                        let hint = closest(g, GRPC_STATUS.iter().copied())
+                            .map(|h| format!(" (did you mean `{h}`?)"))
+                            .unwrap_or_default();
+                        self.push_unique(o.error(
+                            &format!("{at}.abort.grpcStatus"),
+                            format!("unknown gRPC status `{g}`{hint}"),
+                        ));
+                        return None;
+                    }
+                },
+                _ => {
+                    self.push_unique(o.error(
+                        &format!("{at}.abort"),
+                        "an abort needs exactly one of httpStatus or grpcStatus",
+                    ));
+                    return None;
+                }
+            };
+            Some((kind, share))
+        });
+        if f.delay.is_none() && f.abort.is_none() {
+            self.push_unique(o.error(at, "a fault needs a delay or an abort"));
+        }
+        (delay.is_some() || abort.is_some()).then_some(hr::Fault { delay, abort })
     }
 
     /// Compiles a VirtualService's `http` routes for traffic from this workload (routes whose
@@ -1546,12 +1858,14 @@ impl Compiler {
                     .name
                     .clone()
                     .unwrap_or_else(|| format!("{}.{i}", vs.value.metadata.name));
+                let policy = self.route_policy(o, r, &at, ns, registry, rules, port);
                 out.push(HttpRoute {
                     name,
                     matches,
                     action,
                     request_headers,
                     response_headers,
+                    policy,
                 });
             }
         }
@@ -1810,6 +2124,7 @@ impl Compiler {
             .and_then(|p| p.connection_pool.as_ref())
             .or(top.and_then(|p| p.connection_pool.as_ref()));
         let tcp = pool.and_then(|p| p.tcp.as_ref());
+        let (limits, pool_idle_timeout) = pool_policy(pool);
         let (lb, hash_key) = match lb_settings {
             Some(LoadBalancerSettings {
                 consistent_hash: Some(ch),
@@ -1864,6 +2179,8 @@ impl Compiler {
                 .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0),
             keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
             tls,
+            limits,
+            pool_idle_timeout,
         }))
     }
 
@@ -2049,6 +2366,14 @@ pub fn dump(
             "lb": format!("{:?}", c.lb),
             "connect_timeout_ms": ms(c.connect_timeout),
             "idle_timeout_ms": ms(c.idle_timeout),
+            "pool_idle_timeout_ms": ms(c.pool_idle_timeout),
+            "circuit_breakers": json!({
+                "max_connections": c.limits.max_connections,
+                "max_pending_requests": c.limits.max_pending_requests,
+                "max_requests": c.limits.max_requests,
+                "max_retries": c.limits.max_retries,
+                "max_requests_per_connection": c.limits.max_requests_per_connection,
+            }),
             "tls": c.tls.as_ref().map(|t| json!({
                 "mode": format!("{:?}", t.mode),
                 "sni": t.sni,

@@ -2,6 +2,8 @@
 //!
 //! Built once per snapshot; matching a request allocates nothing and compiles nothing.
 
+use std::time::Duration;
+
 use crate::snapshot::WeightedCluster;
 
 /// A compiled Istio `StringMatch`.
@@ -185,6 +187,146 @@ pub struct HttpRoute {
     pub action: RouteAction,
     pub request_headers: HeaderOps,
     pub response_headers: HeaderOps,
+    /// Timeouts, retries, faults and mirrors.
+    pub policy: RoutePolicy,
+}
+
+/// What a route does about slow and failing upstreams, and what it injects or copies.
+#[derive(Debug, Clone, Default)]
+pub struct RoutePolicy {
+    /// `timeout`: the whole exchange, retries included; `None` is no limit (Istio's default).
+    pub timeout: Option<Duration>,
+    pub retry: Option<RetryPolicy>,
+    pub fault: Option<Fault>,
+    pub mirrors: Vec<Mirror>,
+}
+
+/// A share of requests, in millionths (Envoy's `FractionalPercent` per million).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Share(pub u32);
+
+impl Share {
+    pub const ALL: Share = Share(1_000_000);
+
+    /// From an Istio percentage (clamped to 0..=100).
+    pub fn percent(p: f64) -> Share {
+        Share((p.clamp(0.0, 100.0) * 10_000.0).round() as u32)
+    }
+
+    /// Whether a request with uniform random `r` falls in the share.
+    pub fn hit(self, r: u64) -> bool {
+        self.0 >= 1_000_000 || (self.0 > 0 && (r % 1_000_000) < self.0 as u64)
+    }
+}
+
+/// `retries`, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RetryPolicy {
+    /// Retries after the first try (`attempts`).
+    pub retries: u32,
+    pub per_try_timeout: Option<Duration>,
+    pub on: RetryOn,
+    /// `retriable-status-codes` (numbers in `retryOn`).
+    pub statuses: Vec<u16>,
+    /// A retry goes to another endpoint than those tried, when there is one.
+    pub other_host: bool,
+}
+
+impl RetryPolicy {
+    /// Istio's policy for a route without `retries`: 2 retries on connect failure, refused
+    /// stream, 503 and the gRPC statuses unavailable and cancelled, each to another host.
+    pub fn istio_default() -> RetryPolicy {
+        RetryPolicy {
+            retries: 2,
+            per_try_timeout: None,
+            on: RetryOn(
+                RetryOn::CONNECT_FAILURE
+                    | RetryOn::REFUSED_STREAM
+                    | RetryOn::UNAVAILABLE
+                    | RetryOn::CANCELLED
+                    | RetryOn::RETRIABLE_STATUS_CODES,
+            ),
+            statuses: vec![503],
+            other_host: true,
+        }
+    }
+
+    /// Whether a response with `status` (and `grpc`, its `grpc-status` if any) is retried.
+    pub fn retries_response(&self, status: u16, grpc: Option<u32>) -> bool {
+        let on = self.on;
+        (on.has(RetryOn::FIVE_XX) && status >= 500)
+            || (on.has(RetryOn::GATEWAY_ERROR) && matches!(status, 502..=504))
+            || (on.has(RetryOn::RETRIABLE_4XX) && status == 409)
+            || (on.has(RetryOn::RETRIABLE_STATUS_CODES) && self.statuses.contains(&status))
+            || grpc.is_some_and(|g| {
+                (on.has(RetryOn::CANCELLED) && g == 1)
+                    || (on.has(RetryOn::DEADLINE_EXCEEDED) && g == 4)
+                    || (on.has(RetryOn::RESOURCE_EXHAUSTED) && g == 8)
+                    || (on.has(RetryOn::INTERNAL) && g == 13)
+                    || (on.has(RetryOn::UNAVAILABLE) && g == 14)
+            })
+    }
+}
+
+/// Envoy's `retry_on` conditions, as bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RetryOn(pub u32);
+
+impl RetryOn {
+    pub const FIVE_XX: u32 = 1;
+    pub const GATEWAY_ERROR: u32 = 1 << 1;
+    pub const RESET: u32 = 1 << 2;
+    pub const CONNECT_FAILURE: u32 = 1 << 3;
+    pub const REFUSED_STREAM: u32 = 1 << 4;
+    pub const RETRIABLE_4XX: u32 = 1 << 5;
+    pub const RETRIABLE_STATUS_CODES: u32 = 1 << 6;
+    pub const CANCELLED: u32 = 1 << 7;
+    pub const DEADLINE_EXCEEDED: u32 = 1 << 8;
+    pub const INTERNAL: u32 = 1 << 9;
+    pub const RESOURCE_EXHAUSTED: u32 = 1 << 10;
+    pub const UNAVAILABLE: u32 = 1 << 11;
+
+    /// The condition names Keel knows, with their bits.
+    pub const NAMES: [(&'static str, u32); 12] = [
+        ("5xx", Self::FIVE_XX),
+        ("gateway-error", Self::GATEWAY_ERROR),
+        ("reset", Self::RESET),
+        ("connect-failure", Self::CONNECT_FAILURE),
+        ("refused-stream", Self::REFUSED_STREAM),
+        ("retriable-4xx", Self::RETRIABLE_4XX),
+        ("retriable-status-codes", Self::RETRIABLE_STATUS_CODES),
+        ("cancelled", Self::CANCELLED),
+        ("deadline-exceeded", Self::DEADLINE_EXCEEDED),
+        ("internal", Self::INTERNAL),
+        ("resource-exhausted", Self::RESOURCE_EXHAUSTED),
+        ("unavailable", Self::UNAVAILABLE),
+    ];
+
+    pub fn has(self, bits: u32) -> bool {
+        self.0 & bits != 0
+    }
+}
+
+/// `fault`, compiled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fault {
+    pub delay: Option<(Duration, Share)>,
+    pub abort: Option<(Abort, Share)>,
+}
+
+/// What an injected abort answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Abort {
+    Http(u16),
+    /// A gRPC status code, answered as a trailers-only gRPC response.
+    Grpc(u32),
+}
+
+/// A mirror destination (`mirror` + `mirrorPercentage`, or one of `mirrors`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mirror {
+    pub cluster: usize,
+    pub share: Share,
 }
 
 impl HttpRoute {

@@ -126,6 +126,10 @@ pub struct HttpSettings {
     /// Longest request target, in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_target_bytes: Option<u32>,
+    /// The most of a request body kept for retries and mirrors (default 64 KiB); a larger body
+    /// is streamed once and never replayed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_request_buffer_bytes: Option<u32>,
 }
 
 /// `Proxy.spec.identity`: this workload's mesh certificate, as istiod would issue it. Paths are
@@ -189,15 +193,45 @@ pub struct ConnectionPoolSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tcp: Option<TcpSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub http: Option<NotSupported>,
+    pub http: Option<HttpPoolSettings>,
+}
+
+/// `connectionPool.http`: Envoy's circuit breakers and upstream HTTP connection settings.
+/// Limits of 0 mean unlimited (Istio's default, 2^32-1).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpPoolSettings {
+    /// Requests waiting for a connection when `tcp.maxConnections` are all busy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http1_max_pending_requests: Option<i64>,
+    /// Requests in flight to the destination, all protocols.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_max_requests: Option<i64>,
+    /// Requests per upstream connection before it is closed (1 disables keep-alive).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests_per_connection: Option<i64>,
+    /// Retries in flight to the destination at once (unset: a budget of 20% of active requests).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retries: Option<i64>,
+    /// An upstream connection with no request for this long is closed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idle_timeout: Option<Duration>,
+    /// DEFAULT or DO_NOT_UPGRADE (Keel speaks HTTP/1.1 upstream); UPGRADE is not supported yet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub h2_upgrade_policy: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub use_client_protocol: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<NotSupported>,
 }
 
 /// `connectionPool.tcp`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TcpSettings {
+    /// Connections to the destination at once, over all workers (0: unlimited).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_connections: Option<NotSupported>,
+    pub max_connections: Option<i64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connect_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -396,21 +430,100 @@ pub struct HttpRoute {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegate: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timeout: Option<NotSupported>,
+    pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<NotSupported>,
+    pub retries: Option<HttpRetry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault: Option<NotSupported>,
+    pub fault: Option<HttpFaultInjection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<NotSupported>,
+    pub mirror: Option<Destination>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub mirrors: Vec<HttpMirrorPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirrors: Option<NotSupported>,
+    pub mirror_percentage: Option<Percent>,
+    /// Deprecated integer form of `mirrorPercentage`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror_percentage: Option<NotSupported>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror_percent: Option<NotSupported>,
+    pub mirror_percent: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cors_policy: Option<NotSupported>,
+}
+
+/// Istio's `Percent`: `{value: 12.5}`.
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Percent {
+    #[serde(default)]
+    pub value: f64,
+}
+
+/// `http[].retries`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpRetry {
+    /// Retries after the first try; 0 disables retries.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_try_timeout: Option<Duration>,
+    /// Comma-separated Envoy retry conditions and status codes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_on: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_remote_localities: Option<NotSupported>,
+    /// false lets a retry go to the endpoint that just failed (default true: another one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_ignore_previous_hosts: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<NotSupported>,
+}
+
+/// `http[].fault`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpFaultInjection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+/// `fault.delay`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultDelay {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fixed_delay: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exponential_delay: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
+    /// Deprecated integer form of `percentage`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<u32>,
+}
+
+/// `fault.abort`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct FaultAbort {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http_status: Option<i64>,
+    /// A gRPC status name, such as `UNAVAILABLE`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_status: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2_error: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
+}
+
+/// `http[].mirrors[]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct HttpMirrorPolicy {
+    pub destination: Destination,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<Percent>,
 }
 
 /// Istio's `StringMatch`: exactly one of exact, prefix, regex (RE2 syntax, matched against the

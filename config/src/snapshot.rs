@@ -52,6 +52,8 @@ pub struct HttpLimits {
     pub max_request_headers_bytes: usize,
     pub max_headers: usize,
     pub max_request_target_bytes: usize,
+    /// The most of a request body kept for retries and mirrors.
+    pub max_request_buffer_bytes: usize,
 }
 
 impl Default for HttpLimits {
@@ -63,6 +65,7 @@ impl Default for HttpLimits {
             max_request_headers_bytes: 60 * 1024,
             max_headers: 100,
             max_request_target_bytes: 8 * 1024,
+            max_request_buffer_bytes: 64 * 1024,
         }
     }
 }
@@ -209,6 +212,39 @@ pub struct Cluster {
     pub keepalive: Option<Keepalive>,
     /// TLS to the endpoints (DestinationRule `trafficPolicy.tls`); `None` is plaintext.
     pub tls: Option<UpstreamTls>,
+    /// Circuit breakers (`connectionPool`), enforced over all workers together.
+    pub limits: CircuitLimits,
+    /// How long an idle upstream HTTP connection is kept for reuse (`connectionPool.http.idleTimeout`,
+    /// else the TCP idle timeout).
+    pub pool_idle_timeout: Duration,
+}
+
+/// A cluster's circuit breakers (Envoy's thresholds); `u32::MAX` is unlimited, Istio's default.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CircuitLimits {
+    /// `tcp.maxConnections`: connections open or opening.
+    pub max_connections: u32,
+    /// `http.http1MaxPendingRequests`: requests waiting for a connection.
+    pub max_pending_requests: u32,
+    /// `http.http2MaxRequests`: requests in flight.
+    pub max_requests: u32,
+    /// `http.maxRetries`: retries in flight; `None` = the retry budget (20% of active requests,
+    /// at least 3).
+    pub max_retries: Option<u32>,
+    /// `http.maxRequestsPerConnection`: 0 is unlimited.
+    pub max_requests_per_connection: u32,
+}
+
+impl Default for CircuitLimits {
+    fn default() -> Self {
+        CircuitLimits {
+            max_connections: u32::MAX,
+            max_pending_requests: u32::MAX,
+            max_requests: u32::MAX,
+            max_retries: None,
+            max_requests_per_connection: 0,
+        }
+    }
 }
 
 /// One upstream address.

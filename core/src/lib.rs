@@ -6,6 +6,7 @@
 //! runtimes and `keel_lb` for picks.
 
 pub mod admin;
+pub mod breaker;
 pub mod config;
 pub mod downstream_tls;
 pub mod fleet;

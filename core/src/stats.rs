@@ -68,6 +68,10 @@ pub struct ListenerCounters {
     pub tls_plaintext_accepted: Counter,
     /// TLS passthrough connections whose SNI matched no route.
     pub no_route: Counter,
+    /// Requests delayed by a route's `fault.delay`.
+    pub fault_delay: Counter,
+    /// Requests answered by a route's `fault.abort`.
+    pub fault_abort: Counter,
 }
 
 /// One worker's counters for one cluster.
@@ -78,6 +82,29 @@ pub struct ClusterCounters {
     pub cx_closed: Counter,
     pub connect_fail: Counter,
     pub connect_timeout: Counter,
+    /// Connections not opened because `maxConnections` were open (TCP proxying).
+    pub cx_overflow: Counter,
+    /// Requests refused at once: `http2MaxRequests` in flight.
+    pub rq_overflow: Counter,
+    /// Requests refused because `http1MaxPendingRequests` already waited for a connection.
+    pub rq_pending_overflow: Counter,
+    /// Requests that waited for a connection (all `maxConnections` busy).
+    pub rq_pending: Counter,
+    /// Requests that timed out (route `timeout`).
+    pub rq_timeout: Counter,
+    /// Tries that timed out (`perTryTimeout`).
+    pub rq_per_try_timeout: Counter,
+    pub rq_retry: Counter,
+    /// Requests whose retry got a response that was not retried again.
+    pub rq_retry_success: Counter,
+    /// Retries not made because the retry budget or `maxRetries` was exhausted.
+    pub rq_retry_overflow: Counter,
+    /// Requests that ran out of retries (`attempts`) on a retriable outcome.
+    pub rq_retry_limit_exceeded: Counter,
+    /// Mirrored copies sent to this cluster.
+    pub mirror_sent: Counter,
+    /// Mirrored copies not sent (body too large to keep, too many in flight, or overflow).
+    pub mirror_dropped: Counter,
 }
 
 /// One worker's own counters.
@@ -102,12 +129,29 @@ pub struct ListenerStats {
 pub struct ClusterStats {
     pub name: String,
     pub slots: Box<[ClusterCounters]>,
+    /// What the circuit breakers count, shared by all workers and kept across reloads.
+    pub breaker: crate::breaker::Gauges,
+    /// A fingerprint of the name, so pooled connections are never shared between clusters.
+    pub pool_key: u64,
+}
+
+impl ClusterStats {
+    pub fn new(name: &str, workers: usize) -> ClusterStats {
+        ClusterStats {
+            name: name.to_string(),
+            slots: slots(workers),
+            breaker: Default::default(),
+            pool_key: keel_lb::hash::hash_bytes(name.as_bytes(), 0x6b65_656c),
+        }
+    }
 }
 
 /// Picks one counter out of a listener's slot, for tables of metrics.
 type ListenerField = fn(&ListenerCounters) -> &Counter;
 /// Picks one counter out of a cluster's slot.
 type ClusterField = fn(&ClusterCounters) -> &Counter;
+/// Reads one circuit-breaker gauge of a cluster.
+type GaugeField = fn(&crate::breaker::Gauges) -> u32;
 
 fn slots<T: Default>(n: usize) -> Box<[T]> {
     (0..n).map(|_| T::default()).collect()
@@ -163,12 +207,7 @@ impl CounterTable {
                 previous
                     .and_then(|p| p.clusters.iter().find(|x| x.name == c.name))
                     .cloned()
-                    .unwrap_or_else(|| {
-                        Arc::new(ClusterStats {
-                            name: c.name.clone(),
-                            slots: slots(workers),
-                        })
-                    })
+                    .unwrap_or_else(|| Arc::new(ClusterStats::new(&c.name, workers)))
             })
             .collect();
         CounterTable {
@@ -272,7 +311,19 @@ impl Stats {
     pub fn prometheus(&self) -> String {
         let mut out = String::with_capacity(4096);
         let Published { snapshot, table } = self.published();
-        let l_metrics: [(&str, &str, &str, ListenerField); 7] = [
+        let l_metrics: [(&str, &str, &str, ListenerField); 9] = [
+            (
+                "keel_listener_fault_delays_total",
+                "counter",
+                "Requests delayed by fault injection.",
+                |c| &c.fault_delay,
+            ),
+            (
+                "keel_listener_fault_aborts_total",
+                "counter",
+                "Requests aborted by fault injection.",
+                |c| &c.fault_abort,
+            ),
             (
                 "keel_listener_connections_accepted_total",
                 "counter",
@@ -397,7 +448,67 @@ impl Stats {
                 let _ = writeln!(out, "keel_listener_tls_plaintext_connections_total{{listener=\"{}\",direction=\"{}\",result=\"{result}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
             }
         }
-        let c_metrics: [(&str, &str, ClusterField); 3] = [
+        let c_metrics: [(&str, &str, ClusterField); 15] = [
+            (
+                "keel_cluster_upstream_cx_overflow_total",
+                "TCP connections refused by maxConnections.",
+                |c| &c.cx_overflow,
+            ),
+            (
+                "keel_cluster_upstream_rq_overflow_total",
+                "Requests refused by http2MaxRequests (503, flag UO).",
+                |c| &c.rq_overflow,
+            ),
+            (
+                "keel_cluster_upstream_rq_pending_overflow_total",
+                "Requests refused by http1MaxPendingRequests (503, flag UO).",
+                |c| &c.rq_pending_overflow,
+            ),
+            (
+                "keel_cluster_upstream_rq_pending_total",
+                "Requests that waited for a connection under maxConnections.",
+                |c| &c.rq_pending,
+            ),
+            (
+                "keel_cluster_upstream_rq_timeout_total",
+                "Requests that hit the route timeout (flag UT).",
+                |c| &c.rq_timeout,
+            ),
+            (
+                "keel_cluster_upstream_rq_per_try_timeout_total",
+                "Tries that hit perTryTimeout.",
+                |c| &c.rq_per_try_timeout,
+            ),
+            (
+                "keel_cluster_upstream_rq_retry_total",
+                "Retries sent.",
+                |c| &c.rq_retry,
+            ),
+            (
+                "keel_cluster_upstream_rq_retry_success_total",
+                "Retried requests that ended with a response not retried again.",
+                |c| &c.rq_retry_success,
+            ),
+            (
+                "keel_cluster_upstream_rq_retry_overflow_total",
+                "Retries not sent: retry budget or maxRetries exhausted.",
+                |c| &c.rq_retry_overflow,
+            ),
+            (
+                "keel_cluster_upstream_rq_retry_limit_exceeded_total",
+                "Requests out of retry attempts on a retriable outcome (flag URX).",
+                |c| &c.rq_retry_limit_exceeded,
+            ),
+            (
+                "keel_cluster_mirror_requests_total",
+                "Mirrored copies sent to this cluster.",
+                |c| &c.mirror_sent,
+            ),
+            (
+                "keel_cluster_mirror_dropped_total",
+                "Mirrored copies not sent (body over the buffer, too many in flight, overflow).",
+                |c| &c.mirror_dropped,
+            ),
             (
                 "keel_cluster_upstream_cx_total",
                 "Upstream connections attempted.",
@@ -439,6 +550,39 @@ impl Stats {
                 "keel_cluster_upstream_cx_active{{cluster=\"{}\"}} {active}",
                 escape(&c.name)
             );
+        }
+        let gauges: [(&str, &str, GaugeField); 4] = [
+            (
+                "keel_cluster_upstream_rq_active",
+                "Requests in flight to the cluster, over all workers.",
+                |g| g.requests(),
+            ),
+            (
+                "keel_cluster_upstream_rq_pending_active",
+                "Requests waiting for a connection, over all workers.",
+                |g| g.pending(),
+            ),
+            (
+                "keel_cluster_upstream_cx_open",
+                "HTTP and TCP connections to the cluster open or opening (maxConnections counts these).",
+                |g| g.connections(),
+            ),
+            (
+                "keel_cluster_upstream_rq_retry_active",
+                "Retries in flight.",
+                |g| g.retries(),
+            ),
+        ];
+        for (name, help, f) in gauges {
+            header(&mut out, name, "gauge", help);
+            for c in &table.clusters {
+                let _ = writeln!(
+                    out,
+                    "{name}{{cluster=\"{}\"}} {}",
+                    escape(&c.name),
+                    f(&c.breaker)
+                );
+            }
         }
         header(
             &mut out,
@@ -573,6 +717,16 @@ impl Stats {
                     "upstream_cx_active": sum(s, |x| &x.cx_total).saturating_sub(sum(s, |x| &x.cx_closed)),
                     "upstream_cx_connect_fail": sum(s, |x| &x.connect_fail),
                     "upstream_cx_connect_timeout": sum(s, |x| &x.connect_timeout),
+                    "upstream_cx_open": c.breaker.connections(),
+                    "upstream_rq_active": c.breaker.requests(),
+                    "upstream_rq_pending_active": c.breaker.pending(),
+                    "upstream_rq_overflow": sum(s, |x| &x.rq_overflow),
+                    "upstream_rq_pending_overflow": sum(s, |x| &x.rq_pending_overflow),
+                    "upstream_rq_timeout": sum(s, |x| &x.rq_timeout),
+                    "upstream_rq_retry": sum(s, |x| &x.rq_retry),
+                    "upstream_rq_retry_success": sum(s, |x| &x.rq_retry_success),
+                    "upstream_rq_retry_overflow": sum(s, |x| &x.rq_retry_overflow),
+                    "mirror_requests": sum(s, |x| &x.mirror_sent),
                 })
             }).collect::<Vec<_>>(),
             "workers_accepted": self.per_worker.iter().map(|w| w.accepted.get()).collect::<Vec<_>>(),

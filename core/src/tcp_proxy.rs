@@ -75,8 +75,21 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         tracing::debug!(listener = %listener.name, cluster = %cluster.name, "no endpoint");
         return;
     };
-    cstats.cx_total.inc();
-    let _upstream_open = UpstreamGuard(cstats);
+    // Counted against maxConnections (and as attempted) until the upstream socket closes.
+    let Some(_slot) = crate::breaker::ConnSlot::open(
+        &at.gen.clusters[cluster_index],
+        cluster.limits.max_connections,
+        worker.id,
+    ) else {
+        cstats.cx_overflow.inc();
+        worker.warn_upstream(
+            &listener.name,
+            &cluster.name,
+            endpoint.address,
+            &"overflow: maxConnections reached, connection closed",
+        );
+        return;
+    };
     let up = match crate::upstream::open(&at.gen, cluster_index, endpoint.address).await {
         Ok(up) => up,
         Err(e) => {
@@ -168,14 +181,5 @@ async fn forward(
     match (src.plain(), dst.plain()) {
         (Some(s), Some(d)) => forward_with(how, s, d, on_chunk).await,
         _ => keel_io::forward::forward(src, dst, on_chunk).await,
-    }
-}
-
-/// Counts the upstream connection closed however `handle` ends.
-struct UpstreamGuard<'a>(&'a crate::stats::ClusterCounters);
-
-impl Drop for UpstreamGuard<'_> {
-    fn drop(&mut self) {
-        self.0.cx_closed.inc();
     }
 }

@@ -10,14 +10,17 @@ use keel_tls::{TlsStream, Transport};
 
 use crate::generation::Generation;
 
-/// The pool key of connections to `cluster`'s endpoints: 0 for plaintext, else a fingerprint of
-/// its TLS settings and identity, so a pooled connection never serves another TLS context.
+/// The pool key of connections to `cluster`'s endpoints: a fingerprint of the cluster's name and,
+/// with TLS, of its TLS settings and identity, so a pooled connection never serves another cluster
+/// (whose circuit breakers it would count against) or another TLS context.
 pub fn pool_key(gen: &Generation, cluster: usize) -> u64 {
-    gen.tls
+    let tls = gen
+        .tls
         .clusters
         .get(cluster)
         .and_then(Option::as_ref)
-        .map_or(0, |c| c.pool_key)
+        .map_or(0, |c| c.pool_key);
+    tls ^ gen.clusters.get(cluster).map_or(0, |c| c.pool_key)
 }
 
 /// A new connection to endpoint `addr` of `cluster`, secured as the cluster says.

@@ -73,6 +73,13 @@ pub struct Worker {
     rng: RefCell<Rng>,
     /// Idle upstream HTTP/1.1 connections of this worker.
     pub pool: RefCell<crate::http::pool::UpstreamPool>,
+    /// Woken when this worker gives an upstream connection back or closes one, for requests
+    /// waiting for a connection under `maxConnections`.
+    pub conn_released: tokio::sync::Notify,
+    /// Requests of this worker waiting for a connection.
+    pub conn_waiters: Cell<u32>,
+    /// Mirrored requests in flight on this worker.
+    pub mirrors_in_flight: Cell<u32>,
     /// Idle timeouts of this worker's connections.
     pub idle: crate::idle::IdleSweep,
     active: Cell<usize>,
@@ -103,6 +110,9 @@ impl Worker {
             stats,
             rng: RefCell::new(Rng::new(seed)),
             pool: RefCell::new(Default::default()),
+            conn_released: tokio::sync::Notify::new(),
+            conn_waiters: Cell::new(0),
+            mirrors_in_flight: Cell::new(0),
             idle: Default::default(),
             active: Cell::new(0),
             listening: RefCell::new(Vec::new()),
@@ -423,6 +433,7 @@ async fn sweep_idle(worker: Rc<Worker>) {
         worker.idle.sweep(|entry| {
             entry.listener.stats.slots[worker.id].idle_timeout.inc();
         });
+        worker.pool.borrow_mut().release_for_waiters();
     }
 }
 

@@ -4,8 +4,11 @@
 //! routing and forwarding work on those alone, so HTTP/2 can plug in beside HTTP/1.1.
 
 pub mod conn;
+pub mod connect;
 pub mod h1;
 pub mod head;
 pub mod headers;
+pub mod mirror;
 pub mod pool;
 pub mod proxy;
+pub mod replay;

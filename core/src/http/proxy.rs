@@ -14,14 +14,16 @@ use keel_config::http_routes::{
     HeaderOps, HttpRoute, HttpRouteTable, RequestView, RouteAction, RouteTarget, StringMatch,
 };
 use keel_config::HttpLimits;
-use keel_io::ConnectError;
 use keel_tls::Transport;
 
 use super::conn::{BufferedStream, ReadBuf};
+use super::connect::{acquire, give_back, AcquireError};
 use super::h1::chunked::{self, Step};
 use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limits};
 use super::head::{RequestHead, ResponseHead, Version};
 use super::headers::Headers;
+use super::pool::PooledConn;
+use super::replay::Replay;
 use crate::idle::{IdleEntry, IdleGuard};
 use crate::worker::{ListenerRef, Worker};
 
@@ -43,6 +45,68 @@ pub enum Flag {
     DownstreamProtocolError,
     /// Downstream connection ended during the exchange.
     DownstreamConnectionTermination,
+    /// A circuit breaker refused the request (connections, pending or requests overflow).
+    UpstreamOverflow,
+    /// The route timeout or a per-try timeout expired.
+    UpstreamRequestTimeout,
+    /// Retries exhausted on a retriable outcome.
+    RetryLimitExceeded,
+    /// Aborted by fault injection.
+    FaultInjected,
+    /// Delayed by fault injection.
+    DelayInjected,
+}
+
+/// The response flags of one request (a delayed request may also time out, say).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Flags(u16);
+
+impl Flags {
+    const ALL: [Flag; 12] = [
+        Flag::NoRoute,
+        Flag::NoHealthyUpstream,
+        Flag::UpstreamConnectFailure,
+        Flag::UpstreamConnectionTermination,
+        Flag::UpstreamProtocolError,
+        Flag::DownstreamProtocolError,
+        Flag::DownstreamConnectionTermination,
+        Flag::UpstreamOverflow,
+        Flag::UpstreamRequestTimeout,
+        Flag::RetryLimitExceeded,
+        Flag::FaultInjected,
+        Flag::DelayInjected,
+    ];
+
+    pub fn insert(&mut self, flag: Flag) {
+        if let Some(i) = Self::ALL.iter().position(|f| *f == flag) {
+            self.0 |= 1 << i;
+        }
+    }
+
+    pub fn contains(self, flag: Flag) -> bool {
+        Self::ALL
+            .iter()
+            .position(|f| *f == flag)
+            .is_some_and(|i| self.0 & (1 << i) != 0)
+    }
+}
+
+impl std::fmt::Display for Flags {
+    /// As Envoy's `%RESPONSE_FLAGS%`: comma-separated, `-` for none.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut first = true;
+        for flag in Self::ALL.iter().filter(|x| self.contains(**x)) {
+            if !first {
+                f.write_str(",")?;
+            }
+            f.write_str(flag.as_str())?;
+            first = false;
+        }
+        if first {
+            f.write_str("-")?;
+        }
+        Ok(())
+    }
 }
 
 impl Flag {
@@ -57,6 +121,11 @@ impl Flag {
             Flag::UpstreamProtocolError => "UPE",
             Flag::DownstreamProtocolError => "DPE",
             Flag::DownstreamConnectionTermination => "DC",
+            Flag::UpstreamOverflow => "UO",
+            Flag::UpstreamRequestTimeout => "UT",
+            Flag::RetryLimitExceeded => "URX",
+            Flag::FaultInjected => "FI",
+            Flag::DelayInjected => "DI",
         }
     }
 }
@@ -407,6 +476,7 @@ async fn exchange(
     let snapshot = &*at.gen.snapshot;
     let listener = at.config();
     let lstats = at.counters(worker.id);
+    let limits = &snapshot.proxy.http;
     let started = Instant::now();
     let mut next = client_wants(&head);
     if at.state.is_draining() {
@@ -487,28 +557,61 @@ async fn exchange(
             match_index,
         } => (route, target, match_index),
     };
-    let cluster = &snapshot.clusters[target.target.cluster];
+    let cluster_index = target.target.cluster;
+    let cluster = &snapshot.clusters[cluster_index];
+    let cluster_stats = &at.gen.clusters[cluster_index];
+    let cstats = &cluster_stats.slots[worker.id];
+    let policy = &route.policy;
+    let grpc = is_grpc(&head);
+    let mut flags = Flags::default();
+
+    // Fault injection: a delay (a timer; the worker serves others meanwhile), then an abort,
+    // before any upstream is contacted.
+    if let Some(fault) = &policy.fault {
+        if let Some((delay, share)) = fault.delay {
+            if share.hit(worker.rng().next_u64()) {
+                lstats.fault_delay.inc();
+                flags.insert(Flag::DelayInjected);
+                monoio::time::sleep(delay).await;
+            }
+        }
+        if let Some((abort, share)) = fault.abort {
+            if share.hit(worker.rng().next_u64()) {
+                lstats.fault_abort.inc();
+                flags.insert(Flag::FaultInjected);
+                if body != BodyKind::None {
+                    next = Next::Close;
+                }
+                let reply = match abort {
+                    keel_config::http_routes::Abort::Http(status) => {
+                        ErrorReply::new(status, "fault filter abort")
+                    }
+                    keel_config::http_routes::Abort::Grpc(code) => {
+                        ErrorReply::new(200, "fault filter abort").grpc(code)
+                    }
+                };
+                return finish_local(down, lstats, &head, peer, flags, reply, grpc, next).await;
+            }
+        }
+    }
+    let deadline = policy.timeout.map(|t| Instant::now() + t);
+
+    // Circuit breaker: requests in flight to the cluster, over all workers.
+    let Some(_in_flight) = cluster_stats.breaker.request(cluster.limits.max_requests) else {
+        cstats.rq_overflow.inc();
+        flags.insert(Flag::UpstreamOverflow);
+        if body != BodyKind::None {
+            next = Next::Close;
+        }
+        let reply = ErrorReply::overflow();
+        return finish_local(down, lstats, &head, peer, flags, reply, grpc, next).await;
+    };
+
     // Counted in flight (least request) until this exchange ends.
     let (key, set_cookie) = match &cluster.hash_key {
         Some(k) => request_hash(k, &head, peer.ip(), &mut worker.rng()),
         None => (None, None),
     };
-    let picked = at
-        .gen
-        .pick_endpoint(target.target.cluster, &mut worker.rng(), key);
-    let Some(endpoint) = picked
-        .as_ref()
-        .and_then(|p| cluster.endpoints.get(p.endpoint))
-    else {
-        lstats.no_healthy_upstream.inc();
-        count_status(lstats, 503);
-        if body != BodyKind::None {
-            next = Next::Close;
-        }
-        let _ = local_reply(&down.stream, 503, "no healthy upstream", next, &[]).await;
-        return next;
-    };
-
     rewrite_request(
         &mut head,
         route,
@@ -534,124 +637,134 @@ async fn exchange(
         return Next::Close;
     }
 
-    // Send the request; a pooled connection that turns out dead before any response byte is
-    // replaced once by a fresh one when the request has no body to replay.
-    // Only an idempotent request without a body may be sent a second time (RFC 9110 §9.2.2).
-    let replayable = body == BodyKind::None
-        && matches!(
-            head.method.as_str(),
-            "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
-        );
-    let mut attempt = 0;
-    let (mut up, response, early) = loop {
-        attempt += 1;
-        let (up_stream, reused) = match upstream(
-            worker,
-            &at.gen,
-            target.target.cluster,
-            endpoint.address,
-            replayable && attempt == 1,
-        )
-        .await
-        {
-            Ok(x) => x,
-            Err(e) => {
-                worker.upstream_connect_failed(at, target.target.cluster, endpoint.address, &e);
-                count_status(lstats, 503);
-                if body != BodyKind::None {
-                    next = Next::Close;
-                }
-                let _ = local_reply(&down.stream, 503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure", next, &[]).await;
-                return next;
-            }
-        };
-        let mut up = BufferedStream::new(up_stream);
-        // While this upstream is in use, an idle timeout shuts it down too (declared after `up`,
-        // so the fd is forgotten before `up` can close it).
-        let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
-        if up.stream.write_all(&head_bytes).await.is_err() {
-            if reused && attempt == 1 && replayable && !idle.expired() {
-                continue;
-            }
-            count_status(lstats, 503);
-            let _ = local_reply(&down.stream, 503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", Next::Close, &[]).await;
-            return Next::Close;
+    let retry = policy.retry.as_ref();
+    let mut replay = Replay::new(
+        body,
+        limits.max_request_buffer_bytes,
+        retry.is_some() || !policy.mirrors.is_empty(),
+    );
+    let mut mirrored = false;
+    let mirror = |replay: &Replay, mirrored: &mut bool| {
+        if *mirrored || policy.mirrors.is_empty() {
+            return;
         }
-        // The body goes up while the response head is awaited: an upstream may answer early (a 413,
-        // a redirect) and stop reading, and its answer is what the client must get.
-        let (sent, response) = if body == BodyKind::None {
-            (
-                Ok(()),
-                read_response(&up.stream, &mut up.rb, &head.method, activity).await,
-            )
-        } else {
-            let BufferedStream {
-                stream: up_stream,
-                rb: up_rb,
-            } = &mut up;
-            let up_stream = &*up_stream;
-            let mut sending = std::pin::pin!(send_body(up_stream, down, body, activity));
-            let mut receiving =
-                std::pin::pin!(read_response(up_stream, up_rb, &head.method, activity));
-            let mut sent: Option<Result<(), SendError>> = None;
-            loop {
-                monoio::select! {
-                    done = &mut sending, if sent.is_none() => {
-                        // A fault on the client's side ends the exchange; the response is not awaited
-                        // (the placeholder below is never looked at: the send error is handled first).
-                        if matches!(done, Err(SendError::Downstream) | Err(SendError::BadBody)) {
-                            break (done, Err(ResponseError::Closed));
-                        }
-                        sent = Some(done);
-                    },
-                    r = &mut receiving => {
-                        // A response before the whole body went up: the rest of the request is
-                        // abandoned, so neither connection can carry another message.
-                        let sent = sent.take().unwrap_or(Err(SendError::Upstream));
-                        break (if r.is_ok() && sent.is_err() { Err(SendError::EarlyResponse) } else { sent }, r);
-                    },
-                }
-            }
-        };
-        let early = matches!(sent, Err(SendError::EarlyResponse));
-        match sent {
-            Err(SendError::Downstream) => return Next::Close,
-            Err(SendError::BadBody) => {
-                // The upstream connection is dropped with the partial request; the client is told.
-                count_status(lstats, 400);
-                tracing::debug!(%peer, path = %head.path, flag = Flag::DownstreamProtocolError.as_str(), "invalid chunked request body");
-                let _ =
-                    local_reply(&down.stream, 400, "invalid chunked body", Next::Close, &[]).await;
-                return Next::Close;
-            }
-            _ => {}
-        }
-        match response {
-            Ok(r) => break (up, r, early),
-            Err(ResponseError::Closed)
-                if reused && attempt == 1 && replayable && !idle.expired() =>
-            {
-                continue
-            }
-            Err(e) => {
-                let (status, text, flag) = match e {
-                    ResponseError::Head(h) => (502, h.reason, Flag::UpstreamProtocolError),
-                    _ => (503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination", Flag::UpstreamConnectionTermination),
-                };
-                count_status(lstats, status);
-                tracing::debug!(%peer, method = %head.method, path = %head.path, status, flag = flag.as_str(), upstream = %endpoint.address, "upstream failed");
-                let _ = local_reply(&down.stream, status, text, Next::Close, &[]).await;
-                return Next::Close;
+        let Some(kept) = replay.kept() else { return };
+        *mirrored = true;
+        for m in &policy.mirrors {
+            if m.share.hit(worker.rng().next_u64()) {
+                super::mirror::send(worker, &at.gen, m.cluster, &head, kept, policy.timeout);
             }
         }
     };
+    // A request without a body is mirrored at once; one with a body once it is whole.
+    mirror(&replay, &mut mirrored);
+
+    // Tries: the first, then retries as the route's policy allows, each to another endpoint when
+    // there is one.
+    let try_spec = TrySpec {
+        cluster: cluster_index,
+        head_bytes: &head_bytes,
+        method: &head.method,
+        body,
+        // Only an idempotent request without a body may be sent a second time on a fresh
+        // connection when a pooled one turns out dead (RFC 9110 §9.2.2).
+        replayable: body == BodyKind::None
+            && matches!(
+                head.method.as_str(),
+                "GET" | "HEAD" | "OPTIONS" | "PUT" | "DELETE" | "TRACE"
+            ),
+        deadline,
+        per_try: retry.and_then(|r| r.per_try_timeout),
+    };
+    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut retries = 0u32;
+    let mut _retry_slot = None;
+    let mut endpoint_guard;
+    let outcome = loop {
+        endpoint_guard = pick_for_try(worker, at, cluster_index, key, &tried, retry);
+        let Some(endpoint) = endpoint_guard
+            .as_ref()
+            .and_then(|p| cluster.endpoints.get(p.endpoint))
+            .map(|e| e.address)
+        else {
+            lstats.no_healthy_upstream.inc();
+            break Err(Failure::NoHealthyUpstream);
+        };
+        tried.push(endpoint);
+        let result = one_try(worker, at, down, idle, &try_spec, endpoint, &mut replay).await;
+        match &result {
+            Err(Failure::PerTryTimeout) => cstats.rq_per_try_timeout.inc(),
+            Err(Failure::Timeout) => cstats.rq_timeout.inc(),
+            _ => {}
+        }
+        let wanted = match (&result, retry) {
+            (Ok(a), Some(p)) => p.retries_response(a.resp.status, grpc_status(&a.resp)),
+            (Err(f), Some(p)) => f.retriable(p.on),
+            (_, None) => false,
+        };
+        let Some(policy) = retry.filter(|_| wanted) else {
+            if retries > 0 {
+                cstats.rq_retry_success.inc();
+            }
+            break result;
+        };
+        if retries >= policy.retries {
+            cstats.rq_retry_limit_exceeded.inc();
+            flags.insert(Flag::RetryLimitExceeded);
+            break result;
+        }
+        if !replay.replayable() || deadline.is_some_and(|d| Instant::now() >= d) {
+            break result;
+        }
+        let Some(slot) = cluster_stats.breaker.retry(cluster.limits.max_retries) else {
+            cstats.rq_retry_overflow.inc();
+            break result;
+        };
+        _retry_slot = Some(slot);
+        // The failed try's connection (and any answer on it) goes now.
+        drop(result);
+        retries += 1;
+        cstats.rq_retry.inc();
+        let pause = backoff(retries, &mut worker.rng());
+        let pause = match deadline {
+            Some(d) => pause.min(d.saturating_duration_since(Instant::now())),
+            None => pause,
+        };
+        monoio::time::sleep(pause).await;
+    };
+    mirror(&replay, &mut mirrored);
+    if !replay.body_done() {
+        // Some of the request body is still unread: the connection cannot carry another request.
+        next = Next::Close;
+    }
+    let answer = match outcome {
+        Ok(a) => a,
+        Err(Failure::Downstream) => return Next::Close,
+        Err(f) => {
+            flags.insert(f.flag());
+            let reply = f.reply();
+            if matches!(f, Failure::BadBody | Failure::Reset | Failure::Protocol(_)) {
+                next = Next::Close;
+            }
+            tracing::debug!(%peer, method = %head.method, path = %head.path, upstream = ?tried.last(), retries, "upstream failed");
+            return finish_local(down, lstats, &head, peer, flags, reply, grpc, next).await;
+        }
+    };
+    let Answer {
+        mut up,
+        slot,
+        requests,
+        mut resp,
+        mut resp_body,
+        early,
+        endpoint,
+    } = answer;
     if early {
         next = Next::Close;
     }
 
     let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
     // Informational responses (100, 103) go to the client as they come; the final one follows.
-    let (mut resp, mut resp_body) = response;
     while (100..200).contains(&resp.status) && resp.status != 101 {
         if head.version == Version::Http11 {
             let mut bytes = Vec::new();
@@ -700,8 +813,6 @@ async fn exchange(
 
     let upstream_close =
         resp.headers.has_token(b"connection", b"close") || resp.version == Version::Http10;
-    // A close-delimited body reaches an HTTP/1.1 client re-framed as chunked; an HTTP/1.0 client
-    // gets it close-delimited and the connection ends.
     // HTTP/1.0 has no chunked coding: a 1.0 client gets an unknown-length body close-delimited
     // (de-chunked) and the connection ends; a 1.1 client gets a close-delimited body re-framed as
     // chunked, keeping its connection.
@@ -738,49 +849,461 @@ async fn exchange(
         BodyKind::Length(n) => BodyKind::Length(n - early as u64),
         other => other,
     };
-    let copied = match resp_body {
-        BodyKind::None => Ok(()),
-        BodyKind::Length(n) => {
-            copy_length(&mut up, &down.stream, n, activity, |n| {
-                lstats.tx_bytes.add(n as u64)
-            })
-            .await
-        }
-        BodyKind::Chunked => {
-            copy_chunked(
-                &mut up,
-                &down.stream,
-                out_body == BodyKind::Chunked,
-                activity,
-                |n| lstats.tx_bytes.add(n as u64),
-            )
-            .await
-        }
-        BodyKind::CloseDelimited => {
-            copy_until_close(
-                &mut up,
-                &down.stream,
-                out_body == BodyKind::Chunked,
-                activity,
-                |n| lstats.tx_bytes.add(n as u64),
-            )
-            .await
+    let copy = copy_response(&mut up, &down.stream, resp_body, out_body, activity, lstats);
+    // The route timeout covers the response body too: past it the response is cut off.
+    let copied = match deadline {
+        None => copy.await,
+        Some(d) => {
+            match monoio::time::timeout(d.saturating_duration_since(Instant::now()), copy).await {
+                Ok(r) => r,
+                Err(_) => {
+                    cstats.rq_timeout.inc();
+                    flags.insert(Flag::UpstreamRequestTimeout);
+                    Err(CopyError::Read)
+                }
+            }
         }
     };
     if copied.is_err() {
-        tracing::debug!(%peer, path = %head.path, "response body interrupted");
+        tracing::debug!(%peer, path = %head.path, flags = %flags, "response body interrupted");
         return Next::Close;
     }
     if !upstream_close && resp_body != BodyKind::CloseDelimited && !up.has_buffered() {
         let (stream, _) = up.into_parts();
-        let key = (
-            endpoint.address,
-            crate::upstream::pool_key(&at.gen, target.target.cluster),
+        let key = (endpoint, crate::upstream::pool_key(&at.gen, cluster_index));
+        give_back(
+            worker,
+            &at.gen,
+            cluster_index,
+            key,
+            PooledConn {
+                stream,
+                slot,
+                requests,
+            },
         );
-        worker.pool.borrow_mut().put(key, stream);
     }
-    tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint.address, duration_us = started.elapsed().as_micros() as u64, "request");
+    tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint, retries, flags = %flags, duration_us = started.elapsed().as_micros() as u64, "request");
     next
+}
+
+/// Copies a response body to the client in the framing chosen for it.
+async fn copy_response(
+    up: &mut BufferedStream,
+    down: &Transport,
+    resp_body: BodyKind,
+    out_body: BodyKind,
+    activity: &Cell<u32>,
+    lstats: &crate::stats::ListenerCounters,
+) -> Result<(), CopyError> {
+    let count = |n: usize| lstats.tx_bytes.add(n as u64);
+    match resp_body {
+        BodyKind::None => Ok(()),
+        BodyKind::Length(n) => copy_length(up, down, n, activity, count, None).await,
+        BodyKind::Chunked => {
+            copy_chunked(
+                up,
+                down,
+                out_body == BodyKind::Chunked,
+                activity,
+                count,
+                None,
+            )
+            .await
+        }
+        BodyKind::CloseDelimited => {
+            copy_until_close(up, down, out_body == BodyKind::Chunked, activity, count).await
+        }
+    }
+}
+
+/// The endpoint for the next try: with a retry policy that wants another host, up to five picks
+/// to find one not tried yet (Istio's `previous_hosts` predicate), else the last pick.
+fn pick_for_try<'g>(
+    worker: &Worker,
+    at: &'g ListenerRef,
+    cluster: usize,
+    key: Option<u64>,
+    tried: &[SocketAddr],
+    retry: Option<&keel_config::http_routes::RetryPolicy>,
+) -> Option<crate::generation::InFlight<'g>> {
+    let endpoints = &at.gen.snapshot.clusters[cluster].endpoints;
+    let avoid = !tried.is_empty() && retry.is_some_and(|r| r.other_host);
+    let mut picked = None;
+    for _ in 0..if avoid { 5 } else { 1 } {
+        picked = at.gen.pick_endpoint(cluster, &mut worker.rng(), key);
+        let fresh = picked
+            .as_ref()
+            .and_then(|p| endpoints.get(p.endpoint))
+            .is_some_and(|e| !tried.contains(&e.address));
+        if !avoid || fresh || picked.is_none() {
+            break;
+        }
+    }
+    picked
+}
+
+/// Envoy's jittered exponential back-off before retry `n` (1-based): a random pause up to
+/// (2^n - 1) × 25 ms, at most 250 ms.
+fn backoff(n: u32, rng: &mut keel_lb::Rng) -> Duration {
+    const BASE_MS: u64 = 25;
+    const MAX_MS: u64 = 250;
+    let ceiling = ((1u64 << n.min(16)) - 1)
+        .saturating_mul(BASE_MS)
+        .min(MAX_MS);
+    Duration::from_micros(rng.next_u64() % (ceiling * 1000 + 1))
+}
+
+/// A request with `content-type: application/grpc*`: local errors answer in gRPC's terms.
+fn is_grpc(head: &RequestHead) -> bool {
+    head.headers
+        .get(b"content-type")
+        .is_some_and(|v| v.starts_with(b"application/grpc"))
+}
+
+/// A response's `grpc-status`, when it carries one in its head (a trailers-only gRPC response).
+fn grpc_status(resp: &ResponseHead) -> Option<u32> {
+    std::str::from_utf8(resp.headers.get(b"grpc-status")?)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// What one try to send the request needs besides its endpoint.
+struct TrySpec<'a> {
+    cluster: usize,
+    head_bytes: &'a [u8],
+    method: &'a str,
+    body: BodyKind,
+    /// May be resent on a fresh connection when a pooled one turns out dead.
+    replayable: bool,
+    /// The route timeout's end.
+    deadline: Option<Instant>,
+    per_try: Option<Duration>,
+}
+
+/// An upstream answer to one try: the connection, its response head, and what comes next.
+struct Answer {
+    up: BufferedStream,
+    slot: crate::breaker::ConnSlot,
+    requests: u32,
+    resp: ResponseHead,
+    resp_body: BodyKind,
+    /// The upstream answered before the whole request body went up.
+    early: bool,
+    endpoint: SocketAddr,
+}
+
+/// Why a try (or the request) got no upstream answer.
+enum Failure {
+    NoHealthyUpstream,
+    Connect,
+    /// `maxConnections` busy and `http1MaxPendingRequests` waiting (or waited out).
+    Overflow,
+    /// The connection closed before a complete response head.
+    Reset,
+    Protocol(HeadError),
+    PerTryTimeout,
+    Timeout,
+    /// The client went away.
+    Downstream,
+    /// The client's chunked body broke the framing rules.
+    BadBody,
+}
+
+impl Failure {
+    /// Whether a retry policy with conditions `on` retries this failure (Envoy's semantics: a
+    /// connect failure is also a reset, and both are 5xx/gateway errors; a per-try timeout is a
+    /// 5xx/gateway error).
+    fn retriable(&self, on: keel_config::http_routes::RetryOn) -> bool {
+        use keel_config::http_routes::RetryOn as R;
+        match self {
+            Failure::Connect => {
+                on.has(R::CONNECT_FAILURE | R::RESET | R::FIVE_XX | R::GATEWAY_ERROR)
+            }
+            Failure::Reset | Failure::Protocol(_) => {
+                on.has(R::RESET | R::FIVE_XX | R::GATEWAY_ERROR)
+            }
+            Failure::PerTryTimeout => on.has(R::RESET | R::FIVE_XX | R::GATEWAY_ERROR),
+            _ => false,
+        }
+    }
+
+    fn flag(&self) -> Flag {
+        match self {
+            Failure::NoHealthyUpstream => Flag::NoHealthyUpstream,
+            Failure::Connect => Flag::UpstreamConnectFailure,
+            Failure::Overflow => Flag::UpstreamOverflow,
+            Failure::Reset => Flag::UpstreamConnectionTermination,
+            Failure::Protocol(_) => Flag::UpstreamProtocolError,
+            Failure::PerTryTimeout | Failure::Timeout => Flag::UpstreamRequestTimeout,
+            Failure::Downstream => Flag::DownstreamConnectionTermination,
+            Failure::BadBody => Flag::DownstreamProtocolError,
+        }
+    }
+
+    /// The local reply for this failure, as Envoy words it.
+    fn reply(&self) -> ErrorReply {
+        match self {
+            Failure::NoHealthyUpstream => ErrorReply::new(503, "no healthy upstream"),
+            Failure::Connect => ErrorReply::new(503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
+            Failure::Overflow => ErrorReply::overflow(),
+            Failure::Reset | Failure::Downstream => ErrorReply::new(503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
+            Failure::Protocol(h) => ErrorReply::new(502, h.reason),
+            Failure::PerTryTimeout | Failure::Timeout => {
+                // gRPC: DEADLINE_EXCEEDED.
+                ErrorReply::new(504, "upstream request timeout").grpc(4)
+            }
+            Failure::BadBody => ErrorReply::new(400, "invalid chunked body"),
+        }
+    }
+}
+
+/// A local error response: its HTTP status and text, and what a gRPC client is told instead.
+struct ErrorReply {
+    status: u16,
+    text: &'static str,
+    /// The gRPC status for a gRPC request (else mapped from `status` as Envoy does).
+    grpc: Option<u32>,
+    overloaded: bool,
+}
+
+impl ErrorReply {
+    fn new(status: u16, text: &'static str) -> ErrorReply {
+        ErrorReply {
+            status,
+            text,
+            grpc: None,
+            overloaded: false,
+        }
+    }
+
+    /// A circuit breaker's 503, marked with `x-keel-overloaded: true`.
+    fn overflow() -> ErrorReply {
+        ErrorReply {
+            overloaded: true,
+            ..ErrorReply::new(503, "upstream overflow: circuit breaker open")
+        }
+    }
+
+    fn grpc(self, code: u32) -> ErrorReply {
+        ErrorReply {
+            grpc: Some(code),
+            ..self
+        }
+    }
+
+    /// The gRPC status a gRPC client gets (Envoy's HTTP-to-gRPC mapping).
+    fn grpc_code(&self) -> u32 {
+        self.grpc.unwrap_or(match self.status {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            429 | 502 | 503 | 504 => 14,
+            _ => 2,
+        })
+    }
+}
+
+/// Sends a local error reply (in gRPC's terms to a gRPC client), counts and logs it.
+#[allow(clippy::too_many_arguments)]
+async fn finish_local(
+    down: &BufferedStream,
+    lstats: &crate::stats::ListenerCounters,
+    head: &RequestHead,
+    peer: SocketAddr,
+    flags: Flags,
+    reply: ErrorReply,
+    grpc: bool,
+    next: Next,
+) -> Next {
+    let mut extra: Vec<(&str, String)> = Vec::new();
+    if reply.overloaded {
+        extra.push(("x-keel-overloaded", "true".into()));
+    }
+    let (status, text) = if grpc {
+        extra.push(("content-type", "application/grpc".into()));
+        extra.push(("grpc-status", reply.grpc_code().to_string()));
+        extra.push(("grpc-message", reply.text.into()));
+        (200, "")
+    } else {
+        (reply.status, reply.text)
+    };
+    count_status(lstats, status);
+    tracing::debug!(%peer, method = %head.method, path = %head.path, status, flags = %flags, "local reply");
+    let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    if local_reply(&down.stream, status, text, next, &extra)
+        .await
+        .is_err()
+    {
+        return Next::Close;
+    }
+    next
+}
+
+/// One try: a connection (pooled or new, within the circuit breakers), the request sent on it,
+/// and its response head awaited, bounded by the per-try timeout and the route timeout.
+async fn one_try(
+    worker: &Rc<Worker>,
+    at: &ListenerRef,
+    down: &mut BufferedStream,
+    idle: &IdleEntry,
+    spec: &TrySpec<'_>,
+    endpoint: SocketAddr,
+    replay: &mut Replay,
+) -> Result<Answer, Failure> {
+    let cluster = &at.gen.snapshot.clusters[spec.cluster];
+    let mut fresh_only = false;
+    loop {
+        // Waiting for a connection slot ends with the route timeout, or else the connect timeout.
+        let now = Instant::now();
+        let wait_until = spec
+            .deadline
+            .unwrap_or(now + cluster.connect_timeout)
+            .min(now + cluster.connect_timeout);
+        let acquired = acquire(
+            worker,
+            &at.gen,
+            spec.cluster,
+            endpoint,
+            spec.replayable && !fresh_only,
+            wait_until,
+        );
+        let acquired = match spec.deadline {
+            None => acquired.await,
+            Some(d) => {
+                match monoio::time::timeout(d.saturating_duration_since(now), acquired).await {
+                    Ok(r) => r,
+                    Err(_) => return Err(Failure::Timeout),
+                }
+            }
+        };
+        let (conn, reused) = match acquired {
+            Ok(c) => c,
+            Err(AcquireError::Connect(e)) => {
+                worker.upstream_connect_failed(at, spec.cluster, endpoint, &e);
+                return Err(Failure::Connect);
+            }
+            Err(AcquireError::Overflow) => {
+                at.gen.clusters[spec.cluster].slots[worker.id]
+                    .rq_pending_overflow
+                    .inc();
+                return Err(Failure::Overflow);
+            }
+            Err(AcquireError::WaitTimeout) => {
+                return Err(if spec.deadline.is_some_and(|d| Instant::now() >= d) {
+                    Failure::Timeout
+                } else {
+                    at.gen.clusters[spec.cluster].slots[worker.id]
+                        .rq_pending_overflow
+                        .inc();
+                    Failure::Overflow
+                })
+            }
+        };
+        let PooledConn {
+            stream,
+            slot,
+            requests,
+        } = conn;
+        let mut up = BufferedStream::new(stream);
+        let dead_pooled = reused && !fresh_only && spec.replayable && !idle.expired();
+        // The try's own time limit: the per-try timeout, within the route timeout.
+        let now = Instant::now();
+        let per_try_end = spec.per_try.map(|t| now + t);
+        let limit = match (per_try_end, spec.deadline) {
+            (Some(p), Some(d)) => Some((p.min(d), p < d)),
+            (Some(p), None) => Some((p, true)),
+            (None, Some(d)) => Some((d, false)),
+            (None, None) => None,
+        };
+        let sent = send_and_await(&mut up, down, idle, spec, replay);
+        let result = match limit {
+            None => sent.await,
+            Some((end, per_try)) => {
+                match monoio::time::timeout(end.saturating_duration_since(now), sent).await {
+                    Ok(r) => r,
+                    Err(_) if per_try => return Err(Failure::PerTryTimeout),
+                    Err(_) => return Err(Failure::Timeout),
+                }
+            }
+        };
+        match result {
+            Ok((resp, resp_body, early)) => {
+                return Ok(Answer {
+                    up,
+                    slot,
+                    requests,
+                    resp,
+                    resp_body,
+                    early,
+                    endpoint,
+                })
+            }
+            // A pooled connection the peer had closed: once more on a fresh one.
+            Err(Failure::Reset) if dead_pooled => fresh_only = true,
+            Err(f) => return Err(f),
+        }
+    }
+}
+
+/// Writes the request on `up` and reads the response head; the body goes up (from the client, or
+/// kept from an earlier try) while the head is awaited, since an upstream may answer early (a 413,
+/// a redirect) and stop reading, and its answer is what the client must get.
+async fn send_and_await(
+    up: &mut BufferedStream,
+    down: &mut BufferedStream,
+    idle: &IdleEntry,
+    spec: &TrySpec<'_>,
+    replay: &mut Replay,
+) -> Result<(ResponseHead, BodyKind, bool), Failure> {
+    let activity = &idle.activity;
+    // UpstreamFd: while this upstream is in use, an idle timeout shuts it down too.
+    let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
+    if up.stream.write_all(spec.head_bytes).await.is_err() {
+        return Err(Failure::Reset);
+    }
+    let BufferedStream {
+        stream: up_stream,
+        rb: up_rb,
+    } = up;
+    let up_stream = &*up_stream;
+    if spec.body == BodyKind::None {
+        return match read_response(up_stream, up_rb, spec.method, activity).await {
+            Ok((r, b)) => Ok((r, b, false)),
+            Err(ResponseError::Head(h)) => Err(Failure::Protocol(h)),
+            Err(ResponseError::Closed) => Err(Failure::Reset),
+        };
+    }
+    let mut sending = std::pin::pin!(send_body(up_stream, down, spec.body, activity, replay));
+    let mut receiving = std::pin::pin!(read_response(up_stream, up_rb, spec.method, activity));
+    let mut sent: Option<Result<(), SendError>> = None;
+    let (sent, response) = loop {
+        monoio::select! {
+            done = &mut sending, if sent.is_none() => {
+                // A fault on the client's side ends the exchange; the response is not awaited.
+                match done {
+                    Err(SendError::Downstream) => return Err(Failure::Downstream),
+                    Err(SendError::BadBody) => return Err(Failure::BadBody),
+                    other => sent = Some(other),
+                }
+            },
+            r = &mut receiving => {
+                // A response before the whole body went up: the rest of the request is
+                // abandoned, so neither connection can carry another message.
+                let sent = sent.take().unwrap_or(Err(SendError::Upstream));
+                break (if r.is_ok() && sent.is_err() { Err(SendError::EarlyResponse) } else { sent }, r);
+            },
+        }
+    };
+    let early = matches!(sent, Err(SendError::EarlyResponse));
+    match response {
+        Ok((r, b)) => Ok((r, b, early)),
+        Err(ResponseError::Head(h)) => Err(Failure::Protocol(h)),
+        Err(ResponseError::Closed) => Err(Failure::Reset),
+    }
 }
 
 /// The request's hash for consistent hashing — `None` when it lacks the key (the pick is then
@@ -1075,26 +1598,6 @@ fn request_id() -> String {
     )
 }
 
-/// A pooled connection to `addr` or a new one; `replayable` requests (no body, first attempt) skip
-/// the liveness probe, because a dead pooled connection is answered by resending them once on a
-/// fresh one.
-async fn upstream(
-    worker: &Worker,
-    gen: &crate::generation::Generation,
-    cluster: usize,
-    addr: SocketAddr,
-    replayable: bool,
-) -> Result<(Transport, bool), ConnectError> {
-    let key = (addr, crate::upstream::pool_key(gen, cluster));
-    let max_idle = gen.snapshot.clusters[cluster].idle_timeout;
-    if let Some(s) = worker.pool.borrow_mut().take(key, max_idle, !replayable) {
-        return Ok((s, true));
-    }
-    crate::upstream::open(gen, cluster, addr)
-        .await
-        .map(|s| (s, false))
-}
-
 enum SendError {
     Upstream,
     Downstream,
@@ -1104,18 +1607,37 @@ enum SendError {
     EarlyResponse,
 }
 
-/// Streams the request body from the client to the upstream.
+/// Sends the request body upstream: the kept copy on a retry, else streamed from the client (and
+/// kept on the way, within the bound, for later tries and mirrors).
 async fn send_body(
     up: &Transport,
     down: &mut BufferedStream,
     body: BodyKind,
     activity: &Cell<u32>,
+    replay: &mut Replay,
 ) -> Result<(), SendError> {
+    if let Some(kept) = replay.kept() {
+        return if kept.is_empty() {
+            Ok(())
+        } else {
+            up.write_all(kept).await.map_err(|_| SendError::Upstream)
+        };
+    }
+    if !replay.unread() {
+        // Read (in part) by an earlier try and not kept: nothing can be sent again.
+        return Err(SendError::Downstream);
+    }
+    replay.start();
     let result = match body {
         BodyKind::None | BodyKind::CloseDelimited => Ok(()),
-        BodyKind::Length(n) => copy_length(down, up, n, activity, |_| {}).await,
-        BodyKind::Chunked => copy_chunked(down, up, true, activity, |_| {}).await,
+        BodyKind::Length(n) => copy_length(down, up, n, activity, |_| {}, Some(&mut *replay)).await,
+        BodyKind::Chunked => {
+            copy_chunked(down, up, true, activity, |_| {}, Some(&mut *replay)).await
+        }
     };
+    if result.is_ok() {
+        replay.finish();
+    }
     result.map_err(|e| match e {
         CopyError::Write => SendError::Upstream,
         CopyError::Read => SendError::Downstream,
@@ -1123,12 +1645,13 @@ async fn send_body(
     })
 }
 
-enum ResponseError {
+pub(crate) enum ResponseError {
     Head(HeadError),
     Closed,
 }
 
-async fn read_response(
+/// Reads a response head from an upstream connection (`method`: the request's, for HEAD).
+pub(crate) async fn read_response(
     stream: &Transport,
     rb: &mut ReadBuf,
     method: &str,
@@ -1166,6 +1689,7 @@ async fn copy_length(
     mut n: u64,
     activity: &Cell<u32>,
     mut count: impl FnMut(usize),
+    mut tap: Option<&mut Replay>,
 ) -> Result<(), CopyError> {
     while n > 0 {
         if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
@@ -1175,6 +1699,9 @@ async fn copy_length(
         to.write_all(&from.buffered()[..take])
             .await
             .map_err(|_| CopyError::Write)?;
+        if let Some(t) = tap.as_deref_mut() {
+            t.keep(&[&from.buffered()[..take]]);
+        }
         count(take);
         from.consume(take);
         n -= take as u64;
@@ -1190,6 +1717,7 @@ async fn copy_chunked(
     chunk: bool,
     activity: &Cell<u32>,
     mut count: impl FnMut(usize),
+    mut tap: Option<&mut Replay>,
 ) -> Result<(), CopyError> {
     let mut decoder = chunked::Decoder::default();
     let mut header = Vec::with_capacity(20);
@@ -1212,6 +1740,9 @@ async fn copy_chunked(
                     to.write_all(data).await
                 };
                 written.map_err(|_| CopyError::Write)?;
+                if let Some(t) = tap.as_deref_mut() {
+                    t.keep(&[&header, data, b"\r\n"]);
+                }
                 count(range.len());
                 from.consume(range.end);
             }
@@ -1228,7 +1759,11 @@ async fn copy_chunked(
         tail.extend_from_slice(b"\r\n");
     }
     tail.extend_from_slice(b"\r\n");
-    to.write_all(&tail).await.map_err(|_| CopyError::Write)
+    to.write_all(&tail).await.map_err(|_| CopyError::Write)?;
+    if let Some(t) = tap {
+        t.keep(&[&tail]);
+    }
+    Ok(())
 }
 
 /// Copies until the upstream closes, re-framing as chunked when `chunk` is set.

@@ -1,0 +1,197 @@
+//! Mirroring (`mirror`, `mirrors`): a copy of a request goes to another cluster with its Host
+//! suffixed `-shadow`, as Envoy does, and the answer is read and dropped.
+//!
+//! Each copy is a task of its own on the worker, started once the request body is whole and kept
+//! (a body over `maxRequestBufferBytes` is not mirrored), so a slow or dead mirror never delays or
+//! fails the request it copies. Copies in flight per worker are bounded, and each one is bounded
+//! in time.
+
+use std::cell::Cell;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use super::conn::BufferedStream;
+use super::connect::{acquire, give_back};
+use super::h1::{chunked, encode, BodyKind};
+use super::head::RequestHead;
+use crate::generation::Generation;
+use crate::worker::Worker;
+
+/// Mirrored requests in flight per worker; more are dropped (and counted).
+const MAX_IN_FLIGHT: u32 = 1024;
+/// How long a mirrored request may take when its route sets no timeout (Envoy's default route
+/// timeout).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `host[:port]` with `-shadow` after the host, as Envoy names a shadow request's authority.
+pub fn shadow_host(authority: &str) -> String {
+    let host = super::head::strip_port(authority);
+    format!("{host}-shadow{}", &authority[host.len()..])
+}
+
+/// Starts a copy of the request (`head` as sent upstream, `body` its kept wire bytes) to `cluster`.
+pub fn send(
+    worker: &Rc<Worker>,
+    gen: &Rc<Generation>,
+    cluster: usize,
+    head: &RequestHead,
+    body: &[u8],
+    timeout: Option<Duration>,
+) {
+    let stats = &gen.clusters[cluster].slots[worker.id];
+    if worker.mirrors_in_flight.get() >= MAX_IN_FLIGHT {
+        stats.mirror_dropped.inc();
+        return;
+    }
+    stats.mirror_sent.inc();
+    let mut shadow = head.clone();
+    shadow.authority = shadow_host(&head.authority);
+    let mut bytes = Vec::with_capacity(512 + body.len());
+    encode::request(&shadow, &mut bytes);
+    bytes.extend_from_slice(body);
+    worker
+        .mirrors_in_flight
+        .set(worker.mirrors_in_flight.get() + 1);
+    monoio::spawn(run(
+        worker.clone(),
+        gen.clone(),
+        cluster,
+        bytes,
+        head.method == "HEAD",
+        timeout.unwrap_or(DEFAULT_TIMEOUT),
+    ));
+}
+
+async fn run(
+    worker: Rc<Worker>,
+    gen: Rc<Generation>,
+    cluster: usize,
+    request: Vec<u8>,
+    head_method: bool,
+    limit: Duration,
+) {
+    let deadline = Instant::now() + limit;
+    let done = monoio::time::timeout(
+        limit,
+        exchange(&worker, &gen, cluster, &request, head_method, deadline),
+    )
+    .await;
+    if !matches!(done, Ok(true)) {
+        tracing::debug!(cluster = %gen.snapshot.clusters[cluster].name, "mirrored request failed");
+    }
+    worker
+        .mirrors_in_flight
+        .set(worker.mirrors_in_flight.get() - 1);
+}
+
+/// Sends the copy and reads the answer to its end; true when that went cleanly.
+async fn exchange(
+    worker: &Rc<Worker>,
+    gen: &Rc<Generation>,
+    cluster: usize,
+    request: &[u8],
+    head_method: bool,
+    deadline: Instant,
+) -> bool {
+    let picked = gen.pick_endpoint(cluster, &mut worker.rng(), None);
+    let Some(addr) = picked
+        .as_ref()
+        .and_then(|p| gen.snapshot.clusters[cluster].endpoints.get(p.endpoint))
+        .map(|e| e.address)
+    else {
+        return false;
+    };
+    let Ok((conn, _)) = acquire(worker, gen, cluster, addr, false, deadline).await else {
+        return false;
+    };
+    let super::pool::PooledConn {
+        stream,
+        slot,
+        requests,
+    } = conn;
+    let mut up = BufferedStream::new(stream);
+    if up.stream.write_all(request).await.is_err() {
+        return false;
+    }
+    let activity = Cell::new(0);
+    let method = if head_method { "HEAD" } else { "GET" };
+    let Ok((resp, body)) =
+        super::proxy::read_response(&up.stream, &mut up.rb, method, &activity).await
+    else {
+        return false;
+    };
+    if !discard(&mut up, body, &activity).await {
+        return false;
+    }
+    let reusable = !resp.headers.has_token(b"connection", b"close")
+        && resp.version != super::head::Version::Http10
+        && body != BodyKind::CloseDelimited
+        && !up.has_buffered();
+    if reusable {
+        let (stream, _) = up.into_parts();
+        let key = (addr, crate::upstream::pool_key(gen, cluster));
+        give_back(
+            worker,
+            gen,
+            cluster,
+            key,
+            super::pool::PooledConn {
+                stream,
+                slot,
+                requests,
+            },
+        );
+    }
+    true
+}
+
+/// Reads a response body to its end and drops it; false when it broke off.
+async fn discard(up: &mut BufferedStream, body: BodyKind, activity: &Cell<u32>) -> bool {
+    match body {
+        BodyKind::None => true,
+        BodyKind::Length(mut n) => {
+            while n > 0 {
+                if !up.has_buffered() && !matches!(up.fill(activity).await, Ok(1..)) {
+                    return false;
+                }
+                let take = (up.buffered().len() as u64).min(n) as usize;
+                up.consume(take);
+                n -= take as u64;
+            }
+            true
+        }
+        BodyKind::Chunked => {
+            let mut decoder = chunked::Decoder::default();
+            while !decoder.is_done() {
+                if !up.has_buffered() && !matches!(up.fill(activity).await, Ok(1..)) {
+                    return false;
+                }
+                match decoder.decode(up.buffered()) {
+                    Ok(chunked::Step::Framing { consumed }) => up.consume(consumed),
+                    Ok(chunked::Step::Data { range }) => up.consume(range.end),
+                    Err(_) => return false,
+                }
+            }
+            true
+        }
+        BodyKind::CloseDelimited => {
+            while matches!(up.fill(activity).await, Ok(1..)) {
+                let n = up.buffered().len();
+                up.consume(n);
+            }
+            true
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shadow_names() {
+        assert_eq!(shadow_host("reviews"), "reviews-shadow");
+        assert_eq!(shadow_host("reviews:9080"), "reviews-shadow:9080");
+        assert_eq!(shadow_host("[::1]:80"), "[::1]-shadow:80");
+    }
+}
