@@ -48,19 +48,19 @@ impl Gauges {
 
     /// Counts a request in flight, unless `max` already are.
     pub fn request(&self, max: u32) -> Option<Held<'_>> {
-        take(&self.requests, max).then_some(Held(&self.requests))
+        take(&self.requests, max).then(|| Held(&self.requests))
     }
 
     /// Counts a request as waiting for a connection, unless `max` already do.
     pub fn wait(&self, max: u32) -> Option<Held<'_>> {
-        take(&self.pending, max).then_some(Held(&self.pending))
+        take(&self.pending, max).then(|| Held(&self.pending))
     }
 
     /// Counts a retry in flight, unless `max` (or, without one, the budget: 20% of the requests
     /// in flight, at least 3) already are.
     pub fn retry(&self, max: Option<u32>) -> Option<Held<'_>> {
         let max = max.unwrap_or_else(|| (self.requests() / BUDGET_DIVISOR).max(BUDGET_MIN_RETRIES));
-        take(&self.retries, max).then_some(Held(&self.retries))
+        take(&self.retries, max).then(|| Held(&self.retries))
     }
 }
 
