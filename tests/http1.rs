@@ -12,38 +12,7 @@ use common::*;
 /// Keel with an HTTP egress listener on `port` for `reviews` (endpoints labelled by version), plus
 /// `extra` resources (DestinationRule, VirtualService...).
 fn egress(endpoints: &[(SocketAddr, &str)], extra: &str, proxy_extra: &str) -> (Keel, u16) {
-    let (admin, port) = (free_port(), free_port());
-    let eps: String = endpoints
-        .iter()
-        .map(|(a, v)| {
-            format!(
-                "  - {{ address: 127.0.0.1, ports: {{ http: {} }}, labels: {{ version: {v} }} }}\n",
-                a.port()
-            )
-        })
-        .collect();
-    let config = format!(
-        "{}{proxy_extra}---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{ name: default }}
-spec:
-  egress:
-  - port: {{ number: {port}, protocol: HTTP }}
-    hosts: [\"./*\"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: reviews }}
-spec:
-  hosts: [reviews]
-  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  endpoints:
-{eps}{extra}",
-        proxy_yaml(admin, 1)
-    );
-    (Keel::start(&config, admin, &[]), port)
+    http_egress(endpoints, extra, proxy_extra, 1)
 }
 
 fn get(port: u16, path: &str, headers: &str) -> (u16, String, Vec<u8>) {

@@ -186,6 +186,24 @@ impl Generation {
     }
 }
 
+impl Generation {
+    /// Endpoint `endpoint` of `cluster`, chosen by the caller (a retry avoiding hosts already
+    /// tried), counted as in flight like a balancer's pick.
+    pub fn hold_endpoint(&self, cluster: usize, endpoint: usize) -> Option<InFlight<'_>> {
+        let mut balancers = self.balancers.borrow_mut();
+        let balancer = balancers.get_mut(cluster)?;
+        if endpoint >= self.snapshot.clusters.get(cluster)?.endpoints.len() {
+            return None;
+        }
+        balancer.started(endpoint);
+        Some(InFlight {
+            gen: self,
+            cluster,
+            endpoint,
+        })
+    }
+}
+
 /// The hash of a client's IP address, for `consistentHash.useSourceIp`.
 pub fn source_ip_hash(ip: std::net::IpAddr) -> u64 {
     match ip {

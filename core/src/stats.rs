@@ -707,6 +707,8 @@ impl Stats {
                     "tls_plaintext_accepted": sum(s, |c| &c.tls_plaintext_accepted),
                     "tls_plaintext_refused": sum(s, |c| &c.tls_plaintext_refused),
                     "no_route": sum(s, |c| &c.no_route),
+                    "fault_delays": sum(s, |c| &c.fault_delay),
+                    "fault_aborts": sum(s, |c| &c.fault_abort),
                 })
             }).collect::<Vec<_>>(),
             "clusters": table.clusters.iter().map(|c| {
@@ -720,12 +722,18 @@ impl Stats {
                     "upstream_cx_open": c.breaker.connections(),
                     "upstream_rq_active": c.breaker.requests(),
                     "upstream_rq_pending_active": c.breaker.pending(),
+                    "upstream_rq_retry_active": c.breaker.retries(),
                     "upstream_rq_overflow": sum(s, |x| &x.rq_overflow),
                     "upstream_rq_pending_overflow": sum(s, |x| &x.rq_pending_overflow),
                     "upstream_rq_timeout": sum(s, |x| &x.rq_timeout),
                     "upstream_rq_retry": sum(s, |x| &x.rq_retry),
                     "upstream_rq_retry_success": sum(s, |x| &x.rq_retry_success),
                     "upstream_rq_retry_overflow": sum(s, |x| &x.rq_retry_overflow),
+                    "upstream_rq_retry_limit_exceeded": sum(s, |x| &x.rq_retry_limit_exceeded),
+                    "upstream_rq_per_try_timeout": sum(s, |x| &x.rq_per_try_timeout),
+                    "upstream_rq_pending": sum(s, |x| &x.rq_pending),
+                    "upstream_cx_overflow": sum(s, |x| &x.cx_overflow),
+                    "mirror_dropped": sum(s, |x| &x.mirror_dropped),
                     "mirror_requests": sum(s, |x| &x.mirror_sent),
                 })
             }).collect::<Vec<_>>(),

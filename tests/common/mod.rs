@@ -622,3 +622,45 @@ pub fn read_response(s: &mut TcpStream) -> (u16, String, Vec<u8>) {
     };
     (status, head, body)
 }
+
+/// Keel with one HTTP egress listener for the service `reviews`, whose endpoints are `endpoints`
+/// (address, version label); `extra` adds resources, `proxy_extra` lines to the Proxy spec.
+pub fn http_egress(
+    endpoints: &[(SocketAddr, &str)],
+    extra: &str,
+    proxy_extra: &str,
+    workers: usize,
+) -> (Keel, u16) {
+    let (admin, port) = (free_port(), free_port());
+    let eps: String = endpoints
+        .iter()
+        .map(|(a, v)| {
+            format!(
+                "  - {{ address: 127.0.0.1, ports: {{ http: {} }}, labels: {{ version: {v} }} }}\n",
+                a.port()
+            )
+        })
+        .collect();
+    let config = format!(
+        "{}{proxy_extra}---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default }}
+spec:
+  egress:
+  - port: {{ number: {port}, protocol: HTTP }}
+    hosts: [\"./*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: reviews }}
+spec:
+  hosts: [reviews]
+  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  endpoints:
+{eps}{extra}",
+        proxy_yaml(admin, workers)
+    );
+    (Keel::start(&config, admin, &[]), port)
+}

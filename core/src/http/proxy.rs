@@ -918,7 +918,8 @@ async fn copy_response(
 }
 
 /// The endpoint for the next try: with a retry policy that wants another host, up to five picks
-/// to find one not tried yet (Istio's `previous_hosts` predicate), else the last pick.
+/// to find one not tried yet (Istio's `previous_hosts` predicate), then the first endpoint not
+/// tried; only when all were tried does a retry go to one again.
 fn pick_for_try<'g>(
     worker: &Worker,
     at: &'g ListenerRef,
@@ -937,10 +938,16 @@ fn pick_for_try<'g>(
             .and_then(|p| endpoints.get(p.endpoint))
             .is_some_and(|e| !tried.contains(&e.address));
         if !avoid || fresh || picked.is_none() {
-            break;
+            return picked;
         }
     }
-    picked
+    match endpoints.iter().position(|e| !tried.contains(&e.address)) {
+        Some(untried) => {
+            drop(picked);
+            at.gen.hold_endpoint(cluster, untried)
+        }
+        None => picked,
+    }
 }
 
 /// Envoy's jittered exponential back-off before retry `n` (1-based): a random pause up to

@@ -1,0 +1,230 @@
+//! Traffic policy in config: VirtualService timeout, retries, fault and mirrors, and
+//! DestinationRule connectionPool circuit breakers, compiled or refused with their field path.
+
+use keel_config::http_routes::{Abort, RetryOn, RouteAction, Share};
+use keel_config::{load_str, ConfigError, Snapshot};
+
+const BASE: &str = "apiVersion: keel.dev/v1alpha1
+kind: Proxy
+metadata: { name: productpage, namespace: default }
+spec:
+  workload: { labels: { app: productpage } }
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default }
+spec:
+  egress:
+  - port: { number: 9080, protocol: HTTP }
+    hosts: [\"./*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: services }
+spec:
+  hosts: [reviews, ratings]
+  ports: [{ number: 9080, name: http, protocol: HTTP }]
+  resolution: STATIC
+  endpoints:
+  - { address: 127.0.0.1, ports: { http: 19080 } }
+";
+
+fn with(extra: &str) -> String {
+    format!("{BASE}---\n{extra}")
+}
+
+fn load(yaml: &str) -> Snapshot {
+    load_str("test.yaml", yaml).unwrap_or_else(|e| panic!("{e}"))
+}
+
+fn one_error(yaml: &str) -> ConfigError {
+    match load_str("test.yaml", yaml) {
+        Ok(_) => panic!("config was accepted:\n{yaml}"),
+        Err(e) => {
+            assert_eq!(e.0.len(), 1, "expected one error, got {:#?}", e.0);
+            e.0.into_iter().next().unwrap()
+        }
+    }
+}
+
+/// The routes of the `reviews` virtual host on the egress listener.
+fn reviews_routes(s: &Snapshot) -> &[keel_config::http_routes::HttpRoute] {
+    let table = s.listeners[0].http.as_ref().unwrap();
+    let vhost = table.virtual_host("reviews").unwrap();
+    &vhost.routes
+}
+
+#[test]
+fn route_without_policy_gets_istio_default_retries() {
+    let s = load(BASE);
+    let p = &reviews_routes(&s)[0].policy;
+    assert_eq!(p.timeout, None);
+    let r = p.retry.as_ref().unwrap();
+    assert_eq!(r.retries, 2);
+    assert!(r.on.has(RetryOn::CONNECT_FAILURE) && !r.on.has(RetryOn::FIVE_XX));
+    assert!(r.retries_response(503, None) && !r.retries_response(500, None));
+    assert!(r.retries_response(200, Some(14)), "gRPC unavailable");
+}
+
+#[test]
+fn timeout_retries_fault_and_mirrors_compile() {
+    let s = load(&with(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: reviews }
+spec:
+  hosts: [reviews]
+  http:
+  - timeout: 2s
+    retries: { attempts: 3, perTryTimeout: 500ms, retryOn: \"gateway-error,connect-failure,409\" }
+    fault:
+      delay: { fixedDelay: 5s, percentage: { value: 12.5 } }
+      abort: { grpcStatus: UNAVAILABLE, percentage: { value: 100 } }
+    mirror: { host: ratings }
+    mirrorPercentage: { value: 50 }
+    route: [{ destination: { host: reviews } }]
+",
+    ));
+    let route = &reviews_routes(&s)[0];
+    let p = &route.policy;
+    assert_eq!(p.timeout.unwrap().as_millis(), 2000);
+    let r = p.retry.as_ref().unwrap();
+    assert_eq!(r.retries, 3);
+    assert_eq!(r.per_try_timeout.unwrap().as_millis(), 500);
+    assert_eq!(r.statuses, vec![409]);
+    assert!(r.retries_response(502, None) && r.retries_response(409, None));
+    assert!(
+        !r.retries_response(500, None),
+        "gateway-error is 502-504 only"
+    );
+    assert!(
+        !r.retries_response(200, Some(14)),
+        "explicit retryOn replaces the default"
+    );
+    let f = p.fault.as_ref().unwrap();
+    assert_eq!(f.delay.unwrap().0.as_secs(), 5);
+    assert_eq!(f.delay.unwrap().1, Share(125_000));
+    assert_eq!(f.abort.unwrap(), (Abort::Grpc(14), Share::ALL));
+    assert_eq!(p.mirrors.len(), 1);
+    assert_eq!(p.mirrors[0].share, Share(500_000));
+    assert!(s.clusters[p.mirrors[0].cluster].name.contains("ratings"));
+    assert!(matches!(route.action, RouteAction::Forward { .. }));
+}
+
+#[test]
+fn zero_attempts_disable_retries_and_fault_without_percentage_hits_nobody() {
+    let s = load(&with(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: reviews }
+spec:
+  hosts: [reviews]
+  http:
+  - retries: { attempts: 0 }
+    fault: { abort: { httpStatus: 400 } }
+    route: [{ destination: { host: reviews } }]
+",
+    ));
+    let p = &reviews_routes(&s)[0].policy;
+    assert!(p.retry.is_none());
+    assert_eq!(
+        p.fault.as_ref().unwrap().abort,
+        Some((Abort::Http(400), Share(0)))
+    );
+}
+
+#[test]
+fn circuit_breakers_from_connection_pool() {
+    let s = load(&with(
+        "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp: { maxConnections: 1 }
+      http: { http1MaxPendingRequests: 1, maxRequestsPerConnection: 1, http2MaxRequests: 7, maxRetries: 2, idleTimeout: 30s }
+",
+    ));
+    let c = s
+        .clusters
+        .iter()
+        .find(|c| c.name.contains("reviews"))
+        .unwrap();
+    assert_eq!(c.limits.max_connections, 1);
+    assert_eq!(c.limits.max_pending_requests, 1);
+    assert_eq!(c.limits.max_requests_per_connection, 1);
+    assert_eq!(c.limits.max_requests, 7);
+    assert_eq!(c.limits.max_retries, Some(2));
+    assert_eq!(c.pool_idle_timeout.as_secs(), 30);
+    let other = s.clusters.iter().find(|c| c.name.contains("ratings"));
+    if let Some(o) = other {
+        assert_eq!(o.limits.max_connections, u32::MAX);
+    }
+}
+
+#[test]
+fn bad_policies_name_their_field() {
+    let vs = |route: &str| {
+        with(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: reviews }}
+spec:
+  hosts: [reviews]
+  http:
+  - {route}
+    route: [{{ destination: {{ host: reviews }} }}]
+"
+        ))
+    };
+    let e = one_error(&vs(
+        "retries: { attempts: 2, retryOn: \"5xx,gateway-eror\" }",
+    ));
+    assert_eq!(e.path, "spec.http[0].retries.retryOn");
+    assert!(e.message.contains("did you mean `gateway-error`"), "{e}");
+    let e = one_error(&vs(
+        "fault: { abort: { httpStatus: 700, percentage: { value: 5 } } }",
+    ));
+    assert_eq!(e.path, "spec.http[0].fault.abort.httpStatus");
+    let e = one_error(&vs(
+        "fault: { abort: { grpcStatus: UNAVAILABLE, httpStatus: 503 } }",
+    ));
+    assert_eq!(e.path, "spec.http[0].fault.abort");
+    let e = one_error(&vs(
+        "fault: { delay: { fixedDelay: 1s, percentage: { value: 120 } } }",
+    ));
+    assert_eq!(e.path, "spec.http[0].fault.delay.percentage");
+    let e = one_error(&vs("fault: { abort: { grpcStatus: UNAVAILBLE } }"));
+    assert!(e.message.contains("did you mean `UNAVAILABLE`"), "{e}");
+    let e = one_error(&vs("mirrorPercentage: { value: 10 }"));
+    assert_eq!(e.path, "spec.http[0].mirrorPercentage");
+    let e = one_error(&vs("mirror: { host: nowhere }"));
+    assert_eq!(e.path, "spec.http[0].mirror");
+    let e = one_error(&vs("retries: { attempts: 2, retryRemoteLocalities: true }"));
+    assert!(e.message.contains("not supported yet"), "{e}");
+    let dr = |pool: &str| {
+        with(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: reviews }}
+spec:
+  host: reviews
+  trafficPolicy: {{ connectionPool: {pool} }}
+"
+        ))
+    };
+    let e = one_error(&dr("{ tcp: { maxConnections: -1 } }"));
+    assert_eq!(
+        e.path,
+        "spec.trafficPolicy.connectionPool.tcp.maxConnections"
+    );
+    let e = one_error(&dr("{ http: { h2UpgradePolicy: UPGRADE } }"));
+    assert!(e.message.contains("not supported yet"), "{e}");
+    let e = one_error(&dr("{ http: { maxConcurrentStreams: 10 } }"));
+    assert_eq!(
+        e.path,
+        "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams"
+    );
+}

@@ -1,0 +1,471 @@
+//! Resilience and traffic policy through the real binary: circuit breakers, fault injection,
+//! retries, timeouts, retry budget and mirroring, against real backends on loopback.
+
+mod common;
+
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// A backend answering every request with `status` after `delay`, counting requests.
+fn backend(
+    status: impl Fn(usize) -> (u16, Duration) + Send + Sync + 'static,
+) -> (RecordingBackend, Arc<AtomicUsize>) {
+    let count = Arc::new(AtomicUsize::new(0));
+    let seen = count.clone();
+    let b = RecordingBackend::start(Arc::new(move |_head: &str, body: &[u8]| {
+        let n = seen.fetch_add(1, Ordering::SeqCst);
+        let (code, delay) = status(n);
+        std::thread::sleep(delay);
+        let text = format!("request {n} body {}", String::from_utf8_lossy(body));
+        format!(
+            "HTTP/1.1 {code} X\r\ncontent-length: {}\r\n\r\n{text}",
+            text.len()
+        )
+        .into_bytes()
+    }));
+    (b, count)
+}
+
+fn get(port: u16, headers: &str) -> (u16, String, Vec<u8>) {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    http_request(
+        &mut s,
+        format!("GET / HTTP/1.1\r\nHost: reviews\r\n{headers}\r\n").as_bytes(),
+    )
+}
+
+fn vs(http: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: reviews }}
+spec:
+  hosts: [reviews]
+  http:
+{http}"
+    )
+}
+
+/// A cluster's counters from `/stats`, by a part of its name.
+fn cluster_stat(keel: &Keel, name: &str, field: &str) -> u64 {
+    let stats = keel.stats();
+    let clusters = stats["clusters"].as_array().unwrap();
+    let c = clusters
+        .iter()
+        .find(|c| c["name"].as_str().unwrap().contains(name))
+        .unwrap_or_else(|| panic!("no cluster {name} in {clusters:?}"));
+    c[field].as_u64().unwrap_or_else(|| panic!("no {field}"))
+}
+
+/// Istio's circuit-breaking task: maxConnections 1, http1MaxPendingRequests 1,
+/// maxRequestsPerConnection 1, three concurrent clients × 30 requests.
+#[test]
+fn circuit_breaker_overflows_with_503_and_overload_header() {
+    let (b, _) = backend(|_| (200, Duration::from_millis(15)));
+    let dr = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+        maxRequestsPerConnection: 1
+";
+    let (keel, port) = http_egress(&[(b.addr, "v1")], dr, "", 2);
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                let (mut ok, mut overflow) = (0, 0);
+                for _ in 0..30 {
+                    let (status, head, _) =
+                        http_request(&mut s, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n");
+                    match status {
+                        200 => ok += 1,
+                        503 => {
+                            assert!(head.contains("x-keel-overloaded: true"), "{head}");
+                            overflow += 1;
+                        }
+                        other => panic!("unexpected {other}: {head}"),
+                    }
+                }
+                (ok, overflow)
+            })
+        })
+        .collect();
+    let (ok, overflow) = clients
+        .into_iter()
+        .map(|c| c.join().unwrap())
+        .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1));
+    assert_eq!(ok + overflow, 90);
+    assert!(ok > 0 && overflow > 0, "ok {ok}, overflow {overflow}");
+    assert_eq!(
+        cluster_stat(&keel, "reviews", "upstream_rq_pending_overflow"),
+        overflow
+    );
+    // maxRequestsPerConnection 1: every request had its own upstream connection, never two open.
+    assert_eq!(b.connections.load(Ordering::SeqCst) as u64, ok);
+    assert_eq!(cluster_stat(&keel, "reviews", "upstream_cx_open"), 0);
+    assert_eq!(cluster_stat(&keel, "reviews", "upstream_rq_active"), 0);
+}
+
+#[test]
+fn http2_max_requests_refuses_at_once() {
+    let (b, _) = backend(|_| (200, Duration::from_millis(300)));
+    let dr = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy: { connectionPool: { http: { http2MaxRequests: 2 } } }
+";
+    let (keel, port) = http_egress(&[(b.addr, "v1")], dr, "", 1);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..5)
+        .map(|_| std::thread::spawn(move || get(port, "").0))
+        .collect();
+    let mut statuses: Vec<u16> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    statuses.sort();
+    assert_eq!(statuses, vec![200, 200, 503, 503, 503]);
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(cluster_stat(&keel, "reviews", "upstream_rq_overflow"), 3);
+}
+
+/// The fault-injection task's delay, on a share of the traffic: a timer, so the delayed
+/// requests overlap and the others are not held up.
+#[test]
+fn fault_delay_on_a_share_of_requests() {
+    let (b, _) = backend(|_| (200, Duration::ZERO));
+    let route = vs("  - fault:
+      delay:
+        percentage: { value: 50 }
+        fixedDelay: 5s
+    route: [{ destination: { host: reviews } }]
+");
+    let (keel, port) = http_egress(&[(b.addr, "v1")], &route, "", 1);
+    let started = Instant::now();
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                assert_eq!(get(port, "").0, 200);
+                t.elapsed()
+            })
+        })
+        .collect();
+    let took: Vec<Duration> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let delayed = took
+        .iter()
+        .filter(|d| **d >= Duration::from_secs(5))
+        .count();
+    let quick = took.iter().filter(|d| **d < Duration::from_secs(1)).count();
+    assert_eq!(delayed + quick, 20, "{took:?}");
+    assert!((3..=17).contains(&delayed), "{delayed} of 20 delayed");
+    assert!(started.elapsed() < Duration::from_secs(8));
+    assert_eq!(keel.listener_stat("fault_delays"), delayed as u64);
+}
+
+/// The fault-injection task's abort (HTTP 400 on a share), and a gRPC abort.
+#[test]
+fn fault_abort_http_and_grpc() {
+    let (b, count) = backend(|_| (200, Duration::ZERO));
+    let route = vs(
+        "  - match: [{ headers: { content-type: { prefix: application/grpc } } }]
+    fault: { abort: { grpcStatus: UNAVAILABLE, percentage: { value: 100 } } }
+    route: [{ destination: { host: reviews } }]
+  - fault:
+      abort:
+        percentage: { value: 50 }
+        httpStatus: 400
+    route: [{ destination: { host: reviews } }]
+",
+    );
+    let (keel, port) = http_egress(&[(b.addr, "v1")], &route, "", 1);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut aborted = 0;
+    for _ in 0..1000 {
+        let (status, _, body) = http_request(&mut s, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n");
+        match status {
+            400 => {
+                assert_eq!(body, b"fault filter abort");
+                aborted += 1;
+            }
+            200 => {}
+            other => panic!("{other}"),
+        }
+    }
+    assert!((420..=580).contains(&aborted), "{aborted} of 1000 aborted");
+    assert_eq!(count.load(Ordering::SeqCst), 1000 - aborted);
+    assert_eq!(keel.listener_stat("fault_aborts"), aborted as u64);
+    let (status, head, _) = get(port, "content-type: application/grpc\r\n");
+    assert_eq!(status, 200);
+    assert!(head.contains("grpc-status: 14"), "{head}");
+    assert!(head.contains("content-type: application/grpc"), "{head}");
+}
+
+/// A backend that fails every other request: retries turn it into all 200s, request bodies
+/// included; without a matching retryOn the failures come through.
+#[test]
+fn retries_turn_a_flaky_backend_into_all_200() {
+    let (b, count) = backend(|n| (if n % 2 == 0 { 500 } else { 200 }, Duration::ZERO));
+    let route = vs("  - match: [{ uri: { prefix: /noretry } }]
+    route: [{ destination: { host: reviews } }]
+  - retries: { attempts: 3, retryOn: 5xx }
+    route: [{ destination: { host: reviews } }]
+");
+    let (keel, port) = http_egress(&[(b.addr, "v1")], &route, "", 1);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    for i in 0..40 {
+        let req = format!(
+            "POST /r HTTP/1.1\r\nHost: reviews\r\ncontent-length: 7\r\n\r\nbody-{:02}",
+            i
+        );
+        let (status, _, body) = http_request(&mut s, req.as_bytes());
+        assert_eq!(status, 200);
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.ends_with(&format!("body body-{i:02}")), "{text}");
+    }
+    // Chunked too: the body as sent (framing and all) is replayed.
+    let (status, _, body) = http_request(
+        &mut s,
+        b"POST /r HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).ends_with("body hello"));
+    assert_eq!(count.load(Ordering::SeqCst), 82);
+    assert_eq!(cluster_stat(&keel, "reviews", "upstream_rq_retry"), 41);
+    assert_eq!(
+        cluster_stat(&keel, "reviews", "upstream_rq_retry_success"),
+        41
+    );
+    // Istio's default policy retries 503 only: a 500 comes through.
+    let statuses: Vec<u16> = (0..4).map(|_| get_path(port, "/noretry")).collect();
+    assert!(statuses.contains(&500), "{statuses:?}");
+}
+
+fn get_path(port: u16, path: &str) -> u16 {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    http_request(
+        &mut s,
+        format!("GET {path} HTTP/1.1\r\nHost: reviews\r\n\r\n").as_bytes(),
+    )
+    .0
+}
+
+/// Retries go to another endpoint than the one that failed.
+#[test]
+fn retry_goes_to_another_host() {
+    let (bad, bad_count) = backend(|_| (503, Duration::ZERO));
+    let (good, _) = backend(|_| (200, Duration::ZERO));
+    let random = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy: { loadBalancer: { simple: RANDOM } }
+";
+    let (keel, port) = http_egress(&[(bad.addr, "v1"), (good.addr, "v2")], random, "", 1);
+    for _ in 0..40 {
+        assert_eq!(get(port, "").0, 200, "Istio's default policy retries a 503");
+    }
+    // Random picks send about half the first tries to the bad host, and no retry.
+    let bad = bad_count.load(Ordering::SeqCst) as u64;
+    assert!(bad > 0 && bad < 40, "{bad}");
+    assert_eq!(cluster_stat(&keel, "reviews", "upstream_rq_retry"), bad);
+}
+
+/// perTryTimeout cuts a slow try and retries; the route timeout answers 504 on time.
+#[test]
+fn per_try_timeout_and_route_timeout() {
+    let (b, _) = backend(|n| {
+        let slow = n % 2 == 0;
+        (200, Duration::from_millis(if slow { 1500 } else { 0 }))
+    });
+    let route = vs("  - match: [{ uri: { prefix: /slow } }]
+    timeout: 300ms
+    retries: { attempts: 0 }
+    route: [{ destination: { host: reviews } }]
+  - retries: { attempts: 2, perTryTimeout: 200ms, retryOn: 5xx }
+    route: [{ destination: { host: reviews } }]
+");
+    let (keel, port) = http_egress(&[(b.addr, "v1")], &route, "", 1);
+    for _ in 0..3 {
+        let t = Instant::now();
+        assert_eq!(get(port, "").0, 200);
+        assert!(
+            t.elapsed() < Duration::from_millis(1200),
+            "{:?}",
+            t.elapsed()
+        );
+    }
+    assert!(cluster_stat(&keel, "reviews", "upstream_rq_per_try_timeout") >= 1);
+    // The next request the backend sees is a slow one (it alternates); and then it is one that
+    // needs the retry to be slow too: the route timeout answers first.
+    let mut saw_timeout = false;
+    for _ in 0..2 {
+        let t = Instant::now();
+        let (status, _, body) = {
+            let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+            http_request(&mut s, b"GET /slow HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        };
+        if status == 504 {
+            assert_eq!(body, b"upstream request timeout");
+            let took = t.elapsed();
+            assert!(
+                took >= Duration::from_millis(290) && took < Duration::from_millis(1000),
+                "{took:?}"
+            );
+            saw_timeout = true;
+        }
+    }
+    assert!(saw_timeout);
+    assert!(cluster_stat(&keel, "reviews", "upstream_rq_timeout") >= 1);
+    // A gRPC client is told DEADLINE_EXCEEDED.
+    let mut grpc_timeout = false;
+    for _ in 0..2 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (status, head, _) = http_request(
+            &mut s,
+            b"POST /slow HTTP/1.1\r\nHost: reviews\r\ncontent-type: application/grpc\r\ncontent-length: 0\r\n\r\n",
+        );
+        if head.contains("grpc-status: 4") {
+            assert_eq!(status, 200);
+            grpc_timeout = true;
+        }
+    }
+    assert!(grpc_timeout);
+}
+
+/// A backend that always fails, many clients at once: the retry budget (20% of active requests,
+/// at least 3) caps the retries in flight, and `maxRetries` caps them harder.
+#[test]
+fn retry_budget_stops_a_storm() {
+    let (b, count) = backend(|_| (503, Duration::from_millis(100)));
+    let route = vs("  - retries: { attempts: 5, retryOn: 5xx }
+    route: [{ destination: { host: reviews } }]
+");
+    let (keel, port) = http_egress(&[(b.addr, "v1")], &route, "", 1);
+    let clients: Vec<_> = (0..30)
+        .map(|_| std::thread::spawn(move || get(port, "").0))
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), 503);
+    }
+    let sent = count.load(Ordering::SeqCst);
+    // Without a budget: 30 × 6 = 180 tries.
+    assert!(sent < 120, "{sent} tries reached the backend");
+    assert!(cluster_stat(&keel, "reviews", "upstream_rq_retry_overflow") > 0);
+    assert_eq!(
+        cluster_stat(&keel, "reviews", "upstream_rq_retry_active"),
+        0
+    );
+}
+
+/// Mirroring: copies go to the mirror with `-shadow` hosts and bodies; a dead or silent mirror
+/// neither fails nor slows the primary.
+#[test]
+fn mirroring_copies_and_a_bad_mirror_does_not_hurt() {
+    let primary = RecordingBackend::echo("primary");
+    let mirror = RecordingBackend::echo("mirror");
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_addr = silent.local_addr().unwrap();
+    let dead: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let services = format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: mirrors }}
+spec:
+  hosts: [mirror, silent, dead]
+  ports: [{{ number: 1, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: 127.0.0.1, ports: {{ http: {} }}, labels: {{ role: mirror }} }}
+  - {{ address: 127.0.0.1, ports: {{ http: {} }}, labels: {{ role: silent }} }}
+  - {{ address: 127.0.0.1, ports: {{ http: {} }}, labels: {{ role: dead }} }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: mirrors }}
+spec:
+  host: mirror
+  subsets:
+  - {{ name: up, labels: {{ role: mirror }} }}
+  - {{ name: silent, labels: {{ role: silent }} }}
+  - {{ name: dead, labels: {{ role: dead }} }}
+",
+        mirror.addr.port(),
+        silent_addr.port(),
+        dead.port()
+    );
+    let route = vs("  - match: [{ uri: { prefix: /bad } }]
+    mirrors:
+    - { destination: { host: mirror, subset: silent, port: { number: 1 } } }
+    - { destination: { host: mirror, subset: dead, port: { number: 1 } } }
+    route: [{ destination: { host: reviews } }]
+  - mirror: { host: mirror, subset: up, port: { number: 1 } }
+    mirrorPercentage: { value: 100 }
+    route: [{ destination: { host: reviews } }]
+");
+    let (keel, port) = http_egress(
+        &[(primary.addr, "v1")],
+        &format!("{services}{route}"),
+        "",
+        1,
+    );
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (status, _, body) = http_request(
+        &mut s,
+        b"POST /copy HTTP/1.1\r\nHost: reviews\r\ncontent-length: 5\r\n\r\nhello",
+    );
+    assert_eq!(status, 200);
+    assert!(String::from_utf8_lossy(&body).ends_with("hello"));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !mirror.received_text().contains("hello") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let seen = mirror.received_text();
+    assert!(seen.contains("host: reviews-shadow"), "{seen}");
+    assert!(
+        seen.starts_with("POST /copy HTTP/1.1") && seen.ends_with("hello"),
+        "{seen}"
+    );
+
+    // Under load, with one mirror that never answers and one that is down.
+    let started = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            std::thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                for _ in 0..100 {
+                    let (status, _, _) =
+                        http_request(&mut s, b"GET /bad HTTP/1.1\r\nHost: reviews\r\n\r\n");
+                    assert_eq!(status, 200);
+                }
+            })
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(cluster_stat(&keel, "|silent|", "mirror_requests"), 400);
+    assert_eq!(cluster_stat(&keel, "|dead|", "mirror_requests"), 400);
+    drop(silent);
+}
