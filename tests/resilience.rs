@@ -80,6 +80,11 @@ spec:
       http:
         http1MaxPendingRequests: 1
         maxRequestsPerConnection: 1
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
 ";
     let (keel, port) = http_egress(&[(b.addr, "v1")], dr, "", 2);
     let clients: Vec<_> = (0..3)
@@ -468,4 +473,38 @@ spec:
     assert_eq!(cluster_stat(&keel, "|silent|", "mirror_requests"), 400);
     assert_eq!(cluster_stat(&keel, "|dead|", "mirror_requests"), 400);
     drop(silent);
+}
+
+/// Outlier detection and retries together: the failing endpoint is ejected after its first 5xx,
+/// the retry goes to the healthy one, and every client request succeeds.
+#[test]
+fn outlier_detection_and_retries_together() {
+    let (bad, bad_count) = backend(|_| (503, Duration::ZERO));
+    let (good, _) = backend(|_| (200, Duration::ZERO));
+    let dr = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
+";
+    let (keel, port) = http_egress(&[(bad.addr, "v1"), (good.addr, "v2")], dr, "", 2);
+    for _ in 0..30 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    // Ejected on every worker at once: one 503 reached the client-facing retry, no more.
+    assert_eq!(bad_count.load(Ordering::SeqCst), 1);
+    assert_eq!(cluster_stat(&keel, "reviews", "outlier_ejections"), 1);
+    assert_eq!(cluster_stat(&keel, "reviews", "outlier_ejected_active"), 1);
+    let (_, metrics) = http_get(keel.admin, "/stats/prometheus").unwrap();
+    assert!(
+        metrics.contains("keel_cluster_outlier_ejected{cluster=\"outbound|"),
+        "{metrics}"
+    );
 }

@@ -245,6 +245,27 @@ fn consistent_hash_policy(ch: &ConsistentHash) -> (LbPolicy, Option<HashKey>) {
     (lb, key)
 }
 
+/// The outlier detection an `outlierDetection` asks for (values already checked); `None` when
+/// both error counts are off.
+fn outlier_policy(od: &OutlierDetection) -> Option<OutlierPolicy> {
+    let count = |v: Option<i64>| v.map(|n| n.clamp(0, u32::MAX as i64) as u32);
+    let policy = OutlierPolicy {
+        consecutive_5xx: count(od.consecutive_5xx_errors).unwrap_or(5),
+        consecutive_gateway: count(od.consecutive_gateway_errors)
+            .or(count(od.consecutive_errors))
+            .unwrap_or(0),
+        interval: od.interval.map_or(Duration::from_secs(10), |d| d.0),
+        base_ejection: od
+            .base_ejection_time
+            .map_or(Duration::from_secs(30), |d| d.0),
+        max_ejection_percent: od
+            .max_ejection_percent
+            .map_or(10, |p| p.clamp(0, 100) as u32),
+        min_health_percent: od.min_health_percent.map_or(0, |p| p.clamp(0, 100) as u32),
+    };
+    (policy.consecutive_5xx > 0 || policy.consecutive_gateway > 0).then_some(policy)
+}
+
 /// gRPC status names, indexed by code.
 const GRPC_STATUS: [&str; 17] = [
     "OK",
@@ -507,12 +528,42 @@ impl Compiler {
                       tp: &Option<TrafficPolicy>,
                       at: &str| {
             if let Some(tp) = tp {
-                not_supported(
-                    e,
-                    o,
-                    &tp.outlier_detection,
-                    &format!("{at}.outlierDetection"),
-                );
+                if let Some(od) = &tp.outlier_detection {
+                    let at = format!("{at}.outlierDetection");
+                    for (value, field) in [
+                        (od.consecutive_5xx_errors, "consecutive5xxErrors"),
+                        (od.consecutive_gateway_errors, "consecutiveGatewayErrors"),
+                        (od.consecutive_errors, "consecutiveErrors"),
+                    ] {
+                        check_limit(e, o, value, &format!("{at}.{field}"));
+                    }
+                    for (value, field) in [
+                        (od.max_ejection_percent, "maxEjectionPercent"),
+                        (od.min_health_percent, "minHealthPercent"),
+                    ] {
+                        if value.is_some_and(|v| !(0..=100).contains(&v)) {
+                            e.push(o.error(
+                                &format!("{at}.{field}"),
+                                "must be a percentage from 0 to 100",
+                            ));
+                        }
+                    }
+                    if od.interval.is_some_and(|d| d.0.is_zero()) {
+                        e.push(o.error(&format!("{at}.interval"), "must be more than 0"));
+                    }
+                    not_supported(
+                        e,
+                        o,
+                        &od.split_external_local_origin_errors,
+                        &format!("{at}.splitExternalLocalOriginErrors"),
+                    );
+                    not_supported(
+                        e,
+                        o,
+                        &od.consecutive_local_origin_failures,
+                        &format!("{at}.consecutiveLocalOriginFailures"),
+                    );
+                }
                 if let Some(t) = &tp.tls {
                     not_supported(
                         e,
@@ -1012,6 +1063,7 @@ impl Compiler {
                 keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
                 tls: None,
                 limits,
+                outlier: None,
                 pool_idle_timeout,
             });
             let target = WeightedCluster { cluster, weight: 1 };
@@ -2125,6 +2177,10 @@ impl Compiler {
             .or(top.and_then(|p| p.connection_pool.as_ref()));
         let tcp = pool.and_then(|p| p.tcp.as_ref());
         let (limits, pool_idle_timeout) = pool_policy(pool);
+        let outlier = own
+            .and_then(|p| p.outlier_detection.as_ref())
+            .or(top.and_then(|p| p.outlier_detection.as_ref()))
+            .and_then(outlier_policy);
         let (lb, hash_key) = match lb_settings {
             Some(LoadBalancerSettings {
                 consistent_hash: Some(ch),
@@ -2180,6 +2236,7 @@ impl Compiler {
             keepalive: tcp.and_then(|t| t.tcp_keepalive.as_ref()).map(keepalive),
             tls,
             limits,
+            outlier,
             pool_idle_timeout,
         }))
     }
@@ -2367,6 +2424,14 @@ pub fn dump(
             "connect_timeout_ms": ms(c.connect_timeout),
             "idle_timeout_ms": ms(c.idle_timeout),
             "pool_idle_timeout_ms": ms(c.pool_idle_timeout),
+            "outlier_detection": c.outlier.map(|od| json!({
+                "consecutive_5xx": od.consecutive_5xx,
+                "consecutive_gateway": od.consecutive_gateway,
+                "interval_ms": ms(od.interval),
+                "base_ejection_ms": ms(od.base_ejection),
+                "max_ejection_percent": od.max_ejection_percent,
+                "min_health_percent": od.min_health_percent,
+            })),
             "circuit_breakers": json!({
                 "max_connections": c.limits.max_connections,
                 "max_pending_requests": c.limits.max_pending_requests,

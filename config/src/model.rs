@@ -753,6 +753,33 @@ pub struct DestinationRuleSpec {
     pub export_to: Option<NotSupported>,
 }
 
+/// `trafficPolicy.outlierDetection`: passive health checking by consecutive errors.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// 5xx answers (and connect failures, resets, timeouts) in a row that eject a host (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_5xx_errors: Option<i64>,
+    /// 502/503/504 answers (and local failures) in a row that eject a host (default off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_gateway_errors: Option<i64>,
+    /// Deprecated: as `consecutiveGatewayErrors`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_errors: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub interval: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_ejection_time: Option<Duration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ejection_percent: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_health_percent: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub split_external_local_origin_errors: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub consecutive_local_origin_failures: Option<NotSupported>,
+}
+
 /// `trafficPolicy`.
 #[derive(Debug, Clone, Default, Deserialize, Serialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -762,7 +789,7 @@ pub struct TrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPoolSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub outlier_detection: Option<NotSupported>,
+    pub outlier_detection: Option<OutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ClientTlsSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]

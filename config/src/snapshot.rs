@@ -214,9 +214,29 @@ pub struct Cluster {
     pub tls: Option<UpstreamTls>,
     /// Circuit breakers (`connectionPool`), enforced over all workers together.
     pub limits: CircuitLimits,
+    /// Outlier detection (DestinationRule `outlierDetection`); `None` is off.
+    pub outlier: Option<OutlierPolicy>,
     /// How long an idle upstream HTTP connection is kept for reuse (`connectionPool.http.idleTimeout`,
     /// else the TCP idle timeout).
     pub pool_idle_timeout: Duration,
+}
+
+/// When an endpoint is ejected for consecutive errors, and for how long (Istio's defaults: 5
+/// consecutive 5xx, 10 s interval, 30 s base ejection, 10% of hosts at most).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutlierPolicy {
+    /// 0 is off.
+    pub consecutive_5xx: u32,
+    /// 0 is off.
+    pub consecutive_gateway: u32,
+    /// How often an ejected host's count of past ejections decays by one.
+    pub interval: Duration,
+    /// An ejection lasts this times the number of times the host was ejected (at most 300 s, or
+    /// the base when that is longer).
+    pub base_ejection: Duration,
+    pub max_ejection_percent: u32,
+    /// Below this share of hosts not ejected, ejections are ignored (0: never).
+    pub min_health_percent: u32,
 }
 
 /// A cluster's circuit breakers (Envoy's thresholds); `u32::MAX` is unlimited, Istio's default.

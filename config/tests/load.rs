@@ -268,10 +268,10 @@ fn unresolvable_addresses() {
 fn not_supported_fields_are_named() {
     let yaml = full().replace(
         "    loadBalancer: { simple: RANDOM }",
-        "    loadBalancer: { simple: RANDOM }\n    outlierDetection: { consecutive5xxErrors: 7 }",
+        "    loadBalancer: { simple: RANDOM }\n    tunnel: { protocol: CONNECT, targetHost: x, targetPort: 1 }",
     );
     let e = one_error(&yaml);
-    assert_eq!(e.path, "spec.trafficPolicy.outlierDetection");
+    assert_eq!(e.path, "spec.trafficPolicy.tunnel");
     assert!(e.message.contains("not supported yet"), "{e}");
     let e = one_error(&format!(
         "{PROXY}  identity: {{ trustDomain: cluster.local }}\n"

@@ -11,7 +11,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use keel_config::{Cluster, LbPolicy, Snapshot};
-use keel_lb::{Balancer, LeastRequest, Maglev, RingHash, Rng, RoundRobin, WeightedRandom};
+use keel_lb::{outlier, Balancer, LeastRequest, Maglev, RingHash, Rng, RoundRobin, WeightedRandom};
 use tokio::sync::watch;
 
 use crate::stats::{ClusterStats, CounterTable, ListenerStats};
@@ -89,6 +89,19 @@ pub struct Generation {
     pub clusters: Vec<Arc<ClusterStats>>,
     balancers: RefCell<Vec<Balancer>>,
     routes: Vec<Option<WeightedRandom>>,
+    /// Per cluster with outlier detection: its policy and its endpoints' shared health records.
+    health: Vec<Option<(outlier::Policy, Vec<Arc<outlier::HostHealth>>)>>,
+}
+
+/// Milliseconds since the process started: outlier detection's clock, the same on every worker.
+pub fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    // Offset by one so that 0 ("never ejected") is in the past from the start.
+    EPOCH
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+        + 1
 }
 
 impl Generation {
@@ -134,7 +147,28 @@ impl Generation {
                 })
             })
             .collect();
+        let health = snapshot
+            .clusters
+            .iter()
+            .zip(&table.clusters)
+            .map(|(c, stats)| {
+                let od = c.outlier?;
+                let policy = outlier::Policy {
+                    consecutive_5xx: od.consecutive_5xx,
+                    consecutive_gateway: od.consecutive_gateway,
+                    interval_ms: od.interval.as_millis() as u64,
+                    base_ejection_ms: od.base_ejection.as_millis() as u64,
+                    max_ejection_percent: od.max_ejection_percent,
+                    min_health_percent: od.min_health_percent,
+                };
+                Some((
+                    policy,
+                    stats.health_of(c.endpoints.iter().map(|e| e.address)),
+                ))
+            })
+            .collect();
         Generation {
+            health,
             clusters: table.clusters.clone(),
             snapshot,
             tls,
@@ -176,13 +210,54 @@ impl Generation {
     ) -> Option<InFlight<'_>> {
         let mut balancers = self.balancers.borrow_mut();
         let balancer = balancers.get_mut(cluster)?;
-        let endpoint = balancer.pick_keyed(rng, key)?;
+        let mut endpoint = balancer.pick_keyed(rng, key)?;
+        if let Some((policy, hosts)) = self.health.get(cluster).and_then(Option::as_ref) {
+            // An ejected endpoint is picked again (at random, up to five times), then passed
+            // over for the first one not ejected — unless too few are left (minHealthPercent).
+            let now = now_ms();
+            let ejected = |i: usize| hosts.get(i).is_some_and(|h| h.is_ejected(now));
+            if ejected(endpoint)
+                && outlier::ejections_apply(policy, hosts.iter().map(|h| &**h), now)
+            {
+                for _ in 0..5 {
+                    endpoint = balancer.pick_keyed(rng, None)?;
+                    if !ejected(endpoint) {
+                        break;
+                    }
+                }
+                if ejected(endpoint) {
+                    endpoint = (0..hosts.len()).find(|i| !ejected(*i)).unwrap_or(endpoint);
+                }
+            }
+        }
         balancer.started(endpoint);
         Some(InFlight {
             gen: self,
             cluster,
             endpoint,
         })
+    }
+
+    /// Tells outlier detection how a request to `endpoint` of `cluster` went; counts an ejection
+    /// on `worker`'s slot.
+    pub fn report(
+        &self,
+        worker: usize,
+        cluster: usize,
+        endpoint: usize,
+        outcome: outlier::Outcome,
+    ) {
+        let Some((policy, hosts)) = self.health.get(cluster).and_then(Option::as_ref) else {
+            return;
+        };
+        if outlier::report(policy, hosts, endpoint, outcome, now_ms()) {
+            self.clusters[cluster].slots[worker].outlier_ejections.inc();
+            tracing::warn!(
+                cluster = %self.snapshot.clusters[cluster].name,
+                endpoint = %self.snapshot.clusters[cluster].endpoints[endpoint].address,
+                "outlier detection ejected an endpoint"
+            );
+        }
     }
 }
 

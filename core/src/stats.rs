@@ -105,6 +105,8 @@ pub struct ClusterCounters {
     pub mirror_sent: Counter,
     /// Mirrored copies not sent (body too large to keep, too many in flight, or overflow).
     pub mirror_dropped: Counter,
+    /// Endpoints ejected by outlier detection.
+    pub outlier_ejections: Counter,
 }
 
 /// One worker's own counters.
@@ -133,6 +135,10 @@ pub struct ClusterStats {
     pub breaker: crate::breaker::Gauges,
     /// A fingerprint of the name, so pooled connections are never shared between clusters.
     pub pool_key: u64,
+    /// Outlier detection's record of each endpoint, by address, shared by all workers and kept
+    /// across reloads.
+    pub hosts:
+        Mutex<std::collections::HashMap<std::net::SocketAddr, Arc<keel_lb::outlier::HostHealth>>>,
 }
 
 impl ClusterStats {
@@ -142,7 +148,24 @@ impl ClusterStats {
             slots: slots(workers),
             breaker: Default::default(),
             pool_key: keel_lb::hash::hash_bytes(name.as_bytes(), 0x6b65_656c),
+            hosts: Mutex::default(),
         }
+    }
+
+    /// The health records of `addrs`, in order, made for addresses seen for the first time.
+    pub fn health_of(
+        &self,
+        addrs: impl Iterator<Item = std::net::SocketAddr>,
+    ) -> Vec<Arc<keel_lb::outlier::HostHealth>> {
+        let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        addrs.map(|a| hosts.entry(a).or_default().clone()).collect()
+    }
+
+    /// Endpoints ejected now.
+    pub fn ejected(&self) -> usize {
+        let now = crate::generation::now_ms();
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts.values().filter(|h| h.is_ejected(now)).count()
     }
 }
 
@@ -448,7 +471,7 @@ impl Stats {
                 let _ = writeln!(out, "keel_listener_tls_plaintext_connections_total{{listener=\"{}\",direction=\"{}\",result=\"{result}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
             }
         }
-        let c_metrics: [(&str, &str, ClusterField); 15] = [
+        let c_metrics: [(&str, &str, ClusterField); 16] = [
             (
                 "keel_cluster_upstream_cx_overflow_total",
                 "TCP connections refused by maxConnections.",
@@ -498,6 +521,11 @@ impl Stats {
                 "keel_cluster_upstream_rq_retry_limit_exceeded_total",
                 "Requests out of retry attempts on a retriable outcome (flag URX).",
                 |c| &c.rq_retry_limit_exceeded,
+            ),
+            (
+                "keel_cluster_outlier_ejections_total",
+                "Endpoints ejected by outlier detection.",
+                |c| &c.outlier_ejections,
             ),
             (
                 "keel_cluster_mirror_requests_total",
@@ -573,6 +601,20 @@ impl Stats {
                 |g| g.retries(),
             ),
         ];
+        header(
+            &mut out,
+            "keel_cluster_outlier_ejected",
+            "gauge",
+            "Endpoints ejected by outlier detection now.",
+        );
+        for c in &table.clusters {
+            let _ = writeln!(
+                out,
+                "keel_cluster_outlier_ejected{{cluster=\"{}\"}} {}",
+                escape(&c.name),
+                c.ejected()
+            );
+        }
         for (name, help, f) in gauges {
             header(&mut out, name, "gauge", help);
             for c in &table.clusters {
@@ -734,6 +776,8 @@ impl Stats {
                     "upstream_rq_pending": sum(s, |x| &x.rq_pending),
                     "upstream_cx_overflow": sum(s, |x| &x.cx_overflow),
                     "mirror_dropped": sum(s, |x| &x.mirror_dropped),
+                    "outlier_ejections": sum(s, |x| &x.outlier_ejections),
+                    "outlier_ejected_active": c.ejected(),
                     "mirror_requests": sum(s, |x| &x.mirror_sent),
                 })
             }).collect::<Vec<_>>(),

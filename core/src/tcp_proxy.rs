@@ -90,13 +90,27 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         );
         return;
     };
+    let endpoint_index = picked.as_ref().map_or(0, |p| p.endpoint);
     let up = match crate::upstream::open(&at.gen, cluster_index, endpoint.address).await {
         Ok(up) => up,
         Err(e) => {
             worker.upstream_connect_failed(&at, cluster_index, endpoint.address, &e);
+            at.gen.report(
+                worker.id,
+                cluster_index,
+                endpoint_index,
+                keel_lb::outlier::Outcome::LocalFailure,
+            );
             return;
         }
     };
+    // For outlier detection, a TCP connection that opens is a success.
+    at.gen.report(
+        worker.id,
+        cluster_index,
+        endpoint_index,
+        keel_lb::outlier::Outcome::Status(200),
+    );
     tracing::trace!(%peer, upstream = %endpoint.address, "connected");
     if !hello.is_empty() && up.write_all(&hello).await.is_err() {
         return;

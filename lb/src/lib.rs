@@ -8,6 +8,7 @@
 pub mod hash;
 mod least_request;
 pub mod maglev;
+pub mod outlier;
 pub mod ring_hash;
 mod rng;
 mod round_robin;

@@ -14,6 +14,7 @@ use keel_config::http_routes::{
     HeaderOps, HttpRoute, HttpRouteTable, RequestView, RouteAction, RouteTarget, StringMatch,
 };
 use keel_config::HttpLimits;
+use keel_lb::outlier::Outcome;
 use keel_tls::Transport;
 
 use super::conn::{BufferedStream, ReadBuf};
@@ -692,6 +693,22 @@ async fn exchange(
         };
         tried.push(endpoint);
         let result = one_try(worker, at, down, idle, &try_spec, endpoint, &mut replay).await;
+        // Outlier detection hears how the endpoint did.
+        let outcome = match &result {
+            Ok(a) => Some(Outcome::Status(a.resp.status)),
+            Err(
+                Failure::Connect
+                | Failure::Reset
+                | Failure::Protocol(_)
+                | Failure::PerTryTimeout
+                | Failure::Timeout,
+            ) => Some(Outcome::LocalFailure),
+            Err(_) => None,
+        };
+        if let (Some(outcome), Some(picked)) = (outcome, endpoint_guard.as_ref()) {
+            at.gen
+                .report(worker.id, cluster_index, picked.endpoint, outcome);
+        }
         match &result {
             Err(Failure::PerTryTimeout) => cstats.rq_per_try_timeout.inc(),
             Err(Failure::Timeout) => cstats.rq_timeout.inc(),
