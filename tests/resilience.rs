@@ -508,3 +508,62 @@ spec:
         "{metrics}"
     );
 }
+
+/// `maxConnections` holds for TCP proxying too: a connection over it is closed at once, and a
+/// slot freed by a closed connection serves the next.
+#[test]
+fn tcp_max_connections() {
+    let (echo, _) = echo_backend();
+    let (admin, port) = (free_port(), free_port());
+    let config = format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default }}
+spec:
+  egress:
+  - port: {{ number: {port}, protocol: TCP }}
+    hosts: [\"./*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: svc }}
+spec:
+  hosts: [svc]
+  ports: [{{ number: {port}, name: tcp, protocol: TCP }}]
+  resolution: STATIC
+  endpoints: [{{ address: 127.0.0.1, ports: {{ tcp: {} }} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: svc }}
+spec:
+  host: svc
+  trafficPolicy: {{ connectionPool: {{ tcp: {{ maxConnections: 1 }} }} }}
+",
+        proxy_yaml(admin, 2),
+        echo.port()
+    );
+    let keel = Keel::start(&config, admin, &[]);
+    let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    first
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo_round_trip(&mut first, b"one");
+    let mut second = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    second
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    assert!(read_all(&mut second).is_empty(), "closed at once");
+    assert_eq!(cluster_stat(&keel, "svc", "upstream_cx_overflow"), 1);
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while cluster_stat(&keel, "svc", "upstream_cx_open") != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut third = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    third
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    echo_round_trip(&mut third, b"three");
+}

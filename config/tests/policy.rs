@@ -228,3 +228,156 @@ spec:
         "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams"
     );
 }
+
+/// The YAML of Istio's circuit-breaking, fault-injection, timeout, retry and mirroring tasks (as
+/// docs/resilience.md shows it) loads as written.
+#[test]
+fn istio_task_yaml_loads_as_written() {
+    let services = "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: httpbin }
+spec:
+  hosts: [httpbin]
+  ports: [{ number: 9080, name: http, protocol: HTTP }]
+  resolution: STATIC
+  endpoints:
+  - { address: 127.0.0.1, ports: { http: 18000 }, labels: { version: v1 } }
+  - { address: 127.0.0.2, ports: { http: 18000 }, labels: { version: v2 } }
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  subsets: [{ name: v1, labels: {} }, { name: v2, labels: {} }]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: ratings }
+spec:
+  host: ratings
+  subsets: [{ name: v1, labels: {} }]
+";
+    let circuit_breaker = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: httpbin
+spec:
+  host: httpbin
+  trafficPolicy:
+    connectionPool:
+      tcp:
+        maxConnections: 1
+      http:
+        http1MaxPendingRequests: 1
+        maxRequestsPerConnection: 1
+    outlierDetection:
+      consecutive5xxErrors: 1
+      interval: 1s
+      baseEjectionTime: 3m
+      maxEjectionPercent: 100
+";
+    let s = load(&format!("{BASE}{services}{circuit_breaker}"));
+    let c = s
+        .clusters
+        .iter()
+        .find(|c| c.name.contains("httpbin"))
+        .unwrap();
+    assert_eq!(c.limits.max_connections, 1);
+    let od = c.outlier.unwrap();
+    assert_eq!((od.consecutive_5xx, od.max_ejection_percent), (1, 100));
+    assert_eq!(od.base_ejection.as_secs(), 180);
+
+    let fault = "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: ratings
+spec:
+  hosts:
+  - ratings
+  http:
+  - match:
+    - headers:
+        end-user:
+          exact: jason
+    fault:
+      delay:
+        percentage:
+          value: 100.0
+        fixedDelay: 7s
+    route:
+    - destination:
+        host: ratings
+        subset: v1
+  - route:
+    - destination:
+        host: ratings
+        subset: v1
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+spec:
+  hosts:
+  - reviews
+  http:
+  - route:
+    - destination:
+        host: reviews
+        subset: v2
+    timeout: 0.5s
+    retries:
+      attempts: 3
+      perTryTimeout: 2s
+      retryOn: gateway-error,connect-failure,refused-stream
+";
+    let s = load(&format!("{BASE}{services}{fault}"));
+    let table = s.listeners[0].http.as_ref().unwrap();
+    let ratings = &table.virtual_host("ratings").unwrap().routes;
+    assert_eq!(
+        ratings[0].policy.fault.as_ref().unwrap().delay.unwrap().1,
+        Share::ALL
+    );
+    let reviews = &table.virtual_host("reviews").unwrap().routes[0].policy;
+    assert_eq!(reviews.timeout.unwrap().as_millis(), 500);
+    assert_eq!(reviews.retry.as_ref().unwrap().retries, 3);
+
+    let mirror = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: httpbin }
+spec:
+  host: httpbin
+  subsets:
+  - { name: v1, labels: { version: v1 } }
+  - { name: v2, labels: { version: v2 } }
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: httpbin
+spec:
+  hosts:
+  - httpbin
+  http:
+  - route:
+    - destination:
+        host: httpbin
+        subset: v1
+      weight: 100
+    mirror:
+      host: httpbin
+      subset: v2
+    mirrorPercentage:
+      value: 100.0
+";
+    let s = load(&format!("{BASE}{services}{mirror}"));
+    let table = s.listeners[0].http.as_ref().unwrap();
+    let p = &table.virtual_host("httpbin").unwrap().routes[0].policy;
+    assert_eq!(p.mirrors.len(), 1);
+    assert!(s.clusters[p.mirrors[0].cluster].name.contains("|v2|"));
+}

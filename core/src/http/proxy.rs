@@ -645,20 +645,28 @@ async fn exchange(
         retry.is_some() || !policy.mirrors.is_empty(),
     );
     let mut mirrored = false;
-    let mirror = |replay: &Replay, mirrored: &mut bool| {
-        if *mirrored || policy.mirrors.is_empty() {
+    // A request without a body is mirrored at once; one with a body once it is whole and kept
+    // (`last`: after the tries, a body that could not be kept is counted as a dropped copy).
+    let mirror = |replay: &Replay, mirrored: &mut bool, last: bool| {
+        let kept = replay.kept();
+        if *mirrored || policy.mirrors.is_empty() || (kept.is_none() && !last) {
             return;
         }
-        let Some(kept) = replay.kept() else { return };
         *mirrored = true;
         for m in &policy.mirrors {
             if m.share.hit(worker.rng().next_u64()) {
-                super::mirror::send(worker, &at.gen, m.cluster, &head, kept, policy.timeout);
+                match kept {
+                    Some(body) => {
+                        super::mirror::send(worker, &at.gen, m.cluster, &head, body, policy.timeout)
+                    }
+                    None => at.gen.clusters[m.cluster].slots[worker.id]
+                        .mirror_dropped
+                        .inc(),
+                }
             }
         }
     };
-    // A request without a body is mirrored at once; one with a body once it is whole.
-    mirror(&replay, &mut mirrored);
+    mirror(&replay, &mut mirrored, false);
 
     // Tries: the first, then retries as the route's policy allows, each to another endpoint when
     // there is one.
@@ -749,7 +757,7 @@ async fn exchange(
         };
         monoio::time::sleep(pause).await;
     };
-    mirror(&replay, &mut mirrored);
+    mirror(&replay, &mut mirrored, true);
     if !replay.body_done() {
         // Some of the request body is still unread: the connection cannot carry another request.
         next = Next::Close;
