@@ -103,7 +103,9 @@ pub fn give_back(
     } else {
         drop(conn);
     }
-    worker.conn_released.notify_waiters();
+    if worker.conn_waiters.get() > 0 {
+        worker.conn_released.notify_waiters();
+    }
 }
 
 /// Counts a request of this worker as waiting for a connection while it lives.

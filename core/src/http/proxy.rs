@@ -685,7 +685,7 @@ async fn exchange(
         deadline,
         per_try: retry.and_then(|r| r.per_try_timeout),
     };
-    let mut tried: Vec<SocketAddr> = Vec::new();
+    let mut tried = Tried::default();
     let mut retries = 0u32;
     let mut _retry_slot = None;
     let mut endpoint_guard;
@@ -771,7 +771,7 @@ async fn exchange(
             if matches!(f, Failure::BadBody | Failure::Reset | Failure::Protocol(_)) {
                 next = Next::Close;
             }
-            tracing::debug!(%peer, method = %head.method, path = %head.path, upstream = ?tried.last(), retries, "upstream failed");
+            tracing::debug!(%peer, method = %head.method, path = %head.path, upstream = ?tried.last(), retries, flags = %flags, "upstream failed");
             return finish_local(down, lstats, &head, peer, flags, reply, grpc, next).await;
         }
     };
@@ -942,6 +942,37 @@ async fn copy_response(
     }
 }
 
+/// The endpoints a request has tried, kept inline for the usual one to three tries (no allocation
+/// per request).
+#[derive(Default)]
+struct Tried {
+    inline: [Option<SocketAddr>; 3],
+    more: Vec<SocketAddr>,
+}
+
+impl Tried {
+    fn push(&mut self, addr: SocketAddr) {
+        match self.inline.iter_mut().find(|s| s.is_none()) {
+            Some(slot) => *slot = Some(addr),
+            None => self.more.push(addr),
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.inline[0].is_none()
+    }
+
+    fn contains(&self, addr: &SocketAddr) -> bool {
+        self.inline.iter().flatten().any(|a| a == addr) || self.more.contains(addr)
+    }
+
+    fn last(&self) -> Option<&SocketAddr> {
+        self.more
+            .last()
+            .or_else(|| self.inline.iter().rev().flatten().next())
+    }
+}
+
 /// The endpoint for the next try: with a retry policy that wants another host, up to five picks
 /// to find one not tried yet (Istio's `previous_hosts` predicate), then the first endpoint not
 /// tried; only when all were tried does a retry go to one again.
@@ -950,7 +981,7 @@ fn pick_for_try<'g>(
     at: &'g ListenerRef,
     cluster: usize,
     key: Option<u64>,
-    tried: &[SocketAddr],
+    tried: &Tried,
     retry: Option<&keel_config::http_routes::RetryPolicy>,
 ) -> Option<crate::generation::InFlight<'g>> {
     let endpoints = &at.gen.snapshot.clusters[cluster].endpoints;
