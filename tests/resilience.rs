@@ -62,6 +62,13 @@ fn cluster_stat(keel: &Keel, name: &str, field: &str) -> u64 {
     c[field].as_u64().unwrap_or_else(|| panic!("no {field}"))
 }
 
+/// How many requests of the (first) listener carried response flag `flag`.
+fn flagged(keel: &Keel, flag: &str) -> u64 {
+    keel.stats()["listeners"][0]["response_flags"][flag]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no flag {flag}"))
+}
+
 /// Istio's circuit-breaking task: maxConnections 1, http1MaxPendingRequests 1,
 /// maxRequestsPerConnection 1, three concurrent clients × 30 requests.
 #[test]
@@ -118,6 +125,7 @@ spec:
         cluster_stat(&keel, "reviews", "upstream_rq_pending_overflow"),
         overflow
     );
+    assert_eq!(flagged(&keel, "UO"), overflow);
     // maxRequestsPerConnection 1: every request had its own upstream connection, never two open.
     assert_eq!(b.connections.load(Ordering::SeqCst) as u64, ok);
     assert_eq!(cluster_stat(&keel, "reviews", "upstream_cx_open"), 0);
@@ -179,6 +187,7 @@ fn fault_delay_on_a_share_of_requests() {
     assert!((3..=17).contains(&delayed), "{delayed} of 20 delayed");
     assert!(started.elapsed() < Duration::from_secs(8));
     assert_eq!(keel.listener_stat("fault_delays"), delayed as u64);
+    assert_eq!(flagged(&keel, "DI"), delayed as u64);
 }
 
 /// The fault-injection task's abort (HTTP 400 on a share), and a gRPC abort.
@@ -213,6 +222,7 @@ fn fault_abort_http_and_grpc() {
     assert!((420..=580).contains(&aborted), "{aborted} of 1000 aborted");
     assert_eq!(count.load(Ordering::SeqCst), 1000 - aborted);
     assert_eq!(keel.listener_stat("fault_aborts"), aborted as u64);
+    assert_eq!(flagged(&keel, "FI"), aborted as u64);
     let (status, head, _) = get(port, "content-type: application/grpc\r\n");
     assert_eq!(status, 200);
     assert!(head.contains("grpc-status: 14"), "{head}");
@@ -337,6 +347,7 @@ fn per_try_timeout_and_route_timeout() {
     }
     assert!(saw_timeout);
     assert!(cluster_stat(&keel, "reviews", "upstream_rq_timeout") >= 1);
+    assert!(flagged(&keel, "UT") >= 1);
     // A gRPC client is told DEADLINE_EXCEEDED.
     let mut grpc_timeout = false;
     for _ in 0..2 {
@@ -372,6 +383,11 @@ fn retry_budget_stops_a_storm() {
     // Without a budget: 30 × 6 = 180 tries.
     assert!(sent < 120, "{sent} tries reached the backend");
     assert!(cluster_stat(&keel, "reviews", "upstream_rq_retry_overflow") > 0);
+    // Requests that used all 5 retries (if any did) end with URX; none of them came back 200.
+    assert_eq!(
+        flagged(&keel, "URX"),
+        cluster_stat(&keel, "reviews", "upstream_rq_retry_limit_exceeded")
+    );
     assert_eq!(
         cluster_stat(&keel, "reviews", "upstream_rq_retry_active"),
         0

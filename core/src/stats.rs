@@ -72,7 +72,13 @@ pub struct ListenerCounters {
     pub fault_delay: Counter,
     /// Requests answered by a route's `fault.abort`.
     pub fault_abort: Counter,
+    /// Requests by Envoy response flag (a request may have several), in the order of
+    /// [`crate::http::proxy::Flags::names`].
+    pub response_flags: [Counter; RESPONSE_FLAGS],
 }
+
+/// How many response flags Keel sets.
+pub const RESPONSE_FLAGS: usize = 12;
 
 /// One worker's counters for one cluster.
 #[derive(Default, Debug)]
@@ -603,6 +609,23 @@ impl Stats {
         ];
         header(
             &mut out,
+            "keel_listener_response_flags_total",
+            "counter",
+            "HTTP requests by Envoy response flag (UO overflow, UT timeout, URX retries exhausted, FI/DI fault, NR, UH, UF, UC, UPE, DPE, DC).",
+        );
+        for l in &table.listeners {
+            for (i, flag) in crate::http::proxy::Flags::names().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "keel_listener_response_flags_total{{listener=\"{}\",direction=\"{}\",flag=\"{flag}\"}} {}",
+                    escape(&l.name),
+                    l.direction,
+                    sum(&l.slots, |c| &c.response_flags[i])
+                );
+            }
+        }
+        header(
+            &mut out,
             "keel_cluster_outlier_ejected",
             "gauge",
             "Endpoints ejected by outlier detection now.",
@@ -751,6 +774,10 @@ impl Stats {
                     "no_route": sum(s, |c| &c.no_route),
                     "fault_delays": sum(s, |c| &c.fault_delay),
                     "fault_aborts": sum(s, |c| &c.fault_abort),
+                    "response_flags": crate::http::proxy::Flags::names()
+                        .enumerate()
+                        .map(|(i, f)| (f.to_string(), json!(sum(s, |c| &c.response_flags[i]))))
+                        .collect::<serde_json::Map<_, _>>(),
                 })
             }).collect::<Vec<_>>(),
             "clusters": table.clusters.iter().map(|c| {

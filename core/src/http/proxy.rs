@@ -2,7 +2,9 @@
 //! stream the response back; repeat on keep-alive connections, answering pipelined requests in order.
 //!
 //! Every failure before the response head is forwarded becomes a local reply with an Envoy response
-//! flag (NR, UH, UF, UC, UPE, DPE); after that point the only honest signal is closing the connection.
+//! flag (NR, UH, UF, UC, UPE, DPE, UO, UT, URX, FI); after that point the only honest signal is
+//! closing the connection. Route policy lives here too: fault injection, the circuit breaker on
+//! requests, tries and retries with their timeouts, and starting mirrors.
 
 use std::cell::Cell;
 use std::io;
@@ -63,7 +65,7 @@ pub enum Flag {
 pub struct Flags(u16);
 
 impl Flags {
-    const ALL: [Flag; 12] = [
+    const ALL: [Flag; crate::stats::RESPONSE_FLAGS] = [
         Flag::NoRoute,
         Flag::NoHealthyUpstream,
         Flag::UpstreamConnectFailure,
@@ -82,6 +84,31 @@ impl Flags {
         if let Some(i) = Self::ALL.iter().position(|f| *f == flag) {
             self.0 |= 1 << i;
         }
+    }
+
+    /// The flags' names, in the order of [`ListenerCounters::response_flags`].
+    ///
+    /// [`ListenerCounters::response_flags`]: crate::stats::ListenerCounters::response_flags
+    pub fn names() -> impl Iterator<Item = &'static str> {
+        Self::ALL.iter().map(|f| f.as_str())
+    }
+
+    /// Counts each flag set, for the per-flag metric.
+    pub fn record(self, lstats: &crate::stats::ListenerCounters) {
+        if self.0 == 0 {
+            return;
+        }
+        for (i, counter) in lstats.response_flags.iter().enumerate() {
+            if self.0 & (1 << i) != 0 {
+                counter.inc();
+            }
+        }
+    }
+
+    pub fn of(flag: Flag) -> Flags {
+        let mut f = Flags::default();
+        f.insert(flag);
+        f
     }
 
     pub fn contains(self, flag: Flag) -> bool {
@@ -243,6 +270,7 @@ async fn one_request(c: &mut Conn) -> Next {
         Err(ReadError::Head(e)) => {
             lstats.rq_total.inc();
             count_status(lstats, e.status);
+            Flags::of(Flag::DownstreamProtocolError).record(lstats);
             tracing::debug!(%peer, status = e.status, reason = e.reason, flag = "DPE", "refused request");
             let _ = local_reply(&down.stream, e.status, e.reason, Next::Close, &[]).await;
             return Next::Close;
@@ -535,6 +563,7 @@ async fn exchange(
             extra,
         } => {
             count_status(lstats, status);
+            Flags::of(flag).record(lstats);
             tracing::debug!(%peer, method = %head.method, path = %head.path, status, flag = flag.as_str(), "local reply");
             // Unread request body bytes would be taken for the next request: close instead.
             if body != BodyKind::None {
@@ -890,6 +919,7 @@ async fn exchange(
         }
     };
     if copied.is_err() {
+        flags.record(lstats);
         tracing::debug!(%peer, path = %head.path, flags = %flags, "response body interrupted");
         return Next::Close;
     }
@@ -908,6 +938,7 @@ async fn exchange(
             },
         );
     }
+    flags.record(lstats);
     tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint, retries, flags = %flags, duration_us = started.elapsed().as_micros() as u64, "request");
     next
 }
@@ -1195,6 +1226,7 @@ async fn finish_local(
         (reply.status, reply.text)
     };
     count_status(lstats, status);
+    flags.record(lstats);
     tracing::debug!(%peer, method = %head.method, path = %head.path, status, flags = %flags, "local reply");
     let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
     if local_reply(&down.stream, status, text, next, &extra)
