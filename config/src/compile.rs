@@ -1910,6 +1910,22 @@ impl Compiler {
                     .name
                     .clone()
                     .unwrap_or_else(|| format!("{}.{i}", vs.value.metadata.name));
+                if !matches!(action, RouteAction::Forward { .. }) {
+                    // Nothing goes upstream: a policy here would silently do nothing.
+                    for (given, field) in [
+                        (r.timeout.is_some(), "timeout"),
+                        (r.retries.is_some(), "retries"),
+                        (r.fault.is_some(), "fault"),
+                        (r.mirror.is_some() || !r.mirrors.is_empty(), "mirror"),
+                    ] {
+                        if given {
+                            self.push_unique(o.error(
+                                &format!("{at}.{field}"),
+                                "applies only to a route with destinations, not to redirect or directResponse",
+                            ));
+                        }
+                    }
+                }
                 let policy = self.route_policy(o, r, &at, ns, registry, rules, port);
                 out.push(HttpRoute {
                     name,

@@ -202,6 +202,18 @@ spec:
     assert_eq!(e.path, "spec.http[0].mirrorPercentage");
     let e = one_error(&vs("mirror: { host: nowhere }"));
     assert_eq!(e.path, "spec.http[0].mirror");
+    let e = one_error(&with(
+        "apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: reviews }
+spec:
+  hosts: [reviews]
+  http:
+  - fault: { abort: { httpStatus: 503, percentage: { value: 1 } } }
+    directResponse: { status: 200 }
+",
+    ));
+    assert_eq!(e.path, "spec.http[0].fault");
     let e = one_error(&vs("retries: { attempts: 2, retryRemoteLocalities: true }"));
     assert!(e.message.contains("not supported yet"), "{e}");
     let dr = |pool: &str| {

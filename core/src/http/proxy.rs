@@ -678,7 +678,8 @@ async fn exchange(
     // (`last`: after the tries, a body that could not be kept is counted as a dropped copy).
     let mirror = |replay: &Replay, mirrored: &mut bool, last: bool| {
         let kept = replay.kept();
-        if *mirrored || policy.mirrors.is_empty() || (kept.is_none() && !last) {
+        // An upgrade (WebSocket) is not mirrored: the copy would open a tunnel of its own.
+        if *mirrored || policy.mirrors.is_empty() || websocket || (kept.is_none() && !last) {
             return;
         }
         *mirrored = true;
