@@ -583,3 +583,63 @@ spec:
         .unwrap();
     echo_round_trip(&mut third, b"three");
 }
+
+/// An endpoint answering 5xx is ejected (on every worker; `/clusters` shows it) and comes back
+/// after `baseEjectionTime`.
+#[test]
+fn ejected_endpoint_comes_back_after_base_ejection_time() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let f = failing.clone();
+    let (a, a_count) = backend(move |_| {
+        let status = if f.load(Ordering::SeqCst) { 500 } else { 200 };
+        (status, Duration::ZERO)
+    });
+    let (b, _) = backend(|_| (200, Duration::ZERO));
+    let config = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy:
+    outlierDetection: { consecutive5xxErrors: 1, baseEjectionTime: 1s, maxEjectionPercent: 50 }
+";
+    let (keel, port) = http_egress(&[(a.addr, "v1"), (b.addr, "v2")], config, "", 2);
+    let statuses: Vec<u16> = (0..10).map(|_| get(port, "").0).collect();
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 500).count(),
+        1,
+        "{statuses:?}"
+    );
+    assert_eq!(a_count.load(Ordering::SeqCst), 1);
+    let (_, clusters) = http_get(keel.admin, "/clusters?format=json").unwrap();
+    let clusters: serde_json::Value = serde_json::from_str(&clusters).unwrap();
+    let eps = clusters["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str().unwrap().contains("reviews"))
+        .unwrap()["endpoints"]
+        .clone();
+    let ejected: Vec<bool> = eps
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["ejected"].as_bool().unwrap())
+        .collect();
+    assert_eq!(ejected, vec![true, false], "{eps}");
+    let (_, text) = http_get(keel.admin, "/clusters").unwrap();
+    assert!(
+        text.contains(&format!(
+            "::{}::health_flags::/failed_outlier_check",
+            a.addr
+        )),
+        "{text}"
+    );
+    failing.store(false, Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(1200));
+    for _ in 0..10 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    assert!(a_count.load(Ordering::SeqCst) > 1, "back in rotation");
+}

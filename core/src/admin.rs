@@ -135,6 +135,16 @@ fn handle(mut conn: TcpStream, state: &AdminState) {
             "text/plain; version=0.0.4",
             state.stats.prometheus().into_bytes(),
         ),
+        "/clusters" => {
+            let query = target.split_once('?').map_or("", |(_, q)| q);
+            let as_json = query.split('&').any(|p| p == "format=json");
+            let kind = if as_json {
+                "application/json"
+            } else {
+                "text/plain"
+            };
+            (200, kind, state.stats.clusters(as_json).into_bytes())
+        }
         "/config_dump" => (
             200,
             "application/json",
@@ -143,7 +153,7 @@ fn handle(mut conn: TcpStream, state: &AdminState) {
         "/" => (
             200,
             "text/plain",
-            b"keel admin: /ready /healthz /stats /stats/prometheus /config_dump, POST /drain_listeners[?inboundonly]\n".to_vec(),
+            b"keel admin: /ready /healthz /stats /stats/prometheus /clusters[?format=json] /config_dump, POST /drain_listeners[?inboundonly]\n".to_vec(),
         ),
         _ => (404, "text/plain", b"not found\n".to_vec()),
     };

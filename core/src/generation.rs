@@ -89,8 +89,9 @@ pub struct Generation {
     pub clusters: Vec<Arc<ClusterStats>>,
     balancers: RefCell<Vec<Balancer>>,
     routes: Vec<Option<WeightedRandom>>,
-    /// Per cluster with outlier detection: its policy and its endpoints' shared health records.
-    health: Vec<Option<(outlier::Policy, Vec<Arc<outlier::HostHealth>>)>>,
+    /// Per cluster: its outlier detection policy, if any, and its endpoints' shared records
+    /// (ejection state, requests in flight), indexed as its endpoints.
+    health: Vec<(Option<outlier::Policy>, Vec<Arc<outlier::HostHealth>>)>,
 }
 
 /// Milliseconds since the process started: outlier detection's clock, the same on every worker.
@@ -152,19 +153,18 @@ impl Generation {
             .iter()
             .zip(&table.clusters)
             .map(|(c, stats)| {
-                let od = c.outlier?;
-                let policy = outlier::Policy {
+                let policy = c.outlier.map(|od| outlier::Policy {
                     consecutive_5xx: od.consecutive_5xx,
                     consecutive_gateway: od.consecutive_gateway,
                     interval_ms: od.interval.as_millis() as u64,
                     base_ejection_ms: od.base_ejection.as_millis() as u64,
                     max_ejection_percent: od.max_ejection_percent,
                     min_health_percent: od.min_health_percent,
-                };
-                Some((
+                });
+                (
                     policy,
                     stats.health_of(c.endpoints.iter().map(|e| e.address)),
-                ))
+                )
             })
             .collect();
         Generation {
@@ -211,7 +211,8 @@ impl Generation {
         let mut balancers = self.balancers.borrow_mut();
         let balancer = balancers.get_mut(cluster)?;
         let mut endpoint = balancer.pick_keyed(rng, key)?;
-        if let Some((policy, hosts)) = self.health.get(cluster).and_then(Option::as_ref) {
+        let (policy, hosts) = self.health.get(cluster)?;
+        if let Some(policy) = policy {
             // An ejected endpoint is picked again (at random, up to five times), then passed
             // over for the first one not ejected — unless too few are left (minHealthPercent).
             let now = now_ms();
@@ -231,6 +232,9 @@ impl Generation {
             }
         }
         balancer.started(endpoint);
+        if let Some(h) = hosts.get(endpoint) {
+            h.started();
+        }
         Some(InFlight {
             gen: self,
             cluster,
@@ -247,7 +251,7 @@ impl Generation {
         endpoint: usize,
         outcome: outlier::Outcome,
     ) {
-        let Some((policy, hosts)) = self.health.get(cluster).and_then(Option::as_ref) else {
+        let Some((Some(policy), hosts)) = self.health.get(cluster) else {
             return;
         };
         if outlier::report(policy, hosts, endpoint, outcome, now_ms()) {
@@ -271,6 +275,9 @@ impl Generation {
             return None;
         }
         balancer.started(endpoint);
+        if let Some(h) = self.health.get(cluster).and_then(|(_, h)| h.get(endpoint)) {
+            h.started();
+        }
         Some(InFlight {
             gen: self,
             cluster,
@@ -298,6 +305,14 @@ impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some(b) = self.gen.balancers.borrow_mut().get_mut(self.cluster) {
             b.finished(self.endpoint);
+        }
+        if let Some(h) = self
+            .gen
+            .health
+            .get(self.cluster)
+            .and_then(|(_, h)| h.get(self.endpoint))
+        {
+            h.finished();
         }
     }
 }

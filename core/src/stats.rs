@@ -813,6 +813,83 @@ impl Stats {
     }
 }
 
+impl Stats {
+    /// Each cluster's circuit breakers and each endpoint's weight, health, ejection state and
+    /// requests in flight, as Envoy's `/clusters` lists them (`cluster::host::field::value`), or as
+    /// JSON.
+    pub fn clusters(&self, as_json: bool) -> String {
+        let Published { snapshot, table } = self.published();
+        let now = crate::generation::now_ms();
+        let mut out = String::with_capacity(4096);
+        let mut list = Vec::new();
+        for (c, stats) in snapshot.clusters.iter().zip(&table.clusters) {
+            let health = stats.health_of(c.endpoints.iter().map(|e| e.address));
+            let l = &c.limits;
+            let limits = [
+                ("max_connections", l.max_connections),
+                ("max_pending_requests", l.max_pending_requests),
+                ("max_requests", l.max_requests),
+                ("max_retries", l.max_retries.unwrap_or(u32::MAX)),
+            ];
+            let mut endpoints = Vec::new();
+            for (e, h) in c.endpoints.iter().zip(&health) {
+                let ejected = h.is_ejected(now);
+                let flags = if ejected {
+                    "/failed_outlier_check"
+                } else {
+                    "healthy"
+                };
+                if as_json {
+                    endpoints.push(serde_json::json!({
+                        "address": e.address.to_string(),
+                        "weight": e.weight,
+                        "labels": e.labels,
+                        "health_flags": flags,
+                        "ejected": ejected,
+                        "ejected_for_ms": h.ejected_until().saturating_sub(now),
+                        "ejections": h.ejections(),
+                        "rq_active": h.active(),
+                    }));
+                    continue;
+                }
+                let host = format!("{}::{}", c.name, e.address);
+                let _ = writeln!(out, "{host}::weight::{}", e.weight);
+                let _ = writeln!(out, "{host}::rq_active::{}", h.active());
+                let _ = writeln!(out, "{host}::health_flags::{flags}");
+                let _ = writeln!(out, "{host}::outlier_ejections::{}", h.ejections());
+            }
+            if as_json {
+                list.push(serde_json::json!({
+                    "name": c.name,
+                    "circuit_breakers": limits.iter().map(|(k, v)| (k.to_string(), serde_json::json!(v))).collect::<serde_json::Map<_, _>>(),
+                    "upstream_cx_open": stats.breaker.connections(),
+                    "upstream_rq_active": stats.breaker.requests(),
+                    "upstream_rq_pending_active": stats.breaker.pending(),
+                    "outlier_detection": c.outlier.is_some(),
+                    "endpoints": endpoints,
+                }));
+                continue;
+            }
+            for (k, v) in limits {
+                let _ = writeln!(out, "{}::default_priority::{k}::{v}", c.name);
+            }
+            let _ = writeln!(
+                out,
+                "{}::outlier_detection::{}",
+                c.name,
+                c.outlier.is_some()
+            );
+        }
+        if as_json {
+            let mut text = serde_json::to_string_pretty(&serde_json::json!({ "clusters": list }))
+                .unwrap_or_default();
+            text.push('\n');
+            return text;
+        }
+        out
+    }
+}
+
 fn header(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
 }

@@ -37,7 +37,7 @@ pub enum Outcome {
     LocalFailure,
 }
 
-/// One host's error and ejection record.
+/// One host's error and ejection record, and its requests in flight over all workers.
 #[derive(Debug, Default)]
 pub struct HostHealth {
     errors_5xx: AtomicU32,
@@ -45,11 +45,35 @@ pub struct HostHealth {
     /// Ejected until this time (ms); 0 when never ejected.
     ejected_until: AtomicU64,
     ejections: AtomicU32,
+    active: AtomicU32,
 }
 
 impl HostHealth {
     pub fn is_ejected(&self, now_ms: u64) -> bool {
         self.ejected_until.load(Relaxed) > now_ms
+    }
+
+    /// Until when the host is ejected (ms; in the past when it is not).
+    pub fn ejected_until(&self) -> u64 {
+        self.ejected_until.load(Relaxed)
+    }
+
+    /// How many times the host was ejected (after decay), for reports.
+    pub fn ejections(&self) -> u32 {
+        self.ejections.load(Relaxed)
+    }
+
+    /// Requests (or TCP connections) in flight to the host, over all workers.
+    pub fn active(&self) -> u32 {
+        self.active.load(Relaxed)
+    }
+
+    pub fn started(&self) {
+        self.active.fetch_add(1, Relaxed);
+    }
+
+    pub fn finished(&self) {
+        self.active.fetch_sub(1, Relaxed);
     }
 }
 
