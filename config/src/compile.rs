@@ -338,7 +338,9 @@ impl Compiler {
         for p in &raw.proxies {
             let (o, s) = (&p.origin, &p.value.spec);
             not_supported(e, o, &s.interception, "spec.interception");
-            not_supported(e, o, &s.telemetry, "spec.telemetry");
+            if let Some(t) = &s.telemetry {
+                not_supported(e, o, &t.tracing, "spec.telemetry.tracing");
+            }
         }
         let pool = |e: &mut Vec<ConfigError>,
                     o: &Origin,
@@ -711,7 +713,47 @@ impl Compiler {
                 http.max_request_buffer_bytes = n as usize;
             }
         }
+        let access_log = spec
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.access_log.as_ref())
+            .and_then(|a| {
+                let format = match a.format.as_deref() {
+                    None | Some("text") | Some("TEXT") => {
+                        crate::access_log::parse(crate::access_log::ISTIO_TEXT_FORMAT)
+                            .map(crate::access_log::Format::Text)
+                    }
+                    Some("json") | Some("JSON") => Ok(crate::access_log::istio_json()),
+                    Some(f) => crate::access_log::parse(f).map(crate::access_log::Format::Text),
+                };
+                let format = match format {
+                    Ok(f) => f,
+                    Err(m) => {
+                        self.errors
+                            .push(p.origin.error("spec.telemetry.accessLog.format", m));
+                        return None;
+                    }
+                };
+                if a.path.is_empty() {
+                    self.errors.push(
+                        p.origin
+                            .error("spec.telemetry.accessLog.path", "must not be empty"),
+                    );
+                    return None;
+                }
+                let path = std::path::Path::new(&a.path);
+                let path = if path.is_absolute() {
+                    path.to_path_buf()
+                } else {
+                    p.origin
+                        .file
+                        .parent()
+                        .map_or(path.to_path_buf(), |d| d.join(path))
+                };
+                Some(AccessLog { path, format })
+            });
         Some(ProxySettings {
+            access_log,
             http,
             name: p.value.metadata.name.clone(),
             namespace: p.value.metadata.namespace().to_string(),

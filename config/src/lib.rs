@@ -5,6 +5,7 @@
 //! and the compilation into listeners and clusters. It knows nothing of sockets or runtimes: the
 //! proxy engine reads a snapshot; it never reads YAML.
 
+pub mod access_log;
 pub mod compile;
 pub mod duration;
 pub mod error;

@@ -92,7 +92,28 @@ pub struct ProxySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub interception: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub telemetry: Option<NotSupported>,
+    pub telemetry: Option<Telemetry>,
+}
+
+/// `Proxy.spec.telemetry`: Istio's meshConfig extension providers, in short.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Telemetry {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access_log: Option<AccessLogSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<NotSupported>,
+}
+
+/// `telemetry.accessLog`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AccessLogSpec {
+    /// A file (appended to, reopened on SIGUSR1) or `/dev/stdout`.
+    pub path: String,
+    /// `text` (Istio's default format), `json` (Istio's JSON fields), or an Envoy format string.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub format: Option<String>,
 }
 
 /// The workload this sidecar stands beside; selectors in other resources are matched against it.

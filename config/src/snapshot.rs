@@ -42,6 +42,16 @@ pub struct ProxySettings {
     pub identity: Option<Identity>,
     /// First byte and TLS handshake of a downstream connection must arrive within this.
     pub tls_handshake_timeout: Duration,
+    /// `spec.telemetry.accessLog`: where and how requests and connections are logged.
+    pub access_log: Option<AccessLog>,
+}
+
+/// The access log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccessLog {
+    /// Relative paths are relative to the file naming them.
+    pub path: std::path::PathBuf,
+    pub format: crate::access_log::Format,
 }
 
 /// HTTP connection limits and timeouts (`Proxy.spec.http`).

@@ -135,6 +135,7 @@ impl Fleet {
         let next = Arc::new(next);
         let tls = Arc::new(tls);
         self.refuse_restart_only_changes(&next);
+        crate::access_log::configure(next.proxy.access_log.as_ref().map(|a| a.path.as_path()));
         let previous = self.stats.published();
         let table = Arc::new(CounterTable::for_snapshot(
             &next,

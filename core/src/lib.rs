@@ -5,6 +5,7 @@
 //! reload swaps a new one in on every worker through the [`fleet`] — uses `keel_io` for sockets and
 //! runtimes and `keel_lb` for picks.
 
+pub mod access_log;
 pub mod admin;
 pub mod breaker;
 pub mod config;

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use keel_io::unix_seqpacket::SeqPacket;
 use keel_io::{driver, worker as io_worker, DriverChoice};
-use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR2};
+use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1, SIGUSR2};
 use signal_hook::iterator::Signals;
 
 use crate::admin::{self, AdminState};
@@ -84,7 +84,7 @@ pub enum Event {
 /// Runs Keel until SIGTERM (drain), SIGINT (fast exit) or a completed upgrade, then returns.
 pub fn run(opts: RunOptions) -> Result<(), StartError> {
     // Signals first: a SIGTERM during start-up must drain, not kill.
-    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR2])
+    let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
         .map_err(|e| StartError::Other(format!("cannot install signal handlers: {e}")))?;
     let (snapshot, tls) = crate::config::load(&opts.config).map_err(StartError::Config)?;
     let (snapshot, tls) = (Arc::new(snapshot), Arc::new(tls));
@@ -128,6 +128,7 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     // Sockets of listeners the new config no longer has close here; the old process drains them.
     drop(inherited);
 
+    crate::access_log::configure(snapshot.proxy.access_log.as_ref().map(|a| a.path.as_path()));
     let stats = Stats::new(&snapshot, driver, workers);
     let table = stats.published().table;
     let (ready_tx, ready_rx) = mpsc::channel();
@@ -393,6 +394,10 @@ impl Control<'_> {
                     return Exit::Interrupted;
                 }
                 Event::Signal(SIGUSR2) => self.start_successor(),
+                Event::Signal(SIGUSR1) => {
+                    tracing::info!("SIGUSR1: reopening the access log");
+                    crate::access_log::reopen();
+                }
                 Event::Signal(other) => tracing::debug!(signal = other, "ignored signal"),
                 Event::DrainListeners(scope, answer) => {
                     tracing::info!(?scope, "draining listeners on request");

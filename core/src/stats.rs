@@ -122,6 +122,8 @@ pub struct WorkerCounters {
     pub accepted: Counter,
     /// Downstream connections ended; `accepted - closed` is what a drain waits for.
     pub closed: Counter,
+    /// Access log lines dropped because the writer fell behind.
+    pub access_log_dropped: Counter,
 }
 
 /// A listener's counters across workers.
@@ -649,6 +651,17 @@ impl Stats {
                 );
             }
         }
+        header(
+            &mut out,
+            "keel_access_log_dropped_total",
+            "counter",
+            "Access log lines dropped because the writer thread fell behind.",
+        );
+        let _ = writeln!(
+            out,
+            "keel_access_log_dropped_total {}",
+            sum(&self.per_worker, |w| &w.access_log_dropped)
+        );
         header(
             &mut out,
             "keel_worker_connections_accepted_total",

@@ -8,6 +8,7 @@ use std::rc::Rc;
 use keel_io::forward::forward_with;
 use keel_tls::Transport;
 
+use crate::http::proxy::{Flag, Flags};
 use crate::worker::{ActiveGuard, ListenerRef, Worker};
 
 /// Proxies one accepted connection on listener `at`, with the config generation it was accepted
@@ -19,6 +20,17 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     let lstats = at.counters(worker.id);
     lstats.accepted.inc();
     let _ = down.set_nodelay();
+    // The access log line for the connection, written however it ends.
+    let mut log = crate::access_log::Entry::start(&worker, &at.gen.snapshot);
+    log.with(|r| {
+        r.downstream_remote = Some(peer);
+        r.downstream_local = Some(listener.address);
+        r.details = "-";
+        if let Some(s) = down.session() {
+            r.peer_uri_san = s.peer_id.as_ref().map(|p| p.uri().to_string());
+        }
+    });
+    let (received, sent) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
 
     // TLS passthrough: the ClientHello's SNI picks the route; its bytes go upstream first.
     let mut hello = Vec::new();
@@ -39,8 +51,10 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
                 return;
             }
         };
+        log.with(|r| r.server_name = info.server_name.clone());
         let Some(route) = listener.sni_route(info.server_name.as_deref()) else {
             lstats.no_route.inc();
+            log.with(|r| r.flags = Flags::of(Flag::NoRoute));
             let name = info.server_name.as_deref().unwrap_or("(none)");
             worker.warn_downstream(
                 &listener.name,
@@ -58,9 +72,11 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     };
     let Some(cluster_index) = picked_cluster else {
         lstats.no_healthy_upstream.inc();
+        log.with(|r| r.flags = Flags::of(Flag::NoHealthyUpstream));
         return;
     };
     let cluster = &snapshot.clusters[cluster_index];
+    log.with(|r| r.upstream_cluster = Some(cluster.name.clone()));
     let cstats = &at.gen.clusters[cluster_index].slots[worker.id];
     // Counted in flight (least request) for as long as the connection lasts.
     // A TCP connection can be hashed only by its source address; other keys balance at random.
@@ -72,9 +88,11 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         .and_then(|p| cluster.endpoints.get(p.endpoint))
     else {
         lstats.no_healthy_upstream.inc();
+        log.with(|r| r.flags = Flags::of(Flag::NoHealthyUpstream));
         tracing::debug!(listener = %listener.name, cluster = %cluster.name, "no endpoint");
         return;
     };
+    log.with(|r| r.upstream_host = Some(endpoint.address));
     // Counted against maxConnections (and as attempted) until the upstream socket closes.
     let Some(_slot) = crate::breaker::ConnSlot::open(
         &at.gen.clusters[cluster_index],
@@ -82,6 +100,7 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         worker.id,
     ) else {
         cstats.cx_overflow.inc();
+        log.with(|r| r.flags = Flags::of(Flag::UpstreamOverflow));
         worker.warn_upstream(
             &listener.name,
             &cluster.name,
@@ -95,6 +114,7 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         Ok(up) => up,
         Err(e) => {
             worker.upstream_connect_failed(&at, cluster_index, endpoint.address, &e);
+            log.with(|r| r.flags = Flags::of(Flag::UpstreamConnectFailure));
             at.gen.report(
                 worker.id,
                 cluster_index,
@@ -116,6 +136,7 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         return;
     }
     lstats.rx_bytes.add(hello.len() as u64);
+    received.set(hello.len() as u64);
     drop(hello);
 
     // The worker's idle sweeper shuts both sockets down when no byte moves either way for the
@@ -127,10 +148,12 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     let activity = &idle.0.activity;
     let mut to_upstream = pin!(forward(worker.forwarding, &down, &up, |n| {
         lstats.rx_bytes.add(n as u64);
+        received.set(received.get() + n as u64);
         activity.set(activity.get().wrapping_add(1));
     }));
     let mut to_downstream = pin!(forward(worker.forwarding, &up, &down, |n| {
         lstats.tx_bytes.add(n as u64);
+        sent.set(sent.get() + n as u64);
         activity.set(activity.get().wrapping_add(1));
     }));
     let (mut up_done, mut down_done) = (false, false);
@@ -156,7 +179,11 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     if idle.0.expired() {
         tracing::debug!(%peer, listener = %listener.name, "idle timeout");
     }
-    // Dropping both streams closes both sockets.
+    log.with(|r| {
+        r.bytes_received = received.get();
+        r.bytes_sent = sent.get();
+    });
+    // Dropping both streams closes both sockets (and `log`, declared first, logs after).
 }
 
 /// Reads a whole ClientHello into `into` (consumed from the socket: the caller forwards it).

@@ -80,6 +80,8 @@ pub struct Worker {
     pub conn_waiters: Cell<u32>,
     /// Mirrored requests in flight on this worker.
     pub mirrors_in_flight: Cell<u32>,
+    /// Access log lines rendered by this worker, on their way to the writer thread.
+    pub access: crate::access_log::WorkerLog,
     /// Idle timeouts of this worker's connections.
     pub idle: crate::idle::IdleSweep,
     active: Cell<usize>,
@@ -113,6 +115,7 @@ impl Worker {
             conn_released: tokio::sync::Notify::new(),
             conn_waiters: Cell::new(0),
             mirrors_in_flight: Cell::new(0),
+            access: Default::default(),
             idle: Default::default(),
             active: Cell::new(0),
             listening: RefCell::new(Vec::new()),
@@ -434,6 +437,13 @@ async fn sweep_idle(worker: Rc<Worker>) {
             entry.listener.stats.slots[worker.id].idle_timeout.inc();
         });
         worker.pool.borrow_mut().release_for_waiters();
+        worker.access.flush();
+        let dropped = worker.access.take_dropped();
+        if dropped > 0 {
+            worker.stats.per_worker[worker.id]
+                .access_log_dropped
+                .add(dropped);
+        }
     }
 }
 

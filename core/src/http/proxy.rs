@@ -138,6 +138,29 @@ impl std::fmt::Display for Flags {
 }
 
 impl Flag {
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` for a local reply with this flag.
+    pub fn details(self) -> &'static str {
+        match self {
+            Flag::None => "-",
+            Flag::NoRoute => "route_not_found",
+            Flag::NoHealthyUpstream => "no_healthy_upstream",
+            Flag::UpstreamConnectFailure => {
+                "upstream_reset_before_response_started{connection_failure}"
+            }
+            Flag::UpstreamConnectionTermination => {
+                "upstream_reset_before_response_started{connection_termination}"
+            }
+            Flag::UpstreamProtocolError => "upstream_reset_before_response_started{protocol_error}",
+            Flag::DownstreamProtocolError => "codec_error",
+            Flag::DownstreamConnectionTermination => "downstream_remote_disconnect",
+            Flag::UpstreamOverflow => "overflow",
+            Flag::UpstreamRequestTimeout => "response_timeout",
+            Flag::RetryLimitExceeded => "via_upstream",
+            Flag::FaultInjected => "fault_filter_abort",
+            Flag::DelayInjected => "-",
+        }
+    }
+
     /// The flag as Envoy prints it in access logs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -507,6 +530,27 @@ async fn exchange(
     let lstats = at.counters(worker.id);
     let limits = &snapshot.proxy.http;
     let started = Instant::now();
+    // The access log line, written however this exchange ends (nothing when logging is off).
+    let mut log = crate::access_log::Entry::start(worker, &at.gen.snapshot);
+    log.with(|r| {
+        r.method = head.method.clone();
+        r.path = head.path.clone();
+        r.authority = head.authority.clone();
+        r.protocol = match head.version {
+            Version::Http10 => "HTTP/1.0",
+            _ => "HTTP/1.1",
+        };
+        r.downstream_remote = Some(peer);
+        r.downstream_local = Some(listener.address);
+        r.details = "-";
+        if let Some(s) = down.stream.session() {
+            r.scheme = "https";
+            r.server_name = s.sni.as_deref().map(str::to_string);
+            r.peer_uri_san = s.peer_id.as_ref().map(|p| p.uri().to_string());
+        } else {
+            r.scheme = "http";
+        }
+    });
     let mut next = client_wants(&head);
     if at.state.is_draining() {
         // The listener drains (removed by a reload, SIGTERM, /drain_listeners): this response
@@ -516,6 +560,7 @@ async fn exchange(
 
     if head.method == "CONNECT" {
         count_status(lstats, 405);
+        log.with(|r| r.status = 405);
         let _ = local_reply(
             &down.stream,
             405,
@@ -536,6 +581,7 @@ async fn exchange(
         Some(v) if v.eq_ignore_ascii_case(b"100-continue") => true,
         Some(_) => {
             count_status(lstats, 417);
+            log.with(|r| r.status = 417);
             let _ = local_reply(&down.stream, 417, "unsupported Expect", Next::Close, &[]).await;
             return Next::Close;
         }
@@ -564,6 +610,16 @@ async fn exchange(
         } => {
             count_status(lstats, status);
             Flags::of(flag).record(lstats);
+            log.with(|r| {
+                r.status = status;
+                r.flags = Flags::of(flag);
+                r.details = if flag == Flag::None {
+                    "direct_response"
+                } else {
+                    flag.details()
+                };
+                r.bytes_sent = text.len() as u64;
+            });
             tracing::debug!(%peer, method = %head.method, path = %head.path, status, flag = flag.as_str(), "local reply");
             // Unread request body bytes would be taken for the next request: close instead.
             if body != BodyKind::None {
@@ -589,6 +645,10 @@ async fn exchange(
     };
     let cluster_index = target.target.cluster;
     let cluster = &snapshot.clusters[cluster_index];
+    log.with(|r| {
+        r.route_name = Some(route.name.clone());
+        r.upstream_cluster = Some(cluster.name.clone());
+    });
     let cluster_stats = &at.gen.clusters[cluster_index];
     let cstats = &cluster_stats.slots[worker.id];
     let policy = &route.policy;
@@ -614,13 +674,18 @@ async fn exchange(
                 }
                 let reply = match abort {
                     keel_config::http_routes::Abort::Http(status) => {
-                        ErrorReply::new(status, "fault filter abort")
+                        ErrorReply::new(status, "fault filter abort").details("fault_filter_abort")
                     }
                     keel_config::http_routes::Abort::Grpc(code) => {
-                        ErrorReply::new(200, "fault filter abort").grpc(code)
+                        ErrorReply::new(200, "fault filter abort")
+                            .grpc(code)
+                            .details("fault_filter_abort")
                     }
                 };
-                return finish_local(down, lstats, &head, peer, flags, reply, grpc, next).await;
+                return finish_local(
+                    down, lstats, &head, peer, flags, reply, grpc, next, &mut log,
+                )
+                .await;
             }
         }
     }
@@ -634,7 +699,10 @@ async fn exchange(
             next = Next::Close;
         }
         let reply = ErrorReply::overflow();
-        return finish_local(down, lstats, &head, peer, flags, reply, grpc, next).await;
+        return finish_local(
+            down, lstats, &head, peer, flags, reply, grpc, next, &mut log,
+        )
+        .await;
     };
 
     // Counted in flight (least request) until this exchange ends.
@@ -654,6 +722,12 @@ async fn exchange(
         scheme,
         client_cert(at, &down.stream),
     );
+    log.with(|r| {
+        if head.path != r.path {
+            r.original_path = Some(std::mem::replace(&mut r.path, head.path.clone()));
+        }
+        r.request_headers = Some(head.headers.clone());
+    });
     let mut head_bytes = Vec::with_capacity(512);
     encode::request(&head, &mut head_bytes);
     if expect_continue
@@ -788,6 +862,10 @@ async fn exchange(
         monoio::time::sleep(pause).await;
     };
     mirror(&replay, &mut mirrored, true);
+    log.with(|r| {
+        r.upstream_host = tried.last().copied();
+        r.bytes_received = replay.body_bytes;
+    });
     if !replay.body_done() {
         // Some of the request body is still unread: the connection cannot carry another request.
         next = Next::Close;
@@ -802,7 +880,10 @@ async fn exchange(
                 next = Next::Close;
             }
             tracing::debug!(%peer, method = %head.method, path = %head.path, upstream = ?tried.last(), retries, flags = %flags, "upstream failed");
-            return finish_local(down, lstats, &head, peer, flags, reply, grpc, next).await;
+            return finish_local(
+                down, lstats, &head, peer, flags, reply, grpc, next, &mut log,
+            )
+            .await;
         }
     };
     let Answer {
@@ -834,6 +915,10 @@ async fn exchange(
         }
     }
     count_status(lstats, resp.status);
+    log.with(|r| {
+        r.status = resp.status;
+        r.details = "via_upstream";
+    });
 
     if resp.status == 101 {
         if !websocket {
@@ -883,6 +968,7 @@ async fn exchange(
     if let Some(c) = &set_cookie {
         resp.headers.push(b"set-cookie", c.as_bytes());
     }
+    log.with(|r| r.response_headers = Some(resp.headers.clone()));
     let mut bytes = Vec::with_capacity(512);
     encode::response(&resp, &mut bytes);
     // The head and whatever of a Content-Length body is already buffered leave in one sendmsg.
@@ -904,7 +990,16 @@ async fn exchange(
         BodyKind::Length(n) => BodyKind::Length(n - early as u64),
         other => other,
     };
-    let copy = copy_response(&mut up, &down.stream, resp_body, out_body, activity, lstats);
+    let sent = Cell::new(early as u64);
+    let copy = copy_response(
+        &mut up,
+        &down.stream,
+        resp_body,
+        out_body,
+        activity,
+        lstats,
+        &sent,
+    );
     // The route timeout covers the response body too: past it the response is cut off.
     let copied = match deadline {
         None => copy.await,
@@ -919,6 +1014,10 @@ async fn exchange(
             }
         }
     };
+    log.with(|r| {
+        r.bytes_sent = sent.get();
+        r.flags = flags;
+    });
     if copied.is_err() {
         flags.record(lstats);
         tracing::debug!(%peer, path = %head.path, flags = %flags, "response body interrupted");
@@ -952,8 +1051,12 @@ async fn copy_response(
     out_body: BodyKind,
     activity: &Cell<u32>,
     lstats: &crate::stats::ListenerCounters,
+    sent: &Cell<u64>,
 ) -> Result<(), CopyError> {
-    let count = |n: usize| lstats.tx_bytes.add(n as u64);
+    let count = |n: usize| {
+        lstats.tx_bytes.add(n as u64);
+        sent.set(sent.get() + n as u64);
+    };
     match resp_body {
         BodyKind::None => Ok(()),
         BodyKind::Length(n) => copy_length(up, down, n, activity, count, None).await,
@@ -1140,6 +1243,10 @@ impl Failure {
 
     /// The local reply for this failure, as Envoy words it.
     fn reply(&self) -> ErrorReply {
+        self.bare_reply().details(self.flag().details())
+    }
+
+    fn bare_reply(&self) -> ErrorReply {
         match self {
             Failure::NoHealthyUpstream => ErrorReply::new(503, "no healthy upstream"),
             Failure::Connect => ErrorReply::new(503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
@@ -1159,6 +1266,8 @@ impl Failure {
 struct ErrorReply {
     status: u16,
     text: &'static str,
+    /// Envoy's `%RESPONSE_CODE_DETAILS%` for it.
+    details: &'static str,
     /// The gRPC status for a gRPC request (else mapped from `status` as Envoy does).
     grpc: Option<u32>,
     overloaded: bool,
@@ -1169,6 +1278,7 @@ impl ErrorReply {
         ErrorReply {
             status,
             text,
+            details: "-",
             grpc: None,
             overloaded: false,
         }
@@ -1178,8 +1288,12 @@ impl ErrorReply {
     fn overflow() -> ErrorReply {
         ErrorReply {
             overloaded: true,
-            ..ErrorReply::new(503, "upstream overflow: circuit breaker open")
+            ..ErrorReply::new(503, "upstream overflow: circuit breaker open").details("overflow")
         }
+    }
+
+    fn details(self, details: &'static str) -> ErrorReply {
+        ErrorReply { details, ..self }
     }
 
     fn grpc(self, code: u32) -> ErrorReply {
@@ -1213,6 +1327,7 @@ async fn finish_local(
     reply: ErrorReply,
     grpc: bool,
     next: Next,
+    log: &mut crate::access_log::Entry,
 ) -> Next {
     let mut extra: Vec<(&str, String)> = Vec::new();
     if reply.overloaded {
@@ -1228,6 +1343,12 @@ async fn finish_local(
     };
     count_status(lstats, status);
     flags.record(lstats);
+    log.with(|r| {
+        r.status = status;
+        r.flags = flags;
+        r.details = reply.details;
+        r.bytes_sent = text.len() as u64;
+    });
     tracing::debug!(%peer, method = %head.method, path = %head.path, status, flags = %flags, "local reply");
     let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
     if local_reply(&down.stream, status, text, next, &extra)
@@ -1724,13 +1845,18 @@ async fn send_body(
         return Err(SendError::Downstream);
     }
     replay.start();
+    let read = Cell::new(0u64);
+    let counted = |n: usize| read.set(read.get() + n as u64);
     let result = match body {
         BodyKind::None | BodyKind::CloseDelimited => Ok(()),
-        BodyKind::Length(n) => copy_length(down, up, n, activity, |_| {}, Some(&mut *replay)).await,
+        BodyKind::Length(n) => {
+            copy_length(down, up, n, activity, counted, Some(&mut *replay)).await
+        }
         BodyKind::Chunked => {
-            copy_chunked(down, up, true, activity, |_| {}, Some(&mut *replay)).await
+            copy_chunked(down, up, true, activity, counted, Some(&mut *replay)).await
         }
     };
+    replay.body_bytes += read.get();
     if result.is_ok() {
         replay.finish();
     }

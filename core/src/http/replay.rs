@@ -21,6 +21,8 @@ enum State {
 
 /// A request body's replay state.
 pub struct Replay {
+    /// Body bytes read from the client (for the access log).
+    pub body_bytes: u64,
     bytes: Vec<u8>,
     /// Whether bytes are still being kept (false once over the bound, or when nobody needs them).
     keeping: bool,
@@ -38,6 +40,7 @@ impl Replay {
                 BodyKind::None | BodyKind::CloseDelimited => false,
             };
         Replay {
+            body_bytes: 0,
             bytes: Vec::new(),
             keeping,
             limit,
