@@ -359,6 +359,62 @@ fn iso8601(t: SystemTime, s: &mut String) {
     );
 }
 
+/// A request's or connection's record while it is under way, logged when dropped — however the
+/// exchange ends. Holds nothing (and costs nothing) when the access log is off.
+pub struct Entry(Option<Box<Pending>>);
+
+pub struct Pending {
+    record: Record,
+    started: std::time::Instant,
+    worker: std::rc::Rc<crate::worker::Worker>,
+    snapshot: std::sync::Arc<keel_config::Snapshot>,
+}
+
+impl Entry {
+    /// Starts a record when `snapshot` has an access log.
+    pub fn start(
+        worker: &std::rc::Rc<crate::worker::Worker>,
+        snapshot: &std::sync::Arc<keel_config::Snapshot>,
+    ) -> Entry {
+        if snapshot.proxy.access_log.is_none() {
+            return Entry(None);
+        }
+        Entry(Some(Box::new(Pending {
+            record: Record {
+                start: Some(SystemTime::now()),
+                ..Default::default()
+            },
+            started: std::time::Instant::now(),
+            worker: worker.clone(),
+            snapshot: snapshot.clone(),
+        })))
+    }
+
+    /// Fills in the record, when there is one.
+    #[inline]
+    pub fn with(&mut self, f: impl FnOnce(&mut Record)) {
+        if let Some(p) = self.0.as_mut() {
+            f(&mut p.record);
+        }
+    }
+
+    pub fn is_on(&self) -> bool {
+        self.0.is_some()
+    }
+}
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        let Some(mut p) = self.0.take() else { return };
+        p.record.duration = p.started.elapsed();
+        let Some(log) = &p.snapshot.proxy.access_log else {
+            return;
+        };
+        let record = &p.record;
+        p.worker.access.push(|buf| record.render(&log.format, buf));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -421,61 +477,5 @@ mod tests {
             &mut s,
         );
         assert_eq!(s, "2000-02-29T00:00:00.000Z");
-    }
-}
-
-/// A request's or connection's record while it is under way, logged when dropped — however the
-/// exchange ends. Holds nothing (and costs nothing) when the access log is off.
-pub struct Entry(Option<Box<Pending>>);
-
-pub struct Pending {
-    record: Record,
-    started: std::time::Instant,
-    worker: std::rc::Rc<crate::worker::Worker>,
-    snapshot: std::sync::Arc<keel_config::Snapshot>,
-}
-
-impl Entry {
-    /// Starts a record when `snapshot` has an access log.
-    pub fn start(
-        worker: &std::rc::Rc<crate::worker::Worker>,
-        snapshot: &std::sync::Arc<keel_config::Snapshot>,
-    ) -> Entry {
-        if snapshot.proxy.access_log.is_none() {
-            return Entry(None);
-        }
-        Entry(Some(Box::new(Pending {
-            record: Record {
-                start: Some(SystemTime::now()),
-                ..Default::default()
-            },
-            started: std::time::Instant::now(),
-            worker: worker.clone(),
-            snapshot: snapshot.clone(),
-        })))
-    }
-
-    /// Fills in the record, when there is one.
-    #[inline]
-    pub fn with(&mut self, f: impl FnOnce(&mut Record)) {
-        if let Some(p) = self.0.as_mut() {
-            f(&mut p.record);
-        }
-    }
-
-    pub fn is_on(&self) -> bool {
-        self.0.is_some()
-    }
-}
-
-impl Drop for Entry {
-    fn drop(&mut self) {
-        let Some(mut p) = self.0.take() else { return };
-        p.record.duration = p.started.elapsed();
-        let Some(log) = &p.snapshot.proxy.access_log else {
-            return;
-        };
-        let record = &p.record;
-        p.worker.access.push(|buf| record.render(&log.format, buf));
     }
 }
