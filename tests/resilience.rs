@@ -643,3 +643,46 @@ spec:
     }
     assert!(a_count.load(Ordering::SeqCst) > 1, "back in rotation");
 }
+
+/// A body over `maxRequestBufferBytes` streams through once and is not replayed; a small one is.
+/// `connectionPool.http.idleTimeout` closes idle upstream connections.
+#[test]
+fn large_bodies_are_not_retried_and_idle_upstreams_close() {
+    // Fails the 1st and the 3rd request it sees.
+    let (b, count) = backend(|n| (if n == 0 || n == 2 { 503 } else { 200 }, Duration::ZERO));
+    let dr = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy: { connectionPool: { http: { idleTimeout: 200ms } } }
+";
+    let (keel, port) = http_egress(
+        &[(b.addr, "v1")],
+        dr,
+        "  http: { maxRequestBufferBytes: 1024 }\n",
+        1,
+    );
+    let big = "x".repeat(4096);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let req = format!(
+        "POST / HTTP/1.1\r\nHost: reviews\r\ncontent-length: {}\r\n\r\n{big}",
+        big.len()
+    );
+    assert_eq!(http_request(&mut s, req.as_bytes()).0, 503, "not replayed");
+    assert_eq!(count.load(Ordering::SeqCst), 1);
+    let small = "POST / HTTP/1.1\r\nHost: reviews\r\ncontent-length: 5\r\n\r\nsmall";
+    // The second request succeeds at once, the third is replayed after its 503.
+    assert_eq!(http_request(&mut s, small.as_bytes()).0, 200);
+    assert_eq!(http_request(&mut s, small.as_bytes()).0, 200);
+    assert_eq!(cluster_stat(&keel, "reviews", "upstream_rq_retry"), 1);
+    let before = b.connections.load(Ordering::SeqCst);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(http_request(&mut s, small.as_bytes()).0, 200);
+    assert_eq!(
+        b.connections.load(Ordering::SeqCst),
+        before + 1,
+        "the pooled connection idled out"
+    );
+}
