@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what Keel needs on a Debian machine, only what is missing, then returns.
 #
-#   scripts/setup.sh           build + demo + tests: Rust toolchain (with clippy, rustfmt), C toolchain, curl, python3, openssl
+#   scripts/setup.sh           build + demo + tests: Rust toolchain (with clippy, rustfmt), C toolchain, curl, python3
+#                              (with prometheus_client, to parse /stats/prometheus in tests), openssl
 #   scripts/setup.sh --bench   also the benchmark peers and load generators: nginx + stream module, haproxy, wrk, nghttp2-client
 set -euo pipefail
 
-want=(curl python3 openssl gcc make pkg-config ca-certificates)
+want=(curl python3 python3-prometheus-client openssl gcc make pkg-config ca-certificates)
 [ "${1:-}" = "--bench" ] && want+=(nginx-light libnginx-mod-stream haproxy wrk nghttp2-client)
 
 missing=()

@@ -164,6 +164,12 @@ pub struct Record {
     pub bytes_sent: u64,
     pub upstream_host: Option<SocketAddr>,
     pub upstream_cluster: Option<String>,
+    /// The cluster's index in the snapshot (for metrics).
+    pub cluster: Option<usize>,
+    /// The client connection is mesh mTLS (a verified peer certificate).
+    pub mtls: bool,
+    /// A gRPC request.
+    pub grpc: bool,
     pub downstream_local: Option<SocketAddr>,
     pub downstream_remote: Option<SocketAddr>,
     pub peer_uri_san: Option<String>,
@@ -359,59 +365,145 @@ fn iso8601(t: SystemTime, s: &mut String) {
     );
 }
 
-/// A request's or connection's record while it is under way, logged when dropped — however the
-/// exchange ends. Holds nothing (and costs nothing) when the access log is off.
-pub struct Entry(Option<Box<Pending>>);
-
-pub struct Pending {
+/// A request's or connection's record while it is under way: counted in Istio's metrics when
+/// dropped — however the exchange ends — and, with an access log, logged. Cheap fields are always
+/// filled (`with`); what only a log line needs (strings, headers) is filled under `is_on()`.
+pub struct Entry {
     record: Record,
     started: std::time::Instant,
+    log: bool,
+    tcp: bool,
+    /// A TCP connection counted as opened (so it is counted as closed).
+    opened: bool,
     worker: std::rc::Rc<crate::worker::Worker>,
-    snapshot: std::sync::Arc<keel_config::Snapshot>,
+    gen: std::rc::Rc<crate::generation::Generation>,
+    listener: usize,
 }
 
 impl Entry {
-    /// Starts a record when `snapshot` has an access log.
+    /// Starts the record of a request (or, `tcp`, a connection) on listener `at`.
     pub fn start(
         worker: &std::rc::Rc<crate::worker::Worker>,
-        snapshot: &std::sync::Arc<keel_config::Snapshot>,
+        at: &crate::worker::ListenerRef,
+        tcp: bool,
     ) -> Entry {
-        if snapshot.proxy.access_log.is_none() {
-            return Entry(None);
-        }
-        Entry(Some(Box::new(Pending {
+        let log = at.gen.snapshot.proxy.access_log.is_some();
+        Entry {
             record: Record {
-                start: Some(SystemTime::now()),
+                start: log.then(SystemTime::now),
                 ..Default::default()
             },
             started: std::time::Instant::now(),
+            log,
+            tcp,
+            opened: false,
             worker: worker.clone(),
-            snapshot: snapshot.clone(),
-        })))
-    }
-
-    /// Fills in the record, when there is one.
-    #[inline]
-    pub fn with(&mut self, f: impl FnOnce(&mut Record)) {
-        if let Some(p) = self.0.as_mut() {
-            f(&mut p.record);
+            gen: at.gen.clone(),
+            listener: at.index,
         }
     }
 
+    /// Counts a TCP connection as opened, once its peer and cluster are filled in (it is counted
+    /// as closed, with its bytes, when the entry drops).
+    pub fn opened(&mut self) {
+        self.opened = true;
+        self.count(|s| s.tcp_opened += 1);
+    }
+
+    /// Fills in the record.
+    #[inline]
+    pub fn with(&mut self, f: impl FnOnce(&mut Record)) {
+        f(&mut self.record);
+    }
+
+    /// Whether an access log line will be written (fill the fields only it needs).
     pub fn is_on(&self) -> bool {
-        self.0.is_some()
+        self.log
+    }
+
+    /// Adds to the Istio metric series this record belongs to.
+    fn count(&self, f: impl FnOnce(&mut crate::istio_metrics::Series)) {
+        use crate::istio_metrics::{Key, Labels};
+        let gen = &self.gen;
+        let snap = &gen.snapshot;
+        let Some(listener) = snap.listeners.get(self.listener) else {
+            return;
+        };
+        let r = &self.record;
+        let metrics = &self.worker.metrics;
+        let key = Key {
+            version: gen.version_key,
+            listener: self.listener as u32,
+            cluster: r.cluster.map_or(u32::MAX, |c| c as u32),
+            code: r.status,
+            flags: r.flags.bits(),
+            peer: metrics.peer(r.peer_uri_san.as_deref()),
+            tcp: self.tcp,
+            grpc_status: None,
+        };
+        let labels = || {
+            let proxy = &snap.proxy;
+            let label = |k: &str| proxy.labels.get(k).map_or("unknown", String::as_str);
+            let service = r
+                .cluster
+                .and_then(|c| snap.clusters.get(c))
+                .and_then(|c| c.name.strip_prefix("outbound|"))
+                .and_then(|rest| rest.rsplit('|').next())
+                .filter(|h| !h.is_empty());
+            let flags = r.flags.to_string();
+            Labels {
+                inbound: listener.direction == keel_config::Direction::Inbound,
+                workload: &proxy.name,
+                namespace: &proxy.namespace,
+                app: label("app"),
+                version: label("version"),
+                own_principal: gen.tls.identity.as_ref().map(|i| i.uri()),
+                peer_principal: r.peer_uri_san.as_deref(),
+                service,
+                protocol: if self.tcp {
+                    "tcp"
+                } else if r.grpc {
+                    "grpc"
+                } else {
+                    "http"
+                },
+                code: r.status,
+                flags: &flags,
+                grpc_status: None,
+                mtls: r.mtls,
+            }
+            .format()
+        };
+        metrics.record(key, labels, f);
     }
 }
 
 impl Drop for Entry {
     fn drop(&mut self) {
-        let Some(mut p) = self.0.take() else { return };
-        p.record.duration = p.started.elapsed();
-        let Some(log) = &p.snapshot.proxy.access_log else {
+        let duration = self.started.elapsed();
+        self.record.duration = duration;
+        let (tcp, rx, tx) = (self.tcp, self.record.bytes_received, self.record.bytes_sent);
+        if !tcp || self.opened {
+            self.count(|s| {
+                if tcp {
+                    s.tcp_closed += 1;
+                    s.tcp_received += rx;
+                    s.tcp_sent += tx;
+                } else {
+                    crate::istio_metrics::observe_request(s, duration, rx, tx);
+                }
+            });
+        }
+        if !self.log {
+            return;
+        }
+        let Some(log) = &self.gen.snapshot.proxy.access_log else {
             return;
         };
-        let record = &p.record;
-        p.worker.access.push(|buf| record.render(&log.format, buf));
+        let record = &self.record;
+        self.worker
+            .access
+            .push(|buf| record.render(&log.format, buf));
     }
 }
 

@@ -81,6 +81,8 @@ impl ListenerState {
 /// One config version as one worker runs it.
 pub struct Generation {
     pub snapshot: Arc<Snapshot>,
+    /// A fingerprint of the config version (keys metric series, whose indices are per version).
+    pub version_key: u64,
     /// The TLS contexts built for the snapshot (indexed as its listeners and clusters).
     pub tls: Arc<keel_tls::TlsContexts>,
     /// Per listener of the snapshot, in its order.
@@ -168,6 +170,7 @@ impl Generation {
             })
             .collect();
         Generation {
+            version_key: keel_lb::hash::hash_bytes(snapshot.version.as_bytes(), 0),
             health,
             clusters: table.clusters.clone(),
             snapshot,

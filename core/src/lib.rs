@@ -15,6 +15,7 @@ pub mod generation;
 pub mod handover;
 pub mod http;
 pub mod idle;
+pub mod istio_metrics;
 pub mod sd_notify;
 pub mod server;
 pub mod stats;

@@ -272,6 +272,8 @@ pub struct Stats {
     pub driver: IoDriver,
     pub workers: usize,
     pub per_worker: Box<[WorkerCounters]>,
+    /// Each worker's Istio metric series, as it last published them.
+    pub istio: Box<[crate::istio_metrics::Published]>,
     pub reloads: ReloadCounters,
     published: Mutex<Published>,
     started: Instant,
@@ -286,6 +288,7 @@ impl Stats {
             driver,
             workers,
             per_worker: slots(workers),
+            istio: slots(workers),
             reloads: ReloadCounters::default(),
             published: Mutex::new(Published {
                 snapshot: snapshot.clone(),
@@ -675,6 +678,7 @@ impl Stats {
                 w.accepted.get()
             );
         }
+        crate::istio_metrics::write(&self.istio, &mut out);
         header(
             &mut out,
             "keel_io_driver",

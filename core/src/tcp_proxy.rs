@@ -21,12 +21,13 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     lstats.accepted.inc();
     let _ = down.set_nodelay();
     // The access log line for the connection, written however it ends.
-    let mut log = crate::access_log::Entry::start(&worker, &at.gen.snapshot);
+    let mut log = crate::access_log::Entry::start(&worker, &at, true);
     log.with(|r| {
         r.downstream_remote = Some(peer);
         r.downstream_local = Some(listener.address);
         r.details = "-";
         if let Some(s) = down.session() {
+            r.mtls = s.peer_authenticated;
             r.peer_uri_san = s.peer_id.as_ref().map(|p| p.uri().to_string());
         }
     });
@@ -76,7 +77,13 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         return;
     };
     let cluster = &snapshot.clusters[cluster_index];
-    log.with(|r| r.upstream_cluster = Some(cluster.name.clone()));
+    log.with(|r| {
+        r.cluster = Some(cluster_index);
+        if r.start.is_some() {
+            r.upstream_cluster = Some(cluster.name.clone());
+        }
+    });
+    log.opened();
     let cstats = &at.gen.clusters[cluster_index].slots[worker.id];
     // Counted in flight (least request) for as long as the connection lasts.
     // A TCP connection can be hashed only by its source address; other keys balance at random.

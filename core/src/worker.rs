@@ -82,6 +82,8 @@ pub struct Worker {
     pub mirrors_in_flight: Cell<u32>,
     /// Access log lines rendered by this worker, on their way to the writer thread.
     pub access: crate::access_log::WorkerLog,
+    /// This worker's Istio metric series.
+    pub metrics: crate::istio_metrics::WorkerMetrics,
     /// Idle timeouts of this worker's connections.
     pub idle: crate::idle::IdleSweep,
     active: Cell<usize>,
@@ -116,6 +118,7 @@ impl Worker {
             conn_waiters: Cell::new(0),
             mirrors_in_flight: Cell::new(0),
             access: Default::default(),
+            metrics: Default::default(),
             idle: Default::default(),
             active: Cell::new(0),
             listening: RefCell::new(Vec::new()),
@@ -438,6 +441,7 @@ async fn sweep_idle(worker: Rc<Worker>) {
         });
         worker.pool.borrow_mut().release_for_waiters();
         worker.access.flush();
+        worker.metrics.publish(&worker.stats.istio[worker.id]);
         let dropped = worker.access.take_dropped();
         if dropped > 0 {
             worker.stats.per_worker[worker.id]

@@ -111,6 +111,11 @@ impl Flags {
         f
     }
 
+    /// The set as bits (for metric keys).
+    pub fn bits(self) -> u16 {
+        self.0
+    }
+
     pub fn contains(self, flag: Flag) -> bool {
         Self::ALL
             .iter()
@@ -531,26 +536,32 @@ async fn exchange(
     let limits = &snapshot.proxy.http;
     let started = Instant::now();
     // The access log line, written however this exchange ends (nothing when logging is off).
-    let mut log = crate::access_log::Entry::start(worker, &at.gen.snapshot);
+    // Istio metrics and the access log line, written however this exchange ends.
+    let mut log = crate::access_log::Entry::start(worker, at, false);
+    let session = down.stream.session();
     log.with(|r| {
-        r.method = head.method.clone();
-        r.path = head.path.clone();
-        r.authority = head.authority.clone();
-        r.protocol = match head.version {
-            Version::Http10 => "HTTP/1.0",
-            _ => "HTTP/1.1",
-        };
-        r.downstream_remote = Some(peer);
-        r.downstream_local = Some(listener.address);
-        r.details = "-";
-        if let Some(s) = down.stream.session() {
-            r.scheme = "https";
-            r.server_name = s.sni.as_deref().map(str::to_string);
-            r.peer_uri_san = s.peer_id.as_ref().map(|p| p.uri().to_string());
-        } else {
-            r.scheme = "http";
-        }
+        r.grpc = is_grpc(&head);
+        r.mtls = session.is_some_and(|s| s.peer_authenticated);
+        r.peer_uri_san = session
+            .and_then(|s| s.peer_id.as_ref())
+            .map(|p| p.uri().to_string());
     });
+    if log.is_on() {
+        log.with(|r| {
+            r.method = head.method.clone();
+            r.path = head.path.clone();
+            r.authority = head.authority.clone();
+            r.protocol = match head.version {
+                Version::Http10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            };
+            r.downstream_remote = Some(peer);
+            r.downstream_local = Some(listener.address);
+            r.details = "-";
+            r.scheme = if session.is_some() { "https" } else { "http" };
+            r.server_name = session.and_then(|s| s.sni.as_deref()).map(str::to_string);
+        });
+    }
     let mut next = client_wants(&head);
     if at.state.is_draining() {
         // The listener drains (removed by a reload, SIGTERM, /drain_listeners): this response
@@ -645,10 +656,13 @@ async fn exchange(
     };
     let cluster_index = target.target.cluster;
     let cluster = &snapshot.clusters[cluster_index];
-    log.with(|r| {
-        r.route_name = Some(route.name.clone());
-        r.upstream_cluster = Some(cluster.name.clone());
-    });
+    log.with(|r| r.cluster = Some(cluster_index));
+    if log.is_on() {
+        log.with(|r| {
+            r.route_name = Some(route.name.clone());
+            r.upstream_cluster = Some(cluster.name.clone());
+        });
+    }
     let cluster_stats = &at.gen.clusters[cluster_index];
     let cstats = &cluster_stats.slots[worker.id];
     let policy = &route.policy;
@@ -722,12 +736,14 @@ async fn exchange(
         scheme,
         client_cert(at, &down.stream),
     );
-    log.with(|r| {
-        if head.path != r.path {
-            r.original_path = Some(std::mem::replace(&mut r.path, head.path.clone()));
-        }
-        r.request_headers = Some(head.headers.clone());
-    });
+    if log.is_on() {
+        log.with(|r| {
+            if head.path != r.path {
+                r.original_path = Some(std::mem::replace(&mut r.path, head.path.clone()));
+            }
+            r.request_headers = Some(head.headers.clone());
+        });
+    }
     let mut head_bytes = Vec::with_capacity(512);
     encode::request(&head, &mut head_bytes);
     if expect_continue
@@ -968,7 +984,9 @@ async fn exchange(
     if let Some(c) = &set_cookie {
         resp.headers.push(b"set-cookie", c.as_bytes());
     }
-    log.with(|r| r.response_headers = Some(resp.headers.clone()));
+    if log.is_on() {
+        log.with(|r| r.response_headers = Some(resp.headers.clone()));
+    }
     let mut bytes = Vec::with_capacity(512);
     encode::response(&resp, &mut bytes);
     // The head and whatever of a Content-Length body is already buffered leave in one sendmsg.
