@@ -12,7 +12,8 @@
 # so that noisy rounds show.
 #
 # Environment: ROUNDS (3), DURATION seconds per run (10), CONNS wrk connections (8),
-#              KEEL_ARGS extra `keel run` arguments (e.g. "--io-driver epoll").
+#              KEEL_ARGS extra `keel run` arguments (e.g. "--io-driver epoll"),
+#              KEEL_ACCESS_LOG a file for Keel's access log (off by default).
 # Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk, taskset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -21,6 +22,9 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-8}
 KEEL_ARGS=${KEEL_ARGS:-}
+# KEEL_ACCESS_LOG=PATH turns Keel's access log on (Istio's text format) to measure its cost.
+ACCESS_LOG_YAML=""
+[ -n "${KEEL_ACCESS_LOG:-}" ] && ACCESS_LOG_YAML="  telemetry: { accessLog: { path: $KEEL_ACCESS_LOG } }"
 BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
 KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
@@ -134,6 +138,7 @@ metadata: { name: bench }
 spec:
   workers: 1
   admin: { address: 127.0.0.1:$ADMIN }
+$ACCESS_LOG_YAML
 ---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
