@@ -125,11 +125,33 @@ fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
         .with_writer(std::io::stderr)
         .with_target(false)
         .with_ansi(std::io::stderr().is_terminal());
+    // The admin API's `POST /logging?level=` swaps the filter at run time.
     let result = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Text => {
+            let builder = builder.with_filter_reloading();
+            log_level_control(builder.reload_handle());
+            builder.try_init()
+        }
+        LogFormat::Json => {
+            let builder = builder.json().flatten_event(true).with_filter_reloading();
+            log_level_control(builder.reload_handle());
+            builder.try_init()
+        }
     };
     result.map_err(|e| format!("cannot start logging: {e}"))
+}
+
+/// Hands the admin API a way to change the log filter.
+fn log_level_control<S: 'static>(
+    handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
+) {
+    keel_core::admin::set_log_level_control(Box::new(move |level: &str| {
+        let filter = tracing_subscriber::EnvFilter::try_new(level)
+            .map_err(|e| format!("invalid level `{level}`: {e}"))?;
+        handle
+            .reload(filter)
+            .map_err(|e| format!("cannot change the log level: {e}"))
+    }));
 }
 
 fn main() -> ExitCode {

@@ -196,3 +196,44 @@ fn unknown_operator_is_refused_with_its_field() {
     assert!(out.contains("spec.telemetry.accessLog.format"), "{out}");
     assert!(out.contains("did you mean `RESPONSE_CODE`"), "{out}");
 }
+
+/// `POST /logging?level=` changes the log level at run time (GET is refused, a bad level is 400).
+#[test]
+fn admin_logging_level() {
+    let app = RecordingBackend::echo("app");
+    let (keel, port) = http_egress(&[(app.addr, "v1")], "", "", 1);
+    let post = |query: &str| {
+        use std::io::{Read, Write};
+        let mut s = TcpStream::connect(("127.0.0.1", keel.admin)).unwrap();
+        s.write_all(
+            format!("POST /logging{query} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+                .as_bytes(),
+        )
+        .unwrap();
+        let mut answer = String::new();
+        s.read_to_string(&mut answer).unwrap();
+        answer
+    };
+    assert_eq!(http_get(keel.admin, "/logging").unwrap().0, 405);
+    assert!(post("?level=nonsense[").starts_with("HTTP/1.1 400"));
+    let count = || keel.log_text().matches("local reply").count();
+    // Debug (the harness's level): the 404 is logged.
+    request(port, "GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while count() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = count();
+    assert!(before >= 1);
+    assert!(post("?level=warn").starts_with("HTTP/1.1 200"));
+    request(port, "GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n");
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(count(), before, "not logged at warn");
+    assert!(post("?level=debug").starts_with("HTTP/1.1 200"));
+    request(port, "GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n");
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while count() == before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(count(), before + 1);
+}

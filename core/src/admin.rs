@@ -120,6 +120,41 @@ fn handle(mut conn: TcpStream, state: &AdminState) {
         };
         return;
     }
+    if path == "/logging" {
+        // As Envoy's: POST only; `?level=debug` (or any tracing filter, e.g. `keel_core=trace,info`).
+        if method != "POST" {
+            let _ = respond(
+                &mut conn,
+                405,
+                "text/plain",
+                b"use POST /logging?level=LEVEL\n",
+            );
+            return;
+        }
+        let query = target.split_once('?').map_or("", |(_, q)| q);
+        let Some(level) = query.split('&').find_map(|p| p.strip_prefix("level=")) else {
+            let _ = respond(&mut conn, 400, "text/plain", b"missing ?level=\n");
+            return;
+        };
+        let level = level.replace("%2C", ",").replace("%3D", "=");
+        let answer = match LOG_LEVEL.get() {
+            Some(set) => set(&level),
+            None => Err("logging is not adjustable in this process".into()),
+        };
+        let _ = match answer {
+            Ok(()) => {
+                tracing::info!(level = %level, "log level changed through the admin API");
+                respond(
+                    &mut conn,
+                    200,
+                    "text/plain",
+                    format!("level: {level}\n").as_bytes(),
+                )
+            }
+            Err(e) => respond(&mut conn, 400, "text/plain", format!("{e}\n").as_bytes()),
+        };
+        return;
+    }
     if method != "GET" && method != "HEAD" {
         let _ = respond(&mut conn, 405, "text/plain", b"method not allowed\n");
         return;
@@ -153,12 +188,22 @@ fn handle(mut conn: TcpStream, state: &AdminState) {
         "/" => (
             200,
             "text/plain",
-            b"keel admin: /ready /healthz /stats /stats/prometheus /clusters[?format=json] /config_dump, POST /drain_listeners[?inboundonly]\n".to_vec(),
+            b"keel admin: /ready /healthz /stats /stats/prometheus /clusters[?format=json] /config_dump, POST /drain_listeners[?inboundonly], POST /logging?level=LEVEL\n".to_vec(),
         ),
         _ => (404, "text/plain", b"not found\n".to_vec()),
     };
     let body = if method == "HEAD" { Vec::new() } else { body };
     let _ = respond(&mut conn, status, kind, &body);
+}
+
+/// Changes the log filter (set by the binary, which owns the subscriber).
+pub type LogLevelControl = Box<dyn Fn(&str) -> Result<(), String> + Send + Sync>;
+
+static LOG_LEVEL: std::sync::OnceLock<LogLevelControl> = std::sync::OnceLock::new();
+
+/// Lets `POST /logging?level=` change the log level (called once, at start, by the binary).
+pub fn set_log_level_control(control: LogLevelControl) {
+    let _ = LOG_LEVEL.set(control);
 }
 
 fn json(v: &serde_json::Value) -> Vec<u8> {
@@ -170,6 +215,7 @@ fn json(v: &serde_json::Value) -> Vec<u8> {
 fn respond(conn: &mut TcpStream, status: u16, kind: &str, body: &[u8]) -> std::io::Result<()> {
     let reason = match status {
         200 => "OK",
+        400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
         431 => "Request Header Fields Too Large",
