@@ -170,6 +170,18 @@ fn requests_codes_flags_and_bytes_match_the_traffic() {
         ),
         7.0
     );
+    // /stats: request-duration percentiles per listener, from hdrhistogram, over both workers.
+    let latency = &keel.stats()["listeners"][0]["request_duration_us"];
+    assert_eq!(latency["count"], 11, "{latency}");
+    let (p50, p99, max) = (
+        latency["p50"].as_u64().unwrap(),
+        latency["p99"].as_u64().unwrap(),
+        latency["max"].as_u64().unwrap(),
+    );
+    assert!(
+        p50 >= 1 && p50 <= p99 && p99 <= max && max < 5_000_000,
+        "{latency}"
+    );
 }
 
 #[test]

@@ -483,6 +483,21 @@ impl Drop for Entry {
         let duration = self.started.elapsed();
         self.record.duration = duration;
         let (tcp, rx, tx) = (self.tcp, self.record.bytes_received, self.record.bytes_sent);
+        if !tcp {
+            let snap = &self.gen.snapshot;
+            let listener = self.listener;
+            self.worker.metrics.latency(
+                self.gen.version_key,
+                listener as u32,
+                || {
+                    snap.listeners
+                        .get(listener)
+                        .map_or("-", |l| l.name.as_str())
+                        .into()
+                },
+                duration,
+            );
+        }
         if !tcp || self.opened {
             self.count(|s| {
                 if tcp {

@@ -116,6 +116,19 @@ pub struct WorkerMetrics {
     series: RefCell<Vec<(Arc<str>, Series)>>,
     peers: RefCell<HashMap<Box<str>, u32>>,
     dirty: Cell<bool>,
+    /// Request durations per listener (config version, index) → (listener name, histogram), in µs.
+    latency: RefCell<HashMap<(u64, u32), (Arc<str>, Latency)>>,
+    latency_dirty: Cell<bool>,
+}
+
+/// Request durations in µs, 1 µs to 1 h, two significant digits (about 30 KiB).
+pub type Latency = hdrhistogram::Histogram<u64>;
+
+/// A worker's published latency histograms: listener name → histogram.
+pub type PublishedLatency = Mutex<Vec<(Arc<str>, Latency)>>;
+
+fn new_latency() -> Option<Latency> {
+    Latency::new_with_bounds(1, 3_600_000_000, 2).ok()
 }
 
 impl WorkerMetrics {
@@ -137,6 +150,44 @@ impl WorkerMetrics {
         });
         f(&mut series[i].1);
         self.dirty.set(true);
+    }
+
+    /// Records a request's duration on listener `(version, index)` named by `name()`.
+    pub fn latency(
+        &self,
+        version: u64,
+        listener: u32,
+        name: impl FnOnce() -> Arc<str>,
+        d: Duration,
+    ) {
+        let mut map = self.latency.borrow_mut();
+        let entry = match map.entry((version, listener)) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(v) => {
+                let Some(h) = new_latency() else { return };
+                v.insert((name(), h))
+            }
+        };
+        let us = (d.as_micros() as u64).clamp(1, 3_600_000_000);
+        let _ = entry.1.record(us);
+        self.latency_dirty.set(true);
+    }
+
+    /// Copies the latency histograms into `slot` when they changed (merged by listener name).
+    pub fn publish_latency(&self, slot: &PublishedLatency) {
+        if !self.latency_dirty.replace(false) {
+            return;
+        }
+        let mut by_name: Vec<(Arc<str>, Latency)> = Vec::new();
+        for (name, h) in self.latency.borrow().values() {
+            match by_name.iter_mut().find(|(n, _)| n == name) {
+                Some((_, into)) => {
+                    let _ = into.add(h);
+                }
+                None => by_name.push((name.clone(), h.clone())),
+            }
+        }
+        *slot.lock().unwrap_or_else(|e| e.into_inner()) = by_name;
     }
 
     /// Copies the series into `slot` when they changed (at the worker's sweep tick).
@@ -423,4 +474,33 @@ mod tests {
             "{l}"
         );
     }
+}
+
+/// Per listener name, the request-duration percentiles over all workers (µs), for `/stats`.
+pub fn latency_json(slots: &[PublishedLatency]) -> serde_json::Map<String, serde_json::Value> {
+    let mut merged: Vec<(Arc<str>, Latency)> = Vec::new();
+    for slot in slots {
+        for (name, h) in slot.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            match merged.iter_mut().find(|(n, _)| n == name) {
+                Some((_, into)) => {
+                    let _ = into.add(h);
+                }
+                None => merged.push((name.clone(), h.clone())),
+            }
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(name, h)| {
+            let v = serde_json::json!({
+                "count": h.len(),
+                "p50": h.value_at_quantile(0.5),
+                "p90": h.value_at_quantile(0.9),
+                "p99": h.value_at_quantile(0.99),
+                "p999": h.value_at_quantile(0.999),
+                "max": h.max(),
+            });
+            (name.to_string(), v)
+        })
+        .collect()
 }

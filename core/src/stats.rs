@@ -274,6 +274,8 @@ pub struct Stats {
     pub per_worker: Box<[WorkerCounters]>,
     /// Each worker's Istio metric series, as it last published them.
     pub istio: Box<[crate::istio_metrics::Published]>,
+    /// Each worker's request-duration histograms per listener, as it last published them.
+    pub latency: Box<[crate::istio_metrics::PublishedLatency]>,
     pub reloads: ReloadCounters,
     published: Mutex<Published>,
     started: Instant,
@@ -289,6 +291,7 @@ impl Stats {
             workers,
             per_worker: slots(workers),
             istio: slots(workers),
+            latency: slots(workers),
             reloads: ReloadCounters::default(),
             published: Mutex::new(Published {
                 snapshot: snapshot.clone(),
@@ -750,6 +753,7 @@ impl Stats {
     pub fn json(&self) -> serde_json::Value {
         use serde_json::json;
         let Published { snapshot, table } = self.published();
+        let latency = crate::istio_metrics::latency_json(&self.latency);
         json!({
             "io_driver": self.driver.as_str(),
             "workers": self.workers,
@@ -768,6 +772,7 @@ impl Stats {
                 json!({
                     "name": l.name,
                     "direction": l.direction,
+                    "request_duration_us": latency.get(&l.name),
                     "connections_accepted": sum(s, |c| &c.accepted),
                     "connections_active": sum(s, |c| &c.accepted).saturating_sub(sum(s, |c| &c.closed)),
                     "downstream_rx_bytes": sum(s, |c| &c.rx_bytes),

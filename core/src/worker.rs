@@ -442,6 +442,9 @@ async fn sweep_idle(worker: Rc<Worker>) {
         worker.pool.borrow_mut().release_for_waiters();
         worker.access.flush();
         worker.metrics.publish(&worker.stats.istio[worker.id]);
+        worker
+            .metrics
+            .publish_latency(&worker.stats.latency[worker.id]);
         let dropped = worker.access.take_dropped();
         if dropped > 0 {
             worker.stats.per_worker[worker.id]
