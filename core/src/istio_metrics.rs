@@ -117,12 +117,15 @@ pub struct WorkerMetrics {
     peers: RefCell<HashMap<Box<str>, u32>>,
     dirty: Cell<bool>,
     /// Request durations per listener (config version, index) → (listener name, histogram), in µs.
-    latency: RefCell<HashMap<(u64, u32), (Arc<str>, Latency)>>,
+    latency: RefCell<HashMap<(u64, u32), NamedLatency>>,
     latency_dirty: Cell<bool>,
 }
 
 /// Request durations in µs, 1 µs to 1 h, two significant digits (about 30 KiB).
 pub type Latency = hdrhistogram::Histogram<u64>;
+
+/// A listener's name and its latency histogram.
+type NamedLatency = (Arc<str>, Latency);
 
 /// A worker's published latency histograms: listener name → histogram.
 pub type PublishedLatency = Mutex<Vec<(Arc<str>, Latency)>>;
@@ -417,6 +420,35 @@ fn escape(v: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Per listener name, the request-duration percentiles over all workers (µs), for `/stats`.
+pub fn latency_json(slots: &[PublishedLatency]) -> serde_json::Map<String, serde_json::Value> {
+    let mut merged: Vec<(Arc<str>, Latency)> = Vec::new();
+    for slot in slots {
+        for (name, h) in slot.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            match merged.iter_mut().find(|(n, _)| n == name) {
+                Some((_, into)) => {
+                    let _ = into.add(h);
+                }
+                None => merged.push((name.clone(), h.clone())),
+            }
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(name, h)| {
+            let v = serde_json::json!({
+                "count": h.len(),
+                "p50": h.value_at_quantile(0.5),
+                "p90": h.value_at_quantile(0.9),
+                "p99": h.value_at_quantile(0.99),
+                "p999": h.value_at_quantile(0.999),
+                "max": h.max(),
+            });
+            (name.to_string(), v)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -474,33 +506,4 @@ mod tests {
             "{l}"
         );
     }
-}
-
-/// Per listener name, the request-duration percentiles over all workers (µs), for `/stats`.
-pub fn latency_json(slots: &[PublishedLatency]) -> serde_json::Map<String, serde_json::Value> {
-    let mut merged: Vec<(Arc<str>, Latency)> = Vec::new();
-    for slot in slots {
-        for (name, h) in slot.lock().unwrap_or_else(|e| e.into_inner()).iter() {
-            match merged.iter_mut().find(|(n, _)| n == name) {
-                Some((_, into)) => {
-                    let _ = into.add(h);
-                }
-                None => merged.push((name.clone(), h.clone())),
-            }
-        }
-    }
-    merged
-        .into_iter()
-        .map(|(name, h)| {
-            let v = serde_json::json!({
-                "count": h.len(),
-                "p50": h.value_at_quantile(0.5),
-                "p90": h.value_at_quantile(0.9),
-                "p99": h.value_at_quantile(0.99),
-                "p999": h.value_at_quantile(0.999),
-                "max": h.max(),
-            });
-            (name.to_string(), v)
-        })
-        .collect()
 }
