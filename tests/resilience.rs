@@ -686,3 +686,86 @@ spec:
         "the pooled connection idled out"
     );
 }
+
+/// Active health checks (ServiceEntry annotations): an endpoint failing its HTTP check leaves
+/// the rotation on every worker and comes back once it passes; a dead one fails its check too.
+#[test]
+fn active_health_checks_take_endpoints_out_and_back() {
+    let sick = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let s2 = sick.clone();
+    let a_count = Arc::new(AtomicUsize::new(0));
+    let a_seen = a_count.clone();
+    let a = RecordingBackend::start(Arc::new(move |head: &str, _: &[u8]| {
+        if head.starts_with("GET /health") {
+            let code = if s2.load(Ordering::SeqCst) { 503 } else { 200 };
+            return format!("HTTP/1.1 {code} X\r\ncontent-length: 0\r\n\r\n").into_bytes();
+        }
+        a_seen.fetch_add(1, Ordering::SeqCst);
+        b"HTTP/1.1 200 OK\r\ncontent-length: 1\r\n\r\na".to_vec()
+    }));
+    let b = RecordingBackend::echo("b");
+    let (admin, port) = (free_port(), free_port());
+    let config = format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default }}
+spec:
+  egress:
+  - port: {{ number: {port}, protocol: HTTP }}
+    hosts: [\"./*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata:
+  name: reviews
+  annotations:
+    health.keel.dev/path: /health
+    health.keel.dev/interval: 100ms
+    health.keel.dev/timeout: 100ms
+    health.keel.dev/unhealthy-threshold: \"2\"
+    health.keel.dev/healthy-threshold: \"1\"
+spec:
+  hosts: [reviews]
+  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: 127.0.0.1, ports: {{ http: {} }} }}
+  - {{ address: 127.0.0.1, ports: {{ http: {} }} }}
+",
+        proxy_yaml(admin, 2),
+        a.addr.port(),
+        b.addr.port()
+    );
+    let keel = Keel::start(&config, admin, &[]);
+    let unhealthy = || cluster_stat(&keel, "reviews", "health_check_unhealthy");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unhealthy() != 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(unhealthy(), 1);
+    let before = a_count.load(Ordering::SeqCst);
+    for _ in 0..20 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    assert_eq!(
+        a_count.load(Ordering::SeqCst),
+        before,
+        "no traffic to the unhealthy endpoint"
+    );
+    let (_, text) = http_get(keel.admin, "/clusters").unwrap();
+    assert!(
+        text.contains(&format!("::{}::health_flags::/failed_active_hc", a.addr)),
+        "{text}"
+    );
+    sick.store(false, Ordering::SeqCst);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while unhealthy() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(unhealthy(), 0);
+    for _ in 0..20 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    assert!(a_count.load(Ordering::SeqCst) > before, "back in rotation");
+}

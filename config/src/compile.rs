@@ -266,6 +266,115 @@ fn outlier_policy(od: &OutlierDetection) -> Option<OutlierPolicy> {
     (policy.consecutive_5xx > 0 || policy.consecutive_gateway > 0).then_some(policy)
 }
 
+/// The annotation prefix of active health checks on a ServiceEntry.
+const HEALTH_PREFIX: &str = "health.keel.dev/";
+const HEALTH_KEYS: [&str; 7] = [
+    "protocol",
+    "path",
+    "expected-statuses",
+    "interval",
+    "timeout",
+    "unhealthy-threshold",
+    "healthy-threshold",
+];
+
+/// Active health checks from a ServiceEntry's `health.keel.dev/*` annotations: `None` when there
+/// are none; an error names the annotation.
+fn health_check(
+    annotations: &BTreeMap<String, String>,
+    host: &str,
+) -> Result<Option<HealthCheck>, (String, String)> {
+    let ours: Vec<(&str, &str)> = annotations
+        .iter()
+        .filter_map(|(k, v)| k.strip_prefix(HEALTH_PREFIX).map(|k| (k, v.as_str())))
+        .collect();
+    if ours.is_empty() {
+        return Ok(None);
+    }
+    let get = |key: &str| ours.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+    for (k, _) in &ours {
+        if !HEALTH_KEYS.contains(k) {
+            let hint = closest(k, HEALTH_KEYS.iter().copied())
+                .map(|h| format!(" (did you mean `{HEALTH_PREFIX}{h}`?)"))
+                .unwrap_or_default();
+            return Err((
+                format!("{HEALTH_PREFIX}{k}"),
+                format!("unknown health check annotation{hint}"),
+            ));
+        }
+    }
+    let err = |k: &str, m: String| (format!("{HEALTH_PREFIX}{k}"), m);
+    let duration = |k: &str, default: Duration| -> Result<Duration, (String, String)> {
+        match get(k) {
+            None => Ok(default),
+            Some(v) => crate::duration::parse(v)
+                .map_err(|e| err(k, e))
+                .and_then(|d| {
+                    if d.is_zero() {
+                        Err(err(k, "must be more than 0".into()))
+                    } else {
+                        Ok(d)
+                    }
+                }),
+        }
+    };
+    let count = |k: &str, default: u32| -> Result<u32, (String, String)> {
+        match get(k) {
+            None => Ok(default),
+            Some(v) => match v.trim().parse::<u32>() {
+                Ok(n) if n >= 1 => Ok(n),
+                _ => Err(err(k, format!("`{v}` is not a count of 1 or more"))),
+            },
+        }
+    };
+    let http = match (get("protocol"), get("path")) {
+        (Some("tcp") | Some("TCP"), None) => None,
+        (Some("tcp") | Some("TCP"), Some(_)) => {
+            return Err(err("path", "a TCP check has no path".into()))
+        }
+        (None | Some("http") | Some("HTTP"), Some(p)) if p.starts_with('/') => Some(p.to_string()),
+        (None | Some("http") | Some("HTTP"), Some(p)) => {
+            return Err(err("path", format!("`{p}` must start with /")))
+        }
+        (Some("http") | Some("HTTP"), None) => Some("/".to_string()),
+        (None, None) => None,
+        (Some(other), _) => return Err(err("protocol", format!("`{other}` is not http or tcp"))),
+    };
+    let mut statuses = Vec::new();
+    for part in get("expected-statuses").unwrap_or("200-299").split(',') {
+        let part = part.trim();
+        let (a, b) = part.split_once('-').unwrap_or((part, part));
+        match (a.trim().parse::<u16>(), b.trim().parse::<u16>()) {
+            (Ok(a), Ok(b)) if (100..=599).contains(&a) && (a..=599).contains(&b) => {
+                statuses.push((a, b))
+            }
+            _ => {
+                return Err(err(
+                    "expected-statuses",
+                    format!("`{part}` is not a status or a range such as 200-299"),
+                ))
+            }
+        }
+    }
+    let interval = duration("interval", Duration::from_secs(5))?;
+    let timeout = duration("timeout", Duration::from_secs(1))?;
+    if timeout > interval {
+        return Err(err(
+            "timeout",
+            "must not be longer than the interval".into(),
+        ));
+    }
+    Ok(Some(HealthCheck {
+        http_path: http,
+        statuses,
+        host: host.to_string(),
+        interval,
+        timeout,
+        unhealthy_threshold: count("unhealthy-threshold", 3)?,
+        healthy_threshold: count("healthy-threshold", 2)?,
+    }))
+}
+
 /// gRPC status names, indexed by code.
 const GRPC_STATUS: [&str; 17] = [
     "OK",
@@ -437,6 +546,9 @@ impl Compiler {
         }
         for se in &raw.service_entries {
             let (o, s) = (&se.origin, &se.value.spec);
+            if let Err((key, message)) = health_check(&se.value.metadata.annotations, "") {
+                e.push(o.error(&format!("metadata.annotations.{key}"), message));
+            }
             not_supported(e, o, &s.addresses, "spec.addresses");
             not_supported(e, o, &s.workload_selector, "spec.workloadSelector");
             not_supported(e, o, &s.export_to, "spec.exportTo");
@@ -1106,6 +1218,7 @@ impl Compiler {
                 tls: None,
                 limits,
                 outlier: None,
+                health_check: None,
                 pool_idle_timeout,
             });
             let target = WeightedCluster { cluster, weight: 1 };
@@ -2295,6 +2408,9 @@ impl Compiler {
             tls,
             limits,
             outlier,
+            health_check: health_check(&service.entry.value.metadata.annotations, host)
+                .ok()
+                .flatten(),
             pool_idle_timeout,
         }))
     }
@@ -2482,6 +2598,13 @@ pub fn dump(
             "connect_timeout_ms": ms(c.connect_timeout),
             "idle_timeout_ms": ms(c.idle_timeout),
             "pool_idle_timeout_ms": ms(c.pool_idle_timeout),
+            "health_check": c.health_check.as_ref().map(|h| json!({
+                "http_path": h.http_path,
+                "interval_ms": ms(h.interval),
+                "timeout_ms": ms(h.timeout),
+                "unhealthy_threshold": h.unhealthy_threshold,
+                "healthy_threshold": h.healthy_threshold,
+            })),
             "outlier_detection": c.outlier.map(|od| json!({
                 "consecutive_5xx": od.consecutive_5xx,
                 "consecutive_gateway": od.consecutive_gateway,

@@ -226,9 +226,27 @@ pub struct Cluster {
     pub limits: CircuitLimits,
     /// Outlier detection (DestinationRule `outlierDetection`); `None` is off.
     pub outlier: Option<OutlierPolicy>,
+    /// Active health checks (the ServiceEntry's `health.keel.dev/*` annotations); `None` is off.
+    pub health_check: Option<HealthCheck>,
     /// How long an idle upstream HTTP connection is kept for reuse (`connectionPool.http.idleTimeout`,
     /// else the TCP idle timeout).
     pub pool_idle_timeout: Duration,
+}
+
+/// Active health checking of a cluster's endpoints, configured by annotations on the ServiceEntry
+/// (Istio has no field for it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// `Some(path)`: an HTTP GET of the path must answer one of `statuses`; `None`: a TCP connect.
+    pub http_path: Option<String>,
+    /// Inclusive status ranges an HTTP check accepts (default 200-299).
+    pub statuses: Vec<(u16, u16)>,
+    /// The Host header of HTTP checks: the service host.
+    pub host: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub unhealthy_threshold: u32,
+    pub healthy_threshold: u32,
 }
 
 /// When an endpoint is ejected for consecutive errors, and for how long (Istio's defaults: 5

@@ -393,3 +393,48 @@ spec:
     assert_eq!(p.mirrors.len(), 1);
     assert!(s.clusters[p.mirrors[0].cluster].name.contains("|v2|"));
 }
+
+/// Active health checks come from the ServiceEntry's `health.keel.dev/*` annotations; a bad one is
+/// refused naming the annotation.
+#[test]
+fn health_check_annotations() {
+    let annotated = |annotations: &str| {
+        BASE.replace(
+            "metadata: { name: services }",
+            &format!("metadata:\n  name: services\n  annotations:\n{annotations}"),
+        )
+    };
+    let s = load(&annotated(
+        "    health.keel.dev/path: /healthz\n    health.keel.dev/expected-statuses: \"200-204,301\"\n    health.keel.dev/interval: 2s\n",
+    ));
+    let c = s
+        .clusters
+        .iter()
+        .find(|c| c.name.contains("reviews"))
+        .unwrap();
+    let hc = c.health_check.as_ref().unwrap();
+    assert_eq!(hc.http_path.as_deref(), Some("/healthz"));
+    assert_eq!(hc.statuses, vec![(200, 204), (301, 301)]);
+    assert_eq!(hc.interval.as_secs(), 2);
+    assert_eq!((hc.unhealthy_threshold, hc.healthy_threshold), (3, 2));
+    assert_eq!(hc.host, "reviews.default.svc.cluster.local");
+    let tcp = load(&annotated("    health.keel.dev/protocol: tcp\n"));
+    let c = tcp
+        .clusters
+        .iter()
+        .find(|c| c.name.contains("reviews"))
+        .unwrap();
+    assert!(c.health_check.as_ref().unwrap().http_path.is_none());
+    let e = one_error(&annotated("    health.keel.dev/intervl: 2s\n"));
+    assert!(
+        e.message
+            .contains("did you mean `health.keel.dev/interval`"),
+        "{e}"
+    );
+    let e = one_error(&annotated("    health.keel.dev/path: healthz\n"));
+    assert!(e.path.ends_with("health.keel.dev/path"), "{e}");
+    let e = one_error(&annotated(
+        "    health.keel.dev/interval: 1s\n    health.keel.dev/timeout: 2s\n",
+    ));
+    assert!(e.message.contains("longer than the interval"), "{e}");
+}

@@ -93,7 +93,8 @@ pub struct Generation {
     routes: Vec<Option<WeightedRandom>>,
     /// Per cluster: its outlier detection policy, if any, and its endpoints' shared records
     /// (ejection state, requests in flight), indexed as its endpoints.
-    health: Vec<(Option<outlier::Policy>, Vec<Arc<outlier::HostHealth>>)>,
+    /// Whether the cluster has active health checks is the third field.
+    health: Vec<(Option<outlier::Policy>, Vec<Arc<outlier::HostHealth>>, bool)>,
 }
 
 /// Milliseconds since the process started: outlier detection's clock, the same on every worker.
@@ -166,6 +167,7 @@ impl Generation {
                 (
                     policy,
                     stats.health_of(c.endpoints.iter().map(|e| e.address)),
+                    c.health_check.is_some(),
                 )
             })
             .collect();
@@ -214,14 +216,16 @@ impl Generation {
         let mut balancers = self.balancers.borrow_mut();
         let balancer = balancers.get_mut(cluster)?;
         let mut endpoint = balancer.pick_keyed(rng, key)?;
-        let (policy, hosts) = self.health.get(cluster)?;
-        if let Some(policy) = policy {
-            // An ejected endpoint is picked again (at random, up to five times), then passed
-            // over for the first one not ejected — unless too few are left (minHealthPercent).
+        let (policy, hosts, checked) = self.health.get(cluster)?;
+        if policy.is_some() || *checked {
+            // An ejected or unhealthy endpoint is picked again (at random, up to five times),
+            // then passed over for the first one left — unless too few are left (minHealthPercent,
+            // or none at all: then all take traffic, Envoy's panic mode).
             let now = now_ms();
-            let ejected = |i: usize| hosts.get(i).is_some_and(|h| h.is_ejected(now));
+            let ejected = |i: usize| hosts.get(i).is_some_and(|h| h.is_excluded(now));
+            let min_health = policy.map_or(0, |p| p.min_health_percent);
             if ejected(endpoint)
-                && outlier::ejections_apply(policy, hosts.iter().map(|h| &**h), now)
+                && outlier::exclusions_apply(min_health, hosts.iter().map(|h| &**h), now)
             {
                 for _ in 0..5 {
                     endpoint = balancer.pick_keyed(rng, None)?;
@@ -254,7 +258,7 @@ impl Generation {
         endpoint: usize,
         outcome: outlier::Outcome,
     ) {
-        let Some((Some(policy), hosts)) = self.health.get(cluster) else {
+        let Some((Some(policy), hosts, _)) = self.health.get(cluster) else {
             return;
         };
         if outlier::report(policy, hosts, endpoint, outcome, now_ms()) {
@@ -278,7 +282,11 @@ impl Generation {
             return None;
         }
         balancer.started(endpoint);
-        if let Some(h) = self.health.get(cluster).and_then(|(_, h)| h.get(endpoint)) {
+        if let Some(h) = self
+            .health
+            .get(cluster)
+            .and_then(|(_, h, _)| h.get(endpoint))
+        {
             h.started();
         }
         Some(InFlight {
@@ -313,7 +321,7 @@ impl Drop for InFlight<'_> {
             .gen
             .health
             .get(self.cluster)
-            .and_then(|(_, h)| h.get(self.endpoint))
+            .and_then(|(_, h, _)| h.get(self.endpoint))
         {
             h.finished();
         }

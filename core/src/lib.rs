@@ -13,6 +13,7 @@ pub mod downstream_tls;
 pub mod fleet;
 pub mod generation;
 pub mod handover;
+pub mod health_check;
 pub mod http;
 pub mod idle;
 pub mod istio_metrics;

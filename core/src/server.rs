@@ -130,6 +130,8 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
 
     crate::access_log::configure(snapshot.proxy.access_log.as_ref().map(|a| a.path.as_path()));
     let stats = Stats::new(&snapshot, driver, workers);
+    crate::health_check::start(stats.clone())
+        .map_err(|e| StartError::Other(format!("cannot start the health-check thread: {e}")))?;
     let table = stats.published().table;
     let (ready_tx, ready_rx) = mpsc::channel();
     let mut handles = Vec::with_capacity(workers);

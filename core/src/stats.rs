@@ -169,6 +169,12 @@ impl ClusterStats {
         addrs.map(|a| hosts.entry(a).or_default().clone()).collect()
     }
 
+    /// Endpoints failing their active health checks now.
+    pub fn unhealthy(&self) -> usize {
+        let hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        hosts.values().filter(|h| h.failed_health_check()).count()
+    }
+
     /// Endpoints ejected now.
     pub fn ejected(&self) -> usize {
         let now = crate::generation::now_ms();
@@ -646,6 +652,20 @@ impl Stats {
                 c.ejected()
             );
         }
+        header(
+            &mut out,
+            "keel_cluster_health_check_unhealthy",
+            "gauge",
+            "Endpoints failing their active health checks now.",
+        );
+        for c in &table.clusters {
+            let _ = writeln!(
+                out,
+                "keel_cluster_health_check_unhealthy{{cluster=\"{}\"}} {}",
+                escape(&c.name),
+                c.unhealthy()
+            );
+        }
         for (name, help, f) in gauges {
             header(&mut out, name, "gauge", help);
             for c in &table.clusters {
@@ -827,6 +847,7 @@ impl Stats {
                     "mirror_dropped": sum(s, |x| &x.mirror_dropped),
                     "outlier_ejections": sum(s, |x| &x.outlier_ejections),
                     "outlier_ejected_active": c.ejected(),
+                    "health_check_unhealthy": c.unhealthy(),
                     "mirror_requests": sum(s, |x| &x.mirror_sent),
                 })
             }).collect::<Vec<_>>(),
@@ -856,10 +877,11 @@ impl Stats {
             let mut endpoints = Vec::new();
             for (e, h) in c.endpoints.iter().zip(&health) {
                 let ejected = h.is_ejected(now);
-                let flags = if ejected {
-                    "/failed_outlier_check"
-                } else {
-                    "healthy"
+                let flags = match (ejected, h.failed_health_check()) {
+                    (false, false) => "healthy",
+                    (true, false) => "/failed_outlier_check",
+                    (false, true) => "/failed_active_hc",
+                    (true, true) => "/failed_active_hc/failed_outlier_check",
                 };
                 if as_json {
                     endpoints.push(serde_json::json!({
@@ -868,6 +890,7 @@ impl Stats {
                         "labels": e.labels,
                         "health_flags": flags,
                         "ejected": ejected,
+                        "failed_health_check": h.failed_health_check(),
                         "ejected_for_ms": h.ejected_until().saturating_sub(now),
                         "ejections": h.ejections(),
                         "rq_active": h.active(),
@@ -888,6 +911,7 @@ impl Stats {
                     "upstream_rq_active": stats.breaker.requests(),
                     "upstream_rq_pending_active": stats.breaker.pending(),
                     "outlier_detection": c.outlier.is_some(),
+                    "health_check": c.health_check.is_some(),
                     "endpoints": endpoints,
                 }));
                 continue;

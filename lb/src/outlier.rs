@@ -46,6 +46,11 @@ pub struct HostHealth {
     ejected_until: AtomicU64,
     ejections: AtomicU32,
     active: AtomicU32,
+    /// Active health checking: the host failed its checks (and has not passed enough since).
+    hc_failed: std::sync::atomic::AtomicBool,
+    /// Consecutive passed / failed checks.
+    hc_passes: AtomicU32,
+    hc_fails: AtomicU32,
 }
 
 impl HostHealth {
@@ -63,6 +68,37 @@ impl HostHealth {
         self.ejections.load(Relaxed)
     }
 
+    /// Whether active health checks have marked the host unhealthy.
+    pub fn failed_health_check(&self) -> bool {
+        self.hc_failed.load(Relaxed)
+    }
+
+    /// Left out of picks: ejected by outlier detection or failing its health checks.
+    pub fn is_excluded(&self, now_ms: u64) -> bool {
+        self.is_ejected(now_ms) || self.failed_health_check()
+    }
+
+    /// Records an active health check's result: `unhealthy_after` failures in a row mark the host
+    /// unhealthy, `healthy_after` passes in a row healthy again. True when the state changed.
+    pub fn health_checked(&self, passed: bool, unhealthy_after: u32, healthy_after: u32) -> bool {
+        if passed {
+            self.hc_fails.store(0, Relaxed);
+            let passes = self.hc_passes.fetch_add(1, Relaxed) + 1;
+            if self.failed_health_check() && passes >= healthy_after {
+                self.hc_failed.store(false, Relaxed);
+                return true;
+            }
+        } else {
+            self.hc_passes.store(0, Relaxed);
+            let fails = self.hc_fails.fetch_add(1, Relaxed) + 1;
+            if !self.failed_health_check() && fails >= unhealthy_after {
+                self.hc_failed.store(true, Relaxed);
+                return true;
+            }
+        }
+        false
+    }
+
     /// Requests (or TCP connections) in flight to the host, over all workers.
     pub fn active(&self) -> u32 {
         self.active.load(Relaxed)
@@ -77,18 +113,17 @@ impl HostHealth {
     }
 }
 
-/// Whether ejections apply to `hosts` now: the share not ejected is at least `min_health_percent`.
-pub fn ejections_apply<'a>(
-    policy: &Policy,
+/// Whether exclusions (ejections, failed health checks) apply to `hosts` now: the share not
+/// excluded is at least `min_health_percent`, and at least one host is left. Otherwise the pick
+/// goes across all hosts (Envoy's panic mode).
+pub fn exclusions_apply<'a>(
+    min_health_percent: u32,
     hosts: impl ExactSizeIterator<Item = &'a HostHealth>,
     now_ms: u64,
 ) -> bool {
     let total = hosts.len();
-    if policy.min_health_percent == 0 || total == 0 {
-        return true;
-    }
-    let healthy = hosts.filter(|h| !h.is_ejected(now_ms)).count();
-    healthy * 100 >= policy.min_health_percent as usize * total
+    let healthy = hosts.filter(|h| !h.is_excluded(now_ms)).count();
+    healthy > 0 && healthy * 100 >= min_health_percent as usize * total
 }
 
 /// Records `outcome` for `hosts[i]`; ejects it when it reaches a threshold and fewer than
@@ -200,8 +235,32 @@ mod tests {
             min_health_percent: 75,
             ..p
         };
-        assert!(!ejections_apply(&strict, hosts.iter().map(|h| &**h), 1));
-        assert!(ejections_apply(&p, hosts.iter().map(|h| &**h), 1));
+        assert!(!exclusions_apply(
+            strict.min_health_percent,
+            hosts.iter().map(|h| &**h),
+            1
+        ));
+        assert!(exclusions_apply(
+            p.min_health_percent,
+            hosts.iter().map(|h| &**h),
+            1
+        ));
+    }
+
+    #[test]
+    fn health_checks_mark_unhealthy_and_healthy_by_thresholds() {
+        let h = HostHealth::default();
+        assert!(!h.health_checked(false, 2, 2));
+        assert!(h.health_checked(false, 2, 2), "second failure marks it");
+        assert!(h.is_excluded(0));
+        assert!(!h.health_checked(true, 2, 2));
+        assert!(
+            !h.health_checked(false, 2, 2),
+            "a failure resets the passes"
+        );
+        assert!(!h.health_checked(true, 2, 2));
+        assert!(h.health_checked(true, 2, 2));
+        assert!(!h.is_excluded(0));
     }
 
     #[test]
