@@ -847,7 +847,13 @@ metadata: { name: reviews }
 spec:
   host: reviews
   trafficPolicy:
-    loadBalancer: { consistentHash: { httpCookie: { name: session, path: /, ttl: 1h } } }
+    loadBalancer:
+      consistentHash:
+        httpCookie:
+          name: session
+          path: /
+          ttl: 1h
+          attributes: [{ name: SameSite, value: Strict }, { name: Partitioned }]
 ";
     let (_keel, port) = egress(&[(a.addr, "v1"), (b.addr, "v2")], rule, "");
     let mut seen = std::collections::BTreeSet::new();
@@ -861,7 +867,8 @@ spec:
             .trim()
             .to_string();
         assert!(
-            set.starts_with("session=") && set.ends_with("; max-age=3600; path=/; httponly"),
+            set.starts_with("session=")
+                && set.ends_with("; max-age=3600; path=/; httponly; samesite=strict; partitioned"),
             "{set}"
         );
         let first = head

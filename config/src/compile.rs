@@ -134,13 +134,20 @@ fn check_consistent_hash(
     at: &str,
 ) {
     if let Some(c) = &ch.http_cookie {
-        not_supported(
-            errors,
-            o,
-            &c.attributes,
-            &format!("{at}.httpCookie.attributes"),
-        );
         let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        for (i, a) in c.attributes.iter().enumerate() {
+            // An attribute must not smuggle another one in (or end the header).
+            let bad_value = a
+                .value
+                .as_deref()
+                .is_some_and(|v| v.bytes().any(|b| b == b';' || b.is_ascii_control()));
+            if a.name.is_empty() || !a.name.bytes().all(token) || bad_value {
+                errors.push(o.error(
+                    &format!("{at}.httpCookie.attributes[{i}]"),
+                    "an attribute needs a token name and a value without `;` or control characters",
+                ));
+            }
+        }
         if c.name.is_empty() || !c.name.bytes().all(token) {
             errors.push(o.error(
                 &format!("{at}.httpCookie.name"),
@@ -221,6 +228,14 @@ fn consistent_hash_policy(ch: &ConsistentHash) -> (LbPolicy, Option<HashKey>) {
             name: c.name.clone(),
             path: c.path.clone(),
             ttl: c.ttl.map(|d| d.0),
+            attributes: c
+                .attributes
+                .iter()
+                .map(|a| match &a.value {
+                    Some(v) => format!("{}={v}", a.name),
+                    None => a.name.clone(),
+                })
+                .collect(),
         })
     } else if ch.use_source_ip == Some(true) {
         Some(HashKey::SourceIp)

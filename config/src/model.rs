@@ -865,8 +865,18 @@ pub struct HttpCookie {
     pub path: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<Duration>,
+    /// Extra attributes of a cookie Keel makes up (`SameSite=Strict`, `Secure`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub attributes: Vec<CookieAttribute>,
+}
+
+/// `httpCookie.attributes[]`: a cookie attribute, with a value or a flag.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CookieAttribute {
+    pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub attributes: Option<NotSupported>,
+    pub value: Option<String>,
 }
 
 /// `consistentHash.ringHash`.

@@ -197,6 +197,8 @@ pub enum HashKey {
         name: String,
         path: Option<String>,
         ttl: Option<Duration>,
+        /// `httpCookie.attributes`, each `name` or `name=value`, appended to a cookie Keel sets.
+        attributes: Vec<String>,
     },
 }
 

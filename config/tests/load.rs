@@ -416,9 +416,9 @@ fn consistent_hash_policies_and_their_errors() {
             "not a prime",
         ),
         (
-            "{ consistentHash: { httpCookie: { name: s, ttl: 0s, attributes: [] } } }",
-            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes",
-            "not supported yet",
+            "{ consistentHash: { httpCookie: { name: s, ttl: 0s, attributes: [{ name: x, value: \"a; b\" }] } } }",
+            "spec.trafficPolicy.loadBalancer.consistentHash.httpCookie.attributes[0]",
+            "without `;`",
         ),
         (
             "{ consistentHash: { httpCookie: { name: \"a b\", ttl: 0s } } }",

@@ -1567,7 +1567,12 @@ fn request_hash(
             }),
             None,
         ),
-        HashKey::Cookie { name, path, ttl } => {
+        HashKey::Cookie {
+            name,
+            path,
+            ttl,
+            attributes,
+        } => {
             let sent = head.headers.get(b"cookie").and_then(|all| {
                 all.split(|b| *b == b';').find_map(|pair| {
                     let pair = pair.trim_ascii();
@@ -1588,6 +1593,10 @@ fn request_hash(
                         cookie.push_str(&format!("; Path={p}"));
                     }
                     cookie.push_str("; HttpOnly");
+                    for a in attributes {
+                        cookie.push_str("; ");
+                        cookie.push_str(a);
+                    }
                     (Some(hash_bytes(value.as_bytes(), 0)), Some(cookie))
                 }
             }
