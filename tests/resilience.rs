@@ -769,3 +769,31 @@ spec:
     }
     assert!(a_count.load(Ordering::SeqCst) > before, "back in rotation");
 }
+
+/// Keel's PEAK_EWMA balancer (DestinationRule annotation) sends most requests to the faster
+/// endpoint once it has seen both.
+#[test]
+fn peak_ewma_prefers_the_faster_endpoint() {
+    let (slow, slow_count) = backend(|_| (200, Duration::from_millis(60)));
+    let (fast, fast_count) = backend(|_| (200, Duration::ZERO));
+    let dr = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+  annotations: { keel.dev/load-balancer: PEAK_EWMA }
+spec:
+  host: reviews
+";
+    let (_keel, port) = http_egress(&[(slow.addr, "v1"), (fast.addr, "v2")], dr, "", 1);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    for _ in 0..40 {
+        let (status, _, _) = http_request(&mut s, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n");
+        assert_eq!(status, 200);
+    }
+    let (slow_n, fast_n) = (
+        slow_count.load(Ordering::SeqCst),
+        fast_count.load(Ordering::SeqCst),
+    );
+    assert!(fast_n >= 34, "slow {slow_n}, fast {fast_n}");
+}

@@ -3,7 +3,7 @@
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use keel_lb::hash::hash_bytes;
-use keel_lb::{LeastRequest, Maglev, RingHash, Rng, RoundRobin, WeightedRandom};
+use keel_lb::{LeastRequest, Maglev, PeakEwma, RingHash, Rng, RoundRobin, WeightedRandom};
 
 fn picks(c: &mut Criterion) {
     let mut group = c.benchmark_group("pick");
@@ -37,6 +37,17 @@ fn picks(c: &mut Criterion) {
         let mut wp2c = LeastRequest::new(&weighted);
         group.bench_with_input(BenchmarkId::new("least_request_weighted", n), &n, |b, _| {
             b.iter(|| black_box(wp2c.pick(&mut rng)))
+        });
+        let mut ewma = PeakEwma::new(&equal);
+        for i in 0..n {
+            ewma.started(i);
+            ewma.finished(
+                i,
+                std::time::Duration::from_micros(100 + (i % 13) as u64 * 50),
+            );
+        }
+        group.bench_with_input(BenchmarkId::new("peak_ewma_p2c", n), &n, |b, _| {
+            b.iter(|| black_box(ewma.pick(&mut rng)))
         });
         // Consistent hashing: the key's hash is part of every pick (a 24-byte header value).
         let names: Vec<String> = (0..n)

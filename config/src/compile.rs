@@ -281,6 +281,9 @@ fn outlier_policy(od: &OutlierDetection) -> Option<OutlierPolicy> {
     (policy.consecutive_5xx > 0 || policy.consecutive_gateway > 0).then_some(policy)
 }
 
+/// The DestinationRule annotation choosing one of Keel's own balancers (`PEAK_EWMA`).
+const LB_ANNOTATION: &str = "keel.dev/load-balancer";
+
 /// The annotation prefix of active health checks on a ServiceEntry.
 const HEALTH_PREFIX: &str = "health.keel.dev/";
 const HEALTH_KEYS: [&str; 7] = [
@@ -744,6 +747,23 @@ impl Compiler {
         };
         for dr in &raw.destination_rules {
             let (o, s) = (&dr.origin, &dr.value.spec);
+            if let Some(v) = dr.value.metadata.annotations.get(LB_ANNOTATION) {
+                let at = format!("metadata.annotations.{LB_ANNOTATION}");
+                if v != "PEAK_EWMA" {
+                    e.push(o.error(&at, format!("`{v}` is not a Keel balancer (PEAK_EWMA)")));
+                }
+                let hashed = std::iter::once(s.traffic_policy.as_ref())
+                    .chain(s.subsets.iter().map(|x| x.traffic_policy.as_ref()))
+                    .flatten()
+                    .any(|tp| {
+                        tp.load_balancer
+                            .as_ref()
+                            .is_some_and(|lb| lb.consistent_hash.is_some())
+                    });
+                if hashed {
+                    e.push(o.error(&at, "PEAK_EWMA cannot be combined with consistentHash"));
+                }
+            }
             not_supported(e, o, &s.workload_selector, "spec.workloadSelector");
             not_supported(e, o, &s.export_to, "spec.exportTo");
             policy(e, o, &s.traffic_policy, "spec.trafficPolicy");
@@ -2367,11 +2387,21 @@ impl Compiler {
             .and_then(|p| p.outlier_detection.as_ref())
             .or(top.and_then(|p| p.outlier_detection.as_ref()))
             .and_then(outlier_policy);
+        let peak_ewma = rule.is_some_and(|r| {
+            r.rule
+                .value
+                .metadata
+                .annotations
+                .get(LB_ANNOTATION)
+                .map(String::as_str)
+                == Some("PEAK_EWMA")
+        });
         let (lb, hash_key) = match lb_settings {
             Some(LoadBalancerSettings {
                 consistent_hash: Some(ch),
                 ..
             }) => consistent_hash_policy(ch),
+            _ if peak_ewma => (LbPolicy::PeakEwma, None),
             _ => (
                 match lb_settings.and_then(|l| l.simple) {
                     Some(SimpleLb::Random) => LbPolicy::Random,

@@ -180,6 +180,8 @@ pub enum LbPolicy {
     Maglev {
         table_size: usize,
     },
+    /// Keel's latency-aware power of two choices (annotation `keel.dev/load-balancer: PEAK_EWMA`).
+    PeakEwma,
 }
 
 /// What a request is hashed by for consistent hashing (`consistentHash`).

@@ -438,3 +438,33 @@ fn health_check_annotations() {
     ));
     assert!(e.message.contains("longer than the interval"), "{e}");
 }
+
+#[test]
+fn peak_ewma_annotation() {
+    let dr = |annotation: &str, policy: &str| {
+        with(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata:
+  name: reviews
+  annotations: {{ keel.dev/load-balancer: {annotation} }}
+spec:
+  host: reviews
+{policy}"
+        ))
+    };
+    let s = load(&dr("PEAK_EWMA", ""));
+    let c = s
+        .clusters
+        .iter()
+        .find(|c| c.name.contains("reviews"))
+        .unwrap();
+    assert_eq!(c.lb, keel_config::LbPolicy::PeakEwma);
+    let e = one_error(&dr("PEAK", ""));
+    assert!(e.message.contains("not a Keel balancer"), "{e}");
+    let e = one_error(&dr(
+        "PEAK_EWMA",
+        "  trafficPolicy: { loadBalancer: { consistentHash: { useSourceIp: true } } }\n",
+    ));
+    assert!(e.message.contains("consistentHash"), "{e}");
+}

@@ -246,6 +246,7 @@ impl Generation {
             gen: self,
             cluster,
             endpoint,
+            started: balancer.wants_latency().then(std::time::Instant::now),
         })
     }
 
@@ -293,6 +294,7 @@ impl Generation {
             gen: self,
             cluster,
             endpoint,
+            started: balancer.wants_latency().then(std::time::Instant::now),
         })
     }
 }
@@ -310,12 +312,18 @@ pub struct InFlight<'a> {
     gen: &'a Generation,
     cluster: usize,
     pub endpoint: usize,
+    /// When the request began, for balancers that learn from latency (peak EWMA).
+    started: Option<std::time::Instant>,
 }
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
         if let Some(b) = self.gen.balancers.borrow_mut().get_mut(self.cluster) {
-            b.finished(self.endpoint);
+            b.finished(
+                self.endpoint,
+                self.started
+                    .map_or(std::time::Duration::ZERO, |t| t.elapsed()),
+            );
         }
         if let Some(h) = self
             .gen
@@ -345,6 +353,7 @@ fn balancer_for(cluster: &Cluster, worker: usize) -> Balancer {
         LbPolicy::RoundRobin => Balancer::RoundRobin(RoundRobin::new(&weights, worker)),
         LbPolicy::Random => Balancer::Random(WeightedRandom::new(&weights)),
         LbPolicy::LeastRequest => Balancer::LeastRequest(LeastRequest::new(&weights)),
+        LbPolicy::PeakEwma => Balancer::PeakEwma(keel_lb::PeakEwma::new(&weights)),
         LbPolicy::RingHash { min_ring_size } => {
             Balancer::RingHash(RingHash::new(&hosts, min_ring_size))
         }

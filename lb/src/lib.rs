@@ -9,6 +9,7 @@ pub mod hash;
 mod least_request;
 pub mod maglev;
 pub mod outlier;
+mod peak_ewma;
 pub mod ring_hash;
 mod rng;
 mod round_robin;
@@ -34,6 +35,7 @@ mod test_support {
 
 pub use least_request::LeastRequest;
 pub use maglev::Maglev;
+pub use peak_ewma::PeakEwma;
 pub use ring_hash::RingHash;
 pub use rng::Rng;
 pub use round_robin::RoundRobin;
@@ -50,6 +52,7 @@ pub enum Balancer {
     LeastRequest(LeastRequest),
     RingHash(RingHash),
     Maglev(Maglev),
+    PeakEwma(PeakEwma),
 }
 
 impl Balancer {
@@ -59,18 +62,27 @@ impl Balancer {
         self.pick_keyed(rng, None)
     }
 
-    /// A request (or connection) to choice `i` began: the least-request balancer counts it.
+    /// A request (or connection) to choice `i` began: the load-aware balancers count it.
     pub fn started(&mut self, i: usize) {
-        if let Balancer::LeastRequest(b) = self {
-            b.started(i);
+        match self {
+            Balancer::LeastRequest(b) => b.started(i),
+            Balancer::PeakEwma(b) => b.started(i),
+            _ => {}
         }
     }
 
-    /// A request (or connection) to choice `i` ended.
-    pub fn finished(&mut self, i: usize) {
-        if let Balancer::LeastRequest(b) = self {
-            b.finished(i);
+    /// A request (or connection) to choice `i` ended after `rtt` (peak EWMA learns from it).
+    pub fn finished(&mut self, i: usize, rtt: std::time::Duration) {
+        match self {
+            Balancer::LeastRequest(b) => b.finished(i),
+            Balancer::PeakEwma(b) => b.finished(i, rtt),
+            _ => {}
         }
+    }
+
+    /// Whether the balancer needs request durations (so callers time requests only then).
+    pub fn wants_latency(&self) -> bool {
+        matches!(self, Balancer::PeakEwma(_))
     }
 
     /// A pick for a request whose hash key (header, cookie, source address...) hashed to `key`.
@@ -81,6 +93,7 @@ impl Balancer {
             Balancer::LeastRequest(b) => b.pick(rng),
             Balancer::RingHash(b) => b.pick(key.unwrap_or_else(|| rng.next_u64())),
             Balancer::Maglev(b) => b.pick(key.unwrap_or_else(|| rng.next_u64())),
+            Balancer::PeakEwma(b) => b.pick(rng),
         }
     }
 }
