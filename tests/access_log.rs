@@ -113,6 +113,14 @@ fn json_format_and_failures() {
     assert_eq!(v["user_agent"], serde_json::Value::Null);
     assert!(v["request_id"].as_str().unwrap().len() == 36);
     assert!(v["duration"].as_u64().is_some());
+    // A request refused before it had a head is logged too.
+    let answer = raw_exchange(port, b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n");
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    let got = lines(&log, 2);
+    let v: serde_json::Value = serde_json::from_str(&got[1]).unwrap();
+    assert_eq!(v["response_code"], 400);
+    assert_eq!(v["response_flags"], "DPE");
+    assert_eq!(v["response_code_details"], "codec_error");
     drop(keel);
 }
 

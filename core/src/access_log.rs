@@ -432,13 +432,18 @@ impl Entry {
         let r = &self.record;
         let metrics = &self.worker.metrics;
         let key = Key {
-            version: gen.version_key,
-            listener: self.listener as u32,
-            cluster: r.cluster.map_or(u32::MAX, |c| c as u32),
+            version: gen.labels_key,
+            listener: gen.listener_keys.get(self.listener).copied().unwrap_or(0),
+            cluster: r
+                .cluster
+                .and_then(|c| gen.clusters.get(c))
+                .map_or(0, |c| c.pool_key),
             code: r.status,
             flags: r.flags.bits(),
             peer: metrics.peer(r.peer_uri_san.as_deref()),
             tcp: self.tcp,
+            grpc: r.grpc,
+            mtls: r.mtls,
             grpc_status: None,
         };
         let labels = || {
@@ -487,8 +492,7 @@ impl Drop for Entry {
             let snap = &self.gen.snapshot;
             let listener = self.listener;
             self.worker.metrics.latency(
-                self.gen.version_key,
-                listener as u32,
+                self.gen.listener_keys.get(listener).copied().unwrap_or(0),
                 || {
                     snap.listeners
                         .get(listener)

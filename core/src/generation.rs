@@ -81,8 +81,12 @@ impl ListenerState {
 /// One config version as one worker runs it.
 pub struct Generation {
     pub snapshot: Arc<Snapshot>,
-    /// A fingerprint of the config version (keys metric series, whose indices are per version).
-    pub version_key: u64,
+    /// A fingerprint of what this workload's side of Istio's metric labels is made of (name,
+    /// namespace, app and version labels, identity): series keep their counts across reloads that
+    /// leave it alone.
+    pub labels_key: u64,
+    /// A fingerprint of each listener's name, in the snapshot's order (metric series keys).
+    pub listener_keys: Vec<u64>,
     /// The TLS contexts built for the snapshot (indexed as its listeners and clusters).
     pub tls: Arc<keel_tls::TlsContexts>,
     /// Per listener of the snapshot, in its order.
@@ -172,7 +176,23 @@ impl Generation {
             })
             .collect();
         Generation {
-            version_key: keel_lb::hash::hash_bytes(snapshot.version.as_bytes(), 0),
+            labels_key: {
+                let p = &snapshot.proxy;
+                let id = tls.identity.as_ref().map_or("", |i| i.uri());
+                let text = format!(
+                    "{}\n{}\n{:?}\n{:?}\n{id}",
+                    p.name,
+                    p.namespace,
+                    p.labels.get("app"),
+                    p.labels.get("version")
+                );
+                keel_lb::hash::hash_bytes(text.as_bytes(), 0)
+            },
+            listener_keys: snapshot
+                .listeners
+                .iter()
+                .map(|l| keel_lb::hash::hash_bytes(l.name.as_bytes(), 1))
+                .collect(),
             health,
             clusters: table.clusters.clone(),
             snapshot,

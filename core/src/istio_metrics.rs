@@ -2,9 +2,10 @@
 //! `istio_request_bytes`, `istio_response_bytes`, `istio_tcp_*`), with Istio's labels, so that
 //! dashboards written for Istio's sidecars work on Keel's `/stats/prometheus`.
 //!
-//! A label set is formatted once, the first time a worker sees its combination (config version,
-//! listener, cluster, status, flags, peer identity); after that a request costs a hash lookup of a
-//! small integer key and a few additions to core-local memory. Each worker publishes what changed
+//! A label set is formatted once, the first time a worker sees its combination (listener, cluster,
+//! status, flags, peer identity — by name fingerprints, so series carry on across reloads); after
+//! that a request costs a hash lookup of a small integer key and a few additions to core-local
+//! memory. Each worker publishes what changed
 //! at its sweep tick (100 ms) into its own slot, which the scrape merges by label set.
 
 use std::cell::{Cell, RefCell};
@@ -96,16 +97,21 @@ impl Series {
 /// What distinguishes one label set from another on a worker (all small integers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Key {
-    /// The config version's fingerprint (listener and cluster indices are per version).
+    /// The fingerprint of this workload's labels (see `Generation::labels_key`).
     pub version: u64,
-    pub listener: u32,
-    /// `u32::MAX` when no cluster was chosen.
-    pub cluster: u32,
+    /// The listener's name fingerprint.
+    pub listener: u64,
+    /// The cluster's name fingerprint; 0 when no cluster was chosen.
+    pub cluster: u64,
     pub code: u16,
     pub flags: u16,
     /// The peer's SPIFFE id, interned on the worker (0: none).
     pub peer: u32,
     pub tcp: bool,
+    /// A gRPC request (`request_protocol="grpc"`).
+    pub grpc: bool,
+    /// Mutual TLS downstream (`connection_security_policy`).
+    pub mtls: bool,
     pub grpc_status: Option<u16>,
 }
 
@@ -116,8 +122,8 @@ pub struct WorkerMetrics {
     series: RefCell<Vec<(Arc<str>, Series)>>,
     peers: RefCell<HashMap<Box<str>, u32>>,
     dirty: Cell<bool>,
-    /// Request durations per listener (config version, index) → (listener name, histogram), in µs.
-    latency: RefCell<HashMap<(u64, u32), NamedLatency>>,
+    /// Request durations per listener (name fingerprint) → (listener name, histogram), in µs.
+    latency: RefCell<HashMap<u64, NamedLatency>>,
     latency_dirty: Cell<bool>,
 }
 
@@ -155,16 +161,11 @@ impl WorkerMetrics {
         self.dirty.set(true);
     }
 
-    /// Records a request's duration on listener `(version, index)` named by `name()`.
-    pub fn latency(
-        &self,
-        version: u64,
-        listener: u32,
-        name: impl FnOnce() -> Arc<str>,
-        d: Duration,
-    ) {
+    /// Records a request's duration on the listener with name fingerprint `listener`, named by
+    /// `name()`.
+    pub fn latency(&self, listener: u64, name: impl FnOnce() -> Arc<str>, d: Duration) {
         let mut map = self.latency.borrow_mut();
-        let entry = match map.entry((version, listener)) {
+        let entry = match map.entry(listener) {
             std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
             std::collections::hash_map::Entry::Vacant(v) => {
                 let Some(h) = new_latency() else { return };

@@ -298,6 +298,14 @@ async fn one_request(c: &mut Conn) -> Next {
         Err(ReadError::Head(e)) => {
             lstats.rq_total.inc();
             count_status(lstats, e.status);
+            refused_entry(
+                worker,
+                at,
+                peer,
+                e.status,
+                Flag::DownstreamProtocolError,
+                "codec_error",
+            );
             Flags::of(Flag::DownstreamProtocolError).record(lstats);
             tracing::debug!(%peer, status = e.status, reason = e.reason, flag = "DPE", "refused request");
             let _ = local_reply(&down.stream, e.status, e.reason, Next::Close, &[]).await;
@@ -306,6 +314,7 @@ async fn one_request(c: &mut Conn) -> Next {
         Err(ReadError::Timeout) => {
             lstats.rq_total.inc();
             count_status(lstats, 408);
+            refused_entry(worker, at, peer, 408, Flag::None, "request_header_timeout");
             let _ = local_reply(&down.stream, 408, "request head timeout", Next::Close, &[]).await;
             return Next::Close;
         }
@@ -314,6 +323,25 @@ async fn one_request(c: &mut Conn) -> Next {
     lstats.rq_total.inc();
     at.refresh(worker);
     exchange(worker, at, down, head, peer, idle).await
+}
+
+/// Counts (Istio metrics) and logs (access log) a request refused before it had a head.
+fn refused_entry(
+    worker: &Rc<Worker>,
+    at: &ListenerRef,
+    peer: SocketAddr,
+    status: u16,
+    flag: Flag,
+    details: &'static str,
+) {
+    let mut entry = crate::access_log::Entry::start(worker, at, false);
+    entry.with(|r| {
+        r.status = status;
+        r.flags = Flags::of(flag);
+        r.details = details;
+        r.downstream_remote = Some(peer);
+        r.downstream_local = Some(at.config().address);
+    });
 }
 
 enum ReadError {
