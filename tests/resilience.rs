@@ -797,3 +797,23 @@ spec:
     );
     assert!(fast_n >= 34, "slow {slow_n}, fast {fast_n}");
 }
+
+/// A gRPC client's `grpc-timeout` is honoured as the request's deadline (as Istio has Envoy do).
+#[test]
+fn grpc_timeout_header_is_a_deadline() {
+    let (b, _) = backend(|_| (200, Duration::from_millis(1500)));
+    let (_keel, port) = http_egress(&[(b.addr, "v1")], "", "", 1);
+    let t = Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (status, head, _) = http_request(
+        &mut s,
+        b"POST /svc/Method HTTP/1.1\r\nHost: reviews\r\ncontent-type: application/grpc\r\ngrpc-timeout: 200m\r\ncontent-length: 0\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    assert!(head.contains("grpc-status: 4"), "{head}");
+    assert!(
+        t.elapsed() < Duration::from_millis(1000),
+        "{:?}",
+        t.elapsed()
+    );
+}

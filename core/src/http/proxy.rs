@@ -731,7 +731,18 @@ async fn exchange(
             }
         }
     }
-    let deadline = policy.timeout.map(|t| Instant::now() + t);
+    // The route timeout, shortened by a gRPC client's own deadline (`grpc-timeout`), which Istio
+    // has Envoy honour.
+    let grpc_deadline = if grpc {
+        head.headers.get(b"grpc-timeout").and_then(grpc_timeout)
+    } else {
+        None
+    };
+    let deadline = match (policy.timeout, grpc_deadline) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+    .map(|t| Instant::now() + t);
 
     // Circuit breaker: requests in flight to the cluster, over all workers.
     let Some(_in_flight) = cluster_stats.breaker.request(cluster.limits.max_requests) else {
@@ -1196,6 +1207,24 @@ fn backoff(n: u32, rng: &mut keel_lb::Rng) -> Duration {
         .saturating_mul(BASE_MS)
         .min(MAX_MS);
     Duration::from_micros(rng.next_u64() % (ceiling * 1000 + 1))
+}
+
+/// A `grpc-timeout` value (gRPC over HTTP/2 spec: up to 8 digits and a unit H, M, S, m, u, n).
+fn grpc_timeout(v: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = v.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n: u64 = std::str::from_utf8(digits).ok()?.parse().ok()?;
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// A request with `content-type: application/grpc*`: local errors answer in gRPC's terms.
@@ -2136,4 +2165,22 @@ async fn local_reply(
         let _ = monoio::time::timeout(Duration::from_millis(200), stream.readable()).await;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(
+            super::grpc_timeout(b"100m"),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(super::grpc_timeout(b"2S"), Some(Duration::from_secs(2)));
+        assert_eq!(super::grpc_timeout(b"1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(super::grpc_timeout(b"123456789m"), None, "at most 8 digits");
+        assert_eq!(super::grpc_timeout(b"5x"), None);
+        assert_eq!(super::grpc_timeout(b"m"), None);
+    }
 }
