@@ -817,3 +817,95 @@ fn grpc_timeout_header_is_a_deadline() {
         t.elapsed()
     );
 }
+
+/// Locality-prioritized balancing (with outlier detection, as Istio): requests stay in this
+/// proxy's zone while it has healthy endpoints, and fail over to another region when it has none.
+#[test]
+fn locality_failover() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = failing.clone();
+    let (local, local_count) = backend(move |_| {
+        let status = if f.load(Ordering::SeqCst) { 500 } else { 200 };
+        (status, Duration::ZERO)
+    });
+    let (remote, remote_count) = backend(|_| (200, Duration::ZERO));
+    let (admin, port) = (free_port(), free_port());
+    let config = |enabled: bool| {
+        format!(
+            "apiVersion: keel.dev/v1alpha1
+kind: Proxy
+metadata: {{ name: test, namespace: default }}
+spec:
+  workload: {{ labels: {{ app: test }}, locality: us-east/zone-a }}
+  workers: 2
+  admin: {{ address: 127.0.0.1:{admin} }}
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default }}
+spec:
+  egress:
+  - port: {{ number: {port}, protocol: HTTP }}
+    hosts: [\"./*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: reviews }}
+spec:
+  hosts: [reviews]
+  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: us-east/zone-a }}
+  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: us-west/zone-b }}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: reviews }}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {{ localityLbSetting: {{ enabled: {enabled} }} }}
+    outlierDetection: {{ consecutive5xxErrors: 1, baseEjectionTime: 1m, maxEjectionPercent: 100 }}
+",
+            local.addr.port(),
+            remote.addr.port()
+        )
+    };
+    let keel = Keel::start(&config(true), admin, &[]);
+    for _ in 0..20 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    assert_eq!(
+        local_count.load(Ordering::SeqCst),
+        20,
+        "all in the local zone"
+    );
+    assert_eq!(remote_count.load(Ordering::SeqCst), 0);
+    failing.store(true, Ordering::SeqCst);
+    // The first 500 ejects the local endpoint (the default retry policy does not retry a 500).
+    assert_eq!(get(port, "").0, 500);
+    for _ in 0..20 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    assert_eq!(remote_count.load(Ordering::SeqCst), 20, "failed over");
+    // Turned off, the localities share the traffic (new config: the local endpoint is still
+    // ejected by the shared record, so heal it first).
+    failing.store(false, Ordering::SeqCst);
+    drop(keel);
+    let keel = Keel::start(&config(false), admin, &[]);
+    let before = (
+        local_count.load(Ordering::SeqCst),
+        remote_count.load(Ordering::SeqCst),
+    );
+    for _ in 0..20 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    let local_n = local_count.load(Ordering::SeqCst) - before.0;
+    let remote_n = remote_count.load(Ordering::SeqCst) - before.1;
+    assert!(
+        local_n > 0 && remote_n > 0,
+        "local {local_n}, remote {remote_n}"
+    );
+    drop(keel);
+}

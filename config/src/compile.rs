@@ -31,9 +31,14 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         material: Vec::new(),
         material_hash: raw.content_hash,
         peer_authn: tls::PeerAuthn::default(),
+        locality: None,
     };
     c.check_not_supported(&raw);
     let proxy = c.proxy(&raw);
+    c.locality = raw
+        .proxies
+        .first()
+        .and_then(|p| p.value.spec.workload.locality.clone());
     if let Some(p) = &proxy {
         c.peer_authn = c.peer_authn(&raw, p);
     }
@@ -85,6 +90,8 @@ struct Compiler {
     material_hash: u64,
     /// The PeerAuthentication in force for this workload.
     peer_authn: tls::PeerAuthn,
+    /// This proxy's locality (`Proxy.spec.workload.locality`), for locality-prioritized balancing.
+    locality: Option<String>,
 }
 
 /// One port of one service in the registry.
@@ -391,6 +398,26 @@ fn health_check(
         unhealthy_threshold: count("unhealthy-threshold", 3)?,
         healthy_threshold: count("healthy-threshold", 2)?,
     }))
+}
+
+/// An endpoint's locality priority seen from `ours` (`region/zone/subzone`): 0 when all three
+/// match, 1 region and zone, 2 region, 3 otherwise (or when either is unknown).
+fn locality_priority(ours: Option<&str>, theirs: Option<&str>) -> u8 {
+    let (Some(a), Some(b)) = (ours, theirs) else {
+        return 3;
+    };
+    let (mut a, mut b) = (a.split('/'), b.split('/'));
+    let same = |x: Option<&str>, y: Option<&str>| x.is_some_and(|x| !x.is_empty() && Some(x) == y);
+    if !same(a.next(), b.next()) {
+        return 3;
+    }
+    if !same(a.next(), b.next()) {
+        return 2;
+    }
+    if a.next().unwrap_or("") != b.next().unwrap_or("") {
+        return 1;
+    }
+    0
 }
 
 /// gRPC status names, indexed by code.
@@ -723,12 +750,17 @@ impl Compiler {
                             &format!("{at}.loadBalancer.consistentHash"),
                         );
                     }
-                    not_supported(
-                        e,
-                        o,
-                        &lb.locality_lb_setting,
-                        &format!("{at}.loadBalancer.localityLbSetting"),
-                    );
+                    if let Some(l) = &lb.locality_lb_setting {
+                        let at = format!("{at}.loadBalancer.localityLbSetting");
+                        not_supported(e, o, &l.distribute, &format!("{at}.distribute"));
+                        not_supported(e, o, &l.failover, &format!("{at}.failover"));
+                        not_supported(
+                            e,
+                            o,
+                            &l.failover_priority,
+                            &format!("{at}.failoverPriority"),
+                        );
+                    }
                     not_supported(
                         e,
                         o,
@@ -1240,6 +1272,7 @@ impl Compiler {
                     address: endpoint,
                     weight: 1,
                     labels: BTreeMap::new(),
+                    priority: 0,
                 }],
                 lb: LbPolicy::RoundRobin,
                 hash_key: None,
@@ -2418,6 +2451,14 @@ impl Compiler {
                 .map_or(r.tls.as_ref(), |(_, t)| t.as_ref())
         });
         let tls = rule_tls.map(|t| t.for_cluster(host, sp.number, subset, &spec.subject_alt_names));
+        // Locality-prioritized balancing, as Istio: on (unless the rule turns it off) when the
+        // destination has outlier detection, which is what moves traffic away from a failing
+        // locality.
+        let by_locality = outlier.is_some()
+            && lb_settings
+                .and_then(|l| l.locality_lb_setting.as_ref())
+                .and_then(|l| l.enabled)
+                != Some(false);
         let endpoints = spec
             .endpoints
             .iter()
@@ -2435,6 +2476,11 @@ impl Compiler {
                     address: SocketAddr::new(ip, target as u16),
                     weight: ep.weight.unwrap_or(1).max(1),
                     labels: ep.labels.clone(),
+                    priority: if by_locality {
+                        locality_priority(self.locality.as_deref(), ep.locality.as_deref())
+                    } else {
+                        0
+                    },
                 })
             })
             .collect();
@@ -2673,4 +2719,23 @@ pub fn dump(
             "endpoints": c.endpoints.iter().map(|e| json!({"address": e.address.to_string(), "weight": e.weight, "labels": e.labels})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+#[cfg(test)]
+mod locality_tests {
+    use super::locality_priority;
+
+    #[test]
+    fn priorities_by_region_zone_subzone() {
+        let ours = Some("us-east/zone-a/rack-1");
+        assert_eq!(locality_priority(ours, Some("us-east/zone-a/rack-1")), 0);
+        assert_eq!(locality_priority(ours, Some("us-east/zone-a/rack-2")), 1);
+        assert_eq!(locality_priority(ours, Some("us-east/zone-b")), 2);
+        assert_eq!(locality_priority(ours, Some("eu-west/zone-a/rack-1")), 3);
+        assert_eq!(locality_priority(ours, None), 3);
+        assert_eq!(
+            locality_priority(Some("us-east/zone-a"), Some("us-east/zone-a")),
+            0
+        );
+    }
 }

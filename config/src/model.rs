@@ -830,9 +830,24 @@ pub struct LoadBalancerSettings {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consistent_hash: Option<ConsistentHash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub locality_lb_setting: Option<NotSupported>,
+    pub locality_lb_setting: Option<LocalityLbSetting>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub warmup_duration_secs: Option<NotSupported>,
+}
+
+/// `loadBalancer.localityLbSetting`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityLbSetting {
+    /// Locality-prioritized balancing (with outlierDetection); default true, as Istio's mesh.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub distribute: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_priority: Option<NotSupported>,
 }
 
 /// `loadBalancer.consistentHash`: what a request is hashed by, and the table it is looked up in.

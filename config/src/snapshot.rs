@@ -305,6 +305,9 @@ pub struct Endpoint {
     pub address: SocketAddr,
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
+    /// Locality priority: 0 = this proxy's region, zone and subzone, 1 = region and zone,
+    /// 2 = region, 3 = elsewhere. All 0 when locality-prioritized balancing is off.
+    pub priority: u8,
 }
 
 /// Istio's default `connectTimeout`.

@@ -95,6 +95,9 @@ pub struct Generation {
     pub clusters: Vec<Arc<ClusterStats>>,
     balancers: RefCell<Vec<Balancer>>,
     routes: Vec<Option<WeightedRandom>>,
+    /// Per cluster with locality-prioritized balancing: its endpoints grouped by priority, best
+    /// first (see [`pick_by_locality`]).
+    localities: Vec<Option<Vec<Vec<usize>>>>,
     /// Per cluster: its outlier detection policy, if any, and its endpoints' shared records
     /// (ejection state, requests in flight), indexed as its endpoints.
     /// Whether the cluster has active health checks is the third field.
@@ -175,7 +178,20 @@ impl Generation {
                 )
             })
             .collect();
+        let localities = snapshot
+            .clusters
+            .iter()
+            .map(|c| {
+                let mut levels: Vec<Vec<usize>> = vec![Vec::new(); 4];
+                for (i, e) in c.endpoints.iter().enumerate() {
+                    levels[usize::from(e.priority.min(3))].push(i);
+                }
+                levels.retain(|l| !l.is_empty());
+                (levels.len() > 1).then_some(levels)
+            })
+            .collect();
         Generation {
+            localities,
             labels_key: {
                 let p = &snapshot.proxy;
                 let id = tls.identity.as_ref().map_or("", |i| i.uri());
@@ -235,9 +251,16 @@ impl Generation {
     ) -> Option<InFlight<'_>> {
         let mut balancers = self.balancers.borrow_mut();
         let balancer = balancers.get_mut(cluster)?;
-        let mut endpoint = balancer.pick_keyed(rng, key)?;
         let (policy, hosts, checked) = self.health.get(cluster)?;
-        if policy.is_some() || *checked {
+        let mut endpoint = match self.localities.get(cluster).and_then(Option::as_ref) {
+            Some(levels) => {
+                let weights = &self.snapshot.clusters[cluster].endpoints;
+                pick_by_locality(levels, |i| weights[i].weight, hosts, rng, now_ms())?
+            }
+            None => balancer.pick_keyed(rng, key)?,
+        };
+        let by_locality = self.localities.get(cluster).is_some_and(Option::is_some);
+        if (policy.is_some() || *checked) && !by_locality {
             // An ejected or unhealthy endpoint is picked again (at random, up to five times),
             // then passed over for the first one left — unless too few are left (minHealthPercent,
             // or none at all: then all take traffic, Envoy's panic mode).
@@ -317,6 +340,55 @@ impl Generation {
             started: balancer.wants_latency().then(std::time::Instant::now),
         })
     }
+}
+
+/// A pick across locality priorities, as Envoy's priority load with its overprovisioning factor
+/// of 1.4: the best priority takes min(100%, 1.4 × its healthy share) of the traffic, the next
+/// the rest up to its own, and so on; within a priority, endpoints are drawn by weight among the
+/// healthy ones. With no healthy endpoint anywhere, all of the best priority take traffic.
+fn pick_by_locality(
+    levels: &[Vec<usize>],
+    weight: impl Fn(usize) -> u32,
+    hosts: &[Arc<outlier::HostHealth>],
+    rng: &mut Rng,
+    now: u64,
+) -> Option<usize> {
+    let healthy = |i: usize| hosts.get(i).is_none_or(|h| !h.is_excluded(now));
+    let mut remaining = 100.0f64;
+    let loads: Vec<f64> = levels
+        .iter()
+        .map(|level| {
+            let share = level.iter().filter(|i| healthy(**i)).count() as f64 / level.len() as f64;
+            let load = (140.0 * share).min(remaining);
+            remaining -= load;
+            load
+        })
+        .collect();
+    let total: f64 = loads.iter().sum();
+    let level = if total <= 0.0 {
+        &levels[0]
+    } else {
+        let mut x = (rng.next_u64() % 1_000_000) as f64 / 1_000_000.0 * total;
+        let mut chosen = &levels[0];
+        for (level, load) in levels.iter().zip(&loads) {
+            if x < *load {
+                chosen = level;
+                break;
+            }
+            x -= load;
+        }
+        chosen
+    };
+    let candidates: Vec<usize> = {
+        let up: Vec<usize> = level.iter().copied().filter(|i| healthy(*i)).collect();
+        if up.is_empty() {
+            level.clone()
+        } else {
+            up
+        }
+    };
+    let weights: Vec<u32> = candidates.iter().map(|i| weight(*i).max(1)).collect();
+    keel_lb::pick_weighted(weights.iter().copied(), rng).map(|k| candidates[k])
 }
 
 /// The hash of a client's IP address, for `consistentHash.useSourceIp`.
