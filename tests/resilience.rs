@@ -531,25 +531,12 @@ spec:
 fn tcp_max_connections() {
     let (echo, _) = echo_backend();
     let (admin, port) = (free_port(), free_port());
+    let endpoint = format!(
+        "  - {{ address: 127.0.0.1, ports: {{ tcp: {} }} }}\n",
+        echo.port()
+    );
     let config = format!(
-        "{}---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{ name: default }}
-spec:
-  egress:
-  - port: {{ number: {port}, protocol: TCP }}
-    hosts: [\"./*\"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: svc }}
-spec:
-  hosts: [svc]
-  ports: [{{ number: {port}, name: tcp, protocol: TCP }}]
-  resolution: STATIC
-  endpoints: [{{ address: 127.0.0.1, ports: {{ tcp: {} }} }}]
----
+        "{}{}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{ name: svc }}
@@ -558,7 +545,7 @@ spec:
   trafficPolicy: {{ connectionPool: {{ tcp: {{ maxConnections: 1 }} }} }}
 ",
         proxy_yaml(admin, 2),
-        echo.port()
+        egress_service(port, "TCP", "svc", "{ name: svc }", &endpoint),
     );
     let keel = Keel::start(&config, admin, &[]);
     let mut first = TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -705,37 +692,27 @@ fn active_health_checks_take_endpoints_out_and_back() {
     }));
     let b = RecordingBackend::echo("b");
     let (admin, port) = (free_port(), free_port());
-    let config = format!(
-        "{}---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{ name: default }}
-spec:
-  egress:
-  - port: {{ number: {port}, protocol: HTTP }}
-    hosts: [\"./*\"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata:
+    let metadata = "
   name: reviews
   annotations:
     health.keel.dev/path: /health
     health.keel.dev/interval: 100ms
     health.keel.dev/timeout: 100ms
     health.keel.dev/unhealthy-threshold: \"2\"
-    health.keel.dev/healthy-threshold: \"1\"
-spec:
-  hosts: [reviews]
-  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  endpoints:
-  - {{ address: 127.0.0.1, ports: {{ http: {} }} }}
-  - {{ address: 127.0.0.1, ports: {{ http: {} }} }}
-",
+    health.keel.dev/healthy-threshold: \"1\"";
+    let endpoints: String = [a.addr, b.addr]
+        .iter()
+        .map(|e| {
+            format!(
+                "  - {{ address: 127.0.0.1, ports: {{ http: {} }} }}\n",
+                e.port()
+            )
+        })
+        .collect();
+    let config = format!(
+        "{}{}",
         proxy_yaml(admin, 2),
-        a.addr.port(),
-        b.addr.port()
+        egress_service(port, "HTTP", "reviews", metadata, &endpoints)
     );
     let keel = Keel::start(&config, admin, &[]);
     let unhealthy = || cluster_stat(&keel, "reviews", "health_check_unhealthy");
@@ -830,6 +807,13 @@ fn locality_failover() {
     });
     let (remote, remote_count) = backend(|_| (200, Duration::ZERO));
     let (admin, port) = (free_port(), free_port());
+    let endpoints = format!(
+        "  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: us-east/zone-a }}
+  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: us-west/zone-b }}
+",
+        local.addr.port(),
+        remote.addr.port()
+    );
     let config = |enabled: bool| {
         format!(
             "apiVersion: keel.dev/v1alpha1
@@ -839,26 +823,7 @@ spec:
   workload: {{ labels: {{ app: test }}, locality: us-east/zone-a }}
   workers: 2
   admin: {{ address: 127.0.0.1:{admin} }}
----
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{ name: default }}
-spec:
-  egress:
-  - port: {{ number: {port}, protocol: HTTP }}
-    hosts: [\"./*\"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: reviews }}
-spec:
-  hosts: [reviews]
-  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
-  resolution: STATIC
-  endpoints:
-  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: us-east/zone-a }}
-  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: us-west/zone-b }}
----
+{}---
 apiVersion: networking.istio.io/v1
 kind: DestinationRule
 metadata: {{ name: reviews }}
@@ -868,8 +833,7 @@ spec:
     loadBalancer: {{ localityLbSetting: {{ enabled: {enabled} }} }}
     outlierDetection: {{ consecutive5xxErrors: 1, baseEjectionTime: 1m, maxEjectionPercent: 100 }}
 ",
-            local.addr.port(),
-            remote.addr.port()
+            egress_service(port, "HTTP", "reviews", "{ name: reviews }", &endpoints)
         )
     };
     let keel = Keel::start(&config(true), admin, &[]);

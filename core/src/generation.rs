@@ -354,41 +354,43 @@ fn pick_by_locality(
     now: u64,
 ) -> Option<usize> {
     let healthy = |i: usize| hosts.get(i).is_none_or(|h| !h.is_excluded(now));
+    // At most four ranks (same subzone, zone, region, elsewhere): no allocation per pick.
+    let mut loads = [0f64; 4];
     let mut remaining = 100.0f64;
-    let loads: Vec<f64> = levels
-        .iter()
-        .map(|level| {
-            let share = level.iter().filter(|i| healthy(**i)).count() as f64 / level.len() as f64;
-            let load = (140.0 * share).min(remaining);
-            remaining -= load;
-            load
-        })
-        .collect();
+    for (load, level) in loads.iter_mut().zip(levels) {
+        let share = level.iter().filter(|i| healthy(**i)).count() as f64 / level.len() as f64;
+        *load = (140.0 * share).min(remaining);
+        remaining -= *load;
+    }
     let total: f64 = loads.iter().sum();
-    let level = if total <= 0.0 {
-        &levels[0]
-    } else {
+    let mut level = levels.first()?;
+    if total > 0.0 {
         let mut x = (rng.next_u64() % 1_000_000) as f64 / 1_000_000.0 * total;
-        let mut chosen = &levels[0];
-        for (level, load) in levels.iter().zip(&loads) {
-            if x < *load {
-                chosen = level;
+        for (l, load) in levels.iter().zip(loads) {
+            if x < load {
+                level = l;
                 break;
             }
             x -= load;
         }
-        chosen
-    };
-    let candidates: Vec<usize> = {
-        let up: Vec<usize> = level.iter().copied().filter(|i| healthy(*i)).collect();
-        if up.is_empty() {
-            level.clone()
-        } else {
-            up
+    }
+    // By weight among the rank's healthy endpoints (all of them when none is healthy).
+    let any_up = level.iter().any(|i| healthy(*i));
+    let eligible = |i: usize| !any_up || healthy(i);
+    let total: u64 = level
+        .iter()
+        .filter(|i| eligible(**i))
+        .map(|i| u64::from(weight(*i).max(1)))
+        .sum();
+    let mut x = rng.below(total.max(1));
+    for i in level.iter().copied().filter(|i| eligible(*i)) {
+        let w = u64::from(weight(i).max(1));
+        if x < w {
+            return Some(i);
         }
-    };
-    let weights: Vec<u32> = candidates.iter().map(|i| weight(*i).max(1)).collect();
-    keel_lb::pick_weighted(weights.iter().copied(), rng).map(|k| candidates[k])
+        x -= w;
+    }
+    level.first().copied()
 }
 
 /// The hash of a client's IP address, for `consistentHash.useSourceIp`.

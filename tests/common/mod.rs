@@ -642,25 +642,42 @@ pub fn http_egress(
         })
         .collect();
     let config = format!(
-        "{}{proxy_extra}---
+        "{}{proxy_extra}{}{extra}",
+        proxy_yaml(admin, workers),
+        egress_service(port, "HTTP", "reviews", "{ name: reviews }", &eps)
+    );
+    (Keel::start(&config, admin, &[]), port)
+}
+
+/// A Sidecar egress port (`protocol`) and the ServiceEntry `host` on it, as YAML documents:
+/// `metadata` is the ServiceEntry's metadata (a flow mapping, or a block starting with a newline),
+/// `endpoints` its endpoint lines (`  - { address: ..., ports: { <protocol lower-case>: N } }`).
+pub fn egress_service(
+    port: u16,
+    protocol: &str,
+    host: &str,
+    metadata: &str,
+    endpoints: &str,
+) -> String {
+    let name = protocol.to_ascii_lowercase();
+    format!(
+        "---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
 metadata: {{ name: default }}
 spec:
   egress:
-  - port: {{ number: {port}, protocol: HTTP }}
+  - port: {{ number: {port}, protocol: {protocol} }}
     hosts: [\"./*\"]
 ---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
-metadata: {{ name: reviews }}
+metadata: {metadata}
 spec:
-  hosts: [reviews]
-  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
+  hosts: [{host}]
+  ports: [{{ number: {port}, name: {name}, protocol: {protocol} }}]
   resolution: STATIC
   endpoints:
-{eps}{extra}",
-        proxy_yaml(admin, workers)
-    );
-    (Keel::start(&config, admin, &[]), port)
+{endpoints}"
+    )
 }

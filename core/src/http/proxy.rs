@@ -567,8 +567,9 @@ async fn exchange(
     // Istio metrics and the access log line, written however this exchange ends.
     let mut log = crate::access_log::Entry::start(worker, at, false);
     let session = down.stream.session();
+    let grpc = is_grpc(&head);
     log.with(|r| {
-        r.grpc = is_grpc(&head);
+        r.grpc = grpc;
         r.mtls = session.is_some_and(|s| s.peer_authenticated);
         r.peer_uri_san = session
             .and_then(|s| s.peer_id.as_ref())
@@ -694,7 +695,6 @@ async fn exchange(
     let cluster_stats = &at.gen.clusters[cluster_index];
     let cstats = &cluster_stats.slots[worker.id];
     let policy = &route.policy;
-    let grpc = is_grpc(&head);
     let mut flags = Flags::default();
 
     // Fault injection: a delay (a timer; the worker serves others meanwhile), then an abort,
