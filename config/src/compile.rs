@@ -892,6 +892,74 @@ impl Compiler {
                 http.max_request_buffer_bytes = n as usize;
             }
         }
+        let mut http2 = Http2Limits::default();
+        if let Some(h) = &spec.http2 {
+            let mut number = |value: Option<u32>,
+                              field: &str,
+                              range: std::ops::RangeInclusive<u32>,
+                              into: &mut u32| {
+                if let Some(v) = value {
+                    if !range.contains(&v) {
+                        self.errors.push(p.origin.error(
+                            &format!("spec.http2.{field}"),
+                            format!("must be {} to {}", range.start(), range.end()),
+                        ));
+                    }
+                    *into = v;
+                }
+            };
+            number(
+                h.max_concurrent_streams,
+                "maxConcurrentStreams",
+                1..=1 << 20,
+                &mut http2.max_concurrent_streams,
+            );
+            number(
+                h.initial_stream_window_size,
+                "initialStreamWindowSize",
+                65_535..=(1 << 31) - 1,
+                &mut http2.stream_window,
+            );
+            number(
+                h.initial_connection_window_size,
+                "initialConnectionWindowSize",
+                65_535..=(1 << 31) - 1,
+                &mut http2.connection_window,
+            );
+            number(
+                h.max_continuation_frames,
+                "maxContinuationFrames",
+                0..=10_000,
+                &mut http2.max_continuation_frames,
+            );
+            number(
+                h.premature_reset_min_streams,
+                "prematureResetMinStreams",
+                1..=1 << 20,
+                &mut http2.premature_reset_min_streams,
+            );
+            number(
+                h.premature_reset_percent,
+                "prematureResetPercent",
+                1..=100,
+                &mut http2.premature_reset_percent,
+            );
+            number(
+                h.max_control_frames_per_second,
+                "maxControlFramesPerSecond",
+                1..=1 << 20,
+                &mut http2.max_control_frames_per_second,
+            );
+            number(
+                h.max_consecutive_empty_frames,
+                "maxConsecutiveEmptyFrames",
+                0..=1000,
+                &mut http2.max_consecutive_empty_frames,
+            );
+            if let Some(t) = h.send_window_timeout {
+                http2.send_window_timeout = t.0;
+            }
+        }
         let access_log = spec
             .telemetry
             .as_ref()
@@ -934,6 +1002,7 @@ impl Compiler {
         Some(ProxySettings {
             access_log,
             http,
+            http2,
             name: p.value.metadata.name.clone(),
             namespace: p.value.metadata.namespace().to_string(),
             workers,

@@ -86,6 +86,8 @@ pub struct ProxySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpSettings>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub http2: Option<Http2Settings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub identity: Option<IdentitySpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ProxyTls>,
@@ -151,6 +153,39 @@ pub struct HttpSettings {
     /// is streamed once and never replayed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_request_buffer_bytes: Option<u32>,
+}
+
+/// `Proxy.spec.http2`: HTTP/2 windows, stream limits and the flood defences' thresholds.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Http2Settings {
+    /// Streams a client may have open at once (SETTINGS_MAX_CONCURRENT_STREAMS); more are refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_streams: Option<u32>,
+    /// Each stream's receive window, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_stream_window_size: Option<u32>,
+    /// The connection's receive window, in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initial_connection_window_size: Option<u32>,
+    /// CONTINUATION frames accepted in one header block.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_continuation_frames: Option<u32>,
+    /// Streams a connection must have opened before the premature-reset share is judged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub premature_reset_min_streams: Option<u32>,
+    /// Share of streams reset by the client before their response that closes the connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub premature_reset_percent: Option<u32>,
+    /// SETTINGS, PING and PRIORITY frames accepted per second on one connection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_control_frames_per_second: Option<u32>,
+    /// Consecutive DATA / HEADERS frames with empty payloads and no END_STREAM accepted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_consecutive_empty_frames: Option<u32>,
+    /// How long a response may wait for the client to open its flow-control window.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub send_window_timeout: Option<Duration>,
 }
 
 /// `Proxy.spec.identity`: this workload's mesh certificate, as istiod would issue it. Paths are

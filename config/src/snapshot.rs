@@ -38,6 +38,7 @@ pub struct ProxySettings {
     pub admin_address: SocketAddr,
     pub labels: BTreeMap<String, String>,
     pub http: HttpLimits,
+    pub http2: Http2Limits,
     /// The mesh certificate (`spec.identity`); without it there is no mesh mTLS either way.
     pub identity: Option<Identity>,
     /// First byte and TLS handshake of a downstream connection must arrive within this.
@@ -76,6 +77,39 @@ impl Default for HttpLimits {
             max_headers: 100,
             max_request_target_bytes: 8 * 1024,
             max_request_buffer_bytes: 64 * 1024,
+        }
+    }
+}
+
+/// HTTP/2 limits (`Proxy.spec.http2`): windows, streams, and the flood defences' thresholds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Http2Limits {
+    pub max_concurrent_streams: u32,
+    pub stream_window: u32,
+    pub connection_window: u32,
+    pub max_continuation_frames: u32,
+    pub premature_reset_min_streams: u32,
+    pub premature_reset_percent: u32,
+    pub max_control_frames_per_second: u32,
+    pub max_consecutive_empty_frames: u32,
+    pub send_window_timeout: Duration,
+}
+
+impl Default for Http2Limits {
+    /// Windows large enough that one transfer on loopback is not window-bound (Envoy uses 256
+    /// MiB; these bound what a stalled upstream leaves buffered per stream), Envoy's flood
+    /// thresholds where it has them.
+    fn default() -> Self {
+        Http2Limits {
+            max_concurrent_streams: 1024,
+            stream_window: 4 * 1024 * 1024,
+            connection_window: 16 * 1024 * 1024,
+            max_continuation_frames: 32,
+            premature_reset_min_streams: 100,
+            premature_reset_percent: 50,
+            max_control_frames_per_second: 1000,
+            max_consecutive_empty_frames: 1,
+            send_window_timeout: Duration::from_secs(30),
         }
     }
 }

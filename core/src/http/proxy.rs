@@ -19,9 +19,10 @@ use keel_config::HttpLimits;
 use keel_lb::outlier::Outcome;
 use keel_tls::Transport;
 
+use super::body::CopyError;
 use super::conn::{BufferedStream, ReadBuf};
 use super::connect::{acquire, give_back, AcquireError};
-use super::h1::chunked::{self, Step};
+use super::downstream::Downstream;
 use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limits};
 use super::head::{RequestHead, ResponseHead, Version};
 use super::headers::Headers;
@@ -188,7 +189,7 @@ impl Flag {
 
 /// Whether the downstream connection can carry another request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Next {
+pub(crate) enum Next {
     KeepAlive,
     Close,
 }
@@ -549,10 +550,10 @@ fn decide<'a>(
 }
 
 /// Handles one request from head to the end of its response.
-async fn exchange(
+pub(crate) async fn exchange<D: Downstream>(
     worker: &Rc<Worker>,
     at: &ListenerRef,
-    down: &mut BufferedStream,
+    down: &mut D,
     (mut head, body): (RequestHead, BodyKind),
     peer: SocketAddr,
     idle: &IdleEntry,
@@ -566,7 +567,7 @@ async fn exchange(
     // The access log line, written however this exchange ends (nothing when logging is off).
     // Istio metrics and the access log line, written however this exchange ends.
     let mut log = crate::access_log::Entry::start(worker, at, false);
-    let session = down.stream.session();
+    let session = down.session();
     let grpc = is_grpc(&head);
     log.with(|r| {
         r.grpc = grpc;
@@ -582,7 +583,7 @@ async fn exchange(
             r.authority = head.authority.clone();
             r.protocol = match head.version {
                 Version::Http10 => "HTTP/1.0",
-                _ => "HTTP/1.1",
+                _ => down.protocol(),
             };
             r.downstream_remote = Some(peer);
             r.downstream_local = Some(listener.address);
@@ -601,14 +602,9 @@ async fn exchange(
     if head.method == "CONNECT" {
         count_status(lstats, 405);
         log.with(|r| r.status = 405);
-        let _ = local_reply(
-            &down.stream,
-            405,
-            "CONNECT is not enabled",
-            Next::Close,
-            &[],
-        )
-        .await;
+        let _ = down
+            .local_reply(405, "CONNECT is not enabled", Next::Close, &[])
+            .await;
         return Next::Close;
     }
     let websocket = head.headers.has_token(b"connection", b"upgrade")
@@ -622,7 +618,9 @@ async fn exchange(
         Some(_) => {
             count_status(lstats, 417);
             log.with(|r| r.status = 417);
-            let _ = local_reply(&down.stream, 417, "unsupported Expect", Next::Close, &[]).await;
+            let _ = down
+                .local_reply(417, "unsupported Expect", Next::Close, &[])
+                .await;
             return Next::Close;
         }
     };
@@ -630,7 +628,7 @@ async fn exchange(
     let Some(table) = &listener.http else {
         return Next::Close;
     };
-    let scheme = if down.stream.session().is_some() {
+    let scheme = if down.session().is_some() {
         "https"
     } else {
         "http"
@@ -669,10 +667,7 @@ async fn exchange(
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.as_str()))
                 .collect();
-            if local_reply(&down.stream, status, &text, next, &extra)
-                .await
-                .is_err()
-            {
+            if down.local_reply(status, &text, next, &extra).await.is_err() {
                 return Next::Close;
             }
             return next;
@@ -773,7 +768,7 @@ async fn exchange(
         websocket,
         expect_continue,
         scheme,
-        client_cert(at, &down.stream),
+        client_cert(at, down.session()),
     );
     if log.is_on() {
         log.with(|r| {
@@ -788,8 +783,12 @@ async fn exchange(
     if expect_continue
         && body != BodyKind::None
         && down
-            .stream
-            .write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
+            .interim(&ResponseHead {
+                status: 100,
+                reason: "Continue".into(),
+                version: Version::Http11,
+                headers: Headers::default(),
+            })
             .await
             .is_err()
     {
@@ -957,12 +956,8 @@ async fn exchange(
     let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
     // Informational responses (100, 103) go to the client as they come; the final one follows.
     while (100..200).contains(&resp.status) && resp.status != 101 {
-        if head.version == Version::Http11 {
-            let mut bytes = Vec::new();
-            encode::response(&resp, &mut bytes);
-            if down.stream.write_all(&bytes).await.is_err() {
-                return Next::Close;
-            }
+        if head.version != Version::Http10 && down.interim(&resp).await.is_err() {
+            return Next::Close;
         }
         match read_response(&up.stream, &mut up.rb, &head.method, activity).await {
             Ok((r, b)) => (resp, resp_body) = (r, b),
@@ -977,14 +972,9 @@ async fn exchange(
 
     if resp.status == 101 {
         if !websocket {
-            let _ = local_reply(
-                &down.stream,
-                502,
-                "unexpected 101 from upstream",
-                Next::Close,
-                &[],
-            )
-            .await;
+            let _ = down
+                .local_reply(502, "unexpected 101 from upstream", Next::Close, &[])
+                .await;
             return Next::Close;
         }
         rewrite_response(
@@ -998,10 +988,8 @@ async fn exchange(
         if let Some(c) = &set_cookie {
             resp.headers.push(b"set-cookie", c.as_bytes());
         }
-        let mut bytes = Vec::new();
-        encode::response(&resp, &mut bytes);
-        if down.stream.write_all(&bytes).await.is_ok() {
-            tunnel(down, up, activity, lstats).await;
+        if down.interim(&resp).await.is_ok() {
+            down.tunnel(up, activity, lstats).await;
         }
         return Next::Close;
     }
@@ -1026,37 +1014,8 @@ async fn exchange(
     if log.is_on() {
         log.with(|r| r.response_headers = Some(resp.headers.clone()));
     }
-    let mut bytes = Vec::with_capacity(512);
-    encode::response(&resp, &mut bytes);
-    // The head and whatever of a Content-Length body is already buffered leave in one sendmsg.
-    let early = match resp_body {
-        BodyKind::Length(n) => (up.buffered().len() as u64).min(n) as usize,
-        _ => 0,
-    };
-    if down
-        .stream
-        .write_all_vectored(&[&bytes, &up.buffered()[..early]])
-        .await
-        .is_err()
-    {
-        return Next::Close;
-    }
-    lstats.tx_bytes.add(early as u64);
-    up.consume(early);
-    let resp_body = match resp_body {
-        BodyKind::Length(n) => BodyKind::Length(n - early as u64),
-        other => other,
-    };
-    let sent = Cell::new(early as u64);
-    let copy = copy_response(
-        &mut up,
-        &down.stream,
-        resp_body,
-        out_body,
-        activity,
-        lstats,
-        &sent,
-    );
+    let sent = Cell::new(0);
+    let copy = down.respond(&resp, &mut up, resp_body, out_body, activity, lstats, &sent);
     // The route timeout covers the response body too: past it the response is cut off.
     let copied = match deadline {
         None => copy.await,
@@ -1098,40 +1057,6 @@ async fn exchange(
     flags.record(lstats);
     tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint, retries, flags = %flags, duration_us = started.elapsed().as_micros() as u64, "request");
     next
-}
-
-/// Copies a response body to the client in the framing chosen for it.
-async fn copy_response(
-    up: &mut BufferedStream,
-    down: &Transport,
-    resp_body: BodyKind,
-    out_body: BodyKind,
-    activity: &Cell<u32>,
-    lstats: &crate::stats::ListenerCounters,
-    sent: &Cell<u64>,
-) -> Result<(), CopyError> {
-    let count = |n: usize| {
-        lstats.tx_bytes.add(n as u64);
-        sent.set(sent.get() + n as u64);
-    };
-    match resp_body {
-        BodyKind::None => Ok(()),
-        BodyKind::Length(n) => copy_length(up, down, n, activity, count, None).await,
-        BodyKind::Chunked => {
-            copy_chunked(
-                up,
-                down,
-                out_body == BodyKind::Chunked,
-                activity,
-                count,
-                None,
-            )
-            .await
-        }
-        BodyKind::CloseDelimited => {
-            copy_until_close(up, down, out_body == BodyKind::Chunked, activity, count).await
-        }
-    }
 }
 
 /// The endpoints a request has tried, kept inline for the usual one to three tries (no allocation
@@ -1393,8 +1318,8 @@ impl ErrorReply {
 
 /// Sends a local error reply (in gRPC's terms to a gRPC client), counts and logs it.
 #[allow(clippy::too_many_arguments)]
-async fn finish_local(
-    down: &BufferedStream,
+async fn finish_local<D: Downstream>(
+    down: &mut D,
     lstats: &crate::stats::ListenerCounters,
     head: &RequestHead,
     peer: SocketAddr,
@@ -1426,10 +1351,7 @@ async fn finish_local(
     });
     tracing::debug!(%peer, method = %head.method, path = %head.path, status, flags = %flags, "local reply");
     let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    if local_reply(&down.stream, status, text, next, &extra)
-        .await
-        .is_err()
-    {
+    if down.local_reply(status, text, next, &extra).await.is_err() {
         return Next::Close;
     }
     next
@@ -1437,10 +1359,10 @@ async fn finish_local(
 
 /// One try: a connection (pooled or new, within the circuit breakers), the request sent on it,
 /// and its response head awaited, bounded by the per-try timeout and the route timeout.
-async fn one_try(
+async fn one_try<D: Downstream>(
     worker: &Rc<Worker>,
     at: &ListenerRef,
-    down: &mut BufferedStream,
+    down: &mut D,
     idle: &IdleEntry,
     spec: &TrySpec<'_>,
     endpoint: SocketAddr,
@@ -1544,9 +1466,9 @@ async fn one_try(
 /// Writes the request on `up` and reads the response head; the body goes up (from the client, or
 /// kept from an earlier try) while the head is awaited, since an upstream may answer early (a 413,
 /// a redirect) and stop reading, and its answer is what the client must get.
-async fn send_and_await(
+async fn send_and_await<D: Downstream>(
     up: &mut BufferedStream,
-    down: &mut BufferedStream,
+    down: &mut D,
     idle: &IdleEntry,
     spec: &TrySpec<'_>,
     replay: &mut Replay,
@@ -1733,11 +1655,11 @@ fn apply_ops(headers: &mut Headers, ops: &HeaderOps) {
 /// The `x-forwarded-client-cert` element for a request on an mTLS connection of an inbound
 /// listener, as Envoy writes it (`By=<our SPIFFE id>;Hash=<SHA-256 of the peer's
 /// certificate>;URI=<the peer's SPIFFE id>`); `None` elsewhere.
-fn client_cert(at: &ListenerRef, down: &Transport) -> Option<String> {
+fn client_cert(at: &ListenerRef, session: Option<&keel_tls::Session>) -> Option<String> {
     if at.config().direction != keel_config::Direction::Inbound {
         return None;
     }
-    let session = down.session()?;
+    let session = session?;
     let hash = session.peer_cert_sha256.as_deref()?;
     let mut element = String::with_capacity(200);
     if let Some(me) = &at.gen.tls.identity {
@@ -1910,9 +1832,9 @@ enum SendError {
 
 /// Sends the request body upstream: the kept copy on a retry, else streamed from the client (and
 /// kept on the way, within the bound, for later tries and mirrors).
-async fn send_body(
+async fn send_body<D: Downstream>(
     up: &Transport,
-    down: &mut BufferedStream,
+    down: &mut D,
     body: BodyKind,
     activity: &Cell<u32>,
     replay: &mut Replay,
@@ -1931,15 +1853,7 @@ async fn send_body(
     replay.start();
     let read = Cell::new(0u64);
     let counted = |n: usize| read.set(read.get() + n as u64);
-    let result = match body {
-        BodyKind::None | BodyKind::CloseDelimited => Ok(()),
-        BodyKind::Length(n) => {
-            copy_length(down, up, n, activity, counted, Some(&mut *replay)).await
-        }
-        BodyKind::Chunked => {
-            copy_chunked(down, up, true, activity, counted, Some(&mut *replay)).await
-        }
-    };
+    let result = down.body_to(up, body, activity, counted, replay).await;
     replay.body_bytes += read.get();
     if result.is_ok() {
         replay.finish();
@@ -1982,160 +1896,8 @@ pub(crate) async fn read_response(
     }
 }
 
-enum CopyError {
-    Read,
-    Write,
-    Framing,
-}
-
-/// Moves exactly `n` body bytes from `from` (buffered bytes first) to `to`.
-async fn copy_length(
-    from: &mut BufferedStream,
-    to: &Transport,
-    mut n: u64,
-    activity: &Cell<u32>,
-    mut count: impl FnMut(usize),
-    mut tap: Option<&mut Replay>,
-) -> Result<(), CopyError> {
-    while n > 0 {
-        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
-            return Err(CopyError::Read);
-        }
-        let take = (from.buffered().len() as u64).min(n) as usize;
-        to.write_all(&from.buffered()[..take])
-            .await
-            .map_err(|_| CopyError::Write)?;
-        if let Some(t) = tap.as_deref_mut() {
-            t.keep(&[&from.buffered()[..take]]);
-        }
-        count(take);
-        from.consume(take);
-        n -= take as u64;
-    }
-    Ok(())
-}
-
-/// Decodes a chunked body strictly and re-encodes it (extensions dropped, trailers kept).
-/// With `chunk` false the data is written as it is (for an HTTP/1.0 client, close-delimited).
-async fn copy_chunked(
-    from: &mut BufferedStream,
-    to: &Transport,
-    chunk: bool,
-    activity: &Cell<u32>,
-    mut count: impl FnMut(usize),
-    mut tap: Option<&mut Replay>,
-) -> Result<(), CopyError> {
-    let mut decoder = chunked::Decoder::default();
-    let mut header = Vec::with_capacity(20);
-    while !decoder.is_done() {
-        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
-            return Err(CopyError::Read);
-        }
-        match decoder
-            .decode(from.buffered())
-            .map_err(|_| CopyError::Framing)?
-        {
-            Step::Framing { consumed } => from.consume(consumed),
-            Step::Data { range } => {
-                let data = &from.buffered()[range.clone()];
-                let written = if chunk {
-                    header.clear();
-                    chunked::chunk_header(range.len(), &mut header);
-                    to.write_all_vectored(&[&header, data, b"\r\n"]).await
-                } else {
-                    to.write_all(data).await
-                };
-                written.map_err(|_| CopyError::Write)?;
-                if let Some(t) = tap.as_deref_mut() {
-                    t.keep(&[&header, data, b"\r\n"]);
-                }
-                count(range.len());
-                from.consume(range.end);
-            }
-        }
-    }
-    if !chunk {
-        return Ok(());
-    }
-    let mut tail = b"0\r\n".to_vec();
-    for (name, value) in decoder.trailers.iter() {
-        tail.extend_from_slice(name);
-        tail.extend_from_slice(b": ");
-        tail.extend_from_slice(value);
-        tail.extend_from_slice(b"\r\n");
-    }
-    tail.extend_from_slice(b"\r\n");
-    to.write_all(&tail).await.map_err(|_| CopyError::Write)?;
-    if let Some(t) = tap {
-        t.keep(&[&tail]);
-    }
-    Ok(())
-}
-
-/// Copies until the upstream closes, re-framing as chunked when `chunk` is set.
-async fn copy_until_close(
-    from: &mut BufferedStream,
-    to: &Transport,
-    chunk: bool,
-    activity: &Cell<u32>,
-    mut count: impl FnMut(usize),
-) -> Result<(), CopyError> {
-    let mut header = Vec::with_capacity(20);
-    loop {
-        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
-            break;
-        }
-        let data = from.buffered();
-        let n = data.len();
-        if chunk {
-            header.clear();
-            chunked::chunk_header(n, &mut header);
-            to.write_all_vectored(&[&header, data, b"\r\n"])
-                .await
-                .map_err(|_| CopyError::Write)?;
-        } else {
-            to.write_all(data).await.map_err(|_| CopyError::Write)?;
-        }
-        count(n);
-        from.consume(n);
-    }
-    if chunk {
-        to.write_all(b"0\r\n\r\n")
-            .await
-            .map_err(|_| CopyError::Write)?;
-    }
-    Ok(())
-}
-
-/// After a 101: bytes both ways until either side is done, as an L4 proxy would.
-async fn tunnel(
-    down: &mut BufferedStream,
-    up: BufferedStream,
-    activity: &Cell<u32>,
-    lstats: &crate::stats::ListenerCounters,
-) {
-    // Bytes that arrived with the heads go first.
-    let pending_down = down.buffered().to_vec();
-    down.consume(pending_down.len());
-    let (up, pending_up) = up.into_parts();
-    if (!pending_down.is_empty() && up.write_all(&pending_down).await.is_err())
-        || (!pending_up.is_empty() && down.stream.write_all(&pending_up).await.is_err())
-    {
-        return;
-    }
-    let to_up = keel_io::forward::forward(&down.stream, &up, |n| {
-        lstats.rx_bytes.add(n as u64);
-        activity.set(activity.get().wrapping_add(1));
-    });
-    let to_down = keel_io::forward::forward(&up, &down.stream, |n| {
-        lstats.tx_bytes.add(n as u64);
-        activity.set(activity.get().wrapping_add(1));
-    });
-    let _ = monoio::join!(to_up, to_down);
-}
-
 /// A response Keel makes itself.
-async fn local_reply(
+pub(crate) async fn local_reply(
     stream: &Transport,
     status: u16,
     body: &str,

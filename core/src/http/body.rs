@@ -1,0 +1,168 @@
+//! Moving message bodies: HTTP/1.1 bodies read from a buffered stream in their framing
+//! (Content-Length, chunked, close-delimited) and handed to a [`BodySink`] — an HTTP/1.1 peer in
+//! the framing chosen for it, or an HTTP/2 stream as DATA frames.
+//!
+//! Data goes out from the buffer it was read into; only framing is written around it.
+
+use std::cell::Cell;
+use std::io;
+
+use keel_tls::Transport;
+
+use super::conn::BufferedStream;
+use super::h1::chunked::{self, Step};
+use super::headers::Headers;
+use super::replay::Replay;
+
+/// Where a copy failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CopyError {
+    Read,
+    Write,
+    Framing,
+}
+
+/// The receiving end of a body: bytes in order, then the end (with trailers, when any came).
+pub(crate) trait BodySink {
+    async fn data(&mut self, bytes: &[u8]) -> io::Result<()>;
+    async fn finish(&mut self, trailers: &Headers) -> io::Result<()>;
+}
+
+/// An HTTP/1.1 peer: bytes as they are (Content-Length or close-delimited) or re-framed as
+/// chunks; with a tap, what is written is kept for a replay.
+pub(crate) struct H1Sink<'a> {
+    pub to: &'a Transport,
+    pub chunk: bool,
+    pub tap: Option<&'a mut Replay>,
+    header: Vec<u8>,
+}
+
+impl<'a> H1Sink<'a> {
+    pub fn new(to: &'a Transport, chunk: bool, tap: Option<&'a mut Replay>) -> H1Sink<'a> {
+        H1Sink {
+            to,
+            chunk,
+            tap,
+            header: Vec::new(),
+        }
+    }
+}
+
+impl BodySink for H1Sink<'_> {
+    async fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if self.chunk {
+            self.header.clear();
+            chunked::chunk_header(bytes.len(), &mut self.header);
+            self.to
+                .write_all_vectored(&[&self.header, bytes, b"\r\n"])
+                .await?;
+            if let Some(t) = self.tap.as_deref_mut() {
+                t.keep(&[&self.header, bytes, b"\r\n"]);
+            }
+        } else {
+            self.to.write_all(bytes).await?;
+            if let Some(t) = self.tap.as_deref_mut() {
+                t.keep(&[bytes]);
+            }
+        }
+        Ok(())
+    }
+
+    async fn finish(&mut self, trailers: &Headers) -> io::Result<()> {
+        if !self.chunk {
+            return Ok(());
+        }
+        let mut tail = b"0\r\n".to_vec();
+        for (name, value) in trailers.iter() {
+            tail.extend_from_slice(name);
+            tail.extend_from_slice(b": ");
+            tail.extend_from_slice(value);
+            tail.extend_from_slice(b"\r\n");
+        }
+        tail.extend_from_slice(b"\r\n");
+        self.to.write_all(&tail).await?;
+        if let Some(t) = self.tap.as_deref_mut() {
+            t.keep(&[&tail]);
+        }
+        Ok(())
+    }
+}
+
+/// Moves exactly `n` body bytes from `from` (buffered bytes first) to `to`.
+pub(crate) async fn copy_length(
+    from: &mut BufferedStream,
+    to: &mut impl BodySink,
+    mut n: u64,
+    activity: &Cell<u32>,
+    mut count: impl FnMut(usize),
+) -> Result<(), CopyError> {
+    while n > 0 {
+        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
+            return Err(CopyError::Read);
+        }
+        let take = (from.buffered().len() as u64).min(n) as usize;
+        to.data(&from.buffered()[..take])
+            .await
+            .map_err(|_| CopyError::Write)?;
+        count(take);
+        from.consume(take);
+        n -= take as u64;
+    }
+    to.finish(&Headers::default())
+        .await
+        .map_err(|_| CopyError::Write)
+}
+
+/// Decodes a chunked body strictly and hands over its data and trailers (extensions dropped).
+pub(crate) async fn copy_chunked(
+    from: &mut BufferedStream,
+    to: &mut impl BodySink,
+    activity: &Cell<u32>,
+    mut count: impl FnMut(usize),
+) -> Result<(), CopyError> {
+    let mut decoder = chunked::Decoder::default();
+    while !decoder.is_done() {
+        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
+            return Err(CopyError::Read);
+        }
+        match decoder
+            .decode(from.buffered())
+            .map_err(|_| CopyError::Framing)?
+        {
+            Step::Framing { consumed } => from.consume(consumed),
+            Step::Data { range } => {
+                to.data(&from.buffered()[range.clone()])
+                    .await
+                    .map_err(|_| CopyError::Write)?;
+                count(range.len());
+                from.consume(range.end);
+            }
+        }
+    }
+    to.finish(&decoder.trailers)
+        .await
+        .map_err(|_| CopyError::Write)
+}
+
+/// Copies until the peer closes.
+pub(crate) async fn copy_until_close(
+    from: &mut BufferedStream,
+    to: &mut impl BodySink,
+    activity: &Cell<u32>,
+    mut count: impl FnMut(usize),
+) -> Result<(), CopyError> {
+    loop {
+        if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
+            break;
+        }
+        let n = from.buffered().len();
+        to.data(from.buffered())
+            .await
+            .map_err(|_| CopyError::Write)?;
+        count(n);
+        from.consume(n);
+    }
+    to.finish(&Headers::default())
+        .await
+        .map_err(|_| CopyError::Write)
+}

@@ -1,0 +1,536 @@
+//! HPACK (RFC 7541): header blocks decoded into field lists and encoded from them.
+//!
+//! The decoder keeps the dynamic table within the size Keel advertised, refuses integers that
+//! overflow, and bounds the decoded header list (an "HPACK bomb" — a small block referencing a big
+//! table entry many times — is cut off at the limit while the table stays in step with the peer).
+//! The encoder uses the static table and Huffman coding; it never inserts into its dynamic table, which
+//! every peer must accept (§2.3.2) and which keeps the encoder stateless per connection.
+
+use super::huffman;
+
+/// RFC 7541 Appendix A.
+pub const STATIC_TABLE: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+/// Per-entry overhead counted in table sizes (§4.1).
+const ENTRY_OVERHEAD: usize = 32;
+
+/// Why a header block was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HpackError {
+    /// The block is malformed (a connection error, COMPRESSION_ERROR).
+    Compression(&'static str),
+    /// The decoded list exceeds the limit; the block was decoded whole (the table is in step), so
+    /// only the stream is refused (431).
+    TooLarge,
+}
+
+/// A table entry: name and value.
+type Entry = (Box<[u8]>, Box<[u8]>);
+
+/// The dynamic table, newest entry first.
+#[derive(Debug, Default)]
+struct DynamicTable {
+    entries: std::collections::VecDeque<Entry>,
+    size: usize,
+    max: usize,
+}
+
+impl DynamicTable {
+    fn get(&self, i: usize) -> Option<(&[u8], &[u8])> {
+        self.entries.get(i).map(|(n, v)| (&n[..], &v[..]))
+    }
+
+    fn insert(&mut self, name: &[u8], value: &[u8]) {
+        let size = name.len() + value.len() + ENTRY_OVERHEAD;
+        // An entry larger than the table empties it and is not added (§4.4).
+        while self.size + size > self.max {
+            match self.entries.pop_back() {
+                Some((n, v)) => self.size -= n.len() + v.len() + ENTRY_OVERHEAD,
+                None => return,
+            }
+        }
+        self.entries.push_front((name.into(), value.into()));
+        self.size += size;
+    }
+
+    fn resize(&mut self, max: usize) {
+        self.max = max;
+        while self.size > self.max {
+            match self.entries.pop_back() {
+                Some((n, v)) => self.size -= n.len() + v.len() + ENTRY_OVERHEAD,
+                None => break,
+            }
+        }
+    }
+}
+
+/// Decodes header blocks of one connection (the table lives across blocks).
+#[derive(Debug)]
+pub struct Decoder {
+    table: DynamicTable,
+    /// The SETTINGS_HEADER_TABLE_SIZE Keel advertised: the most a size update may ask for.
+    settings_max: usize,
+    /// Scratch space for Huffman-decoded strings.
+    name_buf: Vec<u8>,
+    value_buf: Vec<u8>,
+}
+
+impl Decoder {
+    /// A decoder for a peer told `table_size` (SETTINGS_HEADER_TABLE_SIZE).
+    pub fn new(table_size: usize) -> Decoder {
+        Decoder {
+            table: DynamicTable {
+                max: table_size,
+                ..Default::default()
+            },
+            settings_max: table_size,
+            name_buf: Vec::new(),
+            value_buf: Vec::new(),
+        }
+    }
+
+    /// Decodes `block`, handing each field to `emit` in order while the decoded list (names,
+    /// values and 32 bytes per field, as SETTINGS_MAX_HEADER_LIST_SIZE counts) stays within
+    /// `max_list`; beyond it, decoding goes on (the table must stay in step) without emitting,
+    /// and the result is [`HpackError::TooLarge`].
+    pub fn decode(
+        &mut self,
+        block: &[u8],
+        max_list: usize,
+        mut emit: impl FnMut(&[u8], &[u8]),
+    ) -> Result<(), HpackError> {
+        let mut at = 0;
+        let mut list = 0usize;
+        let mut fields_seen = false;
+        while at < block.len() {
+            let b = block[at];
+            if b & 0x80 != 0 {
+                // Indexed field (§6.1).
+                let index = integer(block, &mut at, 7)?;
+                fields_seen = true;
+                let (n, v) = lookup(&self.table, index)?;
+                list += n.len() + v.len() + ENTRY_OVERHEAD;
+                if list <= max_list {
+                    emit(n, v);
+                }
+                continue;
+            }
+            if b & 0xe0 == 0x20 {
+                // Dynamic table size update (§6.3): only before the first field.
+                if fields_seen {
+                    return Err(HpackError::Compression("table size update after a field"));
+                }
+                let size = integer(block, &mut at, 5)?;
+                if size > self.settings_max {
+                    return Err(HpackError::Compression("table size update above the limit"));
+                }
+                self.table.resize(size);
+                continue;
+            }
+            fields_seen = true;
+            // Literal (§6.2): with incremental indexing (01), without (0000), never indexed (0001).
+            let (prefix, index_it) = if b & 0xc0 == 0x40 {
+                (6, true)
+            } else {
+                (4, false)
+            };
+            let name_index = integer(block, &mut at, prefix)?;
+            self.name_buf.clear();
+            self.value_buf.clear();
+            if name_index == 0 {
+                string(block, &mut at, &mut self.name_buf)?;
+            } else {
+                let (n, _) = lookup(&self.table, name_index)?;
+                self.name_buf.extend_from_slice(n);
+            }
+            string(block, &mut at, &mut self.value_buf)?;
+            list += self.name_buf.len() + self.value_buf.len() + ENTRY_OVERHEAD;
+            if list <= max_list {
+                emit(&self.name_buf, &self.value_buf);
+            }
+            if index_it {
+                self.table.insert(&self.name_buf, &self.value_buf);
+            }
+        }
+        if list > max_list {
+            return Err(HpackError::TooLarge);
+        }
+        Ok(())
+    }
+}
+
+/// The entry at HPACK `index`: static first, then the dynamic table.
+fn lookup(table: &DynamicTable, index: usize) -> Result<(&[u8], &[u8]), HpackError> {
+    match index {
+        0 => Err(HpackError::Compression("index 0")),
+        1..=61 => {
+            let (n, v) = STATIC_TABLE[index - 1];
+            Ok((n.as_bytes(), v.as_bytes()))
+        }
+        _ => table
+            .get(index - 62)
+            .ok_or(HpackError::Compression("index beyond the table")),
+    }
+}
+
+/// Reads an integer with an `n`-bit prefix (§5.1) at `*at`; values past 2^28 are refused (no
+/// index, length or size that large is acceptable).
+fn integer(block: &[u8], at: &mut usize, n: u32) -> Result<usize, HpackError> {
+    let max_prefix = (1usize << n) - 1;
+    let Some(&first) = block.get(*at) else {
+        return Err(HpackError::Compression("truncated integer"));
+    };
+    *at += 1;
+    let mut value = first as usize & max_prefix;
+    if value < max_prefix {
+        return Ok(value);
+    }
+    let mut shift = 0;
+    loop {
+        let Some(&b) = block.get(*at) else {
+            return Err(HpackError::Compression("truncated integer"));
+        };
+        *at += 1;
+        value += ((b & 0x7f) as usize) << shift;
+        if value > 1 << 28 || shift > 21 {
+            return Err(HpackError::Compression("integer overflow"));
+        }
+        if b & 0x80 == 0 {
+            return Ok(value);
+        }
+        shift += 7;
+    }
+}
+
+/// Appends the string literal (§5.2) at `*at` to `buf`, Huffman-decoded if it is coded.
+fn string(block: &[u8], at: &mut usize, buf: &mut Vec<u8>) -> Result<(), HpackError> {
+    let Some(&first) = block.get(*at) else {
+        return Err(HpackError::Compression("truncated string"));
+    };
+    let huffman = first & 0x80 != 0;
+    let len = integer(block, at, 7)?;
+    let Some(raw) = block.get(*at..*at + len) else {
+        return Err(HpackError::Compression("string longer than the block"));
+    };
+    *at += len;
+    if huffman {
+        huffman::decode(raw, buf).map_err(|_| HpackError::Compression("bad Huffman string"))?;
+    } else {
+        buf.extend_from_slice(raw);
+    }
+    Ok(())
+}
+
+/// Appends an integer with an `n`-bit prefix; `flags` holds the bits above the prefix.
+pub fn encode_integer(value: usize, n: u32, flags: u8, out: &mut Vec<u8>) {
+    let max_prefix = (1usize << n) - 1;
+    if value < max_prefix {
+        out.push(flags | value as u8);
+        return;
+    }
+    out.push(flags | max_prefix as u8);
+    let mut rest = value - max_prefix;
+    while rest >= 128 {
+        out.push((rest % 128) as u8 | 0x80);
+        rest /= 128;
+    }
+    out.push(rest as u8);
+}
+
+/// Appends a string literal, Huffman-coded when that is shorter.
+pub fn encode_string(s: &[u8], out: &mut Vec<u8>) {
+    let coded = huffman::encoded_len(s);
+    if coded < s.len() {
+        encode_integer(coded, 7, 0x80, out);
+        huffman::encode(s, out);
+    } else {
+        encode_integer(s.len(), 7, 0, out);
+        out.extend_from_slice(s);
+    }
+}
+
+/// Static-table index of `name` with `value` (exact), or of `name` alone.
+fn static_index(name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>) {
+    let mut name_only = None;
+    for (i, (n, v)) in STATIC_TABLE.iter().enumerate() {
+        if n.as_bytes() == name {
+            if v.as_bytes() == value {
+                return (Some(i + 1), Some(i + 1));
+            }
+            name_only.get_or_insert(i + 1);
+        } else if name_only.is_some() {
+            // Entries of one name are adjacent.
+            break;
+        }
+    }
+    (None, name_only)
+}
+
+/// Appends one field: an indexed static entry when one matches exactly, else a literal without
+/// indexing (never indexed for credentials, §7.1.3) naming a static entry when it can.
+pub fn encode_field(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+    let (exact, by_name) = static_index(name, value);
+    if let Some(i) = exact {
+        encode_integer(i, 7, 0x80, out);
+        return;
+    }
+    let sensitive = matches!(
+        name,
+        b"authorization" | b"proxy-authorization" | b"cookie" | b"set-cookie"
+    );
+    let flags = if sensitive { 0x10 } else { 0x00 };
+    match by_name {
+        Some(i) => encode_integer(i, 4, flags, out),
+        None => {
+            out.push(flags);
+            encode_string(name, out);
+        }
+    }
+    encode_string(value, out);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.split_whitespace().collect();
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
+    }
+
+    fn decode_all(d: &mut Decoder, block: &[u8]) -> Vec<(String, String)> {
+        let mut out = Vec::new();
+        d.decode(block, 1 << 20, |n, v| {
+            out.push((
+                String::from_utf8(n.to_vec()).unwrap(),
+                String::from_utf8(v.to_vec()).unwrap(),
+            ))
+        })
+        .unwrap();
+        out
+    }
+
+    fn pairs(list: &[(&str, &str)]) -> Vec<(String, String)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn rfc_c1_integers() {
+        let mut out = Vec::new();
+        encode_integer(10, 5, 0, &mut out);
+        assert_eq!(out, [0x0a]);
+        out.clear();
+        encode_integer(1337, 5, 0, &mut out);
+        assert_eq!(out, [0x1f, 0x9a, 0x0a]);
+        let mut at = 0;
+        assert_eq!(integer(&out, &mut at, 5), Ok(1337));
+        out.clear();
+        encode_integer(42, 8, 0, &mut out);
+        assert_eq!(out, [42]);
+    }
+
+    #[test]
+    fn rfc_c3_requests_without_huffman() {
+        let mut d = Decoder::new(4096);
+        let first = decode_all(&mut d, &hex("828684410f7777772e6578616d706c652e636f6d"));
+        assert_eq!(
+            first,
+            pairs(&[
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com")
+            ])
+        );
+        assert_eq!(d.table.size, 57);
+        let second = decode_all(&mut d, &hex("828684be58086e6f2d6361636865"));
+        assert_eq!(second[3], (":authority".into(), "www.example.com".into()));
+        assert_eq!(second[4], ("cache-control".into(), "no-cache".into()));
+        assert_eq!(d.table.size, 110);
+        let third = decode_all(
+            &mut d,
+            &hex("828785bf400a637573746f6d2d6b65790c637573746f6d2d76616c7565"),
+        );
+        assert_eq!(
+            third,
+            pairs(&[
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/index.html"),
+                (":authority", "www.example.com"),
+                ("custom-key", "custom-value")
+            ])
+        );
+        assert_eq!(d.table.size, 164);
+    }
+
+    #[test]
+    fn rfc_c4_requests_with_huffman() {
+        let mut d = Decoder::new(4096);
+        let first = decode_all(&mut d, &hex("828684418cf1e3c2e5f23a6ba0ab90f4ff"));
+        assert_eq!(first[3], (":authority".into(), "www.example.com".into()));
+        let second = decode_all(&mut d, &hex("828684be5886a8eb10649cbf"));
+        assert_eq!(second[4], ("cache-control".into(), "no-cache".into()));
+        let third = decode_all(
+            &mut d,
+            &hex("828785bf408825a849e95ba97d7f8925a849e95bb8e8b4bf"),
+        );
+        assert_eq!(third[4], ("custom-key".into(), "custom-value".into()));
+        assert_eq!(d.table.size, 164);
+    }
+
+    #[test]
+    fn rfc_c5_responses_with_eviction() {
+        // Table size 256: the third response evicts.
+        let mut d = Decoder::new(256);
+        let first = decode_all(
+            &mut d,
+            &hex(
+                "4803333032580770726976617465611d4d6f6e2c203231204f637420323031332032303a31333a323120474d546e1768747470733a2f2f7777772e6578616d706c652e636f6d",
+            ),
+        );
+        assert_eq!(first[0], (":status".into(), "302".into()));
+        assert_eq!(d.table.size, 222);
+        let second = decode_all(&mut d, &hex("4803333037c1c0bf"));
+        assert_eq!(second[0], (":status".into(), "307".into()));
+        assert_eq!(
+            second[3],
+            ("location".into(), "https://www.example.com".into())
+        );
+        assert_eq!(d.table.size, 222);
+        let third = decode_all(
+            &mut d,
+            &hex(
+                "88c1611d4d6f6e2c203231204f637420323031332032303a31333a323220474d54c05a04677a69707738666f6f3d4153444a4b48514b425a584f5157454f50495541585157454f49553b206d61782d6167653d333630303b2076657273696f6e3d31",
+            ),
+        );
+        assert_eq!(third[0], (":status".into(), "200".into()));
+        assert_eq!(third[4], ("content-encoding".into(), "gzip".into()));
+        assert_eq!(d.table.size, 215);
+    }
+
+    #[test]
+    fn malformed_blocks_are_compression_errors() {
+        let mut d = Decoder::new(4096);
+        let bad: [&[u8]; 6] = [
+            &[0x80],                               // index 0
+            &[0xff, 0x80],                         // truncated integer
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0x7f], // integer overflow
+            &[0xc0],                               // index 65: beyond an empty dynamic table
+            &[0x40, 0x05, b'a'],                   // string longer than the block
+            &[0x3f, 0xe2, 0x1f],                   // size update above 4096
+        ];
+        for block in bad {
+            assert!(
+                matches!(
+                    d.decode(block, 1 << 20, |_, _| {}),
+                    Err(HpackError::Compression(_))
+                ),
+                "{block:?}"
+            );
+        }
+        // A size update after a field.
+        assert!(d.decode(&[0x82, 0x20], 1 << 20, |_, _| {}).is_err());
+    }
+
+    #[test]
+    fn a_bomb_is_cut_off_at_the_list_limit() {
+        let mut d = Decoder::new(4096);
+        // One 4000-byte entry, then 1000 references to it in a 1000-byte block.
+        let mut block = vec![0x40, 0x01, b'x'];
+        encode_integer(4000, 7, 0, &mut block);
+        block.extend(std::iter::repeat_n(b'v', 4000));
+        block.extend(std::iter::repeat_n(0xbe, 1000));
+        let mut emitted = 0usize;
+        let r = d.decode(&block, 64 * 1024, |n, v| emitted += n.len() + v.len());
+        assert_eq!(r, Err(HpackError::TooLarge));
+        assert!(emitted <= 64 * 1024);
+    }
+
+    #[test]
+    fn encoded_fields_round_trip() {
+        let fields = [
+            (":status", "200"),
+            (":status", "503"),
+            ("content-type", "application/grpc"),
+            ("set-cookie", "a=b"),
+            ("x-custom", "Value With Spaces"),
+            ("grpc-status", "0"),
+            ("empty", ""),
+        ];
+        let mut block = Vec::new();
+        for (n, v) in fields {
+            encode_field(n.as_bytes(), v.as_bytes(), &mut block);
+        }
+        let mut d = Decoder::new(4096);
+        assert_eq!(decode_all(&mut d, &block), pairs(&fields));
+        assert_eq!(&block[..1], &[0x88], ":status 200 is static index 8");
+    }
+}
