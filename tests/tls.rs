@@ -440,6 +440,22 @@ spec:
             assert_eq!(code, 0, "{mode} {version}: {body}");
             assert!(body.ends_with("200"), "{mode} {version}: {body}");
         }
+        // ALPN h2: HTTP/2 over TLS on the same listener.
+        let (code, version) = curl(
+            &[
+                args.as_slice(),
+                &[
+                    "--http2",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_version}",
+                    url.as_str(),
+                ],
+            ]
+            .concat(),
+        );
+        assert_eq!((code, version.as_str()), (0, "2"), "{mode}: HTTP/2 by ALPN");
         // openssl s_client sees our certificate and the ALPN we offer.
         let out = Command::new("openssl")
             .args([

@@ -75,6 +75,52 @@ pub struct ListenerCounters {
     /// Requests by Envoy response flag (a request may have several), in the order of
     /// [`crate::http::proxy::Flags::names`].
     pub response_flags: [Counter; RESPONSE_FLAGS],
+    /// HTTP/2 connection events, in the order of [`H2_EVENTS`].
+    pub h2: [Counter; H2_EVENTS.len()],
+}
+
+/// HTTP/2 events counted per listener: connections and streams, and each defence that fired.
+pub const H2_EVENTS: [&str; 14] = [
+    "connections",
+    "streams",
+    "client_resets",
+    "premature_reset_closes",
+    "refused_streams",
+    "continuation_floods",
+    "control_floods",
+    "empty_frame_floods",
+    "window_update_floods",
+    "outbound_floods",
+    "header_lists_too_large",
+    "send_window_timeouts",
+    "connection_errors",
+    "stream_errors",
+];
+
+/// Index of an event in [`H2_EVENTS`] (and [`ListenerCounters::h2`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum H2Event {
+    Connection,
+    Stream,
+    ClientReset,
+    PrematureResetClose,
+    RefusedStream,
+    ContinuationFlood,
+    ControlFlood,
+    EmptyFrameFlood,
+    WindowUpdateFlood,
+    OutboundFlood,
+    HeaderListTooLarge,
+    SendWindowTimeout,
+    ConnectionError,
+    StreamError,
+}
+
+impl ListenerCounters {
+    /// Counts an HTTP/2 event.
+    pub fn h2_event(&self, e: H2Event) {
+        self.h2[e as usize].inc();
+    }
 }
 
 /// How many response flags Keel sets.
@@ -640,6 +686,23 @@ impl Stats {
         }
         header(
             &mut out,
+            "keel_listener_http2_events_total",
+            "counter",
+            "HTTP/2 connections, streams, and the defences that fired (premature resets, floods, refused streams, errors).",
+        );
+        for l in &table.listeners {
+            for (i, event) in H2_EVENTS.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "keel_listener_http2_events_total{{listener=\"{}\",direction=\"{}\",event=\"{event}\"}} {}",
+                    escape(&l.name),
+                    l.direction,
+                    sum(&l.slots, |c| &c.h2[i])
+                );
+            }
+        }
+        header(
+            &mut out,
             "keel_cluster_outlier_ejected",
             "gauge",
             "Endpoints ejected by outlier detection now.",
@@ -819,6 +882,11 @@ impl Stats {
                     "response_flags": crate::http::proxy::Flags::names()
                         .enumerate()
                         .map(|(i, f)| (f.to_string(), json!(sum(s, |c| &c.response_flags[i]))))
+                        .collect::<serde_json::Map<_, _>>(),
+                    "http2": H2_EVENTS
+                        .iter()
+                        .enumerate()
+                        .map(|(i, e)| (e.to_string(), json!(sum(s, |c| &c.h2[i]))))
                         .collect::<serde_json::Map<_, _>>(),
                 })
             }).collect::<Vec<_>>(),

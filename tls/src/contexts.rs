@@ -24,8 +24,8 @@ use crate::verify::{
 /// Where Debian keeps the system's trusted roots (SIMPLE / MUTUAL without `caCertificates`).
 const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 
-/// ALPN an HTTP listener accepts (h2 joins when HTTP/2 lands); TCP listeners negotiate none.
-const HTTP_ALPN: &[&[u8]] = &[b"http/1.1"];
+/// ALPN an HTTP listener accepts, HTTP/2 first; TCP listeners negotiate none.
+const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
 /// What a worker needs to secure the connections of one config version.
 #[derive(Default)]

@@ -29,6 +29,19 @@ impl Headers {
     pub fn push(&mut self, name: &[u8], value: &[u8]) {
         let n0 = self.data.len() as u32;
         self.data.extend(name.iter().map(u8::to_ascii_lowercase));
+        self.end_field(n0, value);
+    }
+
+    /// Appends a field as it came, name case included (HTTP/2 field blocks, whose names must
+    /// already be lower-case and are checked, not folded).
+    pub fn push_raw(&mut self, name: &[u8], value: &[u8]) {
+        let n0 = self.data.len() as u32;
+        self.data.extend_from_slice(name);
+        self.end_field(n0, value);
+    }
+
+    /// Appends `value` after a name written from `n0` on, and indexes the field.
+    fn end_field(&mut self, n0: u32, value: &[u8]) {
         let n1 = self.data.len() as u32;
         self.data.extend_from_slice(value);
         let v1 = self.data.len() as u32;
@@ -37,6 +50,11 @@ impl Headers {
             value: (n1, v1),
             removed: false,
         });
+    }
+
+    /// Bytes of names and values held (removed fields included).
+    pub fn byte_len(&self) -> usize {
+        self.data.len()
     }
 
     /// Replaces every field named `name` with one holding `value`.

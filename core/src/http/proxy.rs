@@ -238,12 +238,6 @@ struct Conn {
     peer_port: u16,
 }
 
-impl Drop for Conn {
-    fn drop(&mut self) {
-        self.worker.connection_closed(&self.at.state);
-    }
-}
-
 /// Serves requests on one connection until either side is done.
 ///
 /// A plain `fn` returning an `async move` block that captures `c`: an `async fn` would move its
@@ -251,6 +245,28 @@ impl Drop for Conn {
 #[allow(clippy::manual_async_fn)]
 fn requests(mut c: Conn) -> impl std::future::Future<Output = ()> {
     async move {
+        if sniff_h2(&mut c).await {
+            // HTTP/2: the connection is handed over whole.
+            let Conn {
+                idle,
+                down,
+                worker,
+                mut at,
+                peer_ip,
+                peer_port,
+            } = c;
+            super::h2::server::serve(
+                &worker,
+                &mut at,
+                down,
+                SocketAddr::new(peer_ip, peer_port),
+                &idle.0,
+            )
+            .await;
+            drop(idle);
+            worker.connection_closed(&at.state);
+            return;
+        }
         loop {
             // Between requests the connection waits here, and this wait is all the state an idle
             // keep-alive connection keeps besides its `Conn`: a readiness wait — no buffer, no
@@ -267,6 +283,42 @@ fn requests(mut c: Conn) -> impl std::future::Future<Output = ()> {
             if Box::pin(one_request(&mut c)).await == Next::Close {
                 break;
             }
+        }
+        c.worker.connection_closed(&c.at.state);
+    }
+}
+
+/// Whether the connection speaks HTTP/2: ALPN `h2` on TLS, or the client preface first on a
+/// plaintext connection (h2c with prior knowledge), so HTTP/1.1 and HTTP/2 share one port. Bytes
+/// read to tell stay buffered for whichever protocol serves them.
+async fn sniff_h2(c: &mut Conn) -> bool {
+    use super::h2::frame::PREFACE;
+    if let Some(session) = c.down.stream.session() {
+        return session.alpn.as_deref() == Some(b"h2");
+    }
+    let timeout = c.at.gen.snapshot.proxy.http.request_headers_timeout;
+    loop {
+        let buffered = c.down.buffered();
+        if buffered.len() >= PREFACE.len() {
+            return buffered.starts_with(PREFACE);
+        }
+        if !PREFACE.starts_with(buffered) {
+            return false;
+        }
+        let filled = if buffered.is_empty() {
+            // Nothing read yet: an idle new connection holds no buffer, as between requests.
+            c.idle.0.between_requests.set(true);
+            let r = c.down.fill(&c.idle.0.activity).await;
+            c.idle.0.between_requests.set(false);
+            r
+        } else {
+            match monoio::time::timeout(timeout, c.down.fill(&c.idle.0.activity)).await {
+                Ok(r) => r,
+                Err(_) => return false,
+            }
+        };
+        if !matches!(filled, Ok(n) if n > 0) {
+            return false;
         }
     }
 }

@@ -4,3 +4,4 @@
 pub mod frame;
 pub mod hpack;
 pub mod huffman;
+pub mod server;
