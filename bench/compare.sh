@@ -2,7 +2,7 @@
 # Side-by-side load test: Keel against nginx and HAProxy, by the project's method.
 #
 #   bench/compare.sh [workload ...]        workloads: l4-1mib h1-small h1-close tls-h1 tls-handshake
-#                                          idle-mem (default: all)
+#                                          h2c-small idle-mem (default: all)
 #
 # The proxy under test runs alone on CPU 1 with one worker; the backend (nginx serving fixed bodies)
 # and the load generator (wrk) share CPU 0. Contenders are interleaved (A B C, A B C, ...) over
@@ -14,7 +14,11 @@
 # Environment: ROUNDS (3), DURATION seconds per run (10), CONNS wrk connections (8),
 #              KEEL_ARGS extra `keel run` arguments (e.g. "--io-driver epoll"),
 #              KEEL_ACCESS_LOG a file for Keel's access log (off by default).
-# Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk, taskset.
+# h2c-small: h2load, 8 connections × 16 streams, 1 KiB responses, HTTP/2 with prior knowledge to
+# each proxy and HTTP/1.1 from each proxy to the backend (Keel's upstream is HTTP/1.1 for now; nginx
+# proxies over HTTP/1.1 only; HAProxy is given the same to compare like with like).
+# Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk,
+# h2load (nghttp2-client), taskset.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -28,6 +32,7 @@ ACCESS_LOG_YAML=""
 BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
 KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
+NGINX_H2C=18032 HAPROXY_H2C=18033
 IDLE_CONNS=${IDLE_CONNS:-5000}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
@@ -98,6 +103,11 @@ http {
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
   server {
+    listen 127.0.0.1:$NGINX_H2C http2;
+    http2_max_requests 1000000;
+    location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
+  }
+  server {
     listen 127.0.0.1:$NGINX_TLS ssl;
     ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls-key.pem; ssl_protocols TLSv1.3;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
@@ -121,6 +131,10 @@ listen l4
 listen h1
   mode http
   bind 127.0.0.1:$HAPROXY_HTTP
+  server backend 127.0.0.1:$BACKEND
+listen h2c
+  mode http
+  bind 127.0.0.1:$HAPROXY_H2C proto h2
   server backend 127.0.0.1:$BACKEND
 listen tls
   mode http
@@ -184,6 +198,7 @@ port_of() { # CONTENDER l4|http
     keel-l4) echo $KEEL_PORT ;; nginx-l4) echo $NGINX_PORT ;; haproxy-l4) echo $HAPROXY_PORT ;;
     keel-http) echo $KEEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
     keel-tls) echo $KEEL_TLS ;; nginx-tls) echo $NGINX_TLS ;; haproxy-tls) echo $HAPROXY_TLS ;;
+    keel-h2c) echo $KEEL_HTTP ;; nginx-h2c) echo $NGINX_H2C ;; haproxy-h2c) echo $HAPROXY_H2C ;;
     direct-*) echo $BACKEND ;;
   esac
 }
@@ -217,6 +232,25 @@ run_one() {
     tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; [ "$who" = direct ] || scheme=https ;;
     tls-handshake) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=16; extra=(-H "Connection: close"); [ "$who" = direct ] || scheme=https ;;
   esac
+  if [ "$workload" = h2c-small ]; then
+    port=$(port_of "$who" h2c); pids=$(pids_of "$who")
+    # shellcheck disable=SC2086
+    c0=$(cpu_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
+    out=$(taskset -c 0 h2load -c 8 -m 16 -D "$DURATION" "http://127.0.0.1:$port/1k")
+    # shellcheck disable=SC2086
+    c1=$(cpu_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
+    reqs=$(echo "$out" | awk '/^requests:/{print $8}')
+    echo "$out" | grep -q " 0 failed" || echo "  warning: $who: $(echo "$out" | grep '^requests:')" >&2
+    # h2load reports the mean and max time per request, not percentiles: shown as p50 and p99.
+    p50=$(to_ms "$(echo "$out" | awk '/time for request:/{print $6}')")
+    p99=$(to_ms "$(echo "$out" | awk '/time for request:/{print $5}')")
+    awk -v who="$who" -v reqs="$reqs" -v cpu=$(( (c1 - c0) * TICK_US )) -v p50="$p50" -v p99="$p99" \
+        -v steal=$(( s1 - s0 )) -v tot=$(( t1 - t0 )) -v d="$DURATION" 'BEGIN {
+      per = (reqs > 0) ? sprintf("%.1f", cpu / reqs) : "-"
+      printf "%s %d %.1f %.1f %s %.3f %.3f %.2f\n", who, reqs, reqs / d, reqs / d, per, p50, p99, (tot > 0 ? 100 * steal / tot : 0)
+    }' >> "$WORK/rows.$workload"
+    return
+  fi
   pids=$(pids_of "$who")
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
@@ -311,12 +345,13 @@ report() {
 }
 
 WORKLOADS=("$@")
-[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake idle-mem)
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake h2c-small idle-mem)
 : > "$WORK/report.md"
 for workload in "${WORKLOADS[@]}"; do
-  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|idle-mem) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
+  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|h2c-small|idle-mem) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
   : > "$WORK/rows.$workload"
-  [ "$workload" = idle-mem ] || run_one "$workload" direct
+  # No direct row for idle memory, nor for h2c (the backend speaks HTTP/1.1 only).
+  [ "$workload" = idle-mem ] || [ "$workload" = h2c-small ] || run_one "$workload" direct
   rounds=$ROUNDS
   # Memory a process freed stays with it (allocator, buffer pools): only a fresh process's first
   # idle measurement means anything, so idle-mem runs once per contender.

@@ -1,5 +1,5 @@
 //! Criterion benches of per-connection hot paths: the balancer picks (and consistent-hash table
-//! builds), the pooled buffer round trip, config compilation and the HTTP/1 parsers.
+//! builds), the pooled buffer round trip, config compilation, the HTTP/1 parsers and the HTTP/2 codec.
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion};
 use keel_lb::hash::hash_bytes;
@@ -135,5 +135,69 @@ fn http1(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, picks, table_builds, buffers, config, http1);
+/// HTTP/2: HPACK encode and decode of a typical request head (as curl or a gRPC client sends it,
+/// Huffman-coded), and frame header parsing plus payload checks.
+fn http2(c: &mut Criterion) {
+    use keel_core::http::h2::{frame, hpack};
+    let fields: [(&[u8], &[u8]); 8] = [
+        (b":method", b"GET"),
+        (b":scheme", b"http"),
+        (b":path", b"/reviews/v1/products/12345?detail=full"),
+        (b":authority", b"reviews.default.svc.cluster.local"),
+        (b"user-agent", b"grpc-go/1.60.0"),
+        (b"accept", b"*/*"),
+        (b"x-request-id", b"6c3ef2b6-6f1e-4d8a-9e3b-2f0c1a7d5e44"),
+        (
+            b"traceparent",
+            b"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+    ];
+    let mut block = Vec::new();
+    for (n, v) in fields {
+        hpack::encode_field(n, v, &mut block);
+    }
+    c.bench_function("h2/hpack_encode_request_head", |b| {
+        let mut out = Vec::with_capacity(512);
+        b.iter(|| {
+            out.clear();
+            for (n, v) in fields {
+                hpack::encode_field(n, v, &mut out);
+            }
+            black_box(out.len())
+        })
+    });
+    c.bench_function("h2/hpack_decode_request_head", |b| {
+        let mut d = hpack::Decoder::new(4096);
+        b.iter(|| {
+            let mut n = 0usize;
+            d.decode(black_box(&block), 1 << 16, |name, value| {
+                n += name.len() + value.len()
+            })
+            .unwrap();
+            black_box(n)
+        })
+    });
+    let mut frames = Vec::new();
+    frame::write_headers(&mut frames, 1, &block, true, 16_384);
+    frame::write_head(&mut frames, 1024, frame::DATA, frame::END_STREAM, 3);
+    frames.extend_from_slice(&[7u8; 1024]);
+    frame::write_window_update(&mut frames, 0, 1 << 20);
+    c.bench_function("h2/parse_three_frames", |b| {
+        b.iter(|| {
+            let mut rest = black_box(&frames[..]);
+            let mut n = 0;
+            while rest.len() >= frame::HEADER_LEN {
+                let head = frame::Head::parse(rest[..frame::HEADER_LEN].try_into().unwrap());
+                let end = frame::HEADER_LEN + head.len as usize;
+                if frame::decode(head, &rest[frame::HEADER_LEN..end]).is_ok() {
+                    n += 1;
+                }
+                rest = &rest[end..];
+            }
+            black_box(n)
+        })
+    });
+}
+
+criterion_group!(benches, picks, table_builds, buffers, config, http1, http2);
 criterion_main!(benches);

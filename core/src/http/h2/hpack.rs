@@ -533,4 +533,46 @@ mod tests {
         assert_eq!(decode_all(&mut d, &block), pairs(&fields));
         assert_eq!(&block[..1], &[0x88], ":status 200 is static index 8");
     }
+
+    /// Property: any field list (names from the static table or random, values of any bytes)
+    /// round-trips through the encoder and a decoder; random blocks never panic the decoder.
+    #[test]
+    fn round_trip_property() {
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        for _ in 0..2000 {
+            let n = (next() % 12) as usize;
+            let fields: Vec<(Vec<u8>, Vec<u8>)> = (0..n)
+                .map(|_| {
+                    let name = if next() % 2 == 0 {
+                        STATIC_TABLE[(next() % 61) as usize].0.as_bytes().to_vec()
+                    } else {
+                        (0..1 + next() % 20)
+                            .map(|_| b'a' + (next() % 26) as u8)
+                            .collect()
+                    };
+                    let value = (0..next() % 300).map(|_| next() as u8).collect();
+                    (name, value)
+                })
+                .collect();
+            let mut block = Vec::new();
+            for (n, v) in &fields {
+                encode_field(n, v, &mut block);
+            }
+            let mut back = Vec::new();
+            Decoder::new(4096)
+                .decode(&block, usize::MAX, |n, v| {
+                    back.push((n.to_vec(), v.to_vec()))
+                })
+                .unwrap();
+            assert_eq!(back, fields);
+            let junk: Vec<u8> = (0..next() % 64).map(|_| next() as u8).collect();
+            let _ = Decoder::new(4096).decode(&junk, 4096, |_, _| {});
+        }
+    }
 }
