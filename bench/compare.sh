@@ -104,7 +104,6 @@ http {
   }
   server {
     listen 127.0.0.1:$NGINX_H2C http2;
-    http2_max_requests 1000000;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
   server {
