@@ -617,3 +617,33 @@ fn a_client_that_never_opens_its_window_is_timed_out() {
     assert_eq!(r.rst_code(1), ErrorCode::Cancel as u32);
     assert_eq!(h2_event(&keel, "send_window_timeouts"), 1);
 }
+
+#[test]
+fn a_drain_finishes_open_streams_then_sends_goaway() {
+    let app = RecordingBackend::start(Arc::new(|_h: &str, _b: &[u8]| {
+        std::thread::sleep(Duration::from_millis(400));
+        b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".to_vec()
+    }));
+    let (keel, port) = keel_for(app.addr, "");
+    let mut r = Raw::connect(port, &[]);
+    r.request(1, "/slow", true);
+    std::thread::sleep(Duration::from_millis(100));
+    let mut s = TcpStream::connect(("127.0.0.1", keel.admin)).unwrap();
+    s.write_all(b"POST /drain_listeners HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+        .unwrap();
+    // Two steps: a GOAWAY naming 2^31-1 (with a PING), the stream in flight answered whole, then
+    // the final GOAWAY(NO_ERROR) naming it as the last one.
+    let first = r.expect(frame::GOAWAY, None).expect("first GOAWAY");
+    assert_eq!(
+        u32::from_be_bytes(first.3[..4].try_into().unwrap()),
+        (1 << 31) - 1
+    );
+    assert_eq!(r.status(1), 200);
+    let goaway = r.expect(frame::GOAWAY, None).expect("GOAWAY on drain");
+    assert_eq!(u32::from_be_bytes(goaway.3[..4].try_into().unwrap()), 1);
+    assert_eq!(
+        u32::from_be_bytes(goaway.3[4..8].try_into().unwrap()),
+        ErrorCode::NoError as u32
+    );
+    assert!(r.read().is_none(), "then the connection closes");
+}

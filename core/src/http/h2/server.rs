@@ -45,6 +45,8 @@ const OUTPUT_LIMIT: usize = 4 * 1024 * 1024;
 /// A stream reset by the client within this time of opening, before its response ended, counts
 /// as a premature reset (Envoy's premature-reset rule).
 const PREMATURE_RESET_AGE: Duration = Duration::from_secs(1);
+/// The PING payload sent with a drain's first GOAWAY.
+const DRAIN_PING: [u8; 8] = *b"keeldrn1";
 /// WINDOW_UPDATE frames accepted per DATA frame sent, beyond a first allowance.
 const WINDOW_UPDATES_PER_DATA: u64 = 10;
 const WINDOW_UPDATE_ALLOWANCE: u64 = 100;
@@ -210,6 +212,7 @@ pub(crate) async fn serve(
         last_stream: 0,
         pending: None,
         goaway_sent: false,
+        drain_warned: false,
         peer_goaway: false,
         streams_opened: 0,
         premature_resets: 0,
@@ -295,6 +298,8 @@ struct Connection {
     last_stream: u32,
     pending: Option<Pending>,
     goaway_sent: bool,
+    /// A drain's first GOAWAY went out.
+    drain_warned: bool,
     peer_goaway: bool,
     streams_opened: u64,
     premature_resets: u64,
@@ -310,6 +315,7 @@ impl Connection {
     async fn run(&mut self, at: &mut ListenerRef, mut rb: ReadBuf) -> Exit {
         let listener = at.state.clone();
         let lstats = &listener.stats.slots[self.worker.id];
+        let mut drain = listener.drain_signal();
         // The client preface, then frames.
         let mut preface_seen = false;
         loop {
@@ -358,12 +364,19 @@ impl Connection {
             if self.shared.closed.get() {
                 return Exit::Closed;
             }
-            // Drain: a GOAWAY tells the client to open no more streams; those open finish.
-            if at.state.is_draining() && !self.goaway_sent {
-                self.goaway_sent = true;
-                let last = self.last_stream;
-                self.shared
-                    .push(|o| frame::write_goaway(o, last, ErrorCode::NoError, b""));
+            // Drain, in two steps (RFC 9113 §6.8): a GOAWAY naming the largest stream id warns
+            // the client, with a PING; once that PING comes back (streams the client opened in
+            // the meantime have arrived) or no stream is left, the final GOAWAY names the last
+            // stream served. Those open finish; later ones are refused.
+            if at.state.is_draining() && !self.drain_warned {
+                self.drain_warned = true;
+                self.shared.push(|o| {
+                    frame::write_goaway(o, (1 << 31) - 1, ErrorCode::NoError, b"");
+                    frame::write_ping(o, false, DRAIN_PING);
+                });
+            }
+            if self.drain_warned && !self.goaway_sent && self.shared.streams.borrow().is_empty() {
+                self.final_goaway();
             }
             if (self.goaway_sent || self.peer_goaway)
                 && self.shared.streams.borrow().is_empty()
@@ -378,11 +391,26 @@ impl Connection {
             let filled = {
                 let fill = rb.fill(&shared.transport, &self.idle.activity);
                 let mut fill = std::pin::pin!(fill);
+                // The start of a drain wakes the wait too, so the warning GOAWAY goes at once.
+                let drain_started = drain.wait_for(|d| *d);
+                let mut drain_started = std::pin::pin!(drain_started);
+                let watch_drain = !self.drain_warned;
                 poll_fn(|cx| {
                     if let Poll::Ready(r) = fill.as_mut().poll(cx) {
                         return Poll::Ready(Some(r));
                     }
-                    if (self.goaway_sent || self.peer_goaway) && shared.streams.borrow().is_empty()
+                    if watch_drain && drain_started.as_mut().poll(cx).is_ready() {
+                        return Poll::Ready(None);
+                    }
+                    // A stream's end wakes this wait: time to send a drain's GOAWAY, or to
+                    // close after one.
+                    let draining = (at.state.is_draining() && !self.drain_warned)
+                        || (self.drain_warned
+                            && !self.goaway_sent
+                            && shared.streams.borrow().is_empty());
+                    if draining
+                        || ((self.goaway_sent || self.peer_goaway)
+                            && shared.streams.borrow().is_empty())
                     {
                         return Poll::Ready(None);
                     }
@@ -553,6 +581,9 @@ impl Connection {
                 "PUSH_PROMISE from a client",
             )),
             Frame::Ping { ack, data } => {
+                if ack && data == DRAIN_PING && self.drain_warned && !self.goaway_sent {
+                    self.final_goaway();
+                }
                 if !ack {
                     self.control_frame(lstats)?;
                     self.shared.push(|o| frame::write_ping(o, true, data));
@@ -845,6 +876,14 @@ impl Connection {
             self.idle.clone(),
         ));
         Ok(())
+    }
+
+    /// Sends the GOAWAY that ends a graceful close: no stream above the last one is served.
+    fn final_goaway(&mut self) {
+        self.goaway_sent = true;
+        let last = self.last_stream;
+        self.shared
+            .push(|o| frame::write_goaway(o, last, ErrorCode::NoError, b""));
     }
 
     /// Resets a stream for a stream error.
