@@ -159,7 +159,7 @@ fn nghttp_and_python_h2_see_trailers_pass_through() {
     let app = RecordingBackend::start(Arc::new(|_head: &str, _body: &[u8]| {
         b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\ngrpc-status: 0\r\ngrpc-message: ok\r\n\r\n".to_vec()
     }));
-    let (_keel, port) = keel_for(app.addr, "");
+    let (keel, port) = keel_for(app.addr, "");
     let out = Command::new("nghttp")
         .args(["-v", "-H", ":authority: reviews"])
         .arg(format!("http://127.0.0.1:{port}/svc/Method"))
@@ -207,6 +207,21 @@ print(got["status"].decode(), got["data"].decode(), got["trailers"][b"grpc-statu
     );
     let seen = app.received_text().to_ascii_lowercase();
     assert!(seen.contains("x-req-trailer: t1"), "{seen}");
+    // Istio's metric carries the gRPC status from the response trailers.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut text = String::new();
+    while Instant::now() < deadline {
+        text = http_get(keel.admin, "/stats/prometheus").unwrap().1;
+        if text.contains("request_protocol=\"grpc\"") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("istio_requests_total{") && l.contains("request_protocol=\"grpc\""))
+        .unwrap_or_else(|| panic!("{text}"));
+    assert!(line.contains("grpc_response_status=\"0\""), "{line}");
     assert!(
         seen.contains("te: trailers") || !seen.contains("te:"),
         "{seen}"

@@ -170,6 +170,9 @@ pub struct Record {
     pub mtls: bool,
     /// A gRPC request.
     pub grpc: bool,
+    /// A gRPC request's status (`grpc_response_status`): from the response trailers, a
+    /// trailers-only head, or Keel's own gRPC reply.
+    pub grpc_status: Option<u16>,
     pub downstream_local: Option<SocketAddr>,
     pub downstream_remote: Option<SocketAddr>,
     pub peer_uri_san: Option<String>,
@@ -444,7 +447,7 @@ impl Entry {
             tcp: self.tcp,
             grpc: r.grpc,
             mtls: r.mtls,
-            grpc_status: None,
+            grpc_status: r.grpc_status,
         };
         let labels = || {
             let proxy = &snap.proxy;
@@ -474,7 +477,7 @@ impl Entry {
                 },
                 code: r.status,
                 flags: &flags,
-                grpc_status: None,
+                grpc_status: r.grpc_status,
                 mtls: r.mtls,
             }
             .format()

@@ -113,13 +113,14 @@ pub(crate) async fn copy_length(
         .map_err(|_| CopyError::Write)
 }
 
-/// Decodes a chunked body strictly and hands over its data and trailers (extensions dropped).
+/// Decodes a chunked body strictly and hands over its data and trailers (extensions dropped);
+/// returns the trailers.
 pub(crate) async fn copy_chunked(
     from: &mut BufferedStream,
     to: &mut impl BodySink,
     activity: &Cell<u32>,
     mut count: impl FnMut(usize),
-) -> Result<(), CopyError> {
+) -> Result<Headers, CopyError> {
     let mut decoder = chunked::Decoder::default();
     while !decoder.is_done() {
         if !from.has_buffered() && from.fill(activity).await.map_err(|_| CopyError::Read)? == 0 {
@@ -141,7 +142,8 @@ pub(crate) async fn copy_chunked(
     }
     to.finish(&decoder.trailers)
         .await
-        .map_err(|_| CopyError::Write)
+        .map_err(|_| CopyError::Write)?;
+    Ok(std::mem::take(&mut decoder.trailers))
 }
 
 /// Copies until the peer closes.

@@ -11,9 +11,35 @@ use super::body::{copy_chunked, copy_length, copy_until_close, CopyError, H1Sink
 use super::conn::BufferedStream;
 use super::h1::{encode, BodyKind};
 use super::head::ResponseHead;
+use super::headers::Headers;
 use super::proxy::{local_reply, Next};
 use super::replay::Replay;
 use crate::stats::ListenerCounters;
+
+/// How a response went out: body bytes sent, and the gRPC status its trailers carried.
+#[derive(Default)]
+pub(crate) struct Progress {
+    pub sent: Cell<u64>,
+    pub grpc_status: Cell<Option<u16>>,
+}
+
+impl Progress {
+    /// Counts `n` body bytes sent.
+    pub fn add(&self, n: u64) {
+        self.sent.set(self.sent.get() + n);
+    }
+
+    /// Notes the `grpc-status` of the response's trailers.
+    pub fn trailers(&self, trailers: &Headers) {
+        if let Some(code) = trailers
+            .get(b"grpc-status")
+            .and_then(|v| std::str::from_utf8(v).ok())
+            .and_then(|v| v.trim().parse().ok())
+        {
+            self.grpc_status.set(Some(code));
+        }
+    }
+}
 
 /// What an exchange needs of its client.
 pub(crate) trait Downstream {
@@ -57,7 +83,7 @@ pub(crate) trait Downstream {
         out_body: BodyKind,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
-        sent: &Cell<u64>,
+        progress: &Progress,
     ) -> Result<(), CopyError>;
 
     /// After a 101 to an upgrade: bytes both ways (HTTP/1.1 only; an HTTP/2 request never
@@ -106,7 +132,9 @@ impl Downstream for BufferedStream {
             }
             BodyKind::Chunked => {
                 let mut sink = H1Sink::new(up, true, Some(tap));
-                copy_chunked(self, &mut sink, activity, count).await
+                copy_chunked(self, &mut sink, activity, count)
+                    .await
+                    .map(drop)
             }
         }
     }
@@ -119,7 +147,7 @@ impl Downstream for BufferedStream {
         out_body: BodyKind,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
-        sent: &Cell<u64>,
+        progress: &Progress,
     ) -> Result<(), CopyError> {
         let mut bytes = Vec::with_capacity(512);
         encode::response(resp, &mut bytes);
@@ -134,10 +162,10 @@ impl Downstream for BufferedStream {
             .map_err(|_| CopyError::Write)?;
         lstats.tx_bytes.add(early as u64);
         up.consume(early);
-        sent.set(early as u64);
+        progress.add(early as u64);
         let count = |n: usize| {
             lstats.tx_bytes.add(n as u64);
-            sent.set(sent.get() + n as u64);
+            progress.add(n as u64);
         };
         let mut sink = H1Sink::new(&self.stream, out_body == BodyKind::Chunked, None);
         match resp_body {
@@ -145,7 +173,11 @@ impl Downstream for BufferedStream {
             BodyKind::Length(n) => {
                 copy_length(up, &mut sink, n - early as u64, activity, count).await
             }
-            BodyKind::Chunked => copy_chunked(up, &mut sink, activity, count).await,
+            BodyKind::Chunked => {
+                let trailers = copy_chunked(up, &mut sink, activity, count).await?;
+                progress.trailers(&trailers);
+                Ok(())
+            }
             BodyKind::CloseDelimited => copy_until_close(up, &mut sink, activity, count).await,
         }
     }

@@ -1066,8 +1066,10 @@ pub(crate) async fn exchange<D: Downstream>(
     if log.is_on() {
         log.with(|r| r.response_headers = Some(resp.headers.clone()));
     }
-    let sent = Cell::new(0);
-    let copy = down.respond(&resp, &mut up, resp_body, out_body, activity, lstats, &sent);
+    let progress = super::downstream::Progress::default();
+    let copy = down.respond(
+        &resp, &mut up, resp_body, out_body, activity, lstats, &progress,
+    );
     // The route timeout covers the response body too: past it the response is cut off.
     let copied = match deadline {
         None => copy.await,
@@ -1083,7 +1085,14 @@ pub(crate) async fn exchange<D: Downstream>(
         }
     };
     log.with(|r| {
-        r.bytes_sent = sent.get();
+        r.bytes_sent = progress.sent.get();
+        // gRPC's status: in the trailers, or in the head of a trailers-only response.
+        if grpc {
+            r.grpc_status = progress
+                .grpc_status
+                .get()
+                .or(grpc_status(&resp).map(|c| c as u16));
+        }
         r.flags = flags;
     });
     if copied.is_err() {
@@ -1400,6 +1409,9 @@ async fn finish_local<D: Downstream>(
         r.flags = flags;
         r.details = reply.details;
         r.bytes_sent = text.len() as u64;
+        if grpc {
+            r.grpc_status = Some(reply.grpc_code() as u16);
+        }
     });
     tracing::debug!(%peer, method = %head.method, path = %head.path, status, flags = %flags, "local reply");
     let extra: Vec<(&str, &str)> = extra.iter().map(|(k, v)| (*k, v.as_str())).collect();

@@ -27,7 +27,7 @@ use super::hpack::{self, Decoder, HpackError};
 use crate::generation::ListenerState;
 use crate::http::body::{copy_chunked, copy_length, copy_until_close, BodySink, CopyError, H1Sink};
 use crate::http::conn::{BufferedStream, ReadBuf};
-use crate::http::downstream::Downstream;
+use crate::http::downstream::{Downstream, Progress};
 use crate::http::h1::BodyKind;
 use crate::http::head::{RequestHead, ResponseHead, Version};
 use crate::http::headers::Headers;
@@ -1335,7 +1335,7 @@ impl Downstream for StreamHandle {
         _out_body: BodyKind,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
-        sent: &Cell<u64>,
+        progress: &Progress,
     ) -> Result<(), CopyError> {
         let end = resp_body == BodyKind::None || resp_body == BodyKind::Length(0);
         self.send_headers(Some(resp.status), &resp.headers, &[], end)
@@ -1345,13 +1345,17 @@ impl Downstream for StreamHandle {
         }
         let count = |n: usize| {
             lstats.tx_bytes.add(n as u64);
-            sent.set(sent.get() + n as u64);
+            progress.add(n as u64);
         };
         let mut sink = H2Sink(self);
         match resp_body {
             BodyKind::None => Ok(()),
             BodyKind::Length(n) => copy_length(up, &mut sink, n, activity, count).await,
-            BodyKind::Chunked => copy_chunked(up, &mut sink, activity, count).await,
+            BodyKind::Chunked => {
+                let trailers = copy_chunked(up, &mut sink, activity, count).await?;
+                progress.trailers(&trailers);
+                Ok(())
+            }
             BodyKind::CloseDelimited => copy_until_close(up, &mut sink, activity, count).await,
         }
     }
