@@ -471,12 +471,35 @@ fn pool_policy(pool: Option<&ConnectionPoolSettings>) -> (CircuitLimits, Duratio
             .and_then(|h| h.max_requests_per_connection)
             .filter(|n| *n > 0)
             .map_or(0, |n| n.min(u32::MAX as i64) as u32),
+        max_concurrent_streams: limit(http.and_then(|h| h.max_concurrent_streams)),
     };
     let idle = http
         .and_then(|h| h.idle_timeout)
         .or(tcp.and_then(|t| t.idle_timeout))
         .map_or(DEFAULT_IDLE_TIMEOUT, |d| d.0);
     (limits, idle)
+}
+
+/// The HTTP version for a cluster, as Istio picks it: a port declared `HTTP2`, `GRPC` or
+/// `GRPC-WEB` is HTTP/2; otherwise the DestinationRule's `h2UpgradePolicy: UPGRADE` upgrades it
+/// and `useClientProtocol: true` follows the client; otherwise HTTP/1.1.
+fn upstream_protocol(
+    port_protocol: Option<&str>,
+    pool: Option<&ConnectionPoolSettings>,
+) -> UpstreamProtocol {
+    let http = pool.and_then(|p| p.http.as_ref());
+    let h2_port = port_protocol.is_some_and(|p| {
+        ["HTTP2", "GRPC", "GRPC-WEB"]
+            .iter()
+            .any(|h2| p.eq_ignore_ascii_case(h2))
+    });
+    if h2_port || http.and_then(|h| h.h2_upgrade_policy.as_deref()) == Some("UPGRADE") {
+        UpstreamProtocol::Http2
+    } else if http.and_then(|h| h.use_client_protocol) == Some(true) {
+        UpstreamProtocol::Client
+    } else {
+        UpstreamProtocol::Http1
+    }
 }
 
 fn not_supported<T>(errors: &mut Vec<ConfigError>, origin: &Origin, field: &Option<T>, path: &str) {
@@ -512,19 +535,16 @@ impl Compiler {
                     }
                     match h.h2_upgrade_policy.as_deref() {
                         None | Some("DEFAULT") | Some("DO_NOT_UPGRADE") => {}
-                        Some("UPGRADE") => e.push(o.error(
-                            &format!("{at}.http.h2UpgradePolicy"),
-                            "UPGRADE is not supported yet (Keel speaks HTTP/1.1 upstream)",
-                        )),
+                        Some("UPGRADE") => {}
                         Some(other) => e.push(o.error(
                             &format!("{at}.http.h2UpgradePolicy"),
                             format!("`{other}` is not DEFAULT, DO_NOT_UPGRADE or UPGRADE"),
                         )),
                     }
-                    not_supported(
+                    check_limit(
                         e,
                         o,
-                        &h.max_concurrent_streams,
+                        h.max_concurrent_streams,
                         &format!("{at}.http.maxConcurrentStreams"),
                     );
                 }
@@ -1357,6 +1377,7 @@ impl Compiler {
                 outlier: None,
                 health_check: None,
                 pool_idle_timeout,
+                protocol: upstream_protocol(ing.port.protocol.as_deref(), pool),
             });
             let target = WeightedCluster { cluster, weight: 1 };
             // Inbound HTTP goes to the local app whatever the Host, as Istio's inbound listeners do.
@@ -1621,10 +1642,11 @@ impl Compiler {
             match protocol.unwrap_or("TCP").to_ascii_uppercase().as_str() {
                 // TLS and HTTPS are passed through (routed by SNI on egress ports).
                 "TCP" | "TLS" | "HTTPS" => return Protocol::Tcp,
-                "HTTP" => return Protocol::Http,
+                // HTTP listeners serve HTTP/1.1 and HTTP/2 (gRPC included) on one port.
+                "HTTP" | "HTTP2" | "GRPC" | "GRPC-WEB" => return Protocol::Http,
                 p => self.errors.push(o.error(
                     path,
-                    format!("listener protocol {p} is not supported yet; TCP and HTTP are"),
+                    format!("listener protocol {p} is not supported yet; TCP, TLS, HTTPS, HTTP, HTTP2, GRPC and GRPC-WEB are"),
                 )),
             }
         }
@@ -2572,6 +2594,7 @@ impl Compiler {
                 .ok()
                 .flatten(),
             pool_idle_timeout,
+            protocol: upstream_protocol(sp.protocol.as_deref(), pool),
         }))
     }
 
@@ -2758,6 +2781,11 @@ pub fn dump(
             "connect_timeout_ms": ms(c.connect_timeout),
             "idle_timeout_ms": ms(c.idle_timeout),
             "pool_idle_timeout_ms": ms(c.pool_idle_timeout),
+            "protocol": match c.protocol {
+                UpstreamProtocol::Http1 => "HTTP/1.1",
+                UpstreamProtocol::Http2 => "HTTP/2",
+                UpstreamProtocol::Client => "client",
+            },
             "health_check": c.health_check.as_ref().map(|h| json!({
                 "http_path": h.http_path,
                 "interval_ms": ms(h.interval),
@@ -2779,6 +2807,7 @@ pub fn dump(
                 "max_requests": c.limits.max_requests,
                 "max_retries": c.limits.max_retries,
                 "max_requests_per_connection": c.limits.max_requests_per_connection,
+                "max_concurrent_streams": c.limits.max_concurrent_streams,
             }),
             "tls": c.tls.as_ref().map(|t| json!({
                 "mode": format!("{:?}", t.mode),

@@ -272,13 +272,15 @@ pub struct HttpPoolSettings {
     /// An upstream connection with no request for this long is closed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub idle_timeout: Option<Duration>,
-    /// DEFAULT or DO_NOT_UPGRADE (Keel speaks HTTP/1.1 upstream); UPGRADE is not supported yet.
+    /// DEFAULT or DO_NOT_UPGRADE (HTTP/1.1 to an HTTP port), or UPGRADE (HTTP/2 to it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub h2_upgrade_policy: Option<String>,
+    /// Speak to the upstream in the protocol the client used (HTTP/1.1 or HTTP/2).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub use_client_protocol: Option<bool>,
+    /// Streams open at once on one upstream HTTP/2 connection (0: unlimited but for the peer's).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub max_concurrent_streams: Option<NotSupported>,
+    pub max_concurrent_streams: Option<i64>,
 }
 
 /// `connectionPool.tcp`.

@@ -269,6 +269,19 @@ pub struct Cluster {
     /// How long an idle upstream HTTP connection is kept for reuse (`connectionPool.http.idleTimeout`,
     /// else the TCP idle timeout).
     pub pool_idle_timeout: Duration,
+    /// What HTTP requests to the endpoints are sent over.
+    pub protocol: UpstreamProtocol,
+}
+
+/// The HTTP version spoken to a cluster's endpoints, decided as Istio decides it: the service
+/// port's protocol (`HTTP2`, `GRPC`, `GRPC-WEB`: HTTP/2), else the DestinationRule's
+/// `h2UpgradePolicy: UPGRADE` (HTTP/2) or `useClientProtocol` (the client's), else HTTP/1.1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    Http1,
+    Http2,
+    /// The protocol the client's request came in (`useClientProtocol: true`).
+    Client,
 }
 
 /// Active health checking of a cluster's endpoints, configured by annotations on the ServiceEntry
@@ -319,6 +332,9 @@ pub struct CircuitLimits {
     pub max_retries: Option<u32>,
     /// `http.maxRequestsPerConnection`: 0 is unlimited.
     pub max_requests_per_connection: u32,
+    /// `http.maxConcurrentStreams`: streams Keel opens at once on one HTTP/2 connection, also
+    /// bounded by the peer's SETTINGS_MAX_CONCURRENT_STREAMS; past both, another connection opens.
+    pub max_concurrent_streams: u32,
 }
 
 impl Default for CircuitLimits {
@@ -329,6 +345,7 @@ impl Default for CircuitLimits {
             max_requests: u32::MAX,
             max_retries: None,
             max_requests_per_connection: 0,
+            max_concurrent_streams: u32::MAX,
         }
     }
 }

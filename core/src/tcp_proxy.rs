@@ -117,7 +117,7 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         return;
     };
     let endpoint_index = picked.as_ref().map_or(0, |p| p.endpoint);
-    let up = match crate::upstream::open(&at.gen, cluster_index, endpoint.address).await {
+    let up = match crate::upstream::open(&at.gen, cluster_index, endpoint.address, false).await {
         Ok(up) => up,
         Err(e) => {
             worker.upstream_connect_failed(&at, cluster_index, endpoint.address, &e);

@@ -23,11 +23,13 @@ pub fn pool_key(gen: &Generation, cluster: usize) -> u64 {
     tls ^ gen.clusters.get(cluster).map_or(0, |c| c.pool_key)
 }
 
-/// A new connection to endpoint `addr` of `cluster`, secured as the cluster says.
+/// A new connection to endpoint `addr` of `cluster`, secured as the cluster says; `h2`: for
+/// HTTP/2, which over TLS offers ALPN `h2`.
 pub async fn open(
     gen: &Generation,
     cluster: usize,
     addr: SocketAddr,
+    h2: bool,
 ) -> Result<Transport, ConnectError> {
     let c = &gen.snapshot.clusters[cluster];
     let keepalive = c.keepalive.map(|k| KeepaliveOpts {
@@ -39,7 +41,8 @@ pub async fn open(
     let Some(ctx) = gen.tls.clusters.get(cluster).and_then(Option::as_ref) else {
         return Ok(Transport::Plain(stream));
     };
-    let handshake = TlsStream::connect(stream, ctx.config.clone(), ctx.server_name.clone());
+    let config = if h2 { &ctx.config_h2 } else { &ctx.config };
+    let handshake = TlsStream::connect(stream, config.clone(), ctx.server_name.clone());
     match monoio::time::timeout(c.connect_timeout, handshake).await {
         Ok(Ok(tls)) => Ok(Transport::Tls(Box::new(tls))),
         Ok(Err(e)) => Err(ConnectError::Other(io::Error::new(

@@ -73,9 +73,11 @@ pub struct Worker {
     rng: RefCell<Rng>,
     /// Idle upstream HTTP/1.1 connections of this worker.
     pub pool: RefCell<crate::http::pool::UpstreamPool>,
-    /// Woken when this worker gives an upstream connection back or closes one, for requests
-    /// waiting for a connection under `maxConnections`.
-    pub conn_released: tokio::sync::Notify,
+    /// Upstream HTTP/2 connections of this worker, shared by its requests.
+    pub h2_pool: RefCell<crate::http::h2::client::H2Pool>,
+    /// Woken when this worker gives an upstream connection back or closes one (or an HTTP/2
+    /// stream ends), for requests waiting for a connection under `maxConnections`.
+    pub conn_released: Rc<tokio::sync::Notify>,
     /// Requests of this worker waiting for a connection.
     pub conn_waiters: Cell<u32>,
     /// Mirrored requests in flight on this worker.
@@ -114,7 +116,8 @@ impl Worker {
             stats,
             rng: RefCell::new(Rng::new(seed)),
             pool: RefCell::new(Default::default()),
-            conn_released: tokio::sync::Notify::new(),
+            h2_pool: RefCell::new(Default::default()),
+            conn_released: Rc::new(tokio::sync::Notify::new()),
             conn_waiters: Cell::new(0),
             mirrors_in_flight: Cell::new(0),
             access: Default::default(),
@@ -429,6 +432,10 @@ fn commit(worker: &Rc<Worker>, gen: Rc<Generation>, acceptors: Vec<Accepting>) {
         .pool
         .borrow_mut()
         .retain(|addr| endpoints.contains(addr));
+    worker
+        .h2_pool
+        .borrow_mut()
+        .retain(|addr| endpoints.contains(addr));
     start_accepting(worker, acceptors);
 }
 
@@ -440,6 +447,7 @@ async fn sweep_idle(worker: Rc<Worker>) {
             entry.listener.stats.slots[worker.id].idle_timeout.inc();
         });
         worker.pool.borrow_mut().release_for_waiters();
+        worker.h2_pool.borrow_mut().release_for_waiters();
         worker.access.flush();
         worker.metrics.publish(&worker.stats.istio[worker.id]);
         worker

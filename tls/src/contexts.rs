@@ -55,7 +55,11 @@ impl std::fmt::Debug for TlsContexts {
 
 /// TLS origination to one cluster.
 pub struct UpstreamContext {
+    /// For HTTP/1.1 and TCP: no ALPN offered.
     pub config: Arc<ClientConfig>,
+    /// For HTTP/2: the same settings offering ALPN `h2`, which TLS servers (and Envoy
+    /// sidecars) need to speak HTTP/2 on the connection.
+    pub config_h2: Arc<ClientConfig>,
     pub server_name: ServerName<'static>,
     /// Distinguishes pooled connections by TLS settings and identity: connections made with one
     /// context are never handed to another (0 is plaintext).
@@ -448,8 +452,11 @@ fn upstream_context(
             client_config(verifier, auth, tls.client_certificate.as_ref())?
         }
     };
+    let mut h2 = (*config).clone();
+    h2.alpn_protocols = vec![b"h2".to_vec()];
     Ok(UpstreamContext {
         config,
+        config_h2: Arc::new(h2),
         server_name,
         pool_key: pool_key(tls, identity),
     })

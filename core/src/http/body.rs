@@ -2,7 +2,9 @@
 //! (Content-Length, chunked, close-delimited) and handed to a [`BodySink`] — an HTTP/1.1 peer in
 //! the framing chosen for it, or an HTTP/2 stream as DATA frames.
 //!
-//! Data goes out from the buffer it was read into; only framing is written around it.
+//! Data goes out from the buffer it was read into; only framing is written around it. What a
+//! [`Tap`] keeps for a replay is the body itself (data and trailers), framed again by whichever
+//! sink replays it.
 
 use std::cell::Cell;
 use std::io;
@@ -11,6 +13,8 @@ use keel_tls::Transport;
 
 use super::conn::BufferedStream;
 use super::h1::chunked::{self, Step};
+use super::h1::BodyKind;
+use super::h2::client::ClientStream;
 use super::headers::Headers;
 use super::replay::Replay;
 
@@ -29,20 +33,18 @@ pub(crate) trait BodySink {
 }
 
 /// An HTTP/1.1 peer: bytes as they are (Content-Length or close-delimited) or re-framed as
-/// chunks; with a tap, what is written is kept for a replay.
+/// chunks.
 pub(crate) struct H1Sink<'a> {
     pub to: &'a Transport,
     pub chunk: bool,
-    pub tap: Option<&'a mut Replay>,
     header: Vec<u8>,
 }
 
 impl<'a> H1Sink<'a> {
-    pub fn new(to: &'a Transport, chunk: bool, tap: Option<&'a mut Replay>) -> H1Sink<'a> {
+    pub fn new(to: &'a Transport, chunk: bool) -> H1Sink<'a> {
         H1Sink {
             to,
             chunk,
-            tap,
             header: Vec::new(),
         }
     }
@@ -50,22 +52,19 @@ impl<'a> H1Sink<'a> {
 
 impl BodySink for H1Sink<'_> {
     async fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            // An empty chunk would end a chunked body.
+            return Ok(());
+        }
         if self.chunk {
             self.header.clear();
             chunked::chunk_header(bytes.len(), &mut self.header);
             self.to
                 .write_all_vectored(&[&self.header, bytes, b"\r\n"])
-                .await?;
-            if let Some(t) = self.tap.as_deref_mut() {
-                t.keep(&[&self.header, bytes, b"\r\n"]);
-            }
+                .await
         } else {
-            self.to.write_all(bytes).await?;
-            if let Some(t) = self.tap.as_deref_mut() {
-                t.keep(&[bytes]);
-            }
+            self.to.write_all(bytes).await
         }
-        Ok(())
     }
 
     async fn finish(&mut self, trailers: &Headers) -> io::Result<()> {
@@ -80,10 +79,26 @@ impl BodySink for H1Sink<'_> {
             tail.extend_from_slice(b"\r\n");
         }
         tail.extend_from_slice(b"\r\n");
-        self.to.write_all(&tail).await?;
-        if let Some(t) = self.tap.as_deref_mut() {
-            t.keep(&[&tail]);
-        }
+        self.to.write_all(&tail).await
+    }
+}
+
+/// A sink that keeps what passes through it for a replay (retries, mirrors).
+pub(crate) struct Tap<'a, S> {
+    pub sink: &'a mut S,
+    pub replay: &'a mut Replay,
+}
+
+impl<S: BodySink> BodySink for Tap<'_, S> {
+    async fn data(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.sink.data(bytes).await?;
+        self.replay.keep(bytes);
+        Ok(())
+    }
+
+    async fn finish(&mut self, trailers: &Headers) -> io::Result<()> {
+        self.sink.finish(trailers).await?;
+        self.replay.keep_trailers(trailers);
         Ok(())
     }
 }
@@ -167,4 +182,75 @@ pub(crate) async fn copy_until_close(
     to.finish(&Headers::default())
         .await
         .map_err(|_| CopyError::Write)
+}
+
+/// A response body coming from an upstream, in that upstream's framing.
+pub(crate) enum UpstreamBody<'a> {
+    /// From an HTTP/1.1 connection, framed as `kind` says.
+    H1 {
+        up: &'a mut BufferedStream,
+        kind: BodyKind,
+    },
+    /// From an HTTP/2 stream: `Length` when it declared a content-length, `Chunked` when its
+    /// length is unknown (and trailers may follow).
+    H2 {
+        stream: &'a ClientStream,
+        kind: BodyKind,
+    },
+}
+
+impl UpstreamBody<'_> {
+    /// How the body is framed (or, from HTTP/2, what is known of its length).
+    pub fn kind(&self) -> BodyKind {
+        match self {
+            UpstreamBody::H1 { kind, .. } | UpstreamBody::H2 { kind, .. } => *kind,
+        }
+    }
+
+    /// Moves the body into `to`, and returns its trailers.
+    pub async fn pipe(
+        self,
+        to: &mut impl BodySink,
+        activity: &Cell<u32>,
+        mut count: impl FnMut(usize),
+    ) -> Result<Headers, CopyError> {
+        match self {
+            UpstreamBody::H1 { up, kind } => match kind {
+                BodyKind::None => Ok(Headers::default()),
+                BodyKind::Length(n) => copy_length(up, to, n, activity, count)
+                    .await
+                    .map(|()| Headers::default()),
+                BodyKind::Chunked => copy_chunked(up, to, activity, count).await,
+                BodyKind::CloseDelimited => copy_until_close(up, to, activity, count)
+                    .await
+                    .map(|()| Headers::default()),
+            },
+            UpstreamBody::H2 { stream, kind } => {
+                if kind == BodyKind::None {
+                    return Ok(Headers::default());
+                }
+                let declared = match kind {
+                    BodyKind::Length(n) => Some(n),
+                    _ => None,
+                };
+                let mut total = 0u64;
+                while let Some(chunk) = stream.next_chunk().await? {
+                    total += chunk.len() as u64;
+                    if declared.is_some_and(|n| total > n) {
+                        // More DATA than the content-length said (RFC 9113 §8.1.1).
+                        return Err(CopyError::Framing);
+                    }
+                    to.data(&chunk).await.map_err(|_| CopyError::Write)?;
+                    count(chunk.len());
+                    activity.set(activity.get().wrapping_add(1));
+                }
+                if declared.is_some_and(|n| total != n) {
+                    return Err(CopyError::Framing);
+                }
+                let trailers = stream.take_trailers();
+                to.finish(&trailers).await.map_err(|_| CopyError::Write)?;
+                Ok(trailers)
+            }
+        }
+    }
 }

@@ -1,5 +1,5 @@
-//! An upstream connection for a request: an idle pooled one, or a new one within the cluster's
-//! `maxConnections`. When all of those are open the request waits — at most
+//! An upstream connection for a request: an idle pooled one (HTTP/1.1) or a stream on a shared one
+//! (HTTP/2), or a new one within the cluster's `maxConnections`. When all of those are open the request waits — at most
 //! `http1MaxPendingRequests` requests may — for one to come free, and past that is refused
 //! (503, flag UO), as Envoy's circuit breakers do.
 
@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use keel_io::ConnectError;
 
+use super::h2::client::{ClientConn, ClientStream, ConnSettings};
 use super::pool::{PoolKey, PooledConn};
 use crate::breaker::ConnSlot;
 use crate::generation::Generation;
@@ -20,37 +21,66 @@ const WAIT_POLL: Duration = Duration::from_millis(5);
 /// Why no connection was had.
 pub enum AcquireError {
     Connect(ConnectError),
+    /// The HTTP/2 connection this request was to share failed to connect (the request that
+    /// opened it reports why).
+    SharedConnect,
     /// `maxConnections` open and `http1MaxPendingRequests` already waiting.
     Overflow,
     /// Waited for a connection until the deadline.
     WaitTimeout,
 }
 
-/// A connection to `addr` of `cluster`, and whether it was pooled. `skip_probe`: see
-/// [`super::pool::UpstreamPool::take`]. A wait for a free slot ends at `wait_until`.
-pub async fn acquire(
+/// What a request goes upstream on.
+pub(crate) enum Acquired {
+    /// A whole HTTP/1.1 connection, pooled or new.
+    H1(PooledConn),
+    /// A stream on a shared HTTP/2 connection.
+    H2(ClientStream),
+}
+
+/// A connection (HTTP/1.1) or a stream (`h2`: HTTP/2) to `addr` of `cluster`, and whether it was
+/// had without a connect. `skip_probe`: see [`super::pool::UpstreamPool::take`]. A wait for a
+/// free slot ends at `wait_until`.
+pub(crate) async fn acquire(
     worker: &Worker,
     gen: &Generation,
     cluster: usize,
     addr: SocketAddr,
     skip_probe: bool,
+    h2: bool,
     wait_until: Instant,
-) -> Result<(PooledConn, bool), AcquireError> {
+) -> Result<(Acquired, bool), AcquireError> {
     let key = (addr, crate::upstream::pool_key(gen, cluster));
     let config = &gen.snapshot.clusters[cluster];
     let stats = &gen.clusters[cluster];
     let mut waiting = None;
     loop {
-        let pooled = worker
-            .pool
-            .borrow_mut()
-            .take(key, config.pool_idle_timeout, !skip_probe);
-        if let Some(conn) = pooled {
-            return Ok((conn, true));
+        if h2 {
+            let reserved = worker.h2_pool.borrow_mut().reserve(key);
+            if let Some(stream) = reserved {
+                drop(waiting);
+                // A connection still being opened by another request: wait for it.
+                return if stream.ready().await {
+                    Ok((Acquired::H2(stream), true))
+                } else {
+                    Err(AcquireError::SharedConnect)
+                };
+            }
+        } else {
+            let pooled = worker
+                .pool
+                .borrow_mut()
+                .take(key, config.pool_idle_timeout, !skip_probe);
+            if let Some(conn) = pooled {
+                return Ok((Acquired::H1(conn), true));
+            }
         }
         if let Some(slot) = ConnSlot::open(stats, config.limits.max_connections, worker.id) {
             drop(waiting);
-            let stream = crate::upstream::open(gen, cluster, addr)
+            if h2 {
+                return open_h2(worker, gen, cluster, addr, key, slot).await;
+            }
+            let stream = crate::upstream::open(gen, cluster, addr, false)
                 .await
                 .map_err(AcquireError::Connect)?;
             let conn = PooledConn {
@@ -58,7 +88,7 @@ pub async fn acquire(
                 slot,
                 requests: 0,
             };
-            return Ok((conn, false));
+            return Ok((Acquired::H1(conn), false));
         }
         if waiting.is_none() {
             let held = stats
@@ -78,6 +108,49 @@ pub async fn acquire(
             worker.conn_released.notified(),
         )
         .await;
+    }
+}
+
+/// Opens an HTTP/2 connection, pooled at once so that requests arriving meanwhile reserve
+/// streams on it instead of opening connections of their own.
+async fn open_h2(
+    worker: &Worker,
+    gen: &Generation,
+    cluster: usize,
+    addr: SocketAddr,
+    key: PoolKey,
+    slot: ConnSlot,
+) -> Result<(Acquired, bool), AcquireError> {
+    let config = &gen.snapshot.clusters[cluster];
+    let settings = ConnSettings {
+        limits: gen.snapshot.proxy.http2,
+        max_concurrent_streams: config.limits.max_concurrent_streams,
+        max_requests_per_connection: config.limits.max_requests_per_connection,
+        idle_timeout: config.pool_idle_timeout,
+        tls: config.tls.is_some(),
+    };
+    let conn = ClientConn::new(settings, slot, worker.conn_released.clone(), addr);
+    let stream = worker.h2_pool.borrow_mut().insert(key, conn.clone());
+    // Should this request go away while connecting, the others waiting on it are told.
+    let mut failed_unless_started = FailUnlessStarted(Some(conn.clone()));
+    match crate::upstream::open(gen, cluster, addr, true).await {
+        Ok(transport) => {
+            failed_unless_started.0 = None;
+            conn.start(transport);
+            Ok((Acquired::H2(stream), false))
+        }
+        Err(e) => Err(AcquireError::Connect(e)),
+    }
+}
+
+/// Fails a connection being opened when the request opening it stops before it is up.
+struct FailUnlessStarted(Option<std::rc::Rc<ClientConn>>);
+
+impl Drop for FailUnlessStarted {
+    fn drop(&mut self) {
+        if let Some(c) = self.0.take() {
+            c.fail();
+        }
     }
 }
 

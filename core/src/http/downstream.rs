@@ -5,15 +5,14 @@
 use std::cell::Cell;
 use std::io;
 
-use keel_tls::{Session, Transport};
+use keel_tls::Session;
 
-use super::body::{copy_chunked, copy_length, copy_until_close, CopyError, H1Sink};
+use super::body::{copy_chunked, copy_length, BodySink, CopyError, H1Sink, UpstreamBody};
 use super::conn::BufferedStream;
 use super::h1::{encode, BodyKind};
 use super::head::ResponseHead;
 use super::headers::Headers;
 use super::proxy::{local_reply, Next};
-use super::replay::Replay;
 use crate::stats::ListenerCounters;
 
 /// How a response went out: body bytes sent, and the gRPC status its trailers carried.
@@ -61,25 +60,30 @@ pub(crate) trait Downstream {
     /// Sends an interim (1xx) response.
     async fn interim(&mut self, resp: &ResponseHead) -> io::Result<()>;
 
-    /// Streams the request body (`body`: how it is framed towards the upstream) to an HTTP/1.1
-    /// upstream, keeping the wire bytes in `tap` for a replay.
+    /// Streams the request body (`body`: how it came from the client) into `to`: an upstream,
+    /// whichever protocol it speaks, through a tap that keeps it for a replay when one is wanted.
     async fn body_to(
         &mut self,
-        up: &Transport,
+        to: &mut impl BodySink,
         body: BodyKind,
         activity: &Cell<u32>,
         count: impl FnMut(usize),
-        tap: &mut Replay,
     ) -> Result<(), CopyError>;
 
-    /// Sends the response head, then the body read from an HTTP/1.1 upstream (`resp_body`, its
-    /// framing there; `out_body`, the framing an HTTP/1.1 client gets).
+    /// An owned handle on the rest of the request body, for moving it in a task of its own while
+    /// the response streams back (full duplex, as gRPC streaming needs): an HTTP/2 stream gives
+    /// one; an HTTP/1.1 connection, whose one socket carries both, does not.
+    fn duplex(&self) -> Option<super::h2::server::StreamHandle> {
+        None
+    }
+
+    /// Sends the response head, then the upstream's body (`out_body`: the framing an HTTP/1.1
+    /// client gets).
     #[allow(clippy::too_many_arguments)]
     async fn respond(
         &mut self,
         resp: &ResponseHead,
-        up: &mut BufferedStream,
-        resp_body: BodyKind,
+        body: UpstreamBody<'_>,
         out_body: BodyKind,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
@@ -118,32 +122,22 @@ impl Downstream for BufferedStream {
 
     async fn body_to(
         &mut self,
-        up: &Transport,
+        to: &mut impl BodySink,
         body: BodyKind,
         activity: &Cell<u32>,
         count: impl FnMut(usize),
-        tap: &mut Replay,
     ) -> Result<(), CopyError> {
         match body {
             BodyKind::None | BodyKind::CloseDelimited => Ok(()),
-            BodyKind::Length(n) => {
-                let mut sink = H1Sink::new(up, false, Some(tap));
-                copy_length(self, &mut sink, n, activity, count).await
-            }
-            BodyKind::Chunked => {
-                let mut sink = H1Sink::new(up, true, Some(tap));
-                copy_chunked(self, &mut sink, activity, count)
-                    .await
-                    .map(drop)
-            }
+            BodyKind::Length(n) => copy_length(self, to, n, activity, count).await,
+            BodyKind::Chunked => copy_chunked(self, to, activity, count).await.map(drop),
         }
     }
 
     async fn respond(
         &mut self,
         resp: &ResponseHead,
-        up: &mut BufferedStream,
-        resp_body: BodyKind,
+        mut body: UpstreamBody<'_>,
         out_body: BodyKind,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
@@ -152,34 +146,37 @@ impl Downstream for BufferedStream {
         let mut bytes = Vec::with_capacity(512);
         encode::response(resp, &mut bytes);
         // The head and whatever of a Content-Length body is already buffered leave in one sendmsg.
-        let early = match resp_body {
-            BodyKind::Length(n) => (up.buffered().len() as u64).min(n) as usize,
-            _ => 0,
-        };
+        let mut early: &[u8] = &[];
+        if let UpstreamBody::H1 {
+            up,
+            kind: BodyKind::Length(n),
+        } = &body
+        {
+            early = &up.buffered()[..(up.buffered().len() as u64).min(*n) as usize];
+        }
         self.stream
-            .write_all_vectored(&[&bytes, &up.buffered()[..early]])
+            .write_all_vectored(&[&bytes, early])
             .await
             .map_err(|_| CopyError::Write)?;
+        let early = early.len();
+        if let UpstreamBody::H1 {
+            up,
+            kind: BodyKind::Length(n),
+        } = &mut body
+        {
+            up.consume(early);
+            *n -= early as u64;
+        }
         lstats.tx_bytes.add(early as u64);
-        up.consume(early);
         progress.add(early as u64);
         let count = |n: usize| {
             lstats.tx_bytes.add(n as u64);
             progress.add(n as u64);
         };
-        let mut sink = H1Sink::new(&self.stream, out_body == BodyKind::Chunked, None);
-        match resp_body {
-            BodyKind::None => Ok(()),
-            BodyKind::Length(n) => {
-                copy_length(up, &mut sink, n - early as u64, activity, count).await
-            }
-            BodyKind::Chunked => {
-                let trailers = copy_chunked(up, &mut sink, activity, count).await?;
-                progress.trailers(&trailers);
-                Ok(())
-            }
-            BodyKind::CloseDelimited => copy_until_close(up, &mut sink, activity, count).await,
-        }
+        let mut sink = H1Sink::new(&self.stream, out_body == BodyKind::Chunked);
+        let trailers = body.pipe(&mut sink, activity, count).await?;
+        progress.trailers(&trailers);
+        Ok(())
     }
 
     async fn tunnel(

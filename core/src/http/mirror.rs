@@ -1,5 +1,6 @@
 //! Mirroring (`mirror`, `mirrors`): a copy of a request goes to another cluster with its Host
-//! suffixed `-shadow`, as Envoy does, and the answer is read and dropped.
+//! suffixed `-shadow`, as Envoy does, over that cluster's protocol (HTTP/1.1 or HTTP/2), and the
+//! answer is read and dropped.
 //!
 //! Each copy is a task of its own on the worker, started once the request body is whole and kept
 //! (a body over `maxRequestBufferBytes` is not mirrored), so a slow or dead mirror never delays or
@@ -10,10 +11,14 @@ use std::cell::Cell;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use keel_config::UpstreamProtocol;
+
+use super::body::BodySink;
 use super::conn::BufferedStream;
-use super::connect::{acquire, give_back};
+use super::connect::{acquire, give_back, Acquired};
 use super::h1::{chunked, encode, BodyKind};
-use super::head::RequestHead;
+use super::head::{RequestHead, Version};
+use super::headers::Headers;
 use crate::generation::Generation;
 use crate::worker::Worker;
 
@@ -29,13 +34,16 @@ pub fn shadow_host(authority: &str) -> String {
     format!("{host}-shadow{}", &authority[host.len()..])
 }
 
-/// Starts a copy of the request (`head` as sent upstream, `body` its kept wire bytes) to `cluster`.
+/// Starts a copy of the request (`head` as sent upstream, `body` its kept data and trailers) to
+/// `cluster`, over the protocol that cluster speaks.
+#[allow(clippy::too_many_arguments)]
 pub fn send(
     worker: &Rc<Worker>,
     gen: &Rc<Generation>,
     cluster: usize,
     head: &RequestHead,
-    body: &[u8],
+    (data, trailers): (&[u8], &Headers),
+    te_trailers: bool,
     timeout: Option<Duration>,
 ) {
     let stats = &gen.clusters[cluster].slots[worker.id];
@@ -46,9 +54,40 @@ pub fn send(
     stats.mirror_sent.inc();
     let mut shadow = head.clone();
     shadow.authority = shadow_host(&head.authority);
-    let mut bytes = Vec::with_capacity(512 + body.len());
-    encode::request(&shadow, &mut bytes);
-    bytes.extend_from_slice(body);
+    let h2 = match gen.snapshot.clusters[cluster].protocol {
+        UpstreamProtocol::Http1 => false,
+        UpstreamProtocol::Http2 => true,
+        UpstreamProtocol::Client => head.version == Version::Http2,
+    };
+    let copy = if h2 {
+        Copy::H2 {
+            head: shadow,
+            data: data.to_vec(),
+            trailers: trailers.clone(),
+            te_trailers,
+        }
+    } else {
+        let mut bytes = Vec::with_capacity(512 + data.len());
+        encode::request(&shadow, &mut bytes);
+        if shadow.headers.has_token(b"transfer-encoding", b"chunked") {
+            if !data.is_empty() {
+                chunked::chunk_header(data.len(), &mut bytes);
+                bytes.extend_from_slice(data);
+                bytes.extend_from_slice(b"\r\n");
+            }
+            bytes.extend_from_slice(b"0\r\n");
+            for (n, v) in trailers.iter() {
+                bytes.extend_from_slice(n);
+                bytes.extend_from_slice(b": ");
+                bytes.extend_from_slice(v);
+                bytes.extend_from_slice(b"\r\n");
+            }
+            bytes.extend_from_slice(b"\r\n");
+        } else {
+            bytes.extend_from_slice(data);
+        }
+        Copy::H1(bytes)
+    };
     worker
         .mirrors_in_flight
         .set(worker.mirrors_in_flight.get() + 1);
@@ -56,17 +95,29 @@ pub fn send(
         worker.clone(),
         gen.clone(),
         cluster,
-        bytes,
+        copy,
         head.method == "HEAD",
         timeout.unwrap_or(DEFAULT_TIMEOUT),
     ));
+}
+
+/// A mirrored request, ready for its protocol.
+enum Copy {
+    /// The whole HTTP/1.1 message.
+    H1(Vec<u8>),
+    H2 {
+        head: RequestHead,
+        data: Vec<u8>,
+        trailers: Headers,
+        te_trailers: bool,
+    },
 }
 
 async fn run(
     worker: Rc<Worker>,
     gen: Rc<Generation>,
     cluster: usize,
-    request: Vec<u8>,
+    request: Copy,
     head_method: bool,
     limit: Duration,
 ) {
@@ -89,7 +140,7 @@ async fn exchange(
     worker: &Rc<Worker>,
     gen: &Rc<Generation>,
     cluster: usize,
-    request: &[u8],
+    request: &Copy,
     head_method: bool,
     deadline: Instant,
 ) -> bool {
@@ -101,9 +152,60 @@ async fn exchange(
     else {
         return false;
     };
-    let Ok((conn, _)) = acquire(worker, gen, cluster, addr, false, deadline).await else {
+    let h2 = matches!(request, Copy::H2 { .. });
+    let Ok((conn, _)) = acquire(worker, gen, cluster, addr, false, h2, deadline).await else {
         return false;
     };
+    match (conn, request) {
+        (Acquired::H1(conn), Copy::H1(bytes)) => {
+            exchange_h1(worker, gen, cluster, addr, conn, bytes, head_method).await
+        }
+        (
+            Acquired::H2(mut stream),
+            Copy::H2 {
+                head,
+                data,
+                trailers,
+                te_trailers,
+            },
+        ) => {
+            let end = data.is_empty() && trailers.is_empty();
+            if stream.open(head, end, *te_trailers).is_err() {
+                return false;
+            }
+            if !end {
+                let Some(mut upload) = stream.upload() else {
+                    return false;
+                };
+                if upload.data(data).await.is_err() || upload.finish(trailers).await.is_err() {
+                    return false;
+                }
+            }
+            if stream.response_head().await.is_err() {
+                return false;
+            }
+            loop {
+                match stream.next_chunk().await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return true,
+                    Err(_) => return false,
+                }
+            }
+        }
+        _ => false,
+    }
+}
+
+/// The HTTP/1.1 copy: written whole, answer read and dropped, connection pooled when clean.
+async fn exchange_h1(
+    worker: &Rc<Worker>,
+    gen: &Rc<Generation>,
+    cluster: usize,
+    addr: std::net::SocketAddr,
+    conn: super::pool::PooledConn,
+    request: &[u8],
+    head_method: bool,
+) -> bool {
     let super::pool::PooledConn {
         stream,
         slot,

@@ -6,7 +6,7 @@
 //! closing the connection. Route policy lives here too: fault injection, the circuit breaker on
 //! requests, tries and retries with their timeouts, and starting mirrors.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
@@ -15,15 +15,16 @@ use std::time::{Duration, Instant};
 use keel_config::http_routes::{
     HeaderOps, HttpRoute, HttpRouteTable, RequestView, RouteAction, RouteTarget, StringMatch,
 };
-use keel_config::HttpLimits;
+use keel_config::{HttpLimits, UpstreamProtocol};
 use keel_lb::outlier::Outcome;
 use keel_tls::Transport;
 
-use super::body::CopyError;
+use super::body::{BodySink, CopyError, H1Sink, Tap, UpstreamBody};
 use super::conn::{BufferedStream, ReadBuf};
-use super::connect::{acquire, give_back, AcquireError};
+use super::connect::{acquire, give_back, AcquireError, Acquired};
 use super::downstream::Downstream;
 use super::h1::{encode, parse_request, parse_response, BodyKind, HeadError, Limits};
+use super::h2::client::{ClientStream, StreamFailure};
 use super::head::{RequestHead, ResponseHead, Version};
 use super::headers::Headers;
 use super::pool::PooledConn;
@@ -810,6 +811,8 @@ pub(crate) async fn exchange<D: Downstream>(
         Some(k) => request_hash(k, &head, peer.ip(), &mut worker.rng()),
         None => (None, None),
     };
+    // gRPC servers need `te: trailers`, a hop-by-hop field HTTP/2 keeps.
+    let te_trailers = head.headers.has_token(b"te", b"trailers");
     rewrite_request(
         &mut head,
         route,
@@ -830,8 +833,19 @@ pub(crate) async fn exchange<D: Downstream>(
             r.request_headers = Some(head.headers.clone());
         });
     }
-    let mut head_bytes = Vec::with_capacity(512);
-    encode::request(&head, &mut head_bytes);
+    // HTTP/1.1 or HTTP/2 upstream, as the cluster says; an upgrade (WebSocket) always goes over
+    // HTTP/1.1, the one that has it.
+    let h2 = !websocket
+        && match cluster.protocol {
+            UpstreamProtocol::Http1 => false,
+            UpstreamProtocol::Http2 => true,
+            UpstreamProtocol::Client => head.version == Version::Http2,
+        };
+    let mut head_bytes = Vec::new();
+    if !h2 {
+        head_bytes.reserve(512);
+        encode::request(&head, &mut head_bytes);
+    }
     if expect_continue
         && body != BodyKind::None
         && down
@@ -866,9 +880,15 @@ pub(crate) async fn exchange<D: Downstream>(
         for m in &policy.mirrors {
             if m.share.hit(worker.rng().next_u64()) {
                 match kept {
-                    Some(body) => {
-                        super::mirror::send(worker, &at.gen, m.cluster, &head, body, policy.timeout)
-                    }
+                    Some(body) => super::mirror::send(
+                        worker,
+                        &at.gen,
+                        m.cluster,
+                        &head,
+                        body,
+                        te_trailers,
+                        policy.timeout,
+                    ),
                     None => at.gen.clusters[m.cluster].slots[worker.id]
                         .mirror_dropped
                         .inc(),
@@ -882,7 +902,10 @@ pub(crate) async fn exchange<D: Downstream>(
     // there is one.
     let try_spec = TrySpec {
         cluster: cluster_index,
+        head: &head,
         head_bytes: &head_bytes,
+        h2,
+        te_trailers,
         method: &head.method,
         body,
         // Only an idempotent request without a body may be sent a second time on a fresh
@@ -994,8 +1017,6 @@ pub(crate) async fn exchange<D: Downstream>(
     };
     let Answer {
         mut up,
-        slot,
-        requests,
         mut resp,
         mut resp_body,
         early,
@@ -1005,15 +1026,26 @@ pub(crate) async fn exchange<D: Downstream>(
         next = Next::Close;
     }
 
-    let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
+    let _up_fd = match &up {
+        Upstream::H1 { up, .. } => Some(UpstreamFd::new(idle, up.stream.raw_fd())),
+        Upstream::H2(_) => None,
+    };
     // Informational responses (100, 103) go to the client as they come; the final one follows.
     while (100..200).contains(&resp.status) && resp.status != 101 {
         if head.version != Version::Http10 && down.interim(&resp).await.is_err() {
             return Next::Close;
         }
-        match read_response(&up.stream, &mut up.rb, &head.method, activity).await {
+        let next_head = match &mut up {
+            Upstream::H1 { up, .. } => {
+                read_response(&up.stream, &mut up.rb, &head.method, activity)
+                    .await
+                    .map_err(drop)
+            }
+            Upstream::H2(stream) => stream.response_head().await.map_err(drop),
+        };
+        match next_head {
             Ok((r, b)) => (resp, resp_body) = (r, b),
-            Err(_) => return Next::Close,
+            Err(()) => return Next::Close,
         }
     }
     count_status(lstats, resp.status);
@@ -1023,6 +1055,12 @@ pub(crate) async fn exchange<D: Downstream>(
     });
 
     if resp.status == 101 {
+        let Upstream::H1 { up, .. } = up else {
+            let _ = down
+                .local_reply(502, "101 from an HTTP/2 upstream", Next::Close, &[])
+                .await;
+            return Next::Close;
+        };
         if !websocket {
             let _ = down
                 .local_reply(502, "unexpected 101 from upstream", Next::Close, &[])
@@ -1050,7 +1088,7 @@ pub(crate) async fn exchange<D: Downstream>(
         resp.headers.has_token(b"connection", b"close") || resp.version == Version::Http10;
     // HTTP/1.0 has no chunked coding: a 1.0 client gets an unknown-length body close-delimited
     // (de-chunked) and the connection ends; a 1.1 client gets a close-delimited body re-framed as
-    // chunked, keeping its connection.
+    // chunked, keeping its connection. (From HTTP/2, `Chunked` is a body of unknown length.)
     let out_body = match resp_body {
         BodyKind::CloseDelimited | BodyKind::Chunked if head.version == Version::Http10 => {
             next = Next::Close;
@@ -1067,9 +1105,17 @@ pub(crate) async fn exchange<D: Downstream>(
         log.with(|r| r.response_headers = Some(resp.headers.clone()));
     }
     let progress = super::downstream::Progress::default();
-    let copy = down.respond(
-        &resp, &mut up, resp_body, out_body, activity, lstats, &progress,
-    );
+    let source = match &mut up {
+        Upstream::H1 { up, .. } => UpstreamBody::H1 {
+            up,
+            kind: resp_body,
+        },
+        Upstream::H2(stream) => UpstreamBody::H2 {
+            stream,
+            kind: resp_body,
+        },
+    };
+    let copy = down.respond(&resp, source, out_body, activity, lstats, &progress);
     // The route timeout covers the response body too: past it the response is cut off.
     let copied = match deadline {
         None => copy.await,
@@ -1100,20 +1146,22 @@ pub(crate) async fn exchange<D: Downstream>(
         tracing::debug!(%peer, path = %head.path, flags = %flags, "response body interrupted");
         return Next::Close;
     }
-    if !upstream_close && resp_body != BodyKind::CloseDelimited && !up.has_buffered() {
-        let (stream, _) = up.into_parts();
-        let key = (endpoint, crate::upstream::pool_key(&at.gen, cluster_index));
-        give_back(
-            worker,
-            &at.gen,
-            cluster_index,
-            key,
-            PooledConn {
-                stream,
-                slot,
-                requests,
-            },
-        );
+    if let Upstream::H1 { up, slot, requests } = up {
+        if !upstream_close && resp_body != BodyKind::CloseDelimited && !up.has_buffered() {
+            let (stream, _) = up.into_parts();
+            let key = (endpoint, crate::upstream::pool_key(&at.gen, cluster_index));
+            give_back(
+                worker,
+                &at.gen,
+                cluster_index,
+                key,
+                PooledConn {
+                    stream,
+                    slot,
+                    requests,
+                },
+            );
+        }
     }
     flags.record(lstats);
     tracing::debug!(%peer, method = %head.method, path = %head.path, status = resp.status, upstream = %endpoint, retries, flags = %flags, duration_us = started.elapsed().as_micros() as u64, "request");
@@ -1232,7 +1280,13 @@ fn grpc_status(resp: &ResponseHead) -> Option<u32> {
 /// What one try to send the request needs besides its endpoint.
 struct TrySpec<'a> {
     cluster: usize,
+    /// The request head as it goes upstream, and (HTTP/1.1) its encoding.
+    head: &'a RequestHead,
     head_bytes: &'a [u8],
+    /// Over HTTP/2 (else HTTP/1.1).
+    h2: bool,
+    /// The client asked for trailers (`te: trailers`).
+    te_trailers: bool,
     method: &'a str,
     body: BodyKind,
     /// May be resent on a fresh connection when a pooled one turns out dead.
@@ -1242,11 +1296,22 @@ struct TrySpec<'a> {
     per_try: Option<Duration>,
 }
 
+/// What a try's answer came over.
+enum Upstream {
+    /// An HTTP/1.1 connection of the request's own, given back to the pool after a clean
+    /// exchange.
+    H1 {
+        up: BufferedStream,
+        slot: crate::breaker::ConnSlot,
+        requests: u32,
+    },
+    /// A stream on a shared HTTP/2 connection, ended when dropped.
+    H2(ClientStream),
+}
+
 /// An upstream answer to one try: the connection, its response head, and what comes next.
 struct Answer {
-    up: BufferedStream,
-    slot: crate::breaker::ConnSlot,
-    requests: u32,
+    up: Upstream,
     resp: ResponseHead,
     resp_body: BodyKind,
     /// The upstream answered before the whole request body went up.
@@ -1260,8 +1325,11 @@ enum Failure {
     Connect,
     /// `maxConnections` busy and `http1MaxPendingRequests` waiting (or waited out).
     Overflow,
-    /// The connection closed before a complete response head.
+    /// The connection closed (or the HTTP/2 stream was reset) before a complete response head.
     Reset,
+    /// An HTTP/2 upstream did not take the stream (REFUSED_STREAM, or past its GOAWAY): it was
+    /// not processed.
+    Refused,
     Protocol(HeadError),
     PerTryTimeout,
     Timeout,
@@ -1269,6 +1337,19 @@ enum Failure {
     Downstream,
     /// The client's chunked body broke the framing rules.
     BadBody,
+}
+
+impl From<StreamFailure> for Failure {
+    fn from(f: StreamFailure) -> Failure {
+        match f {
+            StreamFailure::Refused => Failure::Refused,
+            StreamFailure::Reset => Failure::Reset,
+            StreamFailure::Protocol(reason) => Failure::Protocol(HeadError {
+                status: 502,
+                reason,
+            }),
+        }
+    }
 }
 
 impl Failure {
@@ -1284,6 +1365,9 @@ impl Failure {
             Failure::Reset | Failure::Protocol(_) => {
                 on.has(R::RESET | R::FIVE_XX | R::GATEWAY_ERROR)
             }
+            Failure::Refused => {
+                on.has(R::REFUSED_STREAM | R::RESET | R::FIVE_XX | R::GATEWAY_ERROR)
+            }
             Failure::PerTryTimeout => on.has(R::RESET | R::FIVE_XX | R::GATEWAY_ERROR),
             _ => false,
         }
@@ -1294,7 +1378,7 @@ impl Failure {
             Failure::NoHealthyUpstream => Flag::NoHealthyUpstream,
             Failure::Connect => Flag::UpstreamConnectFailure,
             Failure::Overflow => Flag::UpstreamOverflow,
-            Failure::Reset => Flag::UpstreamConnectionTermination,
+            Failure::Reset | Failure::Refused => Flag::UpstreamConnectionTermination,
             Failure::Protocol(_) => Flag::UpstreamProtocolError,
             Failure::PerTryTimeout | Failure::Timeout => Flag::UpstreamRequestTimeout,
             Failure::Downstream => Flag::DownstreamConnectionTermination,
@@ -1313,6 +1397,7 @@ impl Failure {
             Failure::Connect => ErrorReply::new(503, "upstream connect error or disconnect/reset before headers. reset reason: connection failure"),
             Failure::Overflow => ErrorReply::overflow(),
             Failure::Reset | Failure::Downstream => ErrorReply::new(503, "upstream connect error or disconnect/reset before headers. reset reason: connection termination"),
+            Failure::Refused => ErrorReply::new(503, "upstream connect error or disconnect/reset before headers. reset reason: remote refused stream reset"),
             Failure::Protocol(h) => ErrorReply::new(502, h.reason),
             Failure::PerTryTimeout | Failure::Timeout => {
                 // gRPC: DEADLINE_EXCEEDED.
@@ -1421,8 +1506,9 @@ async fn finish_local<D: Downstream>(
     next
 }
 
-/// One try: a connection (pooled or new, within the circuit breakers), the request sent on it,
-/// and its response head awaited, bounded by the per-try timeout and the route timeout.
+/// One try: a connection (pooled or new, within the circuit breakers) or an HTTP/2 stream, the
+/// request sent on it, and its response head awaited, bounded by the per-try timeout and the
+/// route timeout.
 async fn one_try<D: Downstream>(
     worker: &Rc<Worker>,
     at: &ListenerRef,
@@ -1447,6 +1533,7 @@ async fn one_try<D: Downstream>(
             spec.cluster,
             endpoint,
             spec.replayable && !fresh_only,
+            spec.h2,
             wait_until,
         );
         let acquired = match spec.deadline {
@@ -1464,6 +1551,7 @@ async fn one_try<D: Downstream>(
                 worker.upstream_connect_failed(at, spec.cluster, endpoint, &e);
                 return Err(Failure::Connect);
             }
+            Err(AcquireError::SharedConnect) => return Err(Failure::Connect),
             Err(AcquireError::Overflow) => {
                 at.gen.clusters[spec.cluster].slots[worker.id]
                     .rq_pending_overflow
@@ -1481,13 +1569,6 @@ async fn one_try<D: Downstream>(
                 })
             }
         };
-        let PooledConn {
-            stream,
-            slot,
-            requests,
-        } = conn;
-        let mut up = BufferedStream::new(stream);
-        let dead_pooled = reused && !fresh_only && spec.replayable && !idle.expired();
         // The try's own time limit: the per-try timeout, within the route timeout.
         let now = Instant::now();
         let per_try_end = spec.per_try.map(|t| now + t);
@@ -1497,66 +1578,79 @@ async fn one_try<D: Downstream>(
             (None, Some(d)) => Some((d, false)),
             (None, None) => None,
         };
-        let sent = send_and_await(&mut up, down, idle, spec, replay);
-        let result = match limit {
-            None => sent.await,
-            Some((end, per_try)) => {
-                match monoio::time::timeout(end.saturating_duration_since(now), sent).await {
-                    Ok(r) => r,
-                    Err(_) if per_try => return Err(Failure::PerTryTimeout),
-                    Err(_) => return Err(Failure::Timeout),
+        // A pooled connection the peer had closed (or, over HTTP/2, a stream it refused) is tried
+        // once more on a fresh connection, when the request can be sent again.
+        let result = match conn {
+            Acquired::H1(PooledConn {
+                stream,
+                slot,
+                requests,
+            }) => {
+                let mut up = BufferedStream::new(stream);
+                let dead_pooled = reused && !fresh_only && spec.replayable && !idle.expired();
+                match within(limit, send_and_await(&mut up, down, idle, spec, replay)).await {
+                    Ok((resp, resp_body, early)) => Ok(Answer {
+                        up: Upstream::H1 { up, slot, requests },
+                        resp,
+                        resp_body,
+                        early,
+                        endpoint,
+                    }),
+                    Err(Failure::Reset) if dead_pooled => Err(None),
+                    Err(f) => Err(Some(f)),
+                }
+            }
+            Acquired::H2(mut stream) => {
+                let again = !fresh_only && !idle.expired();
+                match within(limit, send_and_await_h2(&mut stream, down, spec, replay)).await {
+                    Ok((resp, resp_body, early)) => Ok(Answer {
+                        up: Upstream::H2(stream),
+                        resp,
+                        resp_body,
+                        early,
+                        endpoint,
+                    }),
+                    Err(Failure::Refused) if again && replay.replayable() => Err(None),
+                    Err(Failure::Reset) if again && reused && spec.replayable => Err(None),
+                    Err(f) => Err(Some(f)),
                 }
             }
         };
         match result {
-            Ok((resp, resp_body, early)) => {
-                return Ok(Answer {
-                    up,
-                    slot,
-                    requests,
-                    resp,
-                    resp_body,
-                    early,
-                    endpoint,
-                })
-            }
-            // A pooled connection the peer had closed: once more on a fresh one.
-            Err(Failure::Reset) if dead_pooled => fresh_only = true,
-            Err(f) => return Err(f),
+            Ok(answer) => return Ok(answer),
+            Err(None) => fresh_only = true,
+            Err(Some(f)) => return Err(f),
         }
     }
 }
 
-/// Writes the request on `up` and reads the response head; the body goes up (from the client, or
-/// kept from an earlier try) while the head is awaited, since an upstream may answer early (a 413,
-/// a redirect) and stop reading, and its answer is what the client must get.
-async fn send_and_await<D: Downstream>(
-    up: &mut BufferedStream,
-    down: &mut D,
-    idle: &IdleEntry,
-    spec: &TrySpec<'_>,
-    replay: &mut Replay,
+/// A try's wait, cut off at `limit`'s instant (`true`: the per-try timeout's, else the route's).
+async fn within<T>(
+    limit: Option<(Instant, bool)>,
+    sent: impl std::future::Future<Output = Result<T, Failure>>,
+) -> Result<T, Failure> {
+    match limit {
+        None => sent.await,
+        Some((end, per_try)) => {
+            match monoio::time::timeout(end.saturating_duration_since(Instant::now()), sent).await {
+                Ok(r) => r,
+                Err(_) if per_try => Err(Failure::PerTryTimeout),
+                Err(_) => Err(Failure::Timeout),
+            }
+        }
+    }
+}
+
+/// Waits for the response head while the request body goes up (from the client, or kept from an
+/// earlier try), since an upstream may answer early (a 413, a redirect) and stop reading, and
+/// its answer is what the client must get. `sent_early`: whether the head came before the body
+/// was all sent.
+async fn body_and_head(
+    sending: impl std::future::Future<Output = Result<(), SendError>>,
+    receiving: impl std::future::Future<Output = Result<(ResponseHead, BodyKind), Failure>>,
 ) -> Result<(ResponseHead, BodyKind, bool), Failure> {
-    let activity = &idle.activity;
-    // UpstreamFd: while this upstream is in use, an idle timeout shuts it down too.
-    let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
-    if up.stream.write_all(spec.head_bytes).await.is_err() {
-        return Err(Failure::Reset);
-    }
-    let BufferedStream {
-        stream: up_stream,
-        rb: up_rb,
-    } = up;
-    let up_stream = &*up_stream;
-    if spec.body == BodyKind::None {
-        return match read_response(up_stream, up_rb, spec.method, activity).await {
-            Ok((r, b)) => Ok((r, b, false)),
-            Err(ResponseError::Head(h)) => Err(Failure::Protocol(h)),
-            Err(ResponseError::Closed) => Err(Failure::Reset),
-        };
-    }
-    let mut sending = std::pin::pin!(send_body(up_stream, down, spec.body, activity, replay));
-    let mut receiving = std::pin::pin!(read_response(up_stream, up_rb, spec.method, activity));
+    let mut sending = std::pin::pin!(sending);
+    let mut receiving = std::pin::pin!(receiving);
     let mut sent: Option<Result<(), SendError>> = None;
     let (sent, response) = loop {
         monoio::select! {
@@ -1577,10 +1671,167 @@ async fn send_and_await<D: Downstream>(
         }
     };
     let early = matches!(sent, Err(SendError::EarlyResponse));
-    match response {
-        Ok((r, b)) => Ok((r, b, early)),
-        Err(ResponseError::Head(h)) => Err(Failure::Protocol(h)),
-        Err(ResponseError::Closed) => Err(Failure::Reset),
+    response.map(|(r, b)| (r, b, early))
+}
+
+/// Writes the request on an HTTP/1.1 connection and reads the response head.
+async fn send_and_await<D: Downstream>(
+    up: &mut BufferedStream,
+    down: &mut D,
+    idle: &IdleEntry,
+    spec: &TrySpec<'_>,
+    replay: &mut Replay,
+) -> Result<(ResponseHead, BodyKind, bool), Failure> {
+    let activity = &idle.activity;
+    // UpstreamFd: while this upstream is in use, an idle timeout shuts it down too.
+    let _up_fd = UpstreamFd::new(idle, up.stream.raw_fd());
+    if up.stream.write_all(spec.head_bytes).await.is_err() {
+        return Err(Failure::Reset);
+    }
+    let BufferedStream {
+        stream: up_stream,
+        rb: up_rb,
+    } = up;
+    let up_stream = &*up_stream;
+    let receiving = async {
+        read_response(up_stream, up_rb, spec.method, activity)
+            .await
+            .map_err(|e| match e {
+                ResponseError::Head(h) => Failure::Protocol(h),
+                ResponseError::Closed => Failure::Reset,
+            })
+    };
+    if spec.body == BodyKind::None {
+        return receiving.await.map(|(r, b)| (r, b, false));
+    }
+    let mut sink = H1Sink::new(up_stream, spec.body == BodyKind::Chunked);
+    let sending = send_body(&mut sink, down, spec.body, activity, replay);
+    body_and_head(sending, receiving).await
+}
+
+/// Opens the request's HTTP/2 stream and awaits the response head. A body from an HTTP/2 client
+/// moves in a task of its own ([`BodyPump`]) and keeps flowing once the response has started
+/// (full duplex, which gRPC streaming needs); any other body goes up while the head is awaited,
+/// as over HTTP/1.1.
+async fn send_and_await_h2<D: Downstream>(
+    stream: &mut ClientStream,
+    down: &mut D,
+    spec: &TrySpec<'_>,
+    replay: &mut Replay,
+) -> Result<(ResponseHead, BodyKind, bool), Failure> {
+    let end = spec.body == BodyKind::None;
+    stream
+        .open(spec.head, end, spec.te_trailers)
+        .map_err(|_| Failure::Reset)?;
+    let stream = &*stream;
+    let receiving = async { stream.response_head().await.map_err(Failure::from) };
+    let Some(mut upload) = stream.upload() else {
+        return Err(Failure::Reset);
+    };
+    if end {
+        return receiving.await.map(|(r, b)| (r, b, false));
+    }
+    if replay.unread() {
+        if let Some(reader) = down.duplex() {
+            let pump = BodyPump::start(
+                reader,
+                upload,
+                std::mem::replace(replay, Replay::elsewhere()),
+            );
+            let mut receiving = std::pin::pin!(receiving);
+            let answer = loop {
+                monoio::select! {
+                    r = &mut receiving => break r,
+                    failed = pump.failed() => if failed == SendError::Downstream {
+                        // The client went away: its request is cancelled upstream.
+                        return Err(Failure::Downstream);
+                    },
+                }
+            };
+            // The body went whole before the head came: it is back for retries and mirrors.
+            if let Some(done) = pump.take_replay() {
+                *replay = done;
+            }
+            return answer.map(|(r, b)| (r, b, false));
+        }
+    }
+    let activity = Cell::new(0);
+    let sending = send_body(&mut upload, down, spec.body, &activity, replay);
+    body_and_head(sending, receiving).await
+}
+
+/// A request body moving from an HTTP/2 client to an HTTP/2 upstream in a task of its own, so it
+/// goes on flowing while the response streams back.
+struct BodyPump {
+    /// The body's replay state, handed back once the body went whole.
+    replay: RefCell<Option<Replay>>,
+    failed: Cell<Option<SendError>>,
+    waker: Cell<Option<std::task::Waker>>,
+}
+
+impl BodyPump {
+    fn start(
+        reader: super::h2::server::StreamHandle,
+        mut upload: super::h2::client::Upload,
+        mut replay: Replay,
+    ) -> Rc<BodyPump> {
+        let pump = Rc::new(BodyPump {
+            replay: RefCell::new(None),
+            failed: Cell::new(None),
+            waker: Cell::new(None),
+        });
+        let me = pump.clone();
+        monoio::spawn(async move {
+            replay.start();
+            let read = Cell::new(0u64);
+            let activity = Cell::new(0u32);
+            let result = {
+                let mut tap = Tap {
+                    sink: &mut upload,
+                    replay: &mut replay,
+                };
+                reader
+                    .body_into(&mut tap, &activity, |n| read.set(read.get() + n as u64))
+                    .await
+            };
+            replay.body_bytes += read.get();
+            match result {
+                Ok(()) => {
+                    replay.finish();
+                    *me.replay.borrow_mut() = Some(replay);
+                }
+                Err(e) => {
+                    if e != CopyError::Write {
+                        upload.cancel();
+                    }
+                    me.failed.set(Some(match e {
+                        CopyError::Write => SendError::Upstream,
+                        CopyError::Read => SendError::Downstream,
+                        CopyError::Framing => SendError::BadBody,
+                    }));
+                }
+            }
+            if let Some(w) = me.waker.take() {
+                w.wake();
+            }
+        });
+        pump
+    }
+
+    /// Resolves when the pump has failed (never, while it runs or once it succeeded).
+    async fn failed(&self) -> SendError {
+        std::future::poll_fn(|cx| match self.failed.get() {
+            Some(e) => std::task::Poll::Ready(e),
+            None => {
+                self.waker.set(Some(cx.waker().clone()));
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn take_replay(&self) -> Option<Replay> {
+        self.replay.borrow_mut().take()
     }
 }
 
@@ -1885,6 +2136,7 @@ fn request_id() -> String {
     )
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum SendError {
     Upstream,
     Downstream,
@@ -1897,18 +2149,15 @@ enum SendError {
 /// Sends the request body upstream: the kept copy on a retry, else streamed from the client (and
 /// kept on the way, within the bound, for later tries and mirrors).
 async fn send_body<D: Downstream>(
-    up: &Transport,
+    to: &mut impl BodySink,
     down: &mut D,
     body: BodyKind,
     activity: &Cell<u32>,
     replay: &mut Replay,
 ) -> Result<(), SendError> {
-    if let Some(kept) = replay.kept() {
-        return if kept.is_empty() {
-            Ok(())
-        } else {
-            up.write_all(kept).await.map_err(|_| SendError::Upstream)
-        };
+    if let Some((data, trailers)) = replay.kept() {
+        to.data(data).await.map_err(|_| SendError::Upstream)?;
+        return to.finish(trailers).await.map_err(|_| SendError::Upstream);
     }
     if !replay.unread() {
         // Read (in part) by an earlier try and not kept: nothing can be sent again.
@@ -1917,7 +2166,10 @@ async fn send_body<D: Downstream>(
     replay.start();
     let read = Cell::new(0u64);
     let counted = |n: usize| read.set(read.get() + n as u64);
-    let result = down.body_to(up, body, activity, counted, replay).await;
+    let result = {
+        let mut tap = Tap { sink: to, replay };
+        down.body_to(&mut tap, body, activity, counted).await
+    };
     replay.body_bytes += read.get();
     if result.is_ok() {
         replay.finish();

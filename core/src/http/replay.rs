@@ -1,10 +1,12 @@
 //! The request body as it went upstream, kept (up to a bound) so that a retry or a mirror can
 //! send it again after the client's bytes are gone.
 //!
-//! What is kept is the wire form — chunk framing and trailers included — so a replay is one write
-//! of the same bytes after the same head. A body over the bound is streamed once and never kept.
+//! What is kept is the body itself — its data and its trailers — so that it can be sent again in
+//! whatever framing the next try or the mirror speaks (HTTP/1.1 chunks or lengths, HTTP/2 DATA
+//! frames). A body over the bound is streamed once and never kept.
 
 use super::h1::BodyKind;
+use super::headers::Headers;
 
 /// Where the request body stands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -24,6 +26,7 @@ pub struct Replay {
     /// Body bytes read from the client (for the access log).
     pub body_bytes: u64,
     bytes: Vec<u8>,
+    trailers: Headers,
     /// Whether bytes are still being kept (false once over the bound, or when nobody needs them).
     keeping: bool,
     limit: usize,
@@ -42,6 +45,7 @@ impl Replay {
         Replay {
             body_bytes: 0,
             bytes: Vec::new(),
+            trailers: Headers::default(),
             keeping,
             limit,
             state: if matches!(body, BodyKind::None | BodyKind::CloseDelimited) {
@@ -57,9 +61,22 @@ impl Replay {
         matches!(self.state, State::Unread | State::Kept)
     }
 
-    /// The whole body, when it was kept.
-    pub fn kept(&self) -> Option<&[u8]> {
-        (self.state == State::Kept).then_some(&self.bytes[..])
+    /// The whole body (data, then trailers), when it was kept.
+    pub fn kept(&self) -> Option<(&[u8], &Headers)> {
+        (self.state == State::Kept).then_some((&self.bytes[..], &self.trailers))
+    }
+
+    /// A body being streamed by someone else (a full-duplex HTTP/2 exchange): neither kept nor
+    /// done, until it is handed back.
+    pub fn elsewhere() -> Replay {
+        Replay {
+            body_bytes: 0,
+            bytes: Vec::new(),
+            trailers: Headers::default(),
+            keeping: false,
+            limit: 0,
+            state: State::Streaming,
+        }
     }
 
     /// Whether the client's body was read to its end (the connection can carry another request).
@@ -86,19 +103,23 @@ impl Replay {
         };
     }
 
-    /// Records bytes written upstream.
-    pub fn keep(&mut self, parts: &[&[u8]]) {
+    /// Records body bytes sent upstream.
+    pub fn keep(&mut self, data: &[u8]) {
         if !self.keeping {
             return;
         }
-        let more: usize = parts.iter().map(|p| p.len()).sum();
-        if self.bytes.len() + more > self.limit {
+        if self.bytes.len() + data.len() > self.limit {
             self.keeping = false;
             self.bytes = Vec::new();
             return;
         }
-        for p in parts {
-            self.bytes.extend_from_slice(p);
+        self.bytes.extend_from_slice(data);
+    }
+
+    /// Records the body's trailers.
+    pub fn keep_trailers(&mut self, trailers: &Headers) {
+        if self.keeping {
+            self.trailers = trailers.clone();
         }
     }
 }
@@ -112,18 +133,22 @@ mod tests {
         let mut r = Replay::new(BodyKind::Chunked, 8, true);
         assert!(r.replayable() && !r.body_done());
         r.start();
-        r.keep(&[b"3\r\n", b"abc", b"\r\n"]);
+        r.keep(b"abc");
+        let mut t = Headers::default();
+        t.push(b"grpc-status", b"0");
+        r.keep_trailers(&t);
         assert!(!r.replayable());
         r.finish();
-        assert_eq!(r.kept(), Some(&b"3\r\nabc\r\n"[..]));
+        assert_eq!(r.kept(), Some((&b"abc"[..], &t)));
         let mut r = Replay::new(BodyKind::Chunked, 8, true);
         r.start();
-        r.keep(&[b"5\r\n", b"abcde", b"\r\n"]);
+        r.keep(b"abcde");
+        r.keep(b"fghij");
         r.finish();
         assert!(r.kept().is_none() && r.body_done() && !r.replayable());
         let r = Replay::new(BodyKind::Length(100), 8, true);
         assert!(!r.keeping);
         let r = Replay::new(BodyKind::None, 8, false);
-        assert_eq!(r.kept(), Some(&b""[..]));
+        assert_eq!(r.kept().map(|(d, _)| d), Some(&b""[..]));
     }
 }

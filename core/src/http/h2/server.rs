@@ -22,23 +22,21 @@ use std::time::{Duration, Instant};
 use keel_config::Http2Limits;
 use keel_tls::{Session, Transport};
 
-use super::frame::{self, ErrorCode, Frame, FrameError, Head, Settings};
+use super::frame::{self, ErrorCode, Frame, FrameError, Head};
 use super::hpack::{self, Decoder, HpackError};
+use super::output::{Output, RecvWindow, SendError};
 use crate::generation::ListenerState;
-use crate::http::body::{copy_chunked, copy_length, copy_until_close, BodySink, CopyError, H1Sink};
+use crate::http::body::{BodySink, CopyError, UpstreamBody};
 use crate::http::conn::{BufferedStream, ReadBuf};
 use crate::http::downstream::{Downstream, Progress};
 use crate::http::h1::BodyKind;
 use crate::http::head::{RequestHead, ResponseHead, Version};
 use crate::http::headers::Headers;
 use crate::http::proxy::{exchange, Next};
-use crate::http::replay::Replay;
 use crate::idle::IdleEntry;
 use crate::stats::{H2Event, ListenerCounters};
 use crate::worker::{ListenerRef, Worker};
 
-/// Output bytes queued beyond which response DATA waits for the writer.
-const OUTPUT_HIGH_WATER: usize = 256 * 1024;
 /// Output bytes queued beyond which the peer is taken to have stopped reading while it keeps
 /// asking for replies (PING, SETTINGS): the connection is closed.
 const OUTPUT_LIMIT: usize = 4 * 1024 * 1024;
@@ -58,22 +56,11 @@ struct Shared {
     listener: Rc<ListenerState>,
     worker_id: usize,
     limits: Http2Limits,
-    /// Frames waiting for the writer.
-    out: RefCell<Vec<u8>>,
-    writer: Cell<Option<Waker>>,
-    /// Tasks waiting for send window or for room in `out`.
-    send_waiters: RefCell<Vec<Waker>>,
-    /// What the peer lets us send on the connection.
-    send_window: Cell<i64>,
-    peer: Cell<Settings>,
-    /// What the peer may still send on the connection, and bytes consumed since the last
-    /// connection WINDOW_UPDATE.
-    recv_window: Cell<i64>,
-    recv_unacked: Cell<u32>,
+    /// Frames for the writer, the peer's windows and settings.
+    io: Output,
+    /// What the peer may still send on the connection.
+    recv: RecvWindow,
     streams: RefCell<HashMap<u32, Rc<StreamState>>>,
-    data_frames_sent: Cell<u64>,
-    /// The connection is over: streams stop waiting and fail their writes.
-    closed: Cell<bool>,
     /// Wakes the reader when the last stream ends after a GOAWAY either way.
     reader: Cell<Option<Waker>>,
 }
@@ -85,24 +72,11 @@ impl Shared {
 
     /// Queues bytes for the writer.
     fn push(&self, f: impl FnOnce(&mut Vec<u8>)) {
-        f(&mut self.out.borrow_mut());
-        if let Some(w) = self.writer.take() {
-            w.wake();
-        }
-    }
-
-    fn wake_senders(&self) {
-        for w in self.send_waiters.borrow_mut().drain(..) {
-            w.wake();
-        }
+        self.io.push(f)
     }
 
     fn close(&self) {
-        self.closed.set(true);
-        if let Some(w) = self.writer.take() {
-            w.wake();
-        }
-        self.wake_senders();
+        self.io.close();
         for s in self.streams.borrow().values() {
             s.wake_rx();
         }
@@ -110,14 +84,8 @@ impl Shared {
 
     /// Gives back `n` consumed bytes of connection window, in batches of half the window.
     fn credit_connection(&self, n: usize) {
-        let unacked = self.recv_unacked.get() + n as u32;
-        if unacked >= self.limits.connection_window / 2 {
-            self.recv_unacked.set(0);
-            self.recv_window
-                .set(self.recv_window.get() + unacked as i64);
-            self.push(|o| frame::write_window_update(o, 0, unacked));
-        } else {
-            self.recv_unacked.set(unacked);
+        if let Some(increment) = self.recv.credit(n) {
+            self.push(|o| frame::write_window_update(o, 0, increment));
         }
     }
 }
@@ -131,10 +99,8 @@ struct StreamState {
     rx_end: Cell<bool>,
     rx_trailers: RefCell<Option<Headers>>,
     rx_waker: Cell<Option<Waker>>,
-    /// What the peer may still send on the stream, and bytes consumed since the last
-    /// WINDOW_UPDATE.
-    recv_window: Cell<i64>,
-    recv_unacked: Cell<u32>,
+    /// What the peer may still send on the stream.
+    recv: RecvWindow,
     /// Declared content-length, and DATA bytes received.
     content_length: Option<u64>,
     received: Cell<u64>,
@@ -170,16 +136,9 @@ pub(crate) async fn serve(
         listener: at.state.clone(),
         worker_id: worker.id,
         limits,
-        out: RefCell::new(Vec::with_capacity(1024)),
-        writer: Cell::new(None),
-        send_waiters: RefCell::new(Vec::new()),
-        send_window: Cell::new(frame::DEFAULT_WINDOW as i64),
-        peer: Cell::new(Settings::default()),
-        recv_window: Cell::new(limits.connection_window as i64),
-        recv_unacked: Cell::new(0),
+        io: Output::new(),
+        recv: RecvWindow::new(limits.connection_window),
         streams: RefCell::new(HashMap::new()),
-        data_frames_sent: Cell::new(0),
-        closed: Cell::new(false),
         reader: Cell::new(None),
     });
     let http = at.gen.snapshot.proxy.http;
@@ -241,32 +200,13 @@ pub(crate) async fn serve(
 
 /// Sends what the connection has queued, in one write per wakeup.
 async fn write_loop(shared: Rc<Shared>, idle: Rc<IdleEntry>) {
-    let mut spare = Vec::with_capacity(1024);
-    loop {
-        poll_fn(|cx| {
-            if !shared.out.borrow().is_empty() || shared.closed.get() {
-                Poll::Ready(())
-            } else {
-                shared.writer.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
+    shared
+        .io
+        .write_loop(&shared.transport, || {
+            idle.activity.set(idle.activity.get().wrapping_add(1))
         })
         .await;
-        if shared.out.borrow().is_empty() {
-            return;
-        }
-        std::mem::swap(&mut *shared.out.borrow_mut(), &mut spare);
-        shared.wake_senders();
-        if shared.transport.write_all(&spare).await.is_err() {
-            shared.close();
-            return;
-        }
-        idle.activity.set(idle.activity.get().wrapping_add(1));
-        spare.clear();
-        if spare.capacity() > OUTPUT_HIGH_WATER * 2 {
-            spare = Vec::with_capacity(1024);
-        }
-    }
+    shared.close();
 }
 
 /// How the reader ended.
@@ -354,14 +294,14 @@ impl Connection {
                             self.reset_stream(id, code);
                         }
                     }
-                    if self.shared.out.borrow().len() > OUTPUT_LIMIT {
+                    if self.shared.io.queued() > OUTPUT_LIMIT {
                         lstats.h2_event(H2Event::OutboundFlood);
                         return Exit::Closed;
                     }
                     continue;
                 }
             }
-            if self.shared.closed.get() {
+            if self.shared.io.closed.get() {
                 return Exit::Closed;
             }
             // Drain, in two steps (RFC 9113 §6.8): a GOAWAY naming the largest stream id warns
@@ -555,10 +495,10 @@ impl Connection {
                     return Ok(());
                 }
                 self.control_frame(lstats)?;
-                let mut settings = self.shared.peer.get();
+                let mut settings = self.shared.io.peer.get();
                 let old_window = settings.initial_window_size as i64;
                 settings.apply(payload)?;
-                self.shared.peer.set(settings);
+                self.shared.io.peer.set(settings);
                 let delta = settings.initial_window_size as i64 - old_window;
                 if delta != 0 {
                     for s in self.shared.streams.borrow().values() {
@@ -571,7 +511,7 @@ impl Connection {
                         }
                         s.send_window.set(w);
                     }
-                    self.shared.wake_senders();
+                    self.shared.io.wake_senders();
                 }
                 self.shared.push(frame::write_settings_ack);
                 Ok(())
@@ -599,7 +539,7 @@ impl Connection {
                 self.window_updates += 1;
                 if self.window_updates
                     > WINDOW_UPDATE_ALLOWANCE
-                        + WINDOW_UPDATES_PER_DATA * self.shared.data_frames_sent.get()
+                        + WINDOW_UPDATES_PER_DATA * self.shared.io.data_frames_sent.get()
                         + self.streams_opened
                 {
                     lstats.h2_event(H2Event::WindowUpdateFlood);
@@ -609,14 +549,14 @@ impl Connection {
                     ));
                 }
                 if stream == 0 {
-                    let w = self.shared.send_window.get() + increment as i64;
+                    let w = self.shared.io.send_window.get() + increment as i64;
                     if w > frame::MAX_WINDOW {
                         return Err(FrameError::Connection(
                             ErrorCode::FlowControl,
                             "connection window above 2^31-1",
                         ));
                     }
-                    self.shared.send_window.set(w);
+                    self.shared.io.send_window.set(w);
                 } else {
                     if stream > self.last_stream {
                         return Err(FrameError::Connection(
@@ -637,7 +577,7 @@ impl Connection {
                         s.send_window.set(w);
                     }
                 }
-                self.shared.wake_senders();
+                self.shared.io.wake_senders();
                 Ok(())
             }
             Frame::Unknown => Ok(()),
@@ -653,14 +593,12 @@ impl Connection {
         flow_len: u32,
     ) -> Result<(), FrameError> {
         let shared = &self.shared;
-        let window = shared.recv_window.get() - flow_len as i64;
-        if window < 0 {
+        if !shared.recv.take(flow_len) {
             return Err(FrameError::Connection(
                 ErrorCode::FlowControl,
                 "DATA beyond the connection window",
             ));
         }
-        shared.recv_window.set(window);
         if data.is_empty() && !end_stream {
             self.empty_run += 1;
             if self.empty_run > shared.limits.max_consecutive_empty_frames {
@@ -697,15 +635,13 @@ impl Connection {
                 "DATA after END_STREAM",
             ));
         }
-        let w = s.recv_window.get() - flow_len as i64;
-        if w < 0 {
+        if !s.recv.take(flow_len) {
             return Err(FrameError::Stream(
                 id,
                 ErrorCode::FlowControl,
                 "DATA beyond the stream window",
             ));
         }
-        s.recv_window.set(w);
         // Padding is given back at once.
         let padding = flow_len as usize - data.len();
         if padding > 0 {
@@ -811,7 +747,7 @@ impl Connection {
                 .push(|o| frame::write_rst(o, id, ErrorCode::RefusedStream));
             return Ok(());
         }
-        let peer_window = self.shared.peer.get().initial_window_size as i64;
+        let peer_window = self.shared.io.peer.get().initial_window_size as i64;
         let limits = self.shared.limits;
         let (head, content_length) = match decoded {
             Err(_) => {
@@ -838,8 +774,7 @@ impl Connection {
             rx_end: Cell::new(end_stream),
             rx_trailers: RefCell::new(None),
             rx_waker: Cell::new(None),
-            recv_window: Cell::new(limits.stream_window as i64),
-            recv_unacked: Cell::new(0),
+            recv: RecvWindow::new(limits.stream_window),
             content_length,
             received: Cell::new(0),
             send_window: Cell::new(peer_window),
@@ -903,7 +838,7 @@ impl Connection {
             self.shared.credit_connection(queued);
         }
         s.wake_rx();
-        self.shared.wake_senders();
+        self.shared.io.wake_senders();
     }
 }
 
@@ -912,13 +847,8 @@ fn credit_stream(shared: &Shared, s: &StreamState, n: usize) {
     if s.rx_end.get() || s.reset.get() {
         return;
     }
-    let unacked = s.recv_unacked.get() + n as u32;
-    if unacked >= shared.limits.stream_window / 2 {
-        s.recv_unacked.set(0);
-        s.recv_window.set(s.recv_window.get() + unacked as i64);
-        shared.push(|o| frame::write_window_update(o, s.id, unacked));
-    } else {
-        s.recv_unacked.set(unacked);
+    if let Some(increment) = s.recv.credit(n) {
+        shared.push(|o| frame::write_window_update(o, s.id, increment));
     }
 }
 
@@ -1064,6 +994,7 @@ async fn run_stream(
 }
 
 /// One stream as the proxy path's client side.
+#[derive(Clone)]
 pub(crate) struct StreamHandle {
     shared: Rc<Shared>,
     state: Rc<StreamState>,
@@ -1071,7 +1002,7 @@ pub(crate) struct StreamHandle {
 
 impl StreamHandle {
     fn gone(&self) -> bool {
-        self.shared.closed.get() || self.state.reset.get()
+        self.shared.io.closed.get() || self.state.reset.get()
     }
 
     /// The stream's task is done: reset it if its response did not end, ask the client to stop
@@ -1120,7 +1051,7 @@ impl StreamHandle {
         for (n, v) in extra {
             hpack::encode_field(n.as_bytes(), v.as_bytes(), &mut block);
         }
-        let max_frame = self.shared.peer.get().max_frame_size as usize;
+        let max_frame = self.shared.io.peer.get().max_frame_size as usize;
         let id = self.state.id;
         self.shared
             .push(|o| frame::write_headers(o, id, &block, end, max_frame));
@@ -1130,81 +1061,62 @@ impl StreamHandle {
         Ok(())
     }
 
-    /// Sends `data` as DATA frames as the windows allow.
-    async fn send_data(&self, mut data: &[u8], end: bool) -> io::Result<()> {
-        let timeout = self.shared.limits.send_window_timeout;
-        loop {
-            let n = match monoio::time::timeout(timeout, self.window_for(data.len())).await {
-                Ok(r) => r?,
-                Err(_) => {
-                    self.shared.count(H2Event::SendWindowTimeout);
-                    tracing::debug!(stream = self.state.id, "HTTP/2 send window stayed shut");
-                    self.shared
-                        .push(|o| frame::write_rst(o, self.state.id, ErrorCode::Cancel));
-                    self.state.reset.set(true);
-                    return Err(io::ErrorKind::TimedOut.into());
-                }
-            };
-            let (now, rest) = data.split_at(n);
-            let last = rest.is_empty();
-            let id = self.state.id;
-            self.shared.push(|o| {
-                frame::write_head(
-                    o,
-                    now.len(),
-                    frame::DATA,
-                    if last && end { frame::END_STREAM } else { 0 },
-                    id,
-                );
-                o.extend_from_slice(now);
-            });
-            self.shared
-                .data_frames_sent
-                .set(self.shared.data_frames_sent.get() + 1);
-            self.state
-                .send_window
-                .set(self.state.send_window.get() - n as i64);
-            self.shared
-                .send_window
-                .set(self.shared.send_window.get() - n as i64);
-            data = rest;
-            if last {
+    /// Sends `data` as DATA frames as the windows allow; a window shut for longer than
+    /// `sendWindowTimeout` resets the stream.
+    async fn send_data(&self, data: &[u8], end: bool) -> io::Result<()> {
+        let s = &self.state;
+        let sent = self
+            .shared
+            .io
+            .send_data(
+                s.id,
+                &s.send_window,
+                || s.reset.get(),
+                data,
+                end,
+                self.shared.limits.send_window_timeout,
+            )
+            .await;
+        match sent {
+            Ok(()) => {
                 if end {
-                    self.state.finished.set(true);
+                    s.finished.set(true);
                 }
-                return Ok(());
+                Ok(())
             }
+            Err(SendError::WindowTimeout) => {
+                self.shared.count(H2Event::SendWindowTimeout);
+                tracing::debug!(stream = s.id, "HTTP/2 send window stayed shut");
+                self.shared
+                    .push(|o| frame::write_rst(o, s.id, ErrorCode::Cancel));
+                s.reset.set(true);
+                Err(SendError::WindowTimeout.into())
+            }
+            Err(e) => Err(e.into()),
         }
     }
 
-    /// Waits until some of `want` bytes may go (both windows open, room in the output), and
-    /// says how many (at least one, unless `want` is 0).
-    async fn window_for(&self, want: usize) -> io::Result<usize> {
-        poll_fn(|cx| {
-            if self.gone() {
-                return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into()));
-            }
-            let max_frame = self.shared.peer.get().max_frame_size as i64;
-            let allowed = self
-                .state
-                .send_window
-                .get()
-                .min(self.shared.send_window.get())
-                .min(max_frame)
-                .min(want as i64);
-            if want == 0 {
-                return Poll::Ready(Ok(0));
-            }
-            if allowed > 0 && self.shared.out.borrow().len() < OUTPUT_HIGH_WATER {
-                return Poll::Ready(Ok(allowed as usize));
-            }
-            self.shared
-                .send_waiters
-                .borrow_mut()
-                .push(cx.waker().clone());
-            Poll::Pending
-        })
-        .await
+    /// Moves the request body into `to` as it arrives, giving window back as it leaves.
+    pub(crate) async fn body_into(
+        &self,
+        to: &mut impl BodySink,
+        activity: &Cell<u32>,
+        mut count: impl FnMut(usize),
+    ) -> Result<(), CopyError> {
+        while let Some(chunk) = self.next_chunk().await? {
+            to.data(&chunk).await.map_err(|_| CopyError::Write)?;
+            count(chunk.len());
+            activity.set(activity.get().wrapping_add(1));
+            self.shared.credit_connection(chunk.len());
+            credit_stream(&self.shared, &self.state, chunk.len());
+        }
+        let trailers = self
+            .state
+            .rx_trailers
+            .borrow_mut()
+            .take()
+            .unwrap_or_default();
+        to.finish(&trailers).await.map_err(|_| CopyError::Write)
     }
 
     /// The next piece of request body: `None` at its end.
@@ -1301,43 +1213,32 @@ impl Downstream for StreamHandle {
 
     async fn body_to(
         &mut self,
-        up: &Transport,
+        to: &mut impl BodySink,
         body: BodyKind,
         activity: &Cell<u32>,
-        mut count: impl FnMut(usize),
-        tap: &mut Replay,
+        count: impl FnMut(usize),
     ) -> Result<(), CopyError> {
         if body == BodyKind::None {
             return Ok(());
         }
-        let mut sink = H1Sink::new(up, body == BodyKind::Chunked, Some(tap));
-        while let Some(chunk) = self.next_chunk().await? {
-            sink.data(&chunk).await.map_err(|_| CopyError::Write)?;
-            count(chunk.len());
-            activity.set(activity.get().wrapping_add(1));
-            self.shared.credit_connection(chunk.len());
-            credit_stream(&self.shared, &self.state, chunk.len());
-        }
-        let trailers = self
-            .state
-            .rx_trailers
-            .borrow_mut()
-            .take()
-            .unwrap_or_default();
-        sink.finish(&trailers).await.map_err(|_| CopyError::Write)
+        self.body_into(to, activity, count).await
+    }
+
+    fn duplex(&self) -> Option<StreamHandle> {
+        Some(self.clone())
     }
 
     async fn respond(
         &mut self,
         resp: &ResponseHead,
-        up: &mut BufferedStream,
-        resp_body: BodyKind,
+        body: UpstreamBody<'_>,
         _out_body: BodyKind,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
         progress: &Progress,
     ) -> Result<(), CopyError> {
-        let end = resp_body == BodyKind::None || resp_body == BodyKind::Length(0);
+        let kind = body.kind();
+        let end = kind == BodyKind::None || kind == BodyKind::Length(0);
         self.send_headers(Some(resp.status), &resp.headers, &[], end)
             .map_err(|_| CopyError::Write)?;
         if end {
@@ -1348,16 +1249,9 @@ impl Downstream for StreamHandle {
             progress.add(n as u64);
         };
         let mut sink = H2Sink(self);
-        match resp_body {
-            BodyKind::None => Ok(()),
-            BodyKind::Length(n) => copy_length(up, &mut sink, n, activity, count).await,
-            BodyKind::Chunked => {
-                let trailers = copy_chunked(up, &mut sink, activity, count).await?;
-                progress.trailers(&trailers);
-                Ok(())
-            }
-            BodyKind::CloseDelimited => copy_until_close(up, &mut sink, activity, count).await,
-        }
+        let trailers = body.pipe(&mut sink, activity, count).await?;
+        progress.trailers(&trailers);
+        Ok(())
     }
 
     async fn tunnel(

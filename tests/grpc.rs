@@ -1,0 +1,149 @@
+//! gRPC through the real binary: Python `grpcio` as client and as server (HTTP/2 both sides, Keel's
+//! own HTTP/2 client upstream): unary, server, client and bidirectional streaming, status codes,
+//! deadlines, and Keel's own gRPC answers when no upstream can be had.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+
+use common::*;
+
+/// The Debian python, which has python3-grpcio (setup.sh installs it).
+fn python() -> &'static str {
+    if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+fn script(name: &str) -> String {
+    format!("{}/tests/grpc/{name}", env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A grpcio server on loopback, killed when dropped.
+struct GrpcServer {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl GrpcServer {
+    fn start(name: &str) -> GrpcServer {
+        let mut child = Command::new(python())
+            .arg(script("server.py"))
+            .arg(name)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let port: u16 = line.trim().parse().expect("the server prints its port");
+        GrpcServer {
+            child,
+            addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        }
+    }
+}
+
+impl Drop for GrpcServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Keel with a GRPC egress port for `greeter` on `endpoints`, with `extra` resources.
+fn keel_for(endpoints: &[SocketAddr], extra: &str) -> (Keel, u16) {
+    let (admin, port) = (free_port(), free_port());
+    let eps: String = endpoints
+        .iter()
+        .map(|a| {
+            format!(
+                "  - {{ address: 127.0.0.1, ports: {{ grpc: {} }} }}\n",
+                a.port()
+            )
+        })
+        .collect();
+    let config = format!(
+        "{}{}{extra}",
+        proxy_yaml(admin, 2),
+        egress_service(port, "GRPC", "greeter", "{ name: greeter }", &eps)
+    );
+    (Keel::start(&config, admin, &[]), port)
+}
+
+fn run_client(port: u16) -> (bool, String) {
+    let out = Command::new(python())
+        .arg(script("client.py"))
+        .arg(port.to_string())
+        .arg("greeter")
+        .output()
+        .expect("python3 runs");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+#[test]
+fn grpcio_calls_of_every_kind_pass_through_keel() {
+    let server = GrpcServer::start("backend-a");
+    let (keel, port) = keel_for(&[server.addr], "");
+    let (ok, text) = run_client(port);
+    assert!(ok, "{text}");
+    for check in [
+        "ok unary",
+        "ok status",
+        "ok deadline",
+        "ok server streaming",
+        "ok client streaming",
+        "ok bidi ping-pong",
+        "ok 300 concurrent unary",
+    ] {
+        assert!(text.contains(check), "{check} missing:\n{text}");
+    }
+    // Streams share a few upstream HTTP/2 connections (at most one per worker, as the server
+    // takes 100+ streams each) instead of one per call.
+    let stats = keel.stats();
+    let opened = stats["clusters"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"].as_str().unwrap_or("").contains("greeter"))
+        .map(|c| c["upstream_cx_total"].as_u64().unwrap_or(0));
+    assert!(
+        opened.is_some_and(|n| (1..=4).contains(&n)),
+        "connections opened: {opened:?}\n{stats}"
+    );
+}
+
+#[test]
+fn grpc_requests_get_grpc_answers_when_no_upstream_can_be_had() {
+    // Nothing listens on the endpoint: the connect fails and the client hears UNAVAILABLE (14),
+    // as a trailers-only response.
+    let dead = SocketAddr::from(([127, 0, 0, 1], free_port()));
+    let (_keel, port) = keel_for(&[dead], "");
+    let code = format!(
+        "import grpc, sys
+ch = grpc.insecure_channel('127.0.0.1:{port}', options=[('grpc.default_authority', 'greeter')])
+try:
+    ch.unary_unary('/keel.Test/Unary')(b'x', timeout=10)
+    sys.exit('no error')
+except grpc.RpcError as e:
+    print(e.code().name)
+"
+    );
+    let out = Command::new(python()).arg("-c").arg(code).output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "UNAVAILABLE",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
