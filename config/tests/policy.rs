@@ -232,13 +232,79 @@ spec:
         e.path,
         "spec.trafficPolicy.connectionPool.tcp.maxConnections"
     );
-    let e = one_error(&dr("{ http: { h2UpgradePolicy: UPGRADE } }"));
-    assert!(e.message.contains("not supported yet"), "{e}");
-    let e = one_error(&dr("{ http: { maxConcurrentStreams: 10 } }"));
+    let e = one_error(&dr("{ http: { h2UpgradePolicy: SOMETIMES } }"));
+    assert_eq!(
+        e.path,
+        "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy"
+    );
+    let e = one_error(&dr("{ http: { maxConcurrentStreams: -10 } }"));
     assert_eq!(
         e.path,
         "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams"
     );
+}
+
+/// The upstream protocol, decided as Istio decides it: the port's declared protocol, else the
+/// DestinationRule's h2UpgradePolicy / useClientProtocol.
+#[test]
+fn upstream_protocol_follows_the_port_and_the_destination_rule() {
+    use keel_config::UpstreamProtocol;
+    let protocol_of = |yaml: &str| {
+        let s = load(yaml);
+        let c = s
+            .clusters
+            .iter()
+            .find(|c| {
+                c.name.ends_with("|reviews.default.svc.cluster.local")
+                    || c.name.ends_with("|reviews")
+            })
+            .unwrap_or_else(|| {
+                panic!(
+                    "{:?}",
+                    s.clusters.iter().map(|c| &c.name).collect::<Vec<_>>()
+                )
+            });
+        (c.protocol, c.limits.max_concurrent_streams)
+    };
+    assert_eq!(protocol_of(BASE), (UpstreamProtocol::Http1, u32::MAX));
+    let dr = |http: &str| {
+        with(&format!(
+            "apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: reviews }}
+spec:
+  host: reviews
+  trafficPolicy: {{ connectionPool: {{ http: {http} }} }}
+"
+        ))
+    };
+    assert_eq!(
+        protocol_of(&dr(
+            "{ h2UpgradePolicy: UPGRADE, maxConcurrentStreams: 50 }"
+        )),
+        (UpstreamProtocol::Http2, 50)
+    );
+    assert_eq!(
+        protocol_of(&dr("{ h2UpgradePolicy: DO_NOT_UPGRADE }")).0,
+        UpstreamProtocol::Http1
+    );
+    assert_eq!(
+        protocol_of(&dr("{ useClientProtocol: true }")).0,
+        UpstreamProtocol::Client
+    );
+    for declared in ["HTTP2", "GRPC", "grpc-web"] {
+        let yaml = BASE.replace(
+            "ports: [{ number: 9080, name: http, protocol: HTTP }]",
+            &format!("ports: [{{ number: 9080, name: http, protocol: {declared} }}]"),
+        );
+        assert_eq!(protocol_of(&yaml).0, UpstreamProtocol::Http2, "{declared}");
+    }
+    // A Sidecar port declared GRPC is an HTTP listener (HTTP/1.1 and HTTP/2 on one port).
+    let yaml = BASE.replace(
+        "- port: { number: 9080, protocol: HTTP }",
+        "- port: { number: 9080, protocol: GRPC }",
+    );
+    assert!(load(&yaml).listeners[0].http.is_some());
 }
 
 /// The YAML of Istio's circuit-breaking, fault-injection, timeout, retry and mirroring tasks (as

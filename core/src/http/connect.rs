@@ -58,13 +58,15 @@ pub(crate) async fn acquire(
         if h2 {
             let reserved = worker.h2_pool.borrow_mut().reserve(key);
             if let Some(stream) = reserved {
-                drop(waiting);
-                // A connection still being opened by another request: wait for it.
-                return if stream.ready().await {
-                    Ok((Acquired::H2(stream), true))
-                } else {
-                    Err(AcquireError::SharedConnect)
-                };
+                // A connection still being opened by another request: wait for it. Once its
+                // stream limit is known, a reservation beyond it looks again.
+                if !stream.ready().await {
+                    return Err(AcquireError::SharedConnect);
+                }
+                if stream.fits() {
+                    return Ok((Acquired::H2(stream), true));
+                }
+                continue;
             }
         } else {
             let pooled = worker
@@ -135,9 +137,21 @@ async fn open_h2(
     let mut failed_unless_started = FailUnlessStarted(Some(conn.clone()));
     match crate::upstream::open(gen, cluster, addr, true).await {
         Ok(transport) => {
-            failed_unless_started.0 = None;
             conn.start(transport);
-            Ok((Acquired::H2(stream), false))
+            // The peer's SETTINGS must come within the connect timeout too.
+            match monoio::time::timeout(config.connect_timeout, stream.ready()).await {
+                Ok(true) => {
+                    failed_unless_started.0 = None;
+                    Ok((Acquired::H2(stream), false))
+                }
+                Ok(false) => Err(AcquireError::Connect(ConnectError::Other(
+                    std::io::Error::other("HTTP/2 connection closed before its SETTINGS"),
+                ))),
+                Err(_) => {
+                    stream.fail_connection();
+                    Err(AcquireError::Connect(ConnectError::Timeout))
+                }
+            }
         }
         Err(e) => Err(AcquireError::Connect(e)),
     }

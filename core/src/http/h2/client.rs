@@ -280,7 +280,8 @@ impl ClientConn {
     }
 
     /// The socket is connected (and secured): the preface and our SETTINGS go out, and the
-    /// connection's reader and writer run on this worker until it ends.
+    /// connection's reader and writer run on this worker until it ends. It is ready for streams
+    /// once the peer's SETTINGS have come (and with them its stream limit).
     pub fn start(self: &Rc<Self>, transport: Transport) {
         let _ = transport.set_nodelay();
         self.io.push(|o| {
@@ -300,9 +301,6 @@ impl ClientConn {
                 frame::write_window_update(o, 0, self.recv.size() - frame::DEFAULT_WINDOW);
             }
         });
-        if self.phase.get() == Phase::Connecting {
-            self.set_phase(Phase::Ready);
-        }
         monoio::spawn(run(self.clone(), transport));
     }
 }
@@ -594,6 +592,9 @@ impl Reader<'_> {
                 settings.apply(payload)?;
                 conn.io.peer.set(settings);
                 conn.settings_seen.set(true);
+                if conn.phase.get() == Phase::Connecting {
+                    conn.set_phase(Phase::Ready);
+                }
                 let delta = settings.initial_window_size as i64 - old_window;
                 if delta != 0 {
                     for s in conn.streams.borrow().values() {
@@ -792,9 +793,20 @@ pub(crate) struct ClientStream {
 }
 
 impl ClientStream {
-    /// Waits for the connection to be up: false when it failed.
+    /// Waits for the connection to be up (the peer's SETTINGS in): false when it failed.
     pub async fn ready(&self) -> bool {
         self.conn.ready().await
+    }
+
+    /// Whether the stream can be opened now, within the peer's limit: streams reserved before
+    /// that limit was known may be more than it allows, and those go elsewhere.
+    pub fn fits(&self) -> bool {
+        (self.conn.streams.borrow().len() as u32) < self.conn.max_streams()
+    }
+
+    /// Fails the connection this stream was to open (its handshake did not finish in time).
+    pub fn fail_connection(&self) {
+        self.conn.fail();
     }
 
     /// Sends the request head; `end`: the request has no body. `te_trailers`: the client asked

@@ -1,0 +1,463 @@
+//! HTTP/2 to upstreams, against the `h2` crate as the reference peer: the crate serves as the
+//! backend (and acts as a client for the differential check), Keel's own client speaks to it.
+//! Translation both ways (HTTP/1.1 and HTTP/2 clients), trailers, `te: trailers`, multiplexing
+//! within the peer's and the cluster's stream limits, GOAWAY and REFUSED_STREAM without a failed
+//! request.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+
+/// What the backend saw of one request.
+#[derive(Debug, Clone, Default)]
+struct Seen {
+    method: String,
+    path: String,
+    authority: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+    connection: usize,
+}
+
+impl Seen {
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct Record {
+    requests: Mutex<Vec<Seen>>,
+    connections: AtomicUsize,
+    /// The most streams open at once on any one connection.
+    max_streams_seen: AtomicUsize,
+    refused: AtomicUsize,
+}
+
+/// How the backend behaves.
+#[derive(Clone, Copy, Default)]
+struct Behaviour {
+    /// SETTINGS_MAX_CONCURRENT_STREAMS.
+    max_streams: Option<u32>,
+    /// Sends a graceful GOAWAY after this many streams on a connection.
+    goaway_after: Option<usize>,
+}
+
+/// An `h2` crate server on loopback: echoes the request body, answers with trailers, records
+/// what it saw. Paths: `/slow` waits 300 ms before answering; `/refuse-once` refuses its first
+/// stream (REFUSED_STREAM).
+fn h2_backend(behaviour: Behaviour) -> (SocketAddr, Arc<Record>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let record = Arc::new(Record::default());
+    let rec = record.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            loop {
+                let Ok((sock, _)) = listener.accept().await else {
+                    return;
+                };
+                let n = rec.connections.fetch_add(1, SeqCst) + 1;
+                tokio::spawn(serve_connection(sock, rec.clone(), behaviour, n));
+            }
+        });
+    });
+    (addr, record)
+}
+
+async fn serve_connection(
+    sock: tokio::net::TcpStream,
+    rec: Arc<Record>,
+    behaviour: Behaviour,
+    connection: usize,
+) {
+    let mut builder = h2::server::Builder::new();
+    if let Some(m) = behaviour.max_streams {
+        builder.max_concurrent_streams(m);
+    }
+    let Ok(mut conn) = builder.handshake::<_, Bytes>(sock).await else {
+        return;
+    };
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut served = 0;
+    while let Some(Ok((req, respond))) = conn.accept().await {
+        served += 1;
+        if behaviour.goaway_after == Some(served) {
+            conn.graceful_shutdown();
+        }
+        let now = open.fetch_add(1, SeqCst) + 1;
+        rec.max_streams_seen.fetch_max(now, SeqCst);
+        let (rec, open) = (rec.clone(), open.clone());
+        tokio::spawn(async move {
+            handle(req, respond, &rec, connection).await;
+            open.fetch_sub(1, SeqCst);
+        });
+    }
+}
+
+async fn handle(
+    req: http::Request<h2::RecvStream>,
+    mut respond: h2::server::SendResponse<Bytes>,
+    rec: &Record,
+    connection: usize,
+) {
+    let (parts, mut body) = req.into_parts();
+    let mut data = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let Ok(chunk) = chunk else { return };
+        let _ = body.flow_control().release_capacity(chunk.len());
+        data.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.ok().flatten().unwrap_or_default();
+    let pairs = |h: &http::HeaderMap| -> Vec<(String, String)> {
+        h.iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect()
+    };
+    let seen = Seen {
+        method: parts.method.to_string(),
+        path: parts
+            .uri
+            .path_and_query()
+            .map(|p| p.to_string())
+            .unwrap_or_default(),
+        authority: parts
+            .uri
+            .authority()
+            .map(|a| a.to_string())
+            .unwrap_or_default(),
+        headers: pairs(&parts.headers),
+        body: data.clone(),
+        trailers: pairs(&trailers),
+        connection,
+    };
+    rec.requests.lock().unwrap().push(seen.clone());
+    if seen.path == "/refuse-once" && rec.refused.fetch_add(1, SeqCst) == 0 {
+        respond.send_reset(h2::Reason::REFUSED_STREAM);
+        return;
+    }
+    if seen.path == "/slow" {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let resp = http::Response::builder()
+        .status(201)
+        .header("x-backend", "h2")
+        .header("content-type", "application/octet-stream")
+        .body(())
+        .unwrap();
+    let Ok(mut send) = respond.send_response(resp, false) else {
+        return;
+    };
+    let mut reply = format!("{} {} ", seen.method, seen.path).into_bytes();
+    reply.extend_from_slice(&data);
+    let _ = send.send_data(Bytes::from(reply), false);
+    let mut t = http::HeaderMap::new();
+    t.insert("x-trailer", http::HeaderValue::from_static("done"));
+    let _ = send.send_trailers(t);
+}
+
+/// Keel in front of `backend` with an HTTP egress port for `reviews`, the ServiceEntry port's
+/// protocol `HTTP2`; `extra` adds resources.
+fn keel_for(backend: SocketAddr, extra: &str, workers: usize) -> (Keel, u16) {
+    let (admin, port) = (free_port(), free_port());
+    let config = format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default }}
+spec:
+  egress:
+  - port: {{ number: {port}, protocol: HTTP }}
+    hosts: [\"./*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: reviews }}
+spec:
+  hosts: [reviews]
+  ports: [{{ number: {port}, name: http2, protocol: HTTP2 }}]
+  resolution: STATIC
+  endpoints:
+  - {{ address: 127.0.0.1, ports: {{ http2: {} }} }}
+{extra}",
+        proxy_yaml(admin, workers),
+        backend.port()
+    );
+    (Keel::start(&config, admin, &[]), port)
+}
+
+fn curl(args: &[&str]) -> (i32, String) {
+    let out = std::process::Command::new("curl")
+        .args(["-s", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn http1_and_http2_clients_reach_an_http2_upstream_translated() {
+    let (backend, rec) = h2_backend(Behaviour::default());
+    let (_keel, port) = keel_for(backend, "", 1);
+    let url = format!("http://reviews:{port}/items?x=1");
+    let resolve = format!("reviews:{port}:127.0.0.1");
+
+    // HTTP/1.1 client with a body: Host becomes :authority, hop-by-hop fields stay behind.
+    let (code, out) = curl(&[
+        "--resolve",
+        &resolve,
+        "-i",
+        "-H",
+        "Connection: keep-alive, x-hop",
+        "-H",
+        "x-hop: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "--data-binary",
+        "hello",
+        &url,
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.starts_with("HTTP/1.1 201"), "{out}");
+    let lower = out.to_ascii_lowercase();
+    assert!(lower.contains("x-backend: h2"), "{out}");
+    // The body's length is unknown to an HTTP/1.1 client: chunked, trailers at its end (curl
+    // prints them after the body).
+    assert!(lower.contains("transfer-encoding: chunked"), "{out}");
+    assert!(
+        out.contains("\r\n\r\nPOST /items?x=1 hellox-trailer: done"),
+        "{out}"
+    );
+    let seen = rec.requests.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen.method, "POST");
+    assert_eq!(seen.path, "/items?x=1");
+    assert_eq!(seen.authority, format!("reviews:{port}"));
+    assert_eq!(seen.body, b"hello");
+    assert_eq!(seen.header("content-length"), Some("5"));
+    assert!(seen.header("x-forwarded-proto").is_some());
+    for gone in [
+        "connection",
+        "keep-alive",
+        "x-hop",
+        "host",
+        "transfer-encoding",
+    ] {
+        assert!(seen.header(gone).is_none(), "{gone} forwarded: {seen:?}");
+    }
+
+    // A chunked HTTP/1.1 request with trailers: DATA then a trailing HEADERS frame; the
+    // response's trailers come back as chunked trailers.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"POST /chunked HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\nTE: trailers\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nx-client-trailer: yes\r\n\r\n").unwrap();
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !raw.ends_with(b"\r\n\r\n") || !String::from_utf8_lossy(&raw).contains("x-trailer") {
+        let n = s.read(&mut buf).unwrap();
+        assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&raw));
+        raw.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&raw).to_ascii_lowercase();
+    assert!(text.starts_with("http/1.1 201"), "{text}");
+    assert!(text.contains("\r\n0\r\nx-trailer: done\r\n\r\n"), "{text}");
+    let seen = rec.requests.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen.body, b"abcde");
+    assert_eq!(
+        seen.trailers,
+        vec![("x-client-trailer".to_string(), "yes".to_string())]
+    );
+    assert_eq!(seen.header("te"), Some("trailers"), "{seen:?}");
+
+    // HTTP/2 client (prior knowledge): trailers pass through as a trailing HEADERS frame.
+    let out = std::process::Command::new("nghttp")
+        .args(["-v", "-H", ":authority: reviews", "-H", "te: trailers"])
+        .arg(format!("http://127.0.0.1:{port}/h2"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(":status: 201"), "{text}");
+    assert!(text.contains("x-trailer: done"), "{text}");
+    assert!(text.contains("GET /h2 "), "{text}");
+    let seen = rec.requests.lock().unwrap().last().cloned().unwrap();
+    assert_eq!(seen.header("te"), Some("trailers"));
+    // Every request shared the one upstream connection (one worker).
+    assert_eq!(rec.connections.load(SeqCst), 1);
+}
+
+/// One request with the `h2` crate as the client; returns status, x-backend, body and trailers.
+fn h2_client_request(
+    addr: SocketAddr,
+    path: &str,
+    body: &[u8],
+) -> (u16, Option<String>, Vec<u8>, HashMap<String, String>) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let body = Bytes::copy_from_slice(body);
+    rt.block_on(async move {
+        let sock = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (mut client, conn) = h2::client::handshake(sock).await.unwrap();
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::builder()
+            .method("PUT")
+            .uri(format!("http://reviews{path}"))
+            .header("x-test", "differential")
+            .body(())
+            .unwrap();
+        let (resp, mut send) = client.send_request(req, false).unwrap();
+        send.send_data(body, false).unwrap();
+        let mut t = http::HeaderMap::new();
+        t.insert("x-sent-trailer", http::HeaderValue::from_static("1"));
+        send.send_trailers(t).unwrap();
+        let resp = resp.await.unwrap();
+        let status = resp.status().as_u16();
+        let backend = resp
+            .headers()
+            .get("x-backend")
+            .map(|v| v.to_str().unwrap().to_string());
+        let mut recv = resp.into_body();
+        let mut data = Vec::new();
+        while let Some(chunk) = recv.data().await {
+            let chunk = chunk.unwrap();
+            let _ = recv.flow_control().release_capacity(chunk.len());
+            data.extend_from_slice(&chunk);
+        }
+        let trailers = recv
+            .trailers()
+            .await
+            .unwrap()
+            .unwrap_or_default()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap().to_string()))
+            .collect();
+        (status, backend, data, trailers)
+    })
+}
+
+#[test]
+fn the_same_exchange_directly_and_through_keel_gives_the_same_result() {
+    let (backend, rec) = h2_backend(Behaviour::default());
+    let (_keel, port) = keel_for(backend, "", 1);
+    let body: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
+    let direct = h2_client_request(backend, "/diff", &body);
+    let through = h2_client_request(SocketAddr::from(([127, 0, 0, 1], port)), "/diff", &body);
+    assert_eq!(direct.0, through.0);
+    assert_eq!(direct.1, through.1);
+    assert!(direct.2 == through.2, "bodies differ");
+    assert_eq!(direct.3, through.3);
+    let seen = rec.requests.lock().unwrap().clone();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].body, seen[1].body);
+    assert_eq!(seen[0].trailers, seen[1].trailers);
+    assert_eq!(seen[1].header("x-test"), Some("differential"));
+}
+
+/// `n` concurrent GETs of `path` with h2load over one HTTP/2 connection to Keel; returns how
+/// many succeeded (2xx).
+fn h2load(port: u16, path: &str, n: usize) -> usize {
+    let out = std::process::Command::new("h2load")
+        .args(["-n", &n.to_string(), "-c", "1", "-m", &n.to_string()])
+        .args(["-H", ":authority: reviews"])
+        .arg(format!("http://127.0.0.1:{port}{path}"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("status codes:"))
+        .unwrap_or_else(|| panic!("{text}"));
+    line.split_whitespace()
+        .nth(2)
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn streams_stay_within_the_peers_and_the_clusters_limits() {
+    // The peer takes 3 streams per connection: 12 slow requests at once need 4 connections.
+    let (backend, rec) = h2_backend(Behaviour {
+        max_streams: Some(3),
+        ..Default::default()
+    });
+    let (_keel, port) = keel_for(backend, "", 1);
+    assert_eq!(h2load(port, "/slow", 12), 12);
+    assert_eq!(rec.max_streams_seen.load(SeqCst), 3);
+    assert!(
+        rec.connections.load(SeqCst) >= 4,
+        "{}",
+        rec.connections.load(SeqCst)
+    );
+
+    // The DestinationRule's maxConcurrentStreams: 1 gives each request a connection of its own.
+    let (backend, rec) = h2_backend(Behaviour::default());
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy:
+    connectionPool:
+      http: { maxConcurrentStreams: 1 }
+";
+    let (_keel, port) = keel_for(backend, rule, 1);
+    assert_eq!(h2load(port, "/slow", 5), 5);
+    assert_eq!(rec.max_streams_seen.load(SeqCst), 1);
+    assert_eq!(rec.connections.load(SeqCst), 5);
+}
+
+#[test]
+fn goaway_and_refused_streams_lose_no_request() {
+    // The backend sends GOAWAY after every 4th stream of a connection: later requests move to a
+    // new connection, those it did not take are sent again.
+    let (backend, rec) = h2_backend(Behaviour {
+        goaway_after: Some(4),
+        ..Default::default()
+    });
+    let (_keel, port) = keel_for(backend, "", 1);
+    for round in 0..3 {
+        assert_eq!(h2load(port, "/", 10), 10, "round {round}");
+    }
+    assert!(rec.connections.load(SeqCst) >= 3);
+
+    // REFUSED_STREAM: not processed, so sent again (Istio's default retryOn has refused-stream).
+    let (code, out) = curl(&[
+        "--resolve",
+        &format!("reviews:{port}:127.0.0.1"),
+        &format!("http://reviews:{port}/refuse-once"),
+    ]);
+    assert_eq!(code, 0);
+    assert_eq!(out, "GET /refuse-once ");
+    let attempts = rec
+        .requests
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.path == "/refuse-once")
+        .count();
+    assert_eq!(attempts, 2);
+}
