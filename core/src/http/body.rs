@@ -71,14 +71,8 @@ impl BodySink for H1Sink<'_> {
         if !self.chunk {
             return Ok(());
         }
-        let mut tail = b"0\r\n".to_vec();
-        for (name, value) in trailers.iter() {
-            tail.extend_from_slice(name);
-            tail.extend_from_slice(b": ");
-            tail.extend_from_slice(value);
-            tail.extend_from_slice(b"\r\n");
-        }
-        tail.extend_from_slice(b"\r\n");
+        let mut tail = Vec::with_capacity(64);
+        chunked::last_chunk(trailers, &mut tail);
         self.to.write_all(&tail).await
     }
 }

@@ -75,14 +75,7 @@ pub fn send(
                 bytes.extend_from_slice(data);
                 bytes.extend_from_slice(b"\r\n");
             }
-            bytes.extend_from_slice(b"0\r\n");
-            for (n, v) in trailers.iter() {
-                bytes.extend_from_slice(n);
-                bytes.extend_from_slice(b": ");
-                bytes.extend_from_slice(v);
-                bytes.extend_from_slice(b"\r\n");
-            }
-            bytes.extend_from_slice(b"\r\n");
+            chunked::last_chunk(trailers, &mut bytes);
         } else {
             bytes.extend_from_slice(data);
         }

@@ -237,6 +237,18 @@ pub fn chunk_header(len: usize, out: &mut Vec<u8>) {
     let _ = write!(out, "{len:x}\r\n");
 }
 
+/// Appends the last chunk and the trailer section that ends a chunked body.
+pub fn last_chunk(trailers: &Headers, out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n");
+    for (name, value) in trailers.iter() {
+        out.extend_from_slice(name);
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

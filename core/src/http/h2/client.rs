@@ -28,6 +28,7 @@ use keel_tls::Transport;
 use super::frame::{self, ErrorCode, Frame, FrameError, Head};
 use super::hpack::{self, Decoder};
 use super::output::{Output, RecvWindow, SendError};
+use super::rules::{check_trailers, grow_window, parse_content_length, PendingBlock};
 use crate::breaker::ConnSlot;
 use crate::http::body::{BodySink, CopyError};
 use crate::http::conn::ReadBuf;
@@ -327,19 +328,11 @@ async fn run(conn: Rc<ClientConn>, transport: Transport) {
     let _ = transport.shutdown_write().await;
 }
 
-/// A header block arriving in pieces.
-struct Pending {
-    stream: u32,
-    end_stream: bool,
-    block: Vec<u8>,
-    frames: u32,
-}
-
 /// The reading side of a connection.
 struct Reader<'a> {
     conn: &'a ClientConn,
     decoder: Decoder,
-    pending: Option<Pending>,
+    pending: Option<PendingBlock>,
 }
 
 impl Reader<'_> {
@@ -527,12 +520,7 @@ impl Reader<'_> {
                 if end_headers {
                     self.on_header_block(stream, end_stream, block)
                 } else {
-                    self.pending = Some(Pending {
-                        stream,
-                        end_stream,
-                        block: block.to_vec(),
-                        frames: 0,
-                    });
+                    self.pending = Some(PendingBlock::new(stream, end_stream, block));
                     Ok(())
                 }
             }
@@ -545,15 +533,7 @@ impl Reader<'_> {
                         "CONTINUATION without HEADERS",
                     ));
                 };
-                p.frames += 1;
-                p.block.extend_from_slice(block);
-                if p.frames > MAX_CONTINUATIONS || p.block.len() > MAX_RESPONSE_HEADERS + 16 * 1024
-                {
-                    return Err(FrameError::Connection(
-                        ErrorCode::EnhanceYourCalm,
-                        "CONTINUATION flood",
-                    ));
-                }
+                p.push(block, MAX_CONTINUATIONS, MAX_RESPONSE_HEADERS + 16 * 1024)?;
                 if end_headers {
                     self.on_header_block(p.stream, p.end_stream, &p.block)
                 } else {
@@ -598,14 +578,12 @@ impl Reader<'_> {
                 let delta = settings.initial_window_size as i64 - old_window;
                 if delta != 0 {
                     for s in conn.streams.borrow().values() {
-                        let w = s.send_window.get() + delta;
-                        if w > frame::MAX_WINDOW {
+                        if !grow_window(&s.send_window, delta) {
                             return Err(FrameError::Connection(
                                 ErrorCode::FlowControl,
                                 "INITIAL_WINDOW_SIZE overflows a stream window",
                             ));
                         }
-                        s.send_window.set(w);
                     }
                 }
                 conn.io.wake_senders();
@@ -636,24 +614,20 @@ impl Reader<'_> {
             }
             Frame::WindowUpdate { stream, increment } => {
                 if stream == 0 {
-                    let w = conn.io.send_window.get() + increment as i64;
-                    if w > frame::MAX_WINDOW {
+                    if !grow_window(&conn.io.send_window, increment as i64) {
                         return Err(FrameError::Connection(
                             ErrorCode::FlowControl,
                             "connection window above 2^31-1",
                         ));
                     }
-                    conn.io.send_window.set(w);
                 } else if let Some(s) = self.stream(stream) {
-                    let w = s.send_window.get() + increment as i64;
-                    if w > frame::MAX_WINDOW {
+                    if !grow_window(&s.send_window, increment as i64) {
                         return Err(FrameError::Stream(
                             stream,
                             ErrorCode::FlowControl,
                             "stream window above 2^31-1",
                         ));
                     }
-                    s.send_window.set(w);
                 }
                 conn.io.wake_senders();
                 Ok(())
@@ -700,21 +674,7 @@ impl Reader<'_> {
             ));
         }
         if s.got_final.get() {
-            // Trailers.
-            if !end_stream {
-                return Err(FrameError::Stream(
-                    id,
-                    ErrorCode::Protocol,
-                    "trailers without END_STREAM",
-                ));
-            }
-            if fields.iter().any(|(n, _)| n.starts_with(b":")) {
-                return Err(FrameError::Stream(
-                    id,
-                    ErrorCode::Protocol,
-                    "pseudo-header in trailers",
-                ));
-            }
+            check_trailers(id, end_stream, &fields)?;
             *s.trailers.borrow_mut() = Some(fields);
             s.rx_end.set(true);
             s.wake();
@@ -1108,11 +1068,8 @@ fn response_head(fields: Headers) -> Result<(ResponseHead, Option<u64>), &'stati
             b"connection" | b"keep-alive" | b"proxy-connection" | b"transfer-encoding"
             | b"upgrade" => return Err("connection-specific field in a response"),
             b"content-length" => {
-                let parsed = std::str::from_utf8(v)
-                    .ok()
-                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or("malformed content-length in a response")?;
+                let parsed =
+                    parse_content_length(v).ok_or("malformed content-length in a response")?;
                 if content_length.is_some_and(|c| c != parsed) {
                     return Err("differing content-length values in a response");
                 }

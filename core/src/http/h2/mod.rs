@@ -7,4 +7,5 @@ pub mod frame;
 pub mod hpack;
 pub mod huffman;
 mod output;
+mod rules;
 pub mod server;

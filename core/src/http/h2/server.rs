@@ -25,6 +25,7 @@ use keel_tls::{Session, Transport};
 use super::frame::{self, ErrorCode, Frame, FrameError, Head};
 use super::hpack::{self, Decoder, HpackError};
 use super::output::{Output, RecvWindow, SendError};
+use super::rules::{check_trailers, grow_window, parse_content_length, PendingBlock};
 use crate::generation::ListenerState;
 use crate::http::body::{BodySink, CopyError, UpstreamBody};
 use crate::http::conn::{BufferedStream, ReadBuf};
@@ -219,14 +220,6 @@ enum Exit {
     Error(ErrorCode, &'static str),
 }
 
-/// A header block arriving in pieces (HEADERS then CONTINUATION frames).
-struct Pending {
-    stream: u32,
-    end_stream: bool,
-    block: Vec<u8>,
-    frames: u32,
-}
-
 /// The reader's state.
 struct Connection {
     shared: Rc<Shared>,
@@ -236,7 +229,7 @@ struct Connection {
     decoder: Decoder,
     /// Highest stream id the client has opened.
     last_stream: u32,
-    pending: Option<Pending>,
+    pending: Option<PendingBlock>,
     goaway_sent: bool,
     /// A drain's first GOAWAY went out.
     drain_warned: bool,
@@ -423,12 +416,7 @@ impl Connection {
                 if end_headers {
                     self.on_header_block(at, stream, end_stream, block)
                 } else {
-                    self.pending = Some(Pending {
-                        stream,
-                        end_stream,
-                        block: block.to_vec(),
-                        frames: 0,
-                    });
+                    self.pending = Some(PendingBlock::new(stream, end_stream, block));
                     Ok(())
                 }
             }
@@ -443,16 +431,10 @@ impl Connection {
                         "CONTINUATION without HEADERS",
                     ));
                 };
-                p.frames += 1;
-                p.block.extend_from_slice(block);
-                if p.frames > self.shared.limits.max_continuation_frames
-                    || p.block.len() > self.max_list + 16 * 1024
-                {
+                let limit = self.shared.limits.max_continuation_frames;
+                if let Err(e) = p.push(block, limit, self.max_list + 16 * 1024) {
                     lstats.h2_event(H2Event::ContinuationFlood);
-                    return Err(FrameError::Connection(
-                        ErrorCode::EnhanceYourCalm,
-                        "CONTINUATION flood",
-                    ));
+                    return Err(e);
                 }
                 if end_headers {
                     self.on_header_block(at, stream, p.end_stream, &p.block)
@@ -502,14 +484,12 @@ impl Connection {
                 let delta = settings.initial_window_size as i64 - old_window;
                 if delta != 0 {
                     for s in self.shared.streams.borrow().values() {
-                        let w = s.send_window.get() + delta;
-                        if w > frame::MAX_WINDOW {
+                        if !grow_window(&s.send_window, delta) {
                             return Err(FrameError::Connection(
                                 ErrorCode::FlowControl,
                                 "INITIAL_WINDOW_SIZE overflows a stream window",
                             ));
                         }
-                        s.send_window.set(w);
                     }
                     self.shared.io.wake_senders();
                 }
@@ -549,14 +529,12 @@ impl Connection {
                     ));
                 }
                 if stream == 0 {
-                    let w = self.shared.io.send_window.get() + increment as i64;
-                    if w > frame::MAX_WINDOW {
+                    if !grow_window(&self.shared.io.send_window, increment as i64) {
                         return Err(FrameError::Connection(
                             ErrorCode::FlowControl,
                             "connection window above 2^31-1",
                         ));
                     }
-                    self.shared.io.send_window.set(w);
                 } else {
                     if stream > self.last_stream {
                         return Err(FrameError::Connection(
@@ -566,15 +544,13 @@ impl Connection {
                     }
                     let streams = self.shared.streams.borrow();
                     if let Some(s) = streams.get(&stream) {
-                        let w = s.send_window.get() + increment as i64;
-                        if w > frame::MAX_WINDOW {
+                        if !grow_window(&s.send_window, increment as i64) {
                             return Err(FrameError::Stream(
                                 stream,
                                 ErrorCode::FlowControl,
                                 "stream window above 2^31-1",
                             ));
                         }
-                        s.send_window.set(w);
                     }
                 }
                 self.shared.io.wake_senders();
@@ -697,20 +673,7 @@ impl Connection {
                     "HEADERS after END_STREAM",
                 ));
             }
-            if !end_stream {
-                return Err(FrameError::Stream(
-                    id,
-                    ErrorCode::Protocol,
-                    "trailers without END_STREAM",
-                ));
-            }
-            if fields.iter().any(|(n, _)| n.starts_with(b":")) {
-                return Err(FrameError::Stream(
-                    id,
-                    ErrorCode::Protocol,
-                    "pseudo-header in trailers",
-                ));
-            }
+            check_trailers(id, end_stream, &fields)?;
             if let Some(cl) = s.content_length {
                 if s.received.get() != cl {
                     return Err(FrameError::Stream(
@@ -900,11 +863,7 @@ fn request_head(
             | b"upgrade" => return Err("connection-specific field"),
             b"te" if v != b"trailers" => return Err("te other than trailers"),
             b"content-length" => {
-                let parsed = std::str::from_utf8(v)
-                    .ok()
-                    .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
-                    .and_then(|s| s.parse::<u64>().ok())
-                    .ok_or("malformed content-length")?;
+                let parsed = parse_content_length(v).ok_or("malformed content-length")?;
                 if content_length.is_some_and(|c| c != parsed) {
                     return Err("differing content-length values");
                 }
