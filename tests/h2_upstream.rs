@@ -470,3 +470,188 @@ fn goaway_and_refused_streams_lose_no_request() {
         .count();
     assert_eq!(attempts, 2);
 }
+
+/// A fake HTTP/2 upstream on loopback: for each connection, reads the client preface, sends its
+/// SETTINGS (as a server does at once), reads frames up to the first HEADERS, then runs `script`
+/// with the socket and that HEADERS' stream id.
+fn raw_upstream(
+    script: impl Fn(&mut TcpStream, u32) + Send + Sync + 'static,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    let script = Arc::new(script);
+    std::thread::spawn(move || {
+        for sock in listener.incoming() {
+            let Ok(mut sock) = sock else { return };
+            count.fetch_add(1, SeqCst);
+            let script = script.clone();
+            std::thread::spawn(move || {
+                sock.set_read_timeout(Some(Duration::from_secs(10))).ok();
+                let mut preface = [0u8; 24];
+                if sock.read_exact(&mut preface).is_err() {
+                    return;
+                }
+                let mut settings = Vec::new();
+                keel_core::http::h2::frame::write_settings(&mut settings, &[]);
+                if sock.write_all(&settings).is_err() {
+                    return;
+                }
+                loop {
+                    let mut head = [0u8; 9];
+                    if sock.read_exact(&mut head).is_err() {
+                        return;
+                    }
+                    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                    let mut payload = vec![0u8; len];
+                    if sock.read_exact(&mut payload).is_err() {
+                        return;
+                    }
+                    if head[3] == keel_core::http::h2::frame::HEADERS {
+                        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                        script(&mut sock, id);
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, connections)
+}
+
+/// Frames: the ACK of Keel's SETTINGS and a HEADERS frame with `fields` on `stream`.
+fn settings_and_headers(stream: u32, fields: &[(&str, &str)], end: bool) -> Vec<u8> {
+    use keel_core::http::h2::{frame, hpack};
+    let mut out = Vec::new();
+    frame::write_settings_ack(&mut out);
+    let mut block = Vec::new();
+    for (n, v) in fields {
+        hpack::encode_field(n.as_bytes(), v.as_bytes(), &mut block);
+    }
+    frame::write_headers(&mut out, stream, &block, end, 16_384);
+    out
+}
+
+fn get_status(port: u16, path: &str) -> (u16, String, Duration) {
+    let started = std::time::Instant::now();
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: reviews\r\n\r\n");
+    let (status, head, body) = http_request(&mut s, request.as_bytes());
+    let _ = head;
+    (
+        status,
+        String::from_utf8_lossy(&body).into_owned(),
+        started.elapsed(),
+    )
+}
+
+#[test]
+fn broken_upstreams_get_clear_errors_never_a_hang() {
+    use keel_core::http::h2::frame;
+    // An HTTP/1.1 server on a port declared HTTP2: its answer to the preface is no frame.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let h1_only = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut sock in listener.incoming().flatten() {
+            let mut buf = [0u8; 1024];
+            let _ = sock.read(&mut buf);
+            let _ = sock.write_all(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n");
+        }
+    });
+    let (_keel, port) = keel_for(h1_only, "", 1);
+    let (status, _, took) = get_status(port, "/");
+    assert_eq!(status, 503);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // A server that accepts and never speaks: no SETTINGS within connectTimeout.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for sock in listener.incoming().flatten() {
+            held.push(sock);
+        }
+    });
+    let rule = "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: reviews }
+spec:
+  host: reviews
+  trafficPolicy: { connectionPool: { tcp: { connectTimeout: 300ms } } }
+";
+    let (_keel, port) = keel_for(silent, rule, 1);
+    let (status, _, took) = get_status(port, "/");
+    assert_eq!(status, 503);
+    assert!(took < Duration::from_secs(5), "{took:?}");
+
+    // Malformed response heads (RFC 9113 §8.3.2): 502, the stream reset, nothing forwarded.
+    for fields in [
+        &[(":status", "200"), ("Upper-Case", "x")][..],
+        &[("content-type", "text/plain")],
+        &[(":status", "200"), ("connection", "close")],
+        &[(":status", "200"), (":path", "/")],
+    ] {
+        let reply = settings_and_headers(1, fields, true);
+        let (upstream, _) = raw_upstream(move |s, _| {
+            let _ = s.write_all(&reply);
+            // Read what Keel sends back (its RST_STREAM) until it closes.
+            let mut sink = [0u8; 1024];
+            while matches!(s.read(&mut sink), Ok(1..)) {}
+        });
+        let (_keel, port) = keel_for(upstream, "", 1);
+        let (status, _, _) = get_status(port, "/");
+        assert_eq!(status, 502, "{fields:?}");
+    }
+
+    // A response cut off in its body: the client's connection is closed, never left waiting.
+    let (upstream, _) = raw_upstream(|s, id| {
+        let mut out =
+            settings_and_headers(id, &[(":status", "200"), ("content-length", "100")], false);
+        frame::write_head(&mut out, 10, frame::DATA, 0, id);
+        out.extend_from_slice(b"0123456789");
+        let _ = s.write_all(&out);
+        // Then the connection dies.
+    });
+    let (_keel, port) = keel_for(upstream, "", 1);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&buf[..n]),
+            Err(e) => panic!("not closed: {e}: {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.ends_with("0123456789"), "{text}");
+
+    // DATA beyond the declared content-length: the response is cut off, not passed on whole.
+    let (upstream, _) = raw_upstream(|s, id| {
+        let mut out =
+            settings_and_headers(id, &[(":status", "200"), ("content-length", "3")], false);
+        frame::write_head(&mut out, 5, frame::DATA, frame::END_STREAM, id);
+        out.extend_from_slice(b"abcde");
+        let _ = s.write_all(&out);
+        let mut sink = [0u8; 1024];
+        while matches!(s.read(&mut sink), Ok(1..)) {}
+    });
+    let (_keel, port) = keel_for(upstream, "", 1);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    while let Ok(n @ 1..) = s.read(&mut buf) {
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(!text.contains("abcde"), "{text}");
+}

@@ -140,10 +140,13 @@ async fn open_h2(
             conn.start(transport);
             // The peer's SETTINGS must come within the connect timeout too.
             match monoio::time::timeout(config.connect_timeout, stream.ready()).await {
-                Ok(true) => {
+                Ok(true) if stream.fits() => {
                     failed_unless_started.0 = None;
                     Ok((Acquired::H2(stream), false))
                 }
+                Ok(true) => Err(AcquireError::Connect(ConnectError::Other(
+                    std::io::Error::other("the HTTP/2 peer allows no stream"),
+                ))),
                 Ok(false) => Err(AcquireError::Connect(ConnectError::Other(
                     std::io::Error::other("HTTP/2 connection closed before its SETTINGS"),
                 ))),

@@ -93,8 +93,8 @@ pub(crate) struct ClientConn {
     scheme: &'static str,
     /// Woken when a stream ends and requests wait for a connection (`maxConnections`).
     released: Rc<tokio::sync::Notify>,
-    /// Counted against the cluster's `maxConnections` while the connection lives.
-    slot: ConnSlot,
+    /// Counted against the cluster's `maxConnections` until the connection closes.
+    slot: RefCell<Option<ConnSlot>>,
     endpoint: SocketAddr,
 }
 
@@ -169,7 +169,7 @@ impl ClientConn {
             send_window_timeout: settings.limits.send_window_timeout,
             scheme: if settings.tls { "https" } else { "http" },
             released,
-            slot,
+            slot: RefCell::new(Some(slot)),
             endpoint,
         });
         conn.reserve();
@@ -222,9 +222,17 @@ impl ClientConn {
                 w.wake();
             }
         }
-        if self.slot.stats().breaker.pending() > 0 {
+        if self.wanted_elsewhere() {
             self.released.notify_waiters();
         }
+    }
+
+    /// Whether requests of the cluster wait for a connection slot (`maxConnections`).
+    fn wanted_elsewhere(&self) -> bool {
+        self.slot
+            .borrow()
+            .as_ref()
+            .is_some_and(|s| s.stats().breaker.pending() > 0)
     }
 
     /// Stops new streams; the connection closes once the open ones end.
@@ -272,6 +280,12 @@ impl ClientConn {
     fn close(&self) {
         self.set_phase(Phase::Closed);
         self.io.close();
+        // The slot is free at once, for a request waiting on this core or another.
+        let was_wanted = self.wanted_elsewhere();
+        drop(self.slot.borrow_mut().take());
+        if was_wanted {
+            self.released.notify_waiters();
+        }
         for s in self.streams.borrow().values() {
             s.fail(StreamFailure::Reset);
         }
@@ -1146,18 +1160,14 @@ impl H2Pool {
     pub fn release_for_waiters(&mut self) {
         for list in self.conns.values_mut() {
             list.retain(|c| {
-                let idle_and_wanted = c.active.get() == 0 && c.slot.stats().breaker.pending() > 0;
+                let idle_and_wanted = c.active.get() == 0 && c.wanted_elsewhere();
                 if idle_and_wanted {
                     c.shut_down();
                 }
                 !idle_and_wanted && !c.is_done()
             });
         }
-    }
-
-    /// Connections held, over all endpoints.
-    pub fn count(&self) -> usize {
-        self.conns.values().map(Vec::len).sum()
+        self.conns.retain(|_, list| !list.is_empty());
     }
 }
 
