@@ -12,7 +12,9 @@ def unary(request, context):
         context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
     if request == b"slow":
         time.sleep(3)
-    return b"echo:" + request + b" from " + sys.argv[1].encode()
+    metadata = dict(context.invocation_metadata())
+    caller = metadata.get("x-forwarded-client-cert", "")
+    return b"echo:" + request + b" from " + sys.argv[1].encode() + (b" xfcc=" + caller.encode() if caller else b"")
 
 
 def server_stream(request, context):
