@@ -2,7 +2,7 @@
 # Side-by-side load test: Keel against nginx and HAProxy, by the project's method.
 #
 #   bench/compare.sh [workload ...]        workloads: l4-1mib h1-small h1-close tls-h1 tls-handshake
-#                                          h2c-small idle-mem (default: all)
+#                                          h2c-small h2c-h2 idle-mem (default: all)
 #
 # The proxy under test runs alone on CPU 1 with one worker; the backend (nginx serving fixed bodies)
 # and the load generator (wrk) share CPU 0. Contenders are interleaved (A B C, A B C, ...) over
@@ -17,6 +17,9 @@
 # h2c-small: h2load, 8 connections × 16 streams, 1 KiB responses, HTTP/2 with prior knowledge to
 # each proxy and HTTP/1.1 from each proxy to the backend (Keel's upstream is HTTP/1.1 for now; nginx
 # proxies over HTTP/1.1 only; HAProxy is given the same to compare like with like).
+# h2c-h2: the same load, with HTTP/2 from each proxy to the backend too (nginx serving h2c): Keel
+# by an ingress port declared HTTP2, HAProxy with `proto h2`, nginx with grpc_pass (its only
+# HTTP/2 upstream).
 # Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk,
 # h2load (nghttp2-client), taskset.
 set -euo pipefail
@@ -33,6 +36,7 @@ BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
 KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
 NGINX_H2C=18032 HAPROXY_H2C=18033
+BACKEND_H2C=18004 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
 IDLE_CONNS=${IDLE_CONNS:-5000}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
@@ -74,6 +78,7 @@ http {
   client_body_temp_path $WORK/tmp; proxy_temp_path $WORK/tmp; fastcgi_temp_path $WORK/tmp;
   uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
   server { listen 127.0.0.1:$BACKEND reuseport; root $WORK/www; }
+  server { listen 127.0.0.1:$BACKEND_H2C http2; http2_max_concurrent_streams 1024; root $WORK/www; }
 }
 CONF
 mkdir -p "$WORK/tmp"
@@ -107,6 +112,10 @@ http {
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
   server {
+    listen 127.0.0.1:$NGINX_H2H2 http2;
+    location / { grpc_pass grpc://127.0.0.1:$BACKEND_H2C; }
+  }
+  server {
     listen 127.0.0.1:$NGINX_TLS ssl;
     ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls-key.pem; ssl_protocols TLSv1.3;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
@@ -135,6 +144,10 @@ listen h2c
   mode http
   bind 127.0.0.1:$HAPROXY_H2C proto h2
   server backend 127.0.0.1:$BACKEND
+listen h2h2
+  mode http
+  bind 127.0.0.1:$HAPROXY_H2H2 proto h2
+  server backend 127.0.0.1:$BACKEND_H2C proto h2
 listen tls
   mode http
   bind 127.0.0.1:$HAPROXY_TLS ssl crt $WORK/tls-combined.pem ssl-min-ver TLSv1.3
@@ -164,6 +177,9 @@ spec:
   - port: { number: $KEEL_HTTP, protocol: HTTP }
     bind: 127.0.0.1
     defaultEndpoint: 127.0.0.1:$BACKEND
+  - port: { number: $KEEL_H2H2, protocol: HTTP2 }
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:$BACKEND_H2C
   - port: { number: $KEEL_TLS, protocol: HTTP }
     bind: 127.0.0.1
     defaultEndpoint: 127.0.0.1:$BACKEND
@@ -198,6 +214,7 @@ port_of() { # CONTENDER l4|http
     keel-http) echo $KEEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
     keel-tls) echo $KEEL_TLS ;; nginx-tls) echo $NGINX_TLS ;; haproxy-tls) echo $HAPROXY_TLS ;;
     keel-h2c) echo $KEEL_HTTP ;; nginx-h2c) echo $NGINX_H2C ;; haproxy-h2c) echo $HAPROXY_H2C ;;
+    keel-h2h2) echo $KEEL_H2H2 ;; nginx-h2h2) echo $NGINX_H2H2 ;; haproxy-h2h2) echo $HAPROXY_H2H2 ;;
     direct-*) echo $BACKEND ;;
   esac
 }
@@ -231,8 +248,9 @@ run_one() {
     tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; [ "$who" = direct ] || scheme=https ;;
     tls-handshake) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=16; extra=(-H "Connection: close"); [ "$who" = direct ] || scheme=https ;;
   esac
-  if [ "$workload" = h2c-small ]; then
-    port=$(port_of "$who" h2c); pids=$(pids_of "$who")
+  if [ "$workload" = h2c-small ] || [ "$workload" = h2c-h2 ]; then
+    if [ "$workload" = h2c-small ]; then port=$(port_of "$who" h2c); else port=$(port_of "$who" h2h2); fi
+    pids=$(pids_of "$who")
     # shellcheck disable=SC2086
     c0=$(cpu_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
     out=$(taskset -c 0 h2load -c 8 -m 16 -D "$DURATION" "http://127.0.0.1:$port/1k")
@@ -344,13 +362,13 @@ report() {
 }
 
 WORKLOADS=("$@")
-[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake h2c-small idle-mem)
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake h2c-small h2c-h2 idle-mem)
 : > "$WORK/report.md"
 for workload in "${WORKLOADS[@]}"; do
-  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|h2c-small|idle-mem) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
+  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|h2c-small|h2c-h2|idle-mem) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
   : > "$WORK/rows.$workload"
-  # No direct row for idle memory, nor for h2c (the backend speaks HTTP/1.1 only).
-  [ "$workload" = idle-mem ] || [ "$workload" = h2c-small ] || run_one "$workload" direct
+  # No direct row for idle memory, nor for the h2c workloads.
+  case $workload in idle-mem|h2c-small|h2c-h2) ;; *) run_one "$workload" direct ;; esac
   rounds=$ROUNDS
   # Memory a process freed stays with it (allocator, buffer pools): only a fresh process's first
   # idle measurement means anything, so idle-mem runs once per contender.

@@ -51,7 +51,7 @@ struct Record {
 struct Behaviour {
     /// SETTINGS_MAX_CONCURRENT_STREAMS.
     max_streams: Option<u32>,
-    /// Sends a graceful GOAWAY after this many streams on a connection.
+    /// Sends a graceful GOAWAY (two steps) after this many streams on a connection.
     goaway_after: Option<usize>,
 }
 
@@ -98,7 +98,11 @@ async fn serve_connection(
     };
     let open = Arc::new(AtomicUsize::new(0));
     let mut served = 0;
-    while let Some(Ok((req, respond))) = conn.accept().await {
+    while let Some(accepted) = conn.accept().await {
+        let (req, respond) = match accepted {
+            Ok(a) => a,
+            Err(_) => break,
+        };
         served += 1;
         if behaviour.goaway_after == Some(served) {
             conn.graceful_shutdown();
@@ -111,6 +115,8 @@ async fn serve_connection(
             open.fetch_sub(1, SeqCst);
         });
     }
+    // After a GOAWAY, the streams already taken still need the connection driven to finish.
+    let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
 }
 
 async fn handle(
@@ -452,6 +458,83 @@ fn goaway_and_refused_streams_lose_no_request() {
         .map(|s| s.connection)
         .collect();
     assert!(used.len() >= 3, "{used:?}");
+
+    // As nginx at `keepalive_requests` (1000 there): after 100 streams, a GOAWAY naming the last
+    // one served; with 32 in flight, every connection's tail is refused and must be sent again,
+    // and a resend may itself land on a connection about to end.
+    let (upstream, connections) = raw_upstream(|s, first| {
+        use keel_core::http::h2::frame;
+        let respond = |s: &mut TcpStream, id: u32| {
+            let mut out = Vec::new();
+            // :status 200 (static index 8), then a 2-byte body.
+            frame::write_headers(&mut out, id, &[0x88], false, 16_384);
+            frame::write_head(&mut out, 2, frame::DATA, frame::END_STREAM, id);
+            out.extend_from_slice(b"ok");
+            s.write_all(&out)
+        };
+        let mut ack = Vec::new();
+        frame::write_settings_ack(&mut ack);
+        if s.write_all(&ack).is_err() || respond(s, first).is_err() {
+            return;
+        }
+        let mut served = 1;
+        while served < 100 {
+            let mut head = [0u8; 9];
+            if s.read_exact(&mut head).is_err() {
+                return;
+            }
+            let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+            let mut payload = vec![0u8; len];
+            if s.read_exact(&mut payload).is_err() {
+                return;
+            }
+            if head[3] == frame::HEADERS {
+                let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                if respond(s, id).is_err() {
+                    return;
+                }
+                served += 1;
+                if served == 100 {
+                    let mut goaway = Vec::new();
+                    frame::write_goaway(&mut goaway, id, frame::ErrorCode::NoError, b"");
+                    let _ = s.write_all(&goaway);
+                }
+            }
+        }
+        // A lingering close, as nginx's: unread bytes at close would reset the connection
+        // and take the GOAWAY with them.
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        s.set_read_timeout(Some(Duration::from_secs(2))).ok();
+        let mut sink = [0u8; 4096];
+        while matches!(s.read(&mut sink), Ok(1..)) {}
+    });
+    let (nginx_like, like_port) = keel_for(upstream, "", 1);
+    let out = std::process::Command::new("h2load")
+        .args([
+            "-n",
+            "5000",
+            "-c",
+            "2",
+            "-m",
+            "16",
+            "-H",
+            ":authority: reviews",
+        ])
+        .arg(format!("http://127.0.0.1:{like_port}/"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("5000 succeeded, 0 failed"),
+        "{text}\n{}",
+        nginx_like.stats()["listeners"][0]
+    );
+    assert!(
+        connections.load(SeqCst) >= 50,
+        "{}",
+        connections.load(SeqCst)
+    );
+    drop(nginx_like);
 
     // REFUSED_STREAM: not processed, so sent again (Istio's default retryOn has refused-stream).
     let (code, out) = curl(&[

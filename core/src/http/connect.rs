@@ -78,9 +78,13 @@ pub(crate) async fn acquire(
             }
         }
         if let Some(slot) = ConnSlot::open(stats, config.limits.max_connections, worker.id) {
-            drop(waiting);
+            waiting = None;
             if h2 {
-                return open_h2(worker, gen, cluster, addr, key, slot).await;
+                match open_h2(worker, gen, cluster, addr, key, slot).await? {
+                    Some(opened) => return Ok(opened),
+                    // The streams it allows were taken by requests that waited on it.
+                    None => continue,
+                }
             }
             let stream = crate::upstream::open(gen, cluster, addr, false)
                 .await
@@ -114,7 +118,8 @@ pub(crate) async fn acquire(
 }
 
 /// Opens an HTTP/2 connection, pooled at once so that requests arriving meanwhile reserve
-/// streams on it instead of opening connections of their own.
+/// streams on it instead of opening connections of their own. `None`: it is up, but the requests
+/// that waited on it took every stream its peer allows.
 async fn open_h2(
     worker: &Worker,
     gen: &Generation,
@@ -122,7 +127,7 @@ async fn open_h2(
     addr: SocketAddr,
     key: PoolKey,
     slot: ConnSlot,
-) -> Result<(Acquired, bool), AcquireError> {
+) -> Result<Option<(Acquired, bool)>, AcquireError> {
     let config = &gen.snapshot.clusters[cluster];
     let settings = ConnSettings {
         limits: gen.snapshot.proxy.http2,
@@ -142,11 +147,15 @@ async fn open_h2(
             match monoio::time::timeout(config.connect_timeout, stream.ready()).await {
                 Ok(true) if stream.fits() => {
                     failed_unless_started.0 = None;
-                    Ok((Acquired::H2(stream), false))
+                    Ok(Some((Acquired::H2(stream), false)))
                 }
-                Ok(true) => Err(AcquireError::Connect(ConnectError::Other(
-                    std::io::Error::other("the HTTP/2 peer allows no stream"),
-                ))),
+                Ok(true) if stream.peer_allows_none() => Err(AcquireError::Connect(
+                    ConnectError::Other(std::io::Error::other("the HTTP/2 peer allows no stream")),
+                )),
+                Ok(true) => {
+                    failed_unless_started.0 = None;
+                    Ok(None)
+                }
                 Ok(false) => Err(AcquireError::Connect(ConnectError::Other(
                     std::io::Error::other("HTTP/2 connection closed before its SETTINGS"),
                 ))),

@@ -1506,6 +1506,12 @@ async fn finish_local<D: Downstream>(
     next
 }
 
+/// How many times a stream an HTTP/2 upstream refused (never processed: above its GOAWAY's last
+/// stream, or REFUSED_STREAM) is sent again within one try, route retries aside. A server that
+/// ends connections after N streams (nginx's `keepalive_requests`) refuses a burst's tail on each
+/// connection it ends, and a resend can land on another connection near its own end.
+const MAX_REFUSED_RESENDS: u32 = 5;
+
 /// One try: a connection (pooled or new, within the circuit breakers) or an HTTP/2 stream, the
 /// request sent on it, and its response head awaited, bounded by the per-try timeout and the
 /// route timeout.
@@ -1520,6 +1526,7 @@ async fn one_try<D: Downstream>(
 ) -> Result<Answer, Failure> {
     let cluster = &at.gen.snapshot.clusters[spec.cluster];
     let mut fresh_only = false;
+    let mut refused = 0u32;
     loop {
         // Waiting for a connection slot ends with the route timeout, or else the connect timeout.
         let now = Instant::now();
@@ -1610,7 +1617,14 @@ async fn one_try<D: Downstream>(
                         early,
                         endpoint,
                     }),
-                    Err(Failure::Refused) if again && replay.replayable() => Err(None),
+                    Err(Failure::Refused)
+                        if refused < MAX_REFUSED_RESENDS
+                            && replay.replayable()
+                            && !idle.expired() =>
+                    {
+                        refused += 1;
+                        Err(None)
+                    }
                     Err(Failure::Reset) if again && reused && spec.replayable => Err(None),
                     Err(f) => Err(Some(f)),
                 }

@@ -160,7 +160,7 @@ impl ClientConn {
             next_id: Cell::new(1),
             active: Cell::new(0),
             reserved_total: Cell::new(0),
-            max_streams_config: settings.max_concurrent_streams.max(1),
+            max_streams_config: settings.max_concurrent_streams,
             per_connection: settings.max_requests_per_connection,
             shut: Cell::new(false),
             settings_seen: Cell::new(false),
@@ -563,6 +563,7 @@ impl Reader<'_> {
                         "RST_STREAM on an idle stream",
                     ));
                 }
+                tracing::debug!(upstream = %conn.endpoint, stream, code, "HTTP/2 RST_STREAM from the upstream");
                 if let Some(s) = self.stream(stream) {
                     let refused = code == ErrorCode::RefusedStream as u32;
                     s.fail(if refused {
@@ -776,6 +777,11 @@ impl ClientStream {
     /// that limit was known may be more than it allows, and those go elsewhere.
     pub fn fits(&self) -> bool {
         (self.conn.streams.borrow().len() as u32) < self.conn.max_streams()
+    }
+
+    /// Whether the peer's SETTINGS allow no stream at all (then no connection to it will do).
+    pub fn peer_allows_none(&self) -> bool {
+        self.conn.max_streams() == 0
     }
 
     /// Fails the connection this stream was to open (its handshake did not finish in time).
