@@ -70,6 +70,8 @@ pub(crate) enum StreamFailure {
 /// One upstream HTTP/2 connection, shared by the streams of one worker.
 pub(crate) struct ClientConn {
     io: Output,
+    /// HPACK state of the blocks we send (the peer's decoder mirrors it).
+    encoder: RefCell<hpack::Encoder>,
     phase: Cell<Phase>,
     /// Requests waiting for the connection to be established.
     ready_waiters: RefCell<Vec<Waker>>,
@@ -152,6 +154,7 @@ impl ClientConn {
     ) -> Rc<ClientConn> {
         let conn = Rc::new(ClientConn {
             io: Output::new(),
+            encoder: RefCell::new(hpack::Encoder::default()),
             phase: Cell::new(Phase::Connecting),
             ready_waiters: RefCell::new(Vec::new()),
             recv: RecvWindow::new(settings.limits.connection_window),
@@ -586,6 +589,9 @@ impl Reader<'_> {
                 let old_window = settings.initial_window_size as i64;
                 settings.apply(payload)?;
                 conn.io.peer.set(settings);
+                conn.encoder
+                    .borrow_mut()
+                    .set_peer_max(settings.header_table_size as usize);
                 conn.settings_seen.set(true);
                 if conn.phase.get() == Phase::Connecting {
                     conn.set_phase(Phase::Ready);
@@ -799,18 +805,22 @@ impl ClientStream {
         let id = conn.next_id.get();
         conn.next_id.set(id + 2);
         let mut block = Vec::with_capacity(256);
-        hpack::encode_field(b":method", head.method.as_bytes(), &mut block);
-        hpack::encode_field(b":scheme", conn.scheme.as_bytes(), &mut block);
-        hpack::encode_field(b":authority", head.authority.as_bytes(), &mut block);
-        hpack::encode_field(b":path", head.path.as_bytes(), &mut block);
+        // Encoded and queued with no await between (blocks reach the wire in table order).
+        let mut enc = conn.encoder.borrow_mut();
+        enc.begin(&mut block);
+        enc.field(b":method", head.method.as_bytes(), &mut block);
+        enc.field(b":scheme", conn.scheme.as_bytes(), &mut block);
+        enc.field(b":authority", head.authority.as_bytes(), &mut block);
+        enc.field(b":path", head.path.as_bytes(), &mut block);
         for (n, v) in head.headers.iter() {
             if !left_out_of_request(n) {
-                hpack::encode_field(n, v, &mut block);
+                enc.field(n, v, &mut block);
             }
         }
         if te_trailers {
-            hpack::encode_field(b"te", b"trailers", &mut block);
+            enc.field(b"te", b"trailers", &mut block);
         }
+        drop(enc);
         let state = Rc::new(StreamState {
             id,
             heads: RefCell::new(VecDeque::new()),
@@ -990,11 +1000,14 @@ impl Upload {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         let mut block = Vec::with_capacity(64);
+        let mut enc = self.conn.encoder.borrow_mut();
+        enc.begin(&mut block);
         for (n, v) in trailers.iter() {
             if !left_out_of_request(n) {
-                hpack::encode_field(n, v, &mut block);
+                enc.field(n, v, &mut block);
             }
         }
+        drop(enc);
         let max_frame = self.conn.io.peer.get().max_frame_size as usize;
         self.conn
             .io

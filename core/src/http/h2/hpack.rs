@@ -328,21 +328,36 @@ fn static_index(name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>) {
     (None, name_only)
 }
 
-/// Appends one field: an indexed static entry when one matches exactly, else a literal without
-/// indexing (never indexed for credentials, §7.1.3) naming a static entry when it can.
+/// Credentials: never indexed, by us or by any intermediary (§7.1.3).
+fn is_sensitive(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"authorization" | b"proxy-authorization" | b"cookie" | b"set-cookie"
+    )
+}
+
+/// Appends one field without touching any dynamic table: an indexed static entry when one
+/// matches exactly, else a literal without indexing (never indexed for credentials) naming a
+/// static entry when it can. For blocks outside a connection's sequence (tests, probes).
 pub fn encode_field(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
     let (exact, by_name) = static_index(name, value);
     if let Some(i) = exact {
         encode_integer(i, 7, 0x80, out);
         return;
     }
-    let sensitive = matches!(
-        name,
-        b"authorization" | b"proxy-authorization" | b"cookie" | b"set-cookie"
-    );
-    let flags = if sensitive { 0x10 } else { 0x00 };
-    match by_name {
-        Some(i) => encode_integer(i, 4, flags, out),
+    literal(name, by_name, value, false, out);
+}
+
+/// A literal field (§6.2): with incremental indexing, or without (never indexed for
+/// credentials); the name by `name_index` when it has one.
+fn literal(name: &[u8], name_index: Option<usize>, value: &[u8], index: bool, out: &mut Vec<u8>) {
+    let (prefix, flags) = match (index, is_sensitive(name)) {
+        (true, _) => (6, 0x40),
+        (false, true) => (4, 0x10),
+        (false, false) => (4, 0x00),
+    };
+    match name_index {
+        Some(i) => encode_integer(i, prefix, flags, out),
         None => {
             out.push(flags);
             encode_string(name, out);
@@ -351,9 +366,201 @@ pub fn encode_field(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
     encode_string(value, out);
 }
 
+/// The largest dynamic table Keel's encoders keep, whatever a peer allows (the default 4096:
+/// what the common fields of a request or response need, and no more memory per connection).
+const ENCODER_TABLE_MAX: usize = 4096;
+
+/// Encodes the header blocks of one connection's direction, indexing repeated fields in a
+/// dynamic table that mirrors the peer's decoder, so that a field sent before costs one byte.
+/// Blocks must go on the wire in the order they were encoded.
+///
+/// Indexed: everything but credentials (never indexed), fields whose value changes with every
+/// message (`x-request-id`, trace context) and values too large to be worth a table slot.
+#[derive(Debug)]
+pub struct Encoder {
+    table: DynamicTable,
+    /// A size change to announce at the start of the next block (§4.2, §6.3).
+    pending_size: Option<usize>,
+}
+
+impl Default for Encoder {
+    fn default() -> Encoder {
+        Encoder {
+            table: DynamicTable {
+                max: ENCODER_TABLE_MAX,
+                ..Default::default()
+            },
+            pending_size: None,
+        }
+    }
+}
+
+impl Encoder {
+    /// The peer's SETTINGS_HEADER_TABLE_SIZE: the table is kept at most that large.
+    pub fn set_peer_max(&mut self, peer_max: usize) {
+        let size = peer_max.min(ENCODER_TABLE_MAX);
+        if size != self.table.max {
+            self.table.resize(size);
+            // Several changes before the next block: the smallest and the last must both be
+            // seen (§4.2); announcing the last after a resize to it covers the evictions.
+            self.pending_size = Some(size);
+        }
+    }
+
+    /// Starts a header block: announces a pending table size change.
+    pub fn begin(&mut self, out: &mut Vec<u8>) {
+        if let Some(size) = self.pending_size.take() {
+            encode_integer(size, 5, 0x20, out);
+        }
+    }
+
+    /// Appends one field of the block begun with [`Encoder::begin`].
+    pub fn field(&mut self, name: &[u8], value: &[u8], out: &mut Vec<u8>) {
+        let (exact, static_name) = static_index(name, value);
+        if let Some(i) = exact {
+            encode_integer(i, 7, 0x80, out);
+            return;
+        }
+        let sensitive = is_sensitive(name);
+        let mut dynamic_name = None;
+        if !sensitive {
+            for (i, (n, v)) in self.table.entries.iter().enumerate() {
+                if &n[..] == name {
+                    if &v[..] == value {
+                        encode_integer(62 + i, 7, 0x80, out);
+                        return;
+                    }
+                    dynamic_name.get_or_insert(62 + i);
+                }
+            }
+        }
+        let index = !sensitive
+            && !is_volatile(name)
+            && name.len() + value.len() + ENTRY_OVERHEAD <= self.table.max / 4;
+        literal(name, static_name.or(dynamic_name), value, index, out);
+        if index {
+            self.table.insert(name, value);
+        }
+    }
+}
+
+/// Fields whose values are new in every message: indexing them would only churn the table.
+fn is_volatile(name: &[u8]) -> bool {
+    matches!(
+        name,
+        b"x-request-id"
+            | b"traceparent"
+            | b"tracestate"
+            | b"b3"
+            | b"x-b3-traceid"
+            | b"x-b3-spanid"
+            | b"x-b3-parentspanid"
+            | b"content-length"
+            | b"date"
+            | b"etag"
+            | b"last-modified"
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// RFC 7541 C.4: three requests on one connection, with Huffman coding and the dynamic table.
+    #[test]
+    fn encoder_reproduces_rfc_7541_c4() {
+        let mut enc = Encoder::default();
+        let block = |enc: &mut Encoder, fields: &[(&str, &str)]| {
+            let mut out = Vec::new();
+            enc.begin(&mut out);
+            for (n, v) in fields {
+                enc.field(n.as_bytes(), v.as_bytes(), &mut out);
+            }
+            out
+        };
+        let first = [
+            (":method", "GET"),
+            (":scheme", "http"),
+            (":path", "/"),
+            (":authority", "www.example.com"),
+        ];
+        assert_eq!(
+            block(&mut enc, &first),
+            hex("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff")
+        );
+        let mut second = first.to_vec();
+        second.push(("cache-control", "no-cache"));
+        assert_eq!(
+            block(&mut enc, &second),
+            hex("8286 84be 5886 a8eb 1064 9cbf")
+        );
+        let third = [
+            (":method", "GET"),
+            (":scheme", "https"),
+            (":path", "/index.html"),
+            (":authority", "www.example.com"),
+            ("custom-key", "custom-value"),
+        ];
+        assert_eq!(
+            block(&mut enc, &third),
+            hex("8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf")
+        );
+        // The table holds what the RFC's decoder table holds after C.4.3.
+        assert_eq!(enc.table.size, 164);
+    }
+
+    /// Whatever the encoder sends, a decoder following the same blocks reads back: across a
+    /// table that fills and evicts, a peer's smaller table size, credentials and volatile fields.
+    #[test]
+    fn encoder_and_decoder_stay_in_step() {
+        let mut enc = Encoder::default();
+        let mut dec = Decoder::new(4096);
+        for round in 0..200u32 {
+            if round == 100 {
+                enc.set_peer_max(256);
+            }
+            let fields: Vec<(String, String)> = vec![
+                (":status".into(), "200".into()),
+                ("content-type".into(), "application/grpc".into()),
+                ("x-request-id".into(), format!("id-{round}")),
+                ("cookie".into(), "secret=1".into()),
+                (
+                    format!("x-custom-{}", round % 7),
+                    format!("value-{}", round % 13),
+                ),
+                ("server".into(), "keel".into()),
+            ];
+            let mut out = Vec::new();
+            enc.begin(&mut out);
+            for (n, v) in &fields {
+                enc.field(n.as_bytes(), v.as_bytes(), &mut out);
+            }
+            let mut got = Vec::new();
+            dec.decode(&out, 1 << 20, |n, v| got.push((n.to_vec(), v.to_vec())))
+                .unwrap();
+            let want: Vec<(Vec<u8>, Vec<u8>)> = fields
+                .iter()
+                .map(|(n, v)| (n.as_bytes().to_vec(), v.as_bytes().to_vec()))
+                .collect();
+            assert_eq!(got, want, "round {round}");
+            assert!(enc.table.size <= enc.table.max);
+        }
+        // A repeated response costs a byte a field once indexed.
+        let mut enc = Encoder::default();
+        for len in [0, 2] {
+            let mut out = Vec::new();
+            enc.begin(&mut out);
+            enc.field(b"content-type", b"application/grpc", &mut out);
+            enc.field(b"server", b"keel", &mut out);
+            if len > 0 {
+                assert_eq!(out.len(), len, "{out:?}");
+            }
+        }
+        // Credentials are never indexed (§7.1.3): the 0001 prefix.
+        let mut out = Vec::new();
+        enc.field(b"authorization", b"Bearer x", &mut out);
+        assert_eq!(out[0] & 0xf0, 0x10);
+    }
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.split_whitespace().collect();

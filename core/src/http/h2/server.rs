@@ -59,6 +59,8 @@ struct Shared {
     limits: Http2Limits,
     /// Frames for the writer, the peer's windows and settings.
     io: Output,
+    /// HPACK state of the blocks we send (the client's decoder mirrors it).
+    encoder: RefCell<hpack::Encoder>,
     /// What the peer may still send on the connection.
     recv: RecvWindow,
     streams: RefCell<HashMap<u32, Rc<StreamState>>>,
@@ -138,6 +140,7 @@ pub(crate) async fn serve(
         worker_id: worker.id,
         limits,
         io: Output::new(),
+        encoder: RefCell::new(hpack::Encoder::default()),
         recv: RecvWindow::new(limits.connection_window),
         streams: RefCell::new(HashMap::new()),
         reader: Cell::new(None),
@@ -481,6 +484,10 @@ impl Connection {
                 let old_window = settings.initial_window_size as i64;
                 settings.apply(payload)?;
                 self.shared.io.peer.set(settings);
+                self.shared
+                    .encoder
+                    .borrow_mut()
+                    .set_peer_max(settings.header_table_size as usize);
                 let delta = settings.initial_window_size as i64 - old_window;
                 if delta != 0 {
                     for s in self.shared.streams.borrow().values() {
@@ -999,17 +1006,22 @@ impl StreamHandle {
             return Err(io::ErrorKind::BrokenPipe.into());
         }
         let mut block = Vec::with_capacity(256);
+        // Encoded and queued with no await between, so blocks reach the wire in the order the
+        // connection's table saw them.
+        let mut enc = self.shared.encoder.borrow_mut();
+        enc.begin(&mut block);
         if let Some(status) = status {
-            hpack::encode_field(b":status", status.to_string().as_bytes(), &mut block);
+            enc.field(b":status", status.to_string().as_bytes(), &mut block);
         }
         for (n, v) in fields.iter() {
             if !is_connection_specific(n) {
-                hpack::encode_field(n, v, &mut block);
+                enc.field(n, v, &mut block);
             }
         }
         for (n, v) in extra {
-            hpack::encode_field(n.as_bytes(), v.as_bytes(), &mut block);
+            enc.field(n.as_bytes(), v.as_bytes(), &mut block);
         }
+        drop(enc);
         let max_frame = self.shared.io.peer.get().max_frame_size as usize;
         let id = self.state.id;
         self.shared
