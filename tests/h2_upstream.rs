@@ -184,7 +184,23 @@ async fn handle(
 /// protocol `HTTP2`; `extra` adds resources.
 fn keel_for(backend: SocketAddr, extra: &str, workers: usize) -> (Keel, u16) {
     let (admin, port) = (free_port(), free_port());
-    let config = format!(
+    let config = keel_config_for_workers(backend, port, admin, extra, workers);
+    (Keel::start(&config, admin, &[]), port)
+}
+
+/// The config [`keel_for`] starts Keel with, one worker.
+fn keel_config_for(backend: SocketAddr, port: u16, admin: u16, extra: &str) -> String {
+    keel_config_for_workers(backend, port, admin, extra, 1)
+}
+
+fn keel_config_for_workers(
+    backend: SocketAddr,
+    port: u16,
+    admin: u16,
+    extra: &str,
+    workers: usize,
+) -> String {
+    format!(
         "{}---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
@@ -206,8 +222,7 @@ spec:
 {extra}",
         proxy_yaml(admin, workers),
         backend.port()
-    );
-    (Keel::start(&config, admin, &[]), port)
+    )
 }
 
 fn curl(args: &[&str]) -> (i32, String) {
@@ -616,18 +631,14 @@ fn settings_and_headers(stream: u32, fields: &[(&str, &str)], end: bool) -> Vec<
     out
 }
 
-fn get_status(port: u16, path: &str) -> (u16, String, Duration) {
+fn get_status(port: u16, path: &str) -> (u16, Vec<u8>, Duration) {
     let started = std::time::Instant::now();
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
     let request = format!("GET {path} HTTP/1.1\r\nHost: reviews\r\n\r\n");
     let (status, head, body) = http_request(&mut s, request.as_bytes());
     let _ = head;
-    (
-        status,
-        String::from_utf8_lossy(&body).into_owned(),
-        started.elapsed(),
-    )
+    (status, body, started.elapsed())
 }
 
 #[test]
@@ -715,6 +726,59 @@ spec:
     let text = String::from_utf8_lossy(&got);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.ends_with("0123456789"), "{text}");
+
+    // A whole response, then at once GOAWAY and the connection's end (as nginx after its last
+    // stream): the response is still delivered whole, its end included (no content-length, so
+    // an HTTP/1.1 client needs the last chunk), on either io driver.
+    let body: Vec<u8> = (0..60_000u32).map(|i| (i % 251) as u8).collect();
+    let sent = body.clone();
+    let (upstream, _) = raw_upstream(move |s, id| {
+        let mut out = settings_and_headers(id, &[(":status", "200")], false);
+        for (i, chunk) in sent.chunks(16_000).enumerate() {
+            let last = (i + 1) * 16_000 >= sent.len();
+            frame::write_head(
+                &mut out,
+                chunk.len(),
+                frame::DATA,
+                if last { frame::END_STREAM } else { 0 },
+                id,
+            );
+            out.extend_from_slice(chunk);
+        }
+        frame::write_goaway(&mut out, id, frame::ErrorCode::NoError, b"");
+        // Corked: the response, the GOAWAY and the FIN arrive together, so Keel reads the end of
+        // the connection before the stream's task has taken the response.
+        let _ = socket2::SockRef::from(&*s).set_cork(true);
+        let _ = s.write_all(&out);
+        let _ = s.shutdown(std::net::Shutdown::Write);
+        let mut sink = [0u8; 1024];
+        while matches!(s.read(&mut sink), Ok(1..)) {}
+    });
+    for driver in DRIVERS {
+        let (admin, port) = (free_port(), free_port());
+        let _ = admin;
+        let config = keel_config_for(upstream, port, admin, "");
+        let keel = Keel::start(&config, admin, &["--io-driver", driver]);
+        // One keep-alive connection: a response cut short would close it.
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        for i in 0..20 {
+            let (status, head, got) =
+                http_request(&mut s, b"GET /whole HTTP/1.1\r\nHost: reviews\r\n\r\n");
+            assert_eq!(status, 200, "{driver} #{i}");
+            assert!(
+                head.to_ascii_lowercase()
+                    .contains("transfer-encoding: chunked"),
+                "{head}"
+            );
+            assert!(got == body, "{driver} #{i}: {} bytes", got.len());
+        }
+        assert!(
+            !keel.log_text().contains("response body interrupted"),
+            "{driver}"
+        );
+        drop(keel);
+    }
 
     // DATA beyond the declared content-length: the response is cut off, not passed on whole.
     let (upstream, _) = raw_upstream(|s, id| {

@@ -80,13 +80,15 @@ pub(crate) async fn acquire(
         if let Some(slot) = ConnSlot::open(stats, config.limits.max_connections, worker.id) {
             waiting = None;
             if h2 {
-                match open_h2(worker, gen, cluster, addr, key, slot).await? {
+                // Boxed, like the HTTP/1.1 connect below: a connect and a TLS handshake are large
+                // futures, and most requests find a connection and never need them.
+                match Box::pin(open_h2(worker, gen, cluster, addr, key, slot)).await? {
                     Some(opened) => return Ok(opened),
                     // The streams it allows were taken by requests that waited on it.
                     None => continue,
                 }
             }
-            let stream = crate::upstream::open(gen, cluster, addr, false)
+            let stream = Box::pin(crate::upstream::open(gen, cluster, addr, false))
                 .await
                 .map_err(AcquireError::Connect)?;
             let conn = PooledConn {

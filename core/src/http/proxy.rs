@@ -1718,9 +1718,10 @@ async fn send_and_await<D: Downstream>(
     if spec.body == BodyKind::None {
         return receiving.await.map(|(r, b)| (r, b, false));
     }
+    // Boxed: a body's copy is a large future that requests without a body never need.
     let mut sink = H1Sink::new(up_stream, spec.body == BodyKind::Chunked);
     let sending = send_body(&mut sink, down, spec.body, activity, replay);
-    body_and_head(sending, receiving).await
+    Box::pin(body_and_head(sending, receiving)).await
 }
 
 /// Opens the request's HTTP/2 stream and awaits the response head. A body from an HTTP/2 client
@@ -1739,12 +1740,24 @@ async fn send_and_await_h2<D: Downstream>(
         .map_err(|_| Failure::Reset)?;
     let stream = &*stream;
     let receiving = async { stream.response_head().await.map_err(Failure::from) };
-    let Some(mut upload) = stream.upload() else {
+    let Some(upload) = stream.upload() else {
         return Err(Failure::Reset);
     };
     if end {
         return receiving.await.map(|(r, b)| (r, b, false));
     }
+    // Boxed: what moves a body is a large future that requests without a body never need.
+    Box::pin(body_then_head_h2(upload, receiving, down, spec, replay)).await
+}
+
+/// [`send_and_await_h2`] for a request with a body.
+async fn body_then_head_h2<D: Downstream>(
+    mut upload: super::h2::client::Upload,
+    receiving: impl std::future::Future<Output = Result<(ResponseHead, BodyKind), Failure>>,
+    down: &mut D,
+    spec: &TrySpec<'_>,
+    replay: &mut Replay,
+) -> Result<(ResponseHead, BodyKind, bool), Failure> {
     if replay.unread() {
         if let Some(reader) = down.duplex() {
             let pump = BodyPump::start(

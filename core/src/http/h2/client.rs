@@ -290,7 +290,12 @@ impl ClientConn {
             self.released.notify_waiters();
         }
         for s in self.streams.borrow().values() {
-            s.fail(StreamFailure::Reset);
+            if s.rx_end.get() {
+                // Its response came whole: what is queued of it is still delivered.
+                s.wake();
+            } else {
+                s.fail(StreamFailure::Reset);
+            }
         }
         if let Some(w) = self.reader.take() {
             w.wake();
@@ -906,13 +911,11 @@ impl ClientStream {
             if let Some(c) = s.rx.borrow_mut().pop_front() {
                 return Poll::Ready(Ok(Some(c)));
             }
-            if s.failed.get().is_some() {
-                return Poll::Ready(Err(CopyError::Read));
-            }
-            if s.rx_end.get() {
+            // A response that ended whole stays whole, whatever happens to the connection after.
+            if s.rx_end.get() && !matches!(s.failed.get(), Some(StreamFailure::Protocol(_))) {
                 return Poll::Ready(Ok(None));
             }
-            if self.conn.is_closed() {
+            if s.failed.get().is_some() || self.conn.is_closed() {
                 return Poll::Ready(Err(CopyError::Read));
             }
             s.waker.set(Some(cx.waker().clone()));
