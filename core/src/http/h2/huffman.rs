@@ -90,16 +90,23 @@ pub fn encoded_len(input: &[u8]) -> usize {
 
 /// Appends the Huffman encoding of `input` to `out`, padded with the EOS prefix (all ones).
 pub fn encode(input: &[u8], out: &mut Vec<u8>) {
+    // `acc` holds `bits` pending bits, right-aligned (fewer than 32 between symbols, and codes
+    // are at most 30 bits, so they fit); they leave 32 at a time.
     let mut acc: u64 = 0;
     let mut bits: u32 = 0;
+    let codes = &TABLES.codes;
     for &b in input {
         let len = LENGTHS[b as usize] as u32;
-        acc = (acc << len) | TABLES.codes[b as usize] as u64;
+        acc = (acc << len) | codes[b as usize] as u64;
         bits += len;
-        while bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
+        if bits >= 32 {
+            bits -= 32;
+            out.extend_from_slice(&((acc >> bits) as u32).to_be_bytes());
         }
+    }
+    while bits >= 8 {
+        bits -= 8;
+        out.push((acc >> bits) as u8);
     }
     if bits > 0 {
         let pad = 8 - bits;
