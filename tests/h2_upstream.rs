@@ -802,3 +802,58 @@ spec:
     let text = String::from_utf8_lossy(&got);
     assert!(!text.contains("abcde"), "{text}");
 }
+
+/// Keel with an `HTTP` port for `reviews` on `backend` (HTTP/1.1 unless `rule` upgrades it).
+fn keel_http_port(backend: SocketAddr, rule: &str) -> (Keel, u16) {
+    let (admin, port) = (free_port(), free_port());
+    let config = keel_config_for(backend, port, admin, rule).replace(
+        "name: http2, protocol: HTTP2",
+        "name: http2, protocol: HTTP",
+    );
+    (Keel::start(&config, admin, &[]), port)
+}
+
+#[test]
+fn upgrade_policy_and_client_protocol_pick_the_upstream_protocol() {
+    let (backend, _rec) = h2_backend(Behaviour::default());
+    let rule = |http: &str| {
+        format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: reviews }}
+spec:
+  host: reviews
+  trafficPolicy: {{ connectionPool: {{ http: {http} }} }}
+"
+        )
+    };
+    let get = |port: u16, h2: bool| {
+        let url = format!("http://reviews:{port}/p");
+        let resolve = format!("reviews:{port}:127.0.0.1");
+        let mut args = vec![
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+            &resolve,
+        ];
+        if h2 {
+            args.push("--http2-prior-knowledge");
+        }
+        args.push(&url);
+        curl(&args).1
+    };
+    // An HTTP port speaks HTTP/1.1 upstream: the HTTP/2-only backend does not answer it.
+    let (_plain, port) = keel_http_port(backend, "");
+    assert_ne!(get(port, false), "201");
+    // UPGRADE: HTTP/2 upstream whatever the client speaks.
+    let (_upgraded, port) = keel_http_port(backend, &rule("{ h2UpgradePolicy: UPGRADE }"));
+    assert_eq!(get(port, false), "201");
+    assert_eq!(get(port, true), "201");
+    // useClientProtocol: an HTTP/2 client's request goes over HTTP/2, an HTTP/1.1 one's does not.
+    let (_client, port) = keel_http_port(backend, &rule("{ useClientProtocol: true }"));
+    assert_eq!(get(port, true), "201");
+    assert_ne!(get(port, false), "201");
+}
