@@ -8,7 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
 
-use common::pki::{Ca, San};
+use common::pki::{proxy_with_identity, Ca, San};
 use common::*;
 
 /// The Debian python, which has python3-grpcio (setup.sh installs it).
@@ -162,28 +162,9 @@ fn grpc_across_two_sidecars_over_mesh_mtls() {
     let server_cert = ca.issue(&dir, "greeter", &[San::Uri(SERVER_ID)], false);
     let client_cert = ca.issue(&dir, "caller", &[San::Uri(CLIENT_ID)], false);
     let app = GrpcServer::start("behind-mtls");
-    let proxy = |admin: u16, ns: &str, cert: &common::pki::Issued| {
-        format!(
-            "apiVersion: keel.dev/v1alpha1
-kind: Proxy
-metadata: {{ name: test, namespace: {ns} }}
-spec:
-  workload: {{ labels: {{ app: test }} }}
-  workers: 2
-  admin: {{ address: 127.0.0.1:{admin} }}
-  identity:
-    certificateChain: {}
-    privateKey: {}
-    rootCertificates: {}
-",
-            cert.cert.display(),
-            cert.key.display(),
-            root.display()
-        )
-    };
     // Server side: STRICT mTLS, an inbound GRPC port in front of the app.
     let (inbound, admin_s) = (free_port(), free_port());
-    let server = proxy(admin_s, "default", &server_cert)
+    let server = proxy_with_identity(admin_s, &server_cert, &root, "default", "")
         + &format!(
             "---
 apiVersion: networking.istio.io/v1
@@ -206,7 +187,7 @@ spec:
     let server = Keel::start(&server, admin_s, &[]);
     // Client side: an egress GRPC port for greeter, ISTIO_MUTUAL to the server's Keel.
     let (outbound, admin_c) = (free_port(), free_port());
-    let client = proxy(admin_c, "foo", &client_cert)
+    let client = proxy_with_identity(admin_c, &client_cert, &root, "foo", "")
         + &format!(
             "---
 apiVersion: networking.istio.io/v1

@@ -200,28 +200,14 @@ fn keel_config_for_workers(
     extra: &str,
     workers: usize,
 ) -> String {
-    format!(
-        "{}---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{ name: default }}
-spec:
-  egress:
-  - port: {{ number: {port}, protocol: HTTP }}
-    hosts: [\"./*\"]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: reviews }}
-spec:
-  hosts: [reviews]
-  ports: [{{ number: {port}, name: http2, protocol: HTTP2 }}]
-  resolution: STATIC
-  endpoints:
-  - {{ address: 127.0.0.1, ports: {{ http2: {} }} }}
-{extra}",
-        proxy_yaml(admin, workers),
+    let endpoint = format!(
+        "  - {{ address: 127.0.0.1, ports: {{ http2: {} }} }}\n",
         backend.port()
+    );
+    format!(
+        "{}{}{extra}",
+        proxy_yaml(admin, workers),
+        egress_service(port, "HTTP2", "reviews", "{ name: reviews }", &endpoint)
     )
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pki::{Ca, Issued, San};
+use common::pki::{proxy_with_identity, Ca, Issued, San};
 use common::*;
 
 const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
@@ -32,33 +32,6 @@ impl Mesh {
     fn workload(&self, name: &str, id: &str) -> Issued {
         self.ca.issue(&self.dir, name, &[San::Uri(id)], false)
     }
-}
-
-/// A Proxy resource with the identity `id` (files as given).
-fn proxy_with_identity(
-    admin: u16,
-    id: &Issued,
-    root: &Path,
-    namespace: &str,
-    extra: &str,
-) -> String {
-    format!(
-        "apiVersion: keel.dev/v1alpha1
-kind: Proxy
-metadata: {{ name: test, namespace: {namespace} }}
-spec:
-  workload: {{ labels: {{ app: test }} }}
-  workers: 2
-  admin: {{ address: 127.0.0.1:{admin} }}
-  identity:
-    certificateChain: {}
-    privateKey: {}
-    rootCertificates: {}
-{extra}",
-        id.cert.display(),
-        id.key.display(),
-        root.display()
-    )
 }
 
 /// An inbound listener on `port` in front of `app`.

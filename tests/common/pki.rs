@@ -96,3 +96,30 @@ pub fn write_atomically(path: &Path, text: &str) {
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
 }
+
+/// A Proxy resource with the identity `id` (files as given).
+pub fn proxy_with_identity(
+    admin: u16,
+    id: &Issued,
+    root: &Path,
+    namespace: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "apiVersion: keel.dev/v1alpha1
+kind: Proxy
+metadata: {{ name: test, namespace: {namespace} }}
+spec:
+  workload: {{ labels: {{ app: test }} }}
+  workers: 2
+  admin: {{ address: 127.0.0.1:{admin} }}
+  identity:
+    certificateChain: {}
+    privateKey: {}
+    rootCertificates: {}
+{extra}",
+        id.cert.display(),
+        id.key.display(),
+        root.display()
+    )
+}

@@ -28,7 +28,9 @@ use keel_tls::Transport;
 use super::frame::{self, ErrorCode, Frame, FrameError, Head};
 use super::hpack::{self, Decoder};
 use super::output::{Output, RecvWindow, SendError};
-use super::rules::{check_trailers, grow_window, parse_content_length, PendingBlock};
+use super::rules::{
+    apply_peer_settings, check_trailers, grow_window, parse_content_length, PendingBlock,
+};
 use crate::breaker::ConnSlot;
 use crate::http::body::{BodySink, CopyError};
 use crate::http::conn::ReadBuf;
@@ -590,30 +592,19 @@ impl Reader<'_> {
                 if ack {
                     return Ok(());
                 }
-                let mut settings = conn.io.peer.get();
-                let old_window = settings.initial_window_size as i64;
-                settings.apply(payload)?;
-                conn.io.peer.set(settings);
-                conn.encoder
-                    .borrow_mut()
-                    .set_peer_max(settings.header_table_size as usize);
+                {
+                    let streams = conn.streams.borrow();
+                    apply_peer_settings(
+                        &conn.io,
+                        &conn.encoder,
+                        payload,
+                        streams.values().map(|s| &s.send_window),
+                    )?;
+                }
                 conn.settings_seen.set(true);
                 if conn.phase.get() == Phase::Connecting {
                     conn.set_phase(Phase::Ready);
                 }
-                let delta = settings.initial_window_size as i64 - old_window;
-                if delta != 0 {
-                    for s in conn.streams.borrow().values() {
-                        if !grow_window(&s.send_window, delta) {
-                            return Err(FrameError::Connection(
-                                ErrorCode::FlowControl,
-                                "INITIAL_WINDOW_SIZE overflows a stream window",
-                            ));
-                        }
-                    }
-                }
-                conn.io.wake_senders();
-                conn.io.push(frame::write_settings_ack);
                 Ok(())
             }
             Frame::PushPromise => Err(FrameError::Connection(

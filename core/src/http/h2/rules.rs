@@ -1,10 +1,12 @@
-//! What both sides of an HTTP/2 connection check the same way (RFC 9113): header blocks split
-//! over CONTINUATION frames and their flood limit, trailers, `content-length` values, and windows
-//! that may not pass 2^31-1.
+//! What both sides of an HTTP/2 connection check and apply the same way (RFC 9113): header blocks
+//! split over CONTINUATION frames and their flood limit, trailers, `content-length` values,
+//! windows that may not pass 2^31-1, and the peer's SETTINGS.
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 
 use super::frame::{self, ErrorCode, FrameError};
+use super::hpack::Encoder;
+use super::output::Output;
 use crate::http::headers::Headers;
 
 /// A header block arriving in pieces (HEADERS, then CONTINUATION frames).
@@ -85,4 +87,36 @@ pub(super) fn grow_window(window: &Cell<i64>, delta: i64) -> bool {
     }
     window.set(w);
     true
+}
+
+/// Applies a peer's SETTINGS frame (not an ACK) to what our sending half obeys: the frame size and
+/// stream limits, every open stream's send window moved by the change of INITIAL_WINDOW_SIZE
+/// (§6.9.2), the HPACK table size; then queues the ACK.
+pub(super) fn apply_peer_settings<'a>(
+    io: &Output,
+    encoder: &RefCell<Encoder>,
+    payload: &[u8],
+    stream_windows: impl Iterator<Item = &'a Cell<i64>>,
+) -> Result<(), FrameError> {
+    let mut settings = io.peer.get();
+    let old_window = settings.initial_window_size as i64;
+    settings.apply(payload)?;
+    io.peer.set(settings);
+    encoder
+        .borrow_mut()
+        .set_peer_max(settings.header_table_size as usize);
+    let delta = settings.initial_window_size as i64 - old_window;
+    if delta != 0 {
+        for window in stream_windows {
+            if !grow_window(window, delta) {
+                return Err(FrameError::Connection(
+                    ErrorCode::FlowControl,
+                    "INITIAL_WINDOW_SIZE overflows a stream window",
+                ));
+            }
+        }
+    }
+    io.wake_senders();
+    io.push(frame::write_settings_ack);
+    Ok(())
 }

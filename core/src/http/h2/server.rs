@@ -25,7 +25,9 @@ use keel_tls::{Session, Transport};
 use super::frame::{self, ErrorCode, Frame, FrameError, Head};
 use super::hpack::{self, Decoder, HpackError};
 use super::output::{Output, RecvWindow, SendError};
-use super::rules::{check_trailers, grow_window, parse_content_length, PendingBlock};
+use super::rules::{
+    apply_peer_settings, check_trailers, grow_window, parse_content_length, PendingBlock,
+};
 use crate::generation::ListenerState;
 use crate::http::body::{BodySink, CopyError, UpstreamBody};
 use crate::http::conn::{BufferedStream, ReadBuf};
@@ -480,28 +482,13 @@ impl Connection {
                     return Ok(());
                 }
                 self.control_frame(lstats)?;
-                let mut settings = self.shared.io.peer.get();
-                let old_window = settings.initial_window_size as i64;
-                settings.apply(payload)?;
-                self.shared.io.peer.set(settings);
-                self.shared
-                    .encoder
-                    .borrow_mut()
-                    .set_peer_max(settings.header_table_size as usize);
-                let delta = settings.initial_window_size as i64 - old_window;
-                if delta != 0 {
-                    for s in self.shared.streams.borrow().values() {
-                        if !grow_window(&s.send_window, delta) {
-                            return Err(FrameError::Connection(
-                                ErrorCode::FlowControl,
-                                "INITIAL_WINDOW_SIZE overflows a stream window",
-                            ));
-                        }
-                    }
-                    self.shared.io.wake_senders();
-                }
-                self.shared.push(frame::write_settings_ack);
-                Ok(())
+                let streams = self.shared.streams.borrow();
+                apply_peer_settings(
+                    &self.shared.io,
+                    &self.shared.encoder,
+                    payload,
+                    streams.values().map(|s| &s.send_window),
+                )
             }
             Frame::PushPromise => Err(FrameError::Connection(
                 ErrorCode::Protocol,
