@@ -41,6 +41,8 @@ impl Seen {
 struct Record {
     requests: Mutex<Vec<Seen>>,
     connections: AtomicUsize,
+    /// Connections that have ended.
+    closed: AtomicUsize,
     /// The most streams open at once on any one connection.
     max_streams_seen: AtomicUsize,
     refused: AtomicUsize,
@@ -117,6 +119,7 @@ async fn serve_connection(
     }
     // After a GOAWAY, the streams already taken still need the connection driven to finish.
     let _ = std::future::poll_fn(|cx| conn.poll_closed(cx)).await;
+    rec.closed.fetch_add(1, SeqCst);
 }
 
 async fn handle(
@@ -842,4 +845,46 @@ spec:
     let (_client, port) = keel_http_port(backend, &rule("{ useClientProtocol: true }"));
     assert_eq!(get(port, true), "201");
     assert_ne!(get(port, false), "201");
+}
+
+#[test]
+fn a_reload_moves_requests_and_closes_connections_to_endpoints_gone() {
+    let (a, rec_a) = h2_backend(Behaviour::default());
+    let (b, rec_b) = h2_backend(Behaviour::default());
+    let (admin, port) = (free_port(), free_port());
+    let keel = Keel::start(&keel_config_for(a, port, admin, ""), admin, &[]);
+    let get = || {
+        curl(&[
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "--resolve",
+            &format!("reviews:{port}:127.0.0.1"),
+            &format!("http://reviews:{port}/p"),
+        ])
+        .1
+    };
+    for _ in 0..5 {
+        assert_eq!(get(), "201");
+    }
+    assert_eq!(rec_a.connections.load(SeqCst), 1);
+    // The endpoint moves to B: new requests go there, and the pooled connection to A, idle
+    // now, is closed (GOAWAY, then the socket) rather than kept for the idle timeout.
+    keel.write_config(&keel_config_for(b, port, admin, ""));
+    let moved = (0..250).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        get() == "201" && !rec_b.requests.lock().unwrap().is_empty()
+    });
+    assert!(moved, "requests never reached the new endpoint");
+    let before = rec_b.requests.lock().unwrap().len();
+    for _ in 0..5 {
+        assert_eq!(get(), "201");
+    }
+    assert_eq!(rec_b.requests.lock().unwrap().len(), before + 5);
+    let closed = (0..250).any(|_| {
+        std::thread::sleep(Duration::from_millis(20));
+        rec_a.closed.load(SeqCst) == rec_a.connections.load(SeqCst)
+    });
+    assert!(closed, "the connection to the old endpoint stayed open");
 }
