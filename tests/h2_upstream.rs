@@ -463,9 +463,9 @@ fn goaway_and_refused_streams_lose_no_request() {
         .collect();
     assert!(used.len() >= 3, "{used:?}");
 
-    // As nginx at `keepalive_requests` (1000 there): after 100 streams, a GOAWAY naming the last
-    // one served; with 32 in flight, every connection's tail is refused and must be sent again,
-    // and a resend may itself land on a connection about to end.
+    // As a busy nginx at `keepalive_requests` (1000 there): after 100 streams, a GOAWAY naming the
+    // last one served; with ~30 in flight, every connection's tail is refused and must be sent
+    // again, and a resend may itself land on a connection about to end.
     let (upstream, connections) = raw_upstream(|s, first| {
         use keel_core::http::h2::frame;
         let respond = |s: &mut TcpStream, id: u32| {
@@ -494,6 +494,9 @@ fn goaway_and_refused_streams_lose_no_request() {
             }
             if head[3] == frame::HEADERS {
                 let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+                // A busy server: requests queue up behind each answer, so that streams are in
+                // flight above the last one served when the GOAWAY goes.
+                std::thread::sleep(Duration::from_micros(200));
                 if respond(s, id).is_err() {
                     return;
                 }
@@ -533,6 +536,11 @@ fn goaway_and_refused_streams_lose_no_request() {
         "{text}\n{}",
         nginx_like.stats()["listeners"][0]
     );
+    // The resends are counted, per cluster.
+    let resent = nginx_like.stats()["clusters"][0]["upstream_rq_refused_resent"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(resent > 0, "{}", nginx_like.stats()["clusters"]);
     assert!(
         connections.load(SeqCst) >= 50,
         "{}",

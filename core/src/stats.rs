@@ -153,6 +153,9 @@ pub struct ClusterCounters {
     pub rq_retry_overflow: Counter,
     /// Requests that ran out of retries (`attempts`) on a retriable outcome.
     pub rq_retry_limit_exceeded: Counter,
+    /// Requests sent again because an HTTP/2 upstream refused their stream (REFUSED_STREAM, or
+    /// above its GOAWAY's last stream): never processed, so resent outside the retry policy.
+    pub rq_refused_resent: Counter,
     /// Mirrored copies sent to this cluster.
     pub mirror_sent: Counter,
     /// Mirrored copies not sent (body too large to keep, too many in flight, or overflow).
@@ -537,7 +540,7 @@ impl Stats {
                 let _ = writeln!(out, "keel_listener_tls_plaintext_connections_total{{listener=\"{}\",direction=\"{}\",result=\"{result}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
             }
         }
-        let c_metrics: [(&str, &str, ClusterField); 16] = [
+        let c_metrics: [(&str, &str, ClusterField); 17] = [
             (
                 "keel_cluster_upstream_cx_overflow_total",
                 "TCP connections refused by maxConnections.",
@@ -587,6 +590,11 @@ impl Stats {
                 "keel_cluster_upstream_rq_retry_limit_exceeded_total",
                 "Requests out of retry attempts on a retriable outcome (flag URX).",
                 |c| &c.rq_retry_limit_exceeded,
+            ),
+            (
+                "keel_cluster_upstream_rq_refused_resent_total",
+                "Requests sent again after an HTTP/2 upstream refused their stream (not processed).",
+                |c| &c.rq_refused_resent,
             ),
             (
                 "keel_cluster_outlier_ejections_total",
@@ -908,6 +916,7 @@ impl Stats {
                     "upstream_rq_retry": sum(s, |x| &x.rq_retry),
                     "upstream_rq_retry_success": sum(s, |x| &x.rq_retry_success),
                     "upstream_rq_retry_overflow": sum(s, |x| &x.rq_retry_overflow),
+                    "upstream_rq_refused_resent": sum(s, |x| &x.rq_refused_resent),
                     "upstream_rq_retry_limit_exceeded": sum(s, |x| &x.rq_retry_limit_exceeded),
                     "upstream_rq_per_try_timeout": sum(s, |x| &x.rq_per_try_timeout),
                     "upstream_rq_pending": sum(s, |x| &x.rq_pending),

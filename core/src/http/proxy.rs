@@ -1623,6 +1623,9 @@ async fn one_try<D: Downstream>(
                             && !idle.expired() =>
                     {
                         refused += 1;
+                        at.gen.clusters[spec.cluster].slots[worker.id]
+                            .rq_refused_resent
+                            .inc();
                         Err(None)
                     }
                     Err(Failure::Reset) if again && reused && spec.replayable => Err(None),

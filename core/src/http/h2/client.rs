@@ -618,7 +618,7 @@ impl Reader<'_> {
                 Ok(())
             }
             Frame::GoAway { last_stream, code } => {
-                tracing::debug!(upstream = %conn.endpoint, code, last_stream, "HTTP/2 GOAWAY from the upstream");
+                tracing::debug!(upstream = %conn.endpoint, code, last_stream, open = conn.streams.borrow().len(), "HTTP/2 GOAWAY from the upstream");
                 conn.shut.set(true);
                 // Streams above the last one were never processed: refused, so they can be
                 // sent again elsewhere.

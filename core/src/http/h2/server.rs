@@ -606,6 +606,8 @@ impl Connection {
             ));
         }
         if !s.recv.take(flow_len) {
+            // Discarded with the stream: the connection's window gets them back.
+            shared.credit_connection(flow_len as usize);
             return Err(FrameError::Stream(
                 id,
                 ErrorCode::FlowControl,
