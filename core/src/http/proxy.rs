@@ -993,7 +993,7 @@ pub(crate) async fn exchange<D: Downstream>(
     mirror(&replay, &mut mirrored, true);
     log.with(|r| {
         r.upstream_host = tried.last().copied();
-        r.bytes_received = replay.body_bytes;
+        r.bytes_received = replay.body_bytes_now();
     });
     if !replay.body_done() {
         // Some of the request body is still unread: the connection cannot carry another request.
@@ -1132,6 +1132,8 @@ pub(crate) async fn exchange<D: Downstream>(
     };
     log.with(|r| {
         r.bytes_sent = progress.sent.get();
+        // A full-duplex body may have gone on flowing while the response did.
+        r.bytes_received = replay.body_bytes_now();
         // gRPC's status: in the trailers, or in the head of a trailers-only response.
         if grpc {
             r.grpc_status = progress
@@ -1763,10 +1765,12 @@ async fn body_then_head_h2<D: Downstream>(
 ) -> Result<(ResponseHead, BodyKind, bool), Failure> {
     if replay.unread() {
         if let Some(reader) = down.duplex() {
+            let read = Rc::new(Cell::new(0u64));
             let pump = BodyPump::start(
                 reader,
                 upload,
-                std::mem::replace(replay, Replay::elsewhere()),
+                std::mem::replace(replay, Replay::elsewhere(read.clone())),
+                read,
             );
             let mut receiving = std::pin::pin!(receiving);
             let answer = loop {
@@ -1800,10 +1804,13 @@ struct BodyPump {
 }
 
 impl BodyPump {
+    /// Starts moving the body; `read` counts its bytes as they go (the request's access log and
+    /// metrics read it when the exchange ends, whether or not the body has).
     fn start(
         reader: super::h2::server::StreamHandle,
         mut upload: super::h2::client::Upload,
         mut replay: Replay,
+        read: Rc<Cell<u64>>,
     ) -> Rc<BodyPump> {
         let pump = Rc::new(BodyPump {
             replay: RefCell::new(None),
@@ -1813,7 +1820,6 @@ impl BodyPump {
         let me = pump.clone();
         monoio::spawn(async move {
             replay.start();
-            let read = Cell::new(0u64);
             let activity = Cell::new(0u32);
             let result = {
                 let mut tap = Tap {

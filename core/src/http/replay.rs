@@ -5,6 +5,9 @@
 //! whatever framing the next try or the mirror speaks (HTTP/1.1 chunks or lengths, HTTP/2 DATA
 //! frames). A body over the bound is streamed once and never kept.
 
+use std::cell::Cell;
+use std::rc::Rc;
+
 use super::h1::BodyKind;
 use super::headers::Headers;
 
@@ -31,6 +34,8 @@ pub struct Replay {
     keeping: bool,
     limit: usize,
     state: State,
+    /// Bytes counted by whoever streams the body (see [`Replay::elsewhere`]).
+    elsewhere: Option<Rc<Cell<u64>>>,
 }
 
 impl Replay {
@@ -53,6 +58,7 @@ impl Replay {
             } else {
                 State::Unread
             },
+            elsewhere: None,
         }
     }
 
@@ -66,9 +72,9 @@ impl Replay {
         (self.state == State::Kept).then_some((&self.bytes[..], &self.trailers))
     }
 
-    /// A body being streamed by someone else (a full-duplex HTTP/2 exchange): neither kept nor
-    /// done, until it is handed back.
-    pub fn elsewhere() -> Replay {
+    /// A body being streamed by someone else (a full-duplex HTTP/2 exchange), who counts its
+    /// bytes in `count`: neither kept nor done, until it is handed back.
+    pub fn elsewhere(count: Rc<Cell<u64>>) -> Replay {
         Replay {
             body_bytes: 0,
             bytes: Vec::new(),
@@ -76,7 +82,13 @@ impl Replay {
             keeping: false,
             limit: 0,
             state: State::Streaming,
+            elsewhere: Some(count),
         }
+    }
+
+    /// Body bytes read from the client so far, wherever they were counted.
+    pub fn body_bytes_now(&self) -> u64 {
+        self.body_bytes + self.elsewhere.as_ref().map_or(0, |c| c.get())
     }
 
     /// Whether the client's body was read to its end (the connection can carry another request).
