@@ -29,7 +29,8 @@ use super::frame::{self, ErrorCode, Frame, FrameError, Head};
 use super::hpack::{self, Decoder};
 use super::output::{Output, RecvWindow, SendError};
 use super::rules::{
-    apply_peer_settings, check_trailers, grow_window, parse_content_length, PendingBlock,
+    apply_peer_settings, check_trailers, grow_window, parse_content_length, take_stream_data,
+    PendingBlock,
 };
 use crate::breaker::ConnSlot;
 use crate::http::body::{BodySink, CopyError};
@@ -513,15 +514,9 @@ impl Reader<'_> {
                         "DATA before the response head or after END_STREAM",
                     ));
                 }
-                if !s.recv.take(flow_len) {
-                    self.credit_connection(flow_len as usize);
-                    return Err(FrameError::Stream(
-                        stream,
-                        ErrorCode::FlowControl,
-                        "DATA beyond the stream window",
-                    ));
-                }
-                let padding = flow_len as usize - data.len();
+                let padding = take_stream_data(&s.recv, stream, flow_len, data.len(), |n| {
+                    self.credit_connection(n)
+                })?;
                 if padding > 0 {
                     self.credit_connection(padding);
                     credit_stream(conn, &s, padding);

@@ -6,7 +6,7 @@ use std::cell::{Cell, RefCell};
 
 use super::frame::{self, ErrorCode, FrameError};
 use super::hpack::Encoder;
-use super::output::Output;
+use super::output::{Output, RecvWindow};
 use crate::http::headers::Headers;
 
 /// A header block arriving in pieces (HEADERS, then CONTINUATION frames).
@@ -119,4 +119,26 @@ pub(super) fn apply_peer_settings<'a>(
     io.wake_senders();
     io.push(frame::write_settings_ack);
     Ok(())
+}
+
+/// Takes a DATA frame's flow-controlled length (`flow_len`, padding included) from its stream's
+/// receive window (§6.9): beyond it, a stream error (FLOW_CONTROL_ERROR), and the bytes, which
+/// are discarded with the stream, go back to the connection's window through `credit_connection`.
+/// Returns the padding, which the caller gives back to both windows at once.
+pub(super) fn take_stream_data(
+    window: &RecvWindow,
+    id: u32,
+    flow_len: u32,
+    data_len: usize,
+    credit_connection: impl Fn(usize),
+) -> Result<usize, FrameError> {
+    if !window.take(flow_len) {
+        credit_connection(flow_len as usize);
+        return Err(FrameError::Stream(
+            id,
+            ErrorCode::FlowControl,
+            "DATA beyond the stream window",
+        ));
+    }
+    Ok(flow_len as usize - data_len)
 }

@@ -26,7 +26,8 @@ use super::frame::{self, ErrorCode, Frame, FrameError, Head};
 use super::hpack::{self, Decoder, HpackError};
 use super::output::{Output, RecvWindow, SendError};
 use super::rules::{
-    apply_peer_settings, check_trailers, grow_window, parse_content_length, PendingBlock,
+    apply_peer_settings, check_trailers, grow_window, parse_content_length, take_stream_data,
+    PendingBlock,
 };
 use crate::generation::ListenerState;
 use crate::http::body::{BodySink, CopyError, UpstreamBody};
@@ -605,17 +606,10 @@ impl Connection {
                 "DATA after END_STREAM",
             ));
         }
-        if !s.recv.take(flow_len) {
-            // Discarded with the stream: the connection's window gets them back.
-            shared.credit_connection(flow_len as usize);
-            return Err(FrameError::Stream(
-                id,
-                ErrorCode::FlowControl,
-                "DATA beyond the stream window",
-            ));
-        }
         // Padding is given back at once.
-        let padding = flow_len as usize - data.len();
+        let padding = take_stream_data(&s.recv, id, flow_len, data.len(), |n| {
+            shared.credit_connection(n)
+        })?;
         if padding > 0 {
             shared.credit_connection(padding);
             credit_stream(shared, &s, padding);
