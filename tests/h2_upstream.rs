@@ -896,3 +896,72 @@ fn a_reload_moves_requests_and_closes_connections_to_endpoints_gone() {
     });
     assert!(closed, "the connection to the old endpoint stayed open");
 }
+
+/// A mirror in another protocol: the request goes to an HTTP/1.1 primary, its copy to an HTTP/2
+/// cluster, re-framed from the body Keel kept (a chunked body with trailers becomes DATA and a
+/// trailing HEADERS frame), with the `-shadow` authority.
+#[test]
+fn a_mirror_copy_goes_out_in_the_mirror_clusters_protocol() {
+    let primary = RecordingBackend::echo("primary");
+    let (mirror, rec) = h2_backend(Behaviour::default());
+    let (admin, port) = (free_port(), free_port());
+    let primary_ep = format!(
+        "  - {{ address: 127.0.0.1, ports: {{ http: {} }} }}\n",
+        primary.addr.port()
+    );
+    let config = format!(
+        "{}{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: shadowed }}
+spec:
+  hosts: [shadowed]
+  ports: [{{ number: 1, name: h2, protocol: HTTP2 }}]
+  resolution: STATIC
+  endpoints: [{{ address: 127.0.0.1, ports: {{ h2: {} }} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {{ name: reviews }}
+spec:
+  hosts: [reviews]
+  http:
+  - mirror: {{ host: shadowed, port: {{ number: 1 }} }}
+    mirrorPercentage: {{ value: 100 }}
+    route: [{{ destination: {{ host: reviews }} }}]
+",
+        proxy_yaml(admin, 1),
+        egress_service(port, "HTTP", "reviews", "{ name: reviews }", &primary_ep),
+        mirror.port()
+    );
+    let _keel = Keel::start(&config, admin, &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (status, _, _) = http_request(
+        &mut s,
+        b"POST /copy HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\nx-t: 1\r\n\r\n",
+    );
+    assert_eq!(status, 200);
+    let mut copy = None;
+    for _ in 0..250 {
+        copy = rec.requests.lock().unwrap().first().cloned();
+        if copy.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let copy = copy.expect("the mirror got its copy over HTTP/2");
+    assert_eq!(copy.method, "POST");
+    assert_eq!(copy.path, "/copy");
+    assert_eq!(copy.authority, "reviews-shadow");
+    assert_eq!(copy.body, b"abcde");
+    assert_eq!(copy.trailers, vec![("x-t".to_string(), "1".to_string())]);
+    assert!(copy.header("transfer-encoding").is_none(), "{copy:?}");
+    // The primary got the request over HTTP/1.1, chunked, as before.
+    let seen = primary.received_text();
+    assert!(
+        seen.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{seen}"
+    );
+}

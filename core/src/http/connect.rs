@@ -58,8 +58,10 @@ pub(crate) async fn acquire(
         if h2 {
             let reserved = worker.h2_pool.borrow_mut().reserve(key);
             if let Some(stream) = reserved {
-                // A connection still being opened by another request: wait for it. Once its
-                // stream limit is known, a reservation beyond it looks again.
+                // No longer pending: it has a stream, though maybe on a connection still being
+                // opened by another request — wait for that. Once its stream limit is known, a
+                // reservation beyond it looks again.
+                waiting = None;
                 if !stream.ready().await {
                     return Err(AcquireError::SharedConnect);
                 }

@@ -1745,12 +1745,12 @@ async fn send_and_await_h2<D: Downstream>(
         .map_err(|_| Failure::Reset)?;
     let stream = &*stream;
     let receiving = async { stream.response_head().await.map_err(Failure::from) };
-    let Some(upload) = stream.upload() else {
-        return Err(Failure::Reset);
-    };
     if end {
         return receiving.await.map(|(r, b)| (r, b, false));
     }
+    let Some(upload) = stream.upload() else {
+        return Err(Failure::Reset);
+    };
     // Boxed: what moves a body is a large future that requests without a body never need.
     Box::pin(body_then_head_h2(upload, receiving, down, spec, replay)).await
 }
@@ -1773,14 +1773,17 @@ async fn body_then_head_h2<D: Downstream>(
                 read,
             );
             let mut receiving = std::pin::pin!(receiving);
-            let answer = loop {
-                monoio::select! {
-                    r = &mut receiving => break r,
-                    failed = pump.failed() => if failed == SendError::Downstream {
+            let answer = monoio::select! {
+                r = &mut receiving => r,
+                failed = pump.failed() => {
+                    if failed == SendError::Downstream {
                         // The client went away: its request is cancelled upstream.
                         return Err(Failure::Downstream);
-                    },
-                }
+                    }
+                    // The upstream side failed (the pump reset the stream): what is left to hear
+                    // is its answer or its error, which comes at once.
+                    (&mut receiving).await
+                },
             };
             // The body went whole before the head came: it is back for retries and mirrors.
             if let Some(done) = pump.take_replay() {
@@ -1837,9 +1840,9 @@ impl BodyPump {
                     *me.replay.borrow_mut() = Some(replay);
                 }
                 Err(e) => {
-                    if e != CopyError::Write {
-                        upload.cancel();
-                    }
+                    // Whichever side failed, the stream cannot complete: reset it (once), so
+                    // that the response side hears it at once.
+                    upload.cancel();
                     me.failed.set(Some(match e {
                         CopyError::Write => SendError::Upstream,
                         CopyError::Read => SendError::Downstream,
