@@ -16,6 +16,7 @@ use crate::load::{Located, Origin, RawConfig};
 use crate::model::*;
 use crate::snapshot::*;
 
+mod security;
 mod tls;
 
 pub use tls::{DEFAULT_TRUST_DOMAIN, ROOT_NAMESPACE};
@@ -45,6 +46,10 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
     let registry = c.registry(&raw);
     let have_identity = proxy.as_ref().is_some_and(|p| p.identity.is_some());
     let rules = c.destination_rules(&raw, &registry, have_identity);
+    let security = match &proxy {
+        Some(p) => c.security(&raw, p),
+        None => Security::default(),
+    };
     let mut listeners = Vec::new();
     if let Some(proxy) = &proxy {
         if let Some(sidecar) = c.select_sidecar(&raw, proxy) {
@@ -75,6 +80,7 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         proxy,
         listeners,
         clusters: c.clusters,
+        security,
         material_files: c.material,
         source: std::sync::Arc::new(raw),
     })
@@ -2751,6 +2757,12 @@ pub fn dump(
         .iter()
         .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
     raw.peer_authentications
+        .iter()
+        .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
+    raw.authorization_policies
+        .iter()
+        .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
+    raw.request_authentications
         .iter()
         .for_each(|r| push(&mut resources, serde_json::to_value(&r.value)));
     let ms = |d: Duration| d.as_millis() as u64;

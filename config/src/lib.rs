@@ -6,11 +6,13 @@
 //! proxy engine reads a snapshot; it never reads YAML.
 
 pub mod access_log;
+pub mod authz;
 pub mod compile;
 pub mod duration;
 pub mod error;
 pub mod host;
 pub mod http_routes;
+pub mod jwt;
 pub mod load;
 pub mod locate;
 pub mod model;

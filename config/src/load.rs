@@ -46,6 +46,8 @@ pub struct RawConfig {
     pub virtual_services: Vec<Located<VirtualServiceSpec>>,
     pub destination_rules: Vec<Located<DestinationRuleSpec>>,
     pub peer_authentications: Vec<Located<PeerAuthenticationSpec>>,
+    pub authorization_policies: Vec<Located<AuthorizationPolicySpec>>,
+    pub request_authentications: Vec<Located<RequestAuthenticationSpec>>,
     /// The files read, in order.
     pub files: Vec<PathBuf>,
     /// FNV-1a of every file's name and content: the config version shown in `/config_dump`.
@@ -70,8 +72,8 @@ const KINDS: &[(&str, &[&str], bool)] = &[
     ("Gateway", NETWORKING, false),
     ("WorkloadEntry", NETWORKING, false),
     ("PeerAuthentication", SECURITY, true),
-    ("AuthorizationPolicy", SECURITY, false),
-    ("RequestAuthentication", SECURITY, false),
+    ("AuthorizationPolicy", SECURITY, true),
+    ("RequestAuthentication", SECURITY, true),
 ];
 
 /// The YAML files a config path names: the file itself, or a directory's `*.yaml`/`*.yml` in name order.
@@ -226,6 +228,12 @@ fn parse_quickly(body: &str, origin: &Origin, raw: &mut RawConfig) -> bool {
         "PeerAuthentication" => {
             typed(body, origin, kind, api_version).map(|r| raw.peer_authentications.push(r))
         }
+        "AuthorizationPolicy" => {
+            typed(body, origin, kind, api_version).map(|r| raw.authorization_policies.push(r))
+        }
+        "RequestAuthentication" => {
+            typed(body, origin, kind, api_version).map(|r| raw.request_authentications.push(r))
+        }
         _ => None,
     };
     pushed.is_some()
@@ -278,6 +286,8 @@ fn parse_document(body: &str, origin: Origin, raw: &mut RawConfig) -> Result<(),
         "VirtualService" => raw.virtual_services.push(located(body, origin)?),
         "DestinationRule" => raw.destination_rules.push(located(body, origin)?),
         "PeerAuthentication" => raw.peer_authentications.push(located(body, origin)?),
+        "AuthorizationPolicy" => raw.authorization_policies.push(located(body, origin)?),
+        "RequestAuthentication" => raw.request_authentications.push(located(body, origin)?),
         _ => return Err(origin.error("kind", format!("kind {kind} is not supported yet"))),
     }
     Ok(())

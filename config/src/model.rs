@@ -1121,3 +1121,185 @@ pub enum MtlsMode {
     #[serde(rename = "STRICT")]
     Strict,
 }
+
+// ---------------------------------------------------------------- AuthorizationPolicy
+
+/// `security.istio.io` AuthorizationPolicy: who may do what to this workload (inbound only).
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_refs: Option<NotSupported>,
+    /// `None` (the field absent) never matches; `[{}]` always does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rules: Option<Vec<AuthzRule>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<AuthzAction>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<NotSupported>,
+}
+
+/// `AuthorizationPolicy.action`; ALLOW when unset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+pub enum AuthzAction {
+    #[serde(rename = "ALLOW")]
+    Allow,
+    #[serde(rename = "DENY")]
+    Deny,
+    #[serde(rename = "AUDIT")]
+    Audit,
+    #[serde(rename = "CUSTOM")]
+    Custom,
+}
+
+/// One rule: any of `from`, any of `to`, all of `when`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzRule {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from: Vec<AuthzFrom>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub to: Vec<AuthzTo>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub when: Vec<AuthzCondition>,
+}
+
+/// `rules[].from[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzFrom {
+    #[serde(default)]
+    pub source: AuthzSource,
+}
+
+/// `from[].source`: fields are ANDed, the values of one field ORed.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzSource {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_request_principals: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub remote_ip_blocks: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_remote_ip_blocks: Vec<String>,
+}
+
+/// `rules[].to[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzTo {
+    #[serde(default)]
+    pub operation: AuthzOperation,
+}
+
+/// `to[].operation`: fields are ANDed, the values of one field ORed.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzOperation {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_ports: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_methods: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub paths: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_paths: Vec<String>,
+}
+
+/// `rules[].when[]`: an attribute and the values it must (or must not) have.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct AuthzCondition {
+    pub key: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub values: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_values: Vec<String>,
+}
+
+// ---------------------------------------------------------------- RequestAuthentication
+
+/// `security.istio.io` RequestAuthentication: which JWTs this workload accepts.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RequestAuthenticationSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<LabelSelector>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<NotSupported>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_refs: Option<NotSupported>,
+    #[serde(default)]
+    pub jwt_rules: Vec<JwtRule>,
+}
+
+/// `jwtRules[]`: one issuer, its keys, and where its tokens are found.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtRule {
+    pub issuer: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub audiences: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks_uri: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_headers: Vec<JwtHeader>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_params: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub from_cookies: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_payload_to_header: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub forward_original_token: Option<bool>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub output_claim_to_headers: Vec<ClaimToHeader>,
+    /// How long a `jwksUri` fetch may take.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout: Option<Duration>,
+}
+
+/// `jwtRules[].fromHeaders[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct JwtHeader {
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prefix: Option<String>,
+}
+
+/// `jwtRules[].outputClaimToHeaders[]`.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ClaimToHeader {
+    pub header: String,
+    pub claim: String,
+}

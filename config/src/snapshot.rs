@@ -15,6 +15,8 @@ pub struct Snapshot {
     pub proxy: ProxySettings,
     pub listeners: Vec<Listener>,
     pub clusters: Vec<Cluster>,
+    /// AuthorizationPolicy and RequestAuthentication for this workload (inbound listeners).
+    pub security: Security,
     /// Certificate and key files the config names: watched, so that a rotated file reloads.
     pub material_files: Vec<std::path::PathBuf>,
     /// The resources it was compiled from, for `/config_dump` (rendered on request, not at load).
@@ -26,6 +28,14 @@ impl Snapshot {
     pub fn dump(&self) -> serde_json::Value {
         crate::compile::dump(&self.source, &self.version, &self.listeners, &self.clusters)
     }
+}
+
+/// The security policies that apply to this workload's inbound traffic.
+#[derive(Debug, Clone, Default)]
+pub struct Security {
+    pub authz: crate::authz::Authz,
+    /// JWT providers from every RequestAuthentication that applies.
+    pub jwt: Vec<crate::jwt::JwtProvider>,
 }
 
 /// What the `Proxy` resource says about this process.

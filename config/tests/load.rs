@@ -198,10 +198,9 @@ fn unknown_kind() {
 
 #[test]
 fn known_but_unimplemented_kind() {
-    let e = one_error(&format!("{PROXY}---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: x}}\nspec: {{}}\n"));
+    let e = one_error(&format!("{PROXY}---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: x}}\nspec: {{}}\n"));
     assert!(
-        e.message
-            .contains("AuthorizationPolicy is not supported yet"),
+        e.message.contains("WorkloadEntry is not supported yet"),
         "{e}"
     );
 }
