@@ -4,35 +4,15 @@
 mod common;
 
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pki::{proxy_with_identity, Ca, Issued, San};
+use common::pki::{proxy_with_identity, Ca, Issued, Mesh, San};
 use common::*;
 
 const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
 const SLEEP: &str = "spiffe://cluster.local/ns/foo/sa/sleep";
-
-/// A mesh: one root, and certificates for the workloads of a test.
-struct Mesh {
-    dir: PathBuf,
-    ca: Ca,
-    root: PathBuf,
-}
-
-impl Mesh {
-    fn new() -> Mesh {
-        let dir = temp_dir("pki");
-        let ca = Ca::new("mesh root");
-        let root = ca.write(&dir, "root");
-        Mesh { dir, ca, root }
-    }
-
-    fn workload(&self, name: &str, id: &str) -> Issued {
-        self.ca.issue(&self.dir, name, &[San::Uri(id)], false)
-    }
-}
 
 /// An inbound listener on `port` in front of `app`.
 fn ingress(port: u16, protocol: &str, app: SocketAddr, namespace: &str) -> String {
@@ -94,23 +74,6 @@ spec:
     tls: {tls}
 "
     )
-}
-
-/// Runs curl; returns its exit code and what it printed.
-fn curl(args: &[&str]) -> (i32, String) {
-    let out = Command::new("curl")
-        .args(["-s", "--max-time", "5"])
-        .args(args)
-        .output()
-        .expect("curl runs");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-    )
-}
-
-fn path(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// curl over mTLS to `port` with the client certificate `id`, trusting `root`; the name checked

@@ -767,9 +767,15 @@ fn compile_condition(
                     }
                 }
             } else {
-                let hint = crate::error::closest(k, KEYS.iter().copied())
-                    .map(|s| format!(" (did you mean `{s}`?)"))
-                    .unwrap_or_default();
+                // Compared without the bracketed part, where most of a typo's distance is not.
+                let stem = |s: &'static str| s.split('[').next().unwrap_or(s);
+                let hint = crate::error::closest(
+                    k.split('[').next().unwrap_or(k),
+                    KEYS.iter().map(|s| stem(s)),
+                )
+                .and_then(|s| KEYS.iter().find(|full| stem(full) == s))
+                .map(|s| format!(" (did you mean `{s}`?)"))
+                .unwrap_or_default();
                 errors.push((
                     format!("{at}.key"),
                     format!(

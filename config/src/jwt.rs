@@ -167,7 +167,7 @@ fn parse_key(k: &Value, allow_hmac: bool) -> Result<Jwk, String> {
         "oct" if allow_hmac => JwkKey::Oct { k: bytes("k")? },
         "oct" => {
             return Err(
-                "a shared-secret key (`kty: oct`, HS256) is only accepted with the annotation keel.dev/jwt-allow-hmac: \"true\""
+                "a shared-secret key (`kty: oct`, HS256) is only accepted with the annotation jwt.keel.dev/allow-hmac: \"true\""
                     .into(),
             )
         }
@@ -280,9 +280,7 @@ mod tests {
         assert_eq!(jwks.keys[1].alg.as_deref(), Some("RS256"));
 
         let oct = r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#;
-        assert!(Jwks::parse(oct, false)
-            .unwrap_err()
-            .contains("jwt-allow-hmac"));
+        assert!(Jwks::parse(oct, false).unwrap_err().contains("allow-hmac"));
         assert!(Jwks::parse(oct, true).is_ok());
         assert!(Jwks::parse("{}", false).is_err());
         assert!(Jwks::parse(r#"{"keys":[]}"#, false).is_err());

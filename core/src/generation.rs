@@ -102,6 +102,8 @@ pub struct Generation {
     /// (ejection state, requests in flight), indexed as its endpoints.
     /// Whether the cluster has active health checks is the third field.
     health: Vec<(Option<outlier::Policy>, Vec<Arc<outlier::HostHealth>>, bool)>,
+    /// JWT key sets and verified tokens for the snapshot's RequestAuthentications.
+    pub security: crate::security::SecurityState,
 }
 
 /// Milliseconds since the process started: outlier detection's clock, the same on every worker.
@@ -191,6 +193,7 @@ impl Generation {
             })
             .collect();
         Generation {
+            security: crate::security::SecurityState::new(&snapshot.security),
             localities,
             labels_key: {
                 let p = &snapshot.proxy;

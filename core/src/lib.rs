@@ -5,6 +5,8 @@
 //! reload swaps a new one in on every worker through the [`fleet`] — uses `keel_io` for sockets and
 //! runtimes and `keel_lb` for picks.
 
+#![recursion_limit = "256"]
+
 pub mod access_log;
 pub mod admin;
 pub mod breaker;
@@ -17,7 +19,9 @@ pub mod health_check;
 pub mod http;
 pub mod idle;
 pub mod istio_metrics;
+pub mod jwks;
 pub mod sd_notify;
+pub mod security;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;

@@ -72,6 +72,17 @@ pub struct ListenerCounters {
     pub fault_delay: Counter,
     /// Requests answered by a route's `fault.abort`.
     pub fault_abort: Counter,
+    /// Inbound requests and connections AuthorizationPolicy let through, refused, and audited.
+    pub rbac_allowed: Counter,
+    pub rbac_denied: Counter,
+    pub rbac_audited: Counter,
+    /// Inbound requests with a valid JWT, and those refused for an invalid one.
+    pub jwt_allowed: Counter,
+    pub jwt_denied: Counter,
+    /// Requests refused by a local rate limit.
+    pub rate_limited: Counter,
+    /// Outbound requests and connections refused by REGISTRY_ONLY.
+    pub registry_only_refused: Counter,
     /// Requests by Envoy response flag (a request may have several), in the order of
     /// [`crate::http::proxy::Flags::names`].
     pub response_flags: [Counter; RESPONSE_FLAGS],
@@ -124,7 +135,7 @@ impl ListenerCounters {
 }
 
 /// How many response flags Keel sets.
-pub const RESPONSE_FLAGS: usize = 12;
+pub const RESPONSE_FLAGS: usize = 13;
 
 /// One worker's counters for one cluster.
 #[derive(Default, Debug)]
@@ -403,7 +414,49 @@ impl Stats {
     pub fn prometheus(&self) -> String {
         let mut out = String::with_capacity(4096);
         let Published { snapshot, table } = self.published();
-        let l_metrics: [(&str, &str, &str, ListenerField); 9] = [
+        let l_metrics: [(&str, &str, &str, ListenerField); 16] = [
+            (
+                "keel_listener_rbac_allowed_total",
+                "counter",
+                "Inbound requests and connections an AuthorizationPolicy let through.",
+                |c| &c.rbac_allowed,
+            ),
+            (
+                "keel_listener_rbac_denied_total",
+                "counter",
+                "Inbound requests (403) and connections (closed) refused by AuthorizationPolicy.",
+                |c| &c.rbac_denied,
+            ),
+            (
+                "keel_listener_rbac_audited_total",
+                "counter",
+                "Inbound requests and connections an AUDIT policy matched.",
+                |c| &c.rbac_audited,
+            ),
+            (
+                "keel_listener_jwt_allowed_total",
+                "counter",
+                "Inbound requests carrying a valid JWT.",
+                |c| &c.jwt_allowed,
+            ),
+            (
+                "keel_listener_jwt_denied_total",
+                "counter",
+                "Inbound requests refused (401) for an invalid JWT.",
+                |c| &c.jwt_denied,
+            ),
+            (
+                "keel_listener_rate_limited_total",
+                "counter",
+                "Requests refused (429) by a local rate limit.",
+                |c| &c.rate_limited,
+            ),
+            (
+                "keel_listener_registry_only_refused_total",
+                "counter",
+                "Outbound requests and connections to destinations no ServiceEntry declares, refused by REGISTRY_ONLY.",
+                |c| &c.registry_only_refused,
+            ),
             (
                 "keel_listener_fault_delays_total",
                 "counter",
@@ -800,6 +853,22 @@ impl Stats {
         );
         header(
             &mut out,
+            "keel_jwks_fetches_total",
+            "counter",
+            "Fetches of RequestAuthentication jwksUri key sets by result (a failure keeps the last keys).",
+        );
+        for (result, n) in [
+            ("success", &crate::jwks::FETCHES.success),
+            ("failure", &crate::jwks::FETCHES.failure),
+        ] {
+            let _ = writeln!(
+                out,
+                "keel_jwks_fetches_total{{result=\"{result}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        header(
+            &mut out,
             "keel_config_reloads_total",
             "counter",
             "Config reloads by result (unchanged: the files had not changed).",
@@ -887,6 +956,13 @@ impl Stats {
                     "no_route": sum(s, |c| &c.no_route),
                     "fault_delays": sum(s, |c| &c.fault_delay),
                     "fault_aborts": sum(s, |c| &c.fault_abort),
+                    "rbac_allowed": sum(s, |c| &c.rbac_allowed),
+                    "rbac_denied": sum(s, |c| &c.rbac_denied),
+                    "rbac_audited": sum(s, |c| &c.rbac_audited),
+                    "jwt_allowed": sum(s, |c| &c.jwt_allowed),
+                    "jwt_denied": sum(s, |c| &c.jwt_denied),
+                    "rate_limited": sum(s, |c| &c.rate_limited),
+                    "registry_only_refused": sum(s, |c| &c.registry_only_refused),
                     "response_flags": crate::http::proxy::Flags::names()
                         .enumerate()
                         .map(|(i, f)| (f.to_string(), json!(sum(s, |c| &c.response_flags[i]))))

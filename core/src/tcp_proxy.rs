@@ -33,6 +33,25 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     });
     let (received, sent) = (std::cell::Cell::new(0u64), std::cell::Cell::new(0u64));
 
+    // Inbound: AuthorizationPolicy judges the connection (HTTP-only fields cannot apply; see
+    // keel_config::authz). Refused connections are closed, as Envoy's network RBAC filter does.
+    let authz = &snapshot.security.authz;
+    if listener.direction == keel_config::Direction::Inbound && !authz.is_empty() {
+        let local = down.local_addr().unwrap_or(listener.address);
+        let conn = crate::security::connection(peer, local, down.session());
+        let verdict = authz.evaluate(&conn, None);
+        if verdict.audited {
+            lstats.rbac_audited.inc();
+        }
+        if !verdict.allowed {
+            lstats.rbac_denied.inc();
+            log.with(|r| r.details = "rbac_access_denied_matched_policy");
+            tracing::debug!(%peer, listener = %listener.name, policy = verdict.policy.unwrap_or("(no ALLOW policy matched)"), "RBAC: connection refused");
+            return;
+        }
+        lstats.rbac_allowed.inc();
+    }
+
     // TLS passthrough: the ClientHello's SNI picks the route; its bytes go upstream first.
     let mut hello = Vec::new();
     let picked_cluster = if listener.sni_routes.is_empty() {

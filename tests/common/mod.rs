@@ -681,3 +681,21 @@ spec:
 {endpoints}"
     )
 }
+
+/// Runs curl (silent, 5 s at most); its exit code and what it printed.
+pub fn curl(args: &[&str]) -> (i32, String) {
+    let out = Command::new("curl")
+        .args(["-s", "--max-time", "5"])
+        .args(args)
+        .output()
+        .expect("curl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+    )
+}
+
+/// A path as the `&str` a command line takes.
+pub fn path(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}

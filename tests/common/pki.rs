@@ -123,3 +123,24 @@ spec:
         root.display()
     )
 }
+
+/// A mesh: one root, and certificates for the workloads of a test.
+pub struct Mesh {
+    pub dir: PathBuf,
+    pub ca: Ca,
+    pub root: PathBuf,
+}
+
+impl Mesh {
+    pub fn new() -> Mesh {
+        let dir = super::temp_dir("pki");
+        let ca = Ca::new("mesh root");
+        let root = ca.write(&dir, "root");
+        Mesh { dir, ca, root }
+    }
+
+    /// A workload certificate with the SPIFFE id `id`.
+    pub fn workload(&self, name: &str, id: &str) -> Issued {
+        self.ca.issue(&self.dir, name, &[San::Uri(id)], false)
+    }
+}

@@ -66,7 +66,7 @@ pub struct UpstreamContext {
     pub pool_key: u64,
 }
 
-fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
         .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
@@ -111,6 +111,17 @@ fn roots(pem: &Pem) -> Result<Arc<RootCertStore>, ConfigError> {
         store
             .add(cert)
             .map_err(|e| pem.error(format!("not a usable CA certificate: {e}")))?;
+    }
+    Ok(Arc::new(store))
+}
+
+/// The system's CA bundle as a root store (for fetches to public endpoints such as a JWKS).
+pub(crate) fn system_root_store() -> Result<Arc<RootCertStore>, String> {
+    let bytes = std::fs::read(SYSTEM_ROOTS)
+        .map_err(|e| format!("the system roots are unreadable ({SYSTEM_ROOTS}: {e})"))?;
+    let mut store = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(&bytes).flatten() {
+        let _ = store.add(cert);
     }
     Ok(Arc::new(store))
 }

@@ -4,6 +4,8 @@
 
 pub mod client_hello;
 pub mod contexts;
+pub mod fetch;
+pub mod jwt;
 pub mod spiffe;
 pub mod stream;
 pub mod transport;

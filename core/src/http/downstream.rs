@@ -48,6 +48,9 @@ pub(crate) trait Downstream {
     /// The protocol name for logs and metrics.
     fn protocol(&self) -> &'static str;
 
+    /// The connection's local address (the destination the client connected to).
+    fn local_addr(&self) -> Option<std::net::SocketAddr>;
+
     /// Sends a response Keel makes itself: `status`, a text body and extra fields.
     async fn local_reply(
         &mut self,
@@ -102,6 +105,10 @@ impl Downstream for BufferedStream {
 
     fn protocol(&self) -> &'static str {
         "HTTP/1.1"
+    }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.local_addr().ok()
     }
 
     async fn local_reply(

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use keel_config::http_routes::{
     HeaderOps, HttpRoute, HttpRouteTable, RequestView, RouteAction, RouteTarget, StringMatch,
 };
-use keel_config::{HttpLimits, UpstreamProtocol};
+use keel_config::{Direction, HttpLimits, UpstreamProtocol};
 use keel_lb::outlier::Outcome;
 use keel_tls::Transport;
 
@@ -60,6 +60,8 @@ pub enum Flag {
     FaultInjected,
     /// Delayed by fault injection.
     DelayInjected,
+    /// Refused by a local rate limit.
+    RateLimited,
 }
 
 /// The response flags of one request (a delayed request may also time out, say).
@@ -80,6 +82,7 @@ impl Flags {
         Flag::RetryLimitExceeded,
         Flag::FaultInjected,
         Flag::DelayInjected,
+        Flag::RateLimited,
     ];
 
     pub fn insert(&mut self, flag: Flag) {
@@ -165,6 +168,7 @@ impl Flag {
             Flag::RetryLimitExceeded => "via_upstream",
             Flag::FaultInjected => "fault_filter_abort",
             Flag::DelayInjected => "-",
+            Flag::RateLimited => "local_rate_limited",
         }
     }
 
@@ -184,6 +188,7 @@ impl Flag {
             Flag::RetryLimitExceeded => "URX",
             Flag::FaultInjected => "FI",
             Flag::DelayInjected => "DI",
+            Flag::RateLimited => "RL",
         }
     }
 }
@@ -686,6 +691,67 @@ pub(crate) async fn exchange<D: Downstream>(
     } else {
         "http"
     };
+    // Inbound: RequestAuthentication, then AuthorizationPolicy, before any route is looked at.
+    let security = &snapshot.security;
+    if listener.direction == Direction::Inbound
+        && (!security.jwt.is_empty() || !security.authz.is_empty())
+    {
+        let (auth, refused) = match at.gen.security.authenticate(&security.jwt, &head) {
+            Ok(a) => {
+                if a.is_some() {
+                    lstats.jwt_allowed.inc();
+                }
+                (a, None)
+            }
+            Err(e) => {
+                lstats.jwt_denied.inc();
+                let realm = format!(
+                    "Bearer realm=\"{scheme}://{}{}\", error=\"invalid_token\"",
+                    head.authority,
+                    head.path_only()
+                );
+                let reply = ErrorReply::new(401, e.message())
+                    .details("jwt_authn_access_denied")
+                    .header("www-authenticate", realm);
+                (None, Some(reply))
+            }
+        };
+        let refused = refused.or_else(|| {
+            if security.authz.is_empty() {
+                return None;
+            }
+            let local = down.local_addr().unwrap_or(listener.address);
+            let conn = crate::security::connection(peer, local, down.session());
+            let identity = auth.as_ref().map(|a| &*a.identity);
+            let verdict = crate::security::authorize(security, &conn, &head, identity);
+            if verdict.audited {
+                lstats.rbac_audited.inc();
+            }
+            if verdict.allowed {
+                lstats.rbac_allowed.inc();
+                return None;
+            }
+            lstats.rbac_denied.inc();
+            tracing::debug!(%peer, method = %head.method, path = %head.path, policy = verdict.policy.unwrap_or("(no ALLOW policy matched)"), "RBAC: access denied");
+            Some(
+                ErrorReply::new(403, "RBAC: access denied")
+                    .details("rbac_access_denied_matched_policy"),
+            )
+        });
+        if let Some(reply) = refused {
+            if body != BodyKind::None {
+                next = Next::Close;
+            }
+            let flags = Flags::default();
+            return finish_local(
+                down, lstats, &head, peer, flags, reply, grpc, next, &mut log,
+            )
+            .await;
+        }
+        if let Some(a) = &auth {
+            crate::security::apply_outputs(&mut head, &security.jwt[a.provider], a);
+        }
+    }
     let (route, target, match_index) = match decide(
         worker,
         table,
@@ -1419,6 +1485,8 @@ struct ErrorReply {
     /// The gRPC status for a gRPC request (else mapped from `status` as Envoy does).
     grpc: Option<u32>,
     overloaded: bool,
+    /// Extra response fields (`www-authenticate`, `x-ratelimit-*`).
+    headers: Vec<(&'static str, String)>,
 }
 
 impl ErrorReply {
@@ -1429,7 +1497,13 @@ impl ErrorReply {
             details: "-",
             grpc: None,
             overloaded: false,
+            headers: Vec::new(),
         }
+    }
+
+    fn header(mut self, name: &'static str, value: String) -> ErrorReply {
+        self.headers.push((name, value));
+        self
     }
 
     /// A circuit breaker's 503, marked with `x-keel-overloaded: true`.
@@ -1481,6 +1555,7 @@ async fn finish_local<D: Downstream>(
     if reply.overloaded {
         extra.push(("x-keel-overloaded", "true".into()));
     }
+    extra.extend(reply.headers.iter().cloned());
     let (status, text) = if grpc {
         extra.push(("content-type", "application/grpc".into()));
         extra.push(("grpc-status", reply.grpc_code().to_string()));

@@ -1135,6 +1135,10 @@ impl Downstream for StreamHandle {
         "HTTP/2"
     }
 
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.shared.transport.local_addr().ok()
+    }
+
     async fn local_reply(
         &mut self,
         status: u16,
