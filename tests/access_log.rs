@@ -50,7 +50,7 @@ fn istio_text_format_field_by_field() {
     );
     assert_eq!(
         request(port, "GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n"),
-        404
+        502
     );
     let got = lines(&log, 2);
     let line = &got[0];
@@ -81,7 +81,7 @@ fn istio_text_format_field_by_field() {
     assert!(bytes_sent > 50, "{rest}");
     let nr = &got[1];
     assert!(
-        nr.contains("\"GET / HTTP/1.1\" 404 NR route_not_found"),
+        nr.contains("\"GET / HTTP/1.1\" 502 NR route_not_found"),
         "{nr}"
     );
     drop(keel);

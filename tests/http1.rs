@@ -226,7 +226,7 @@ spec:
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     assert_eq!(
         http_request(&mut s, b"GET / HTTP/1.1\r\nHost: ratings\r\n\r\n").0,
-        404
+        502
     );
     assert_eq!(
         http_request(&mut s, b"GET /empty HTTP/1.1\r\nHost: reviews\r\n\r\n").0,
@@ -239,8 +239,9 @@ spec:
     assert_eq!(l["no_healthy_upstream"], 1);
     // Istio's default retry policy (2 retries on connect-failure) tried three times.
     assert_eq!(l["upstream_connect_refused"], 3);
-    assert_eq!(l["http_4xx"], 1);
-    assert_eq!(l["http_5xx"], 2);
+    assert_eq!(l["http_4xx"], 0);
+    assert_eq!(l["http_5xx"], 3);
+    assert_eq!(l["registry_only_refused"], 1);
 }
 
 #[test]

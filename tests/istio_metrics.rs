@@ -107,7 +107,7 @@ fn requests_codes_flags_and_bytes_match_the_traffic() {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     assert_eq!(
         http_request(&mut s, b"GET / HTTP/1.1\r\nHost: nowhere\r\n\r\n").0,
-        404
+        502
     );
     let all = scrape(&keel, 11.0);
     let ok = [
@@ -135,7 +135,7 @@ fn requests_codes_flags_and_bytes_match_the_traffic() {
         sum(
             &all,
             "istio_requests_total",
-            &[("response_code", "404"), ("response_flags", "NR")]
+            &[("response_code", "502"), ("response_flags", "NR")]
         ),
         1.0
     );

@@ -547,3 +547,165 @@ fn security_config_errors_name_the_field() {
         assert!(out.contains(needle), "missing {needle}:\n{out}");
     }
 }
+
+/// An egress HTTP port for `reviews` (endpoint `backend`), its Sidecar saying `outbound` (a
+/// whole `outboundTrafficPolicy` line, or nothing), and `vs_annotations` on a VirtualService
+/// with one route named `api`.
+fn egress_config(
+    admin: u16,
+    port: u16,
+    backend: SocketAddr,
+    outbound: &str,
+    vs_annotations: &str,
+    workers: usize,
+) -> String {
+    let endpoint = format!(
+        "  - {{ address: 127.0.0.1, ports: {{ http: {} }} }}\n",
+        backend.port()
+    );
+    proxy_yaml(admin, workers)
+        + &egress_service_with(
+            port,
+            "HTTP",
+            "reviews",
+            "{ name: reviews }",
+            &endpoint,
+            outbound,
+        )
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata:
+  name: reviews
+  annotations:
+{vs_annotations}
+spec:
+  hosts: [reviews]
+  http:
+  - name: api
+    route: [{{ destination: {{ host: reviews }} }}]
+"
+        )
+}
+
+/// One GET for `host` on a keep-alive connection: (status, head).
+fn get_host(s: &mut TcpStream, host: &str) -> (u16, String) {
+    let req = format!("GET /r HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    let (status, head, _) = http_request(s, req.as_bytes());
+    (status, head)
+}
+
+#[test]
+fn local_rate_limit_is_accurate_over_time_and_shared_by_workers() {
+    let app = RecordingBackend::echo("app");
+    let (admin, port) = (free_port(), free_port());
+    let annotation = "    ratelimit.keel.dev/local: |
+      - routes: [api]
+        maxTokens: 5
+        tokensPerFill: 5
+        fillInterval: 500ms
+";
+    let config = egress_config(admin, port, app.addr, "", annotation, 2);
+    let keel = Keel::start(&config, admin, &[]);
+    // Two connections (on different workers, most likely) draw from one bucket.
+    let mut a = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut b = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (mut allowed, mut limited) = (0, 0);
+    let started = Instant::now();
+    let mut last_429 = String::new();
+    while started.elapsed() < Duration::from_millis(2_600) {
+        for s in [&mut a, &mut b] {
+            let (status, head) = get_host(s, "reviews");
+            match status {
+                200 => {
+                    allowed += 1;
+                    assert!(head.contains("x-ratelimit-limit: 5"), "{head}");
+                }
+                429 => {
+                    limited += 1;
+                    last_429 = head;
+                }
+                other => panic!("status {other}"),
+            }
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // 5 at once, then 5 per 500 ms: 2.6 s holds 5 (or 6) fills after the first burst (a fill
+    // that lands while this client is held up by a busy machine is capped at the bucket's size).
+    assert!((25..=35).contains(&allowed), "allowed {allowed}");
+    assert!(limited > 100, "limited {limited}");
+    assert!(last_429.contains("x-ratelimit-remaining: 0"), "{last_429}");
+    assert!(last_429.contains("x-ratelimit-reset:"), "{last_429}");
+    assert_eq!(keel.listener_stat("rate_limited"), limited);
+}
+
+#[test]
+fn local_rate_limit_per_client_address() {
+    let app = RecordingBackend::echo("app");
+    let (admin, port) = (free_port(), free_port());
+    let annotation = "    ratelimit.keel.dev/local: |
+      - maxTokens: 2
+        fillInterval: 1m
+        perClient: true
+";
+    let config = egress_config(admin, port, app.addr, "", annotation, 1);
+    let _keel = Keel::start(&config, admin, &[]);
+    let from = |ip: &str| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        let src: SocketAddr = format!("{ip}:0").parse().unwrap();
+        s.bind(&src.into()).unwrap();
+        let dst: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        s.connect(&dst.into()).unwrap();
+        TcpStream::from(s)
+    };
+    let mut one = from("127.0.0.1");
+    let statuses: Vec<u16> = (0..3).map(|_| get_host(&mut one, "reviews").0).collect();
+    assert_eq!(statuses, [200, 200, 429]);
+    let mut two = from("127.0.0.2");
+    assert_eq!(
+        get_host(&mut two, "reviews").0,
+        200,
+        "another client has its own bucket"
+    );
+    assert_eq!(get_host(&mut one, "reviews").0, 429);
+}
+
+#[test]
+fn registry_only_refuses_unknown_hosts_and_allow_any_passes_them() {
+    let app = RecordingBackend::echo("app");
+    let other = RecordingBackend::echo("outside");
+    let (admin, port) = (free_port(), free_port());
+    let outbound = "  outboundTrafficPolicy: { mode: REGISTRY_ONLY }\n";
+    let config = egress_config(admin, port, app.addr, outbound, "    {}", 1);
+    let keel = Keel::start(&config, admin, &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    assert_eq!(get_host(&mut s, "reviews").0, 200);
+    let unknown = format!("127.0.0.1:{}", other.addr.port());
+    assert_eq!(get_host(&mut s, &unknown).0, 502);
+    assert_eq!(get_host(&mut s, "unknown.example.com").0, 502);
+    assert_eq!(keel.listener_stat("registry_only_refused"), 2);
+    assert!(other.received_text().is_empty());
+    drop(keel);
+
+    // ALLOW_ANY (Istio's default, here by leaving the policy out): the request goes where its
+    // authority says, by address or by name.
+    let (admin, port) = (free_port(), free_port());
+    let config = egress_config(admin, port, app.addr, "", "    {}", 1);
+    let keel = Keel::start(&config, admin, &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let (status, head) = get_host(&mut s, &unknown);
+    assert_eq!(status, 200);
+    assert!(head.contains("x-backend: outside"), "{head}");
+    let by_name = format!("localhost:{}", other.addr.port());
+    let (status, head) = get_host(&mut s, &by_name);
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("x-backend: outside"), "{head}");
+    assert!(other.received_text().contains(&format!("host: {by_name}")));
+    // Known hosts still route by the registry.
+    assert!(get_host(&mut s, "reviews").1.contains("x-backend: app"));
+    // Not into Keel itself, and not to a name that does not resolve.
+    assert_eq!(get_host(&mut s, &format!("127.0.0.1:{port}")).0, 502);
+    assert_eq!(get_host(&mut s, "no-such-host.invalid").0, 503);
+    assert_eq!(keel.listener_stat("registry_only_refused"), 0);
+}

@@ -16,6 +16,7 @@ use crate::load::{Located, Origin, RawConfig};
 use crate::model::*;
 use crate::snapshot::*;
 
+mod rate_limit;
 mod security;
 mod tls;
 
@@ -33,6 +34,7 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         material_hash: raw.content_hash,
         peer_authn: tls::PeerAuthn::default(),
         locality: None,
+        rate_limits: Vec::new(),
     };
     c.check_not_supported(&raw);
     let proxy = c.proxy(&raw);
@@ -81,6 +83,7 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         listeners,
         clusters: c.clusters,
         security,
+        rate_limits: c.rate_limits,
         material_files: c.material,
         source: std::sync::Arc::new(raw),
     })
@@ -98,6 +101,8 @@ struct Compiler {
     peer_authn: tls::PeerAuthn,
     /// This proxy's locality (`Proxy.spec.workload.locality`), for locality-prioritized balancing.
     locality: Option<String>,
+    /// Local rate limits of the routes compiled so far.
+    rate_limits: Vec<hr::LocalRateLimit>,
 }
 
 /// One port of one service in the registry.
@@ -1384,6 +1389,7 @@ impl Compiler {
                 health_check: None,
                 pool_idle_timeout,
                 protocol: upstream_protocol(ing.port.protocol.as_deref(), pool),
+                original_dst: false,
             });
             let target = WeightedCluster { cluster, weight: 1 };
             // Inbound HTTP goes to the local app whatever the Host, as Istio's inbound listeners do.
@@ -1391,24 +1397,15 @@ impl Compiler {
                 virtual_hosts: vec![VirtualHost {
                     name: format!("inbound|http|{}", ing.port.number),
                     domains: vec!["*".into()],
-                    routes: vec![HttpRoute {
-                        name: "default".into(),
-                        matches: Vec::new(),
-                        action: RouteAction::Forward {
-                            targets: vec![RouteTarget {
-                                target,
-                                host: String::new(),
-                                request_headers: HeaderOps::default(),
-                                response_headers: HeaderOps::default(),
-                            }],
-                            rewrite: None,
-                        },
-                        request_headers: HeaderOps::default(),
-                        response_headers: HeaderOps::default(),
-                        // Istio's inbound routes neither time out nor retry.
-                        policy: hr::RoutePolicy::default(),
-                    }],
+                    // Istio's inbound routes neither time out nor retry.
+                    routes: vec![forward_route(
+                        "default",
+                        target,
+                        String::new(),
+                        hr::RoutePolicy::default(),
+                    )],
                 }],
+                unknown_host: hr::UnknownHost::NotFound,
             });
             let tls = match &ing.tls {
                 Some(t) => match self.ingress_tls(o, &format!("{at}.tls"), t) {
@@ -1438,6 +1435,12 @@ impl Compiler {
                 sni_routes: Vec::new(),
             });
         }
+        // Istio's mesh default is ALLOW_ANY.
+        let outbound_mode = spec
+            .outbound_traffic_policy
+            .as_ref()
+            .and_then(|p| p.mode)
+            .unwrap_or(OutboundMode::AllowAny);
         for (i, eg) in spec.egress.iter().enumerate() {
             let at = format!("spec.egress[{i}]");
             let Some(port) = &eg.port else {
@@ -1502,13 +1505,22 @@ impl Compiler {
                         virtual_hosts.push(vh);
                     }
                 }
+                let unknown_host = match outbound_mode {
+                    OutboundMode::RegistryOnly => hr::UnknownHost::RegistryOnly,
+                    OutboundMode::AllowAny => {
+                        hr::UnknownHost::Passthrough(Box::new(self.passthrough_route()))
+                    }
+                };
                 out.push(Listener {
                     name: listener_name(address),
                     address,
                     direction: Direction::Outbound,
                     protocol,
                     route: Vec::new(),
-                    http: Some(HttpRouteTable { virtual_hosts }),
+                    http: Some(HttpRouteTable {
+                        virtual_hosts,
+                        unknown_host,
+                    }),
                     tls: None,
                     sni_routes: Vec::new(),
                 });
@@ -1842,25 +1854,15 @@ impl Compiler {
         let routes = match vs {
             Some(vs) => self.http_routes(vs, registry, rules, proxy, Some(port)),
             None => match self.cluster_for(registry, rules, host, None, port) {
-                Ok(cluster) => vec![HttpRoute {
-                    name: "default".into(),
-                    matches: Vec::new(),
-                    action: RouteAction::Forward {
-                        targets: vec![RouteTarget {
-                            target: WeightedCluster { cluster, weight: 1 },
-                            host: host.to_string(),
-                            request_headers: HeaderOps::default(),
-                            response_headers: HeaderOps::default(),
-                        }],
-                        rewrite: None,
-                    },
-                    request_headers: HeaderOps::default(),
-                    response_headers: HeaderOps::default(),
-                    policy: hr::RoutePolicy {
+                Ok(cluster) => vec![forward_route(
+                    "default",
+                    WeightedCluster { cluster, weight: 1 },
+                    host.to_string(),
+                    hr::RoutePolicy {
                         retry: Some(hr::RetryPolicy::istio_default()),
                         ..Default::default()
                     },
-                }],
+                )],
                 Err(m) => {
                     self.push_unique(o.error(at, m));
                     return None;
@@ -1950,6 +1952,7 @@ impl Compiler {
             retry,
             fault,
             mirrors,
+            rate_limit: None,
         }
     }
 
@@ -2098,6 +2101,7 @@ impl Compiler {
     ) -> Vec<HttpRoute> {
         let ns = vs.value.metadata.namespace();
         let o = &vs.origin;
+        let limits = self.rate_limit_annotation(vs);
         let mut out = Vec::new();
         for (i, r) in vs.value.spec.http.iter().enumerate() {
             let at = format!("spec.http[{i}]");
@@ -2246,7 +2250,36 @@ impl Compiler {
                         }
                     }
                 }
-                let policy = self.route_policy(o, r, &at, ns, registry, rules, port);
+                let mut policy = self.route_policy(o, r, &at, ns, registry, rules, port);
+                policy.rate_limit = limits
+                    .iter()
+                    .find(|l| {
+                        l.routes.is_empty() || r.name.as_ref().is_some_and(|n| l.routes.contains(n))
+                    })
+                    .map(|l| {
+                        let route = r.name.clone().unwrap_or_else(|| i.to_string());
+                        let limit = hr::LocalRateLimit {
+                            key: format!(
+                                "{ns}/{}/{route}/{}/{}/{:?}/{}",
+                                vs.value.metadata.name,
+                                l.max_tokens,
+                                l.tokens_per_fill,
+                                l.fill_interval,
+                                l.per_client
+                            ),
+                            max_tokens: l.max_tokens,
+                            tokens_per_fill: l.tokens_per_fill,
+                            fill_interval: l.fill_interval,
+                            per_client: l.per_client,
+                        };
+                        match self.rate_limits.iter().position(|x| *x == limit) {
+                            Some(i) => i,
+                            None => {
+                                self.rate_limits.push(limit);
+                                self.rate_limits.len() - 1
+                            }
+                        }
+                    });
                 out.push(HttpRoute {
                     name,
                     matches,
@@ -2601,7 +2634,35 @@ impl Compiler {
                 .flatten(),
             pool_idle_timeout,
             protocol: upstream_protocol(sp.protocol.as_deref(), pool),
+            original_dst: false,
         }))
+    }
+
+    /// The route ALLOW_ANY sends unknown hosts by: to Istio's `PassthroughCluster`, which has no
+    /// endpoints of its own (each request goes where its authority says), no retries.
+    fn passthrough_route(&mut self) -> HttpRoute {
+        let cluster = self.add_cluster(Cluster {
+            name: "PassthroughCluster".into(),
+            endpoints: Vec::new(),
+            lb: LbPolicy::RoundRobin,
+            hash_key: None,
+            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keepalive: None,
+            tls: None,
+            limits: CircuitLimits::default(),
+            outlier: None,
+            health_check: None,
+            pool_idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            protocol: UpstreamProtocol::Http1,
+            original_dst: true,
+        });
+        forward_route(
+            "allow_any",
+            WeightedCluster { cluster, weight: 1 },
+            String::new(),
+            hr::RoutePolicy::default(),
+        )
     }
 
     fn add_cluster(&mut self, cluster: Cluster) -> usize {
@@ -2612,6 +2673,31 @@ impl Compiler {
             .insert(cluster.name.clone(), self.clusters.len());
         self.clusters.push(cluster);
         self.clusters.len() - 1
+    }
+}
+
+/// A route that sends every request to one cluster, without header changes.
+fn forward_route(
+    name: &str,
+    target: WeightedCluster,
+    host: String,
+    policy: hr::RoutePolicy,
+) -> HttpRoute {
+    HttpRoute {
+        name: name.into(),
+        matches: Vec::new(),
+        action: RouteAction::Forward {
+            targets: vec![RouteTarget {
+                target,
+                host,
+                request_headers: HeaderOps::default(),
+                response_headers: HeaderOps::default(),
+            }],
+            rewrite: None,
+        },
+        request_headers: HeaderOps::default(),
+        response_headers: HeaderOps::default(),
+        policy,
     }
 }
 

@@ -199,6 +199,21 @@ pub struct RoutePolicy {
     pub retry: Option<RetryPolicy>,
     pub fault: Option<Fault>,
     pub mirrors: Vec<Mirror>,
+    /// A local rate limit (`ratelimit.keel.dev/local`): index into [`crate::Snapshot::rate_limits`].
+    pub rate_limit: Option<usize>,
+}
+
+/// A local rate limit: a token bucket shared by every worker (Envoy's `local_ratelimit`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalRateLimit {
+    /// Names the bucket across reloads (`<namespace>/<VirtualService>/<route>` and the numbers):
+    /// a reload that keeps the limit keeps the bucket, and its tokens.
+    pub key: String,
+    pub max_tokens: u32,
+    pub tokens_per_fill: u32,
+    pub fill_interval: Duration,
+    /// One bucket per client address instead of one for the route.
+    pub per_client: bool,
 }
 
 /// A share of requests, in millionths (Envoy's `FractionalPercent` per million).
@@ -352,6 +367,21 @@ pub struct VirtualHost {
 #[derive(Debug, Clone, Default)]
 pub struct HttpRouteTable {
     pub virtual_hosts: Vec<VirtualHost>,
+    /// What a request for a host no virtual host serves gets.
+    pub unknown_host: UnknownHost,
+}
+
+/// A request for a host the registry does not know, by the Sidecar's `outboundTrafficPolicy`.
+#[derive(Debug, Clone, Default)]
+pub enum UnknownHost {
+    /// 404 (no route): inbound listeners, where every host goes to the app anyway.
+    #[default]
+    NotFound,
+    /// REGISTRY_ONLY: 502, as Istio's `BlackHoleCluster` answers.
+    RegistryOnly,
+    /// ALLOW_ANY: forwarded to the host and port the request names, through this route (to the
+    /// `PassthroughCluster`), as Istio's `allow_any` virtual host does.
+    Passthrough(Box<HttpRoute>),
 }
 
 impl HttpRouteTable {
@@ -463,6 +493,7 @@ mod tests {
                 vh("ww", &["*.b.example.com"]),
                 vh("any", &["*"]),
             ],
+            unknown_host: UnknownHost::NotFound,
         };
         assert_eq!(t.virtual_host("a.example.com").unwrap().name, "a");
         assert_eq!(t.virtual_host("x.example.com:80").unwrap().name, "w");

@@ -17,6 +17,8 @@ pub struct Snapshot {
     pub clusters: Vec<Cluster>,
     /// AuthorizationPolicy and RequestAuthentication for this workload (inbound listeners).
     pub security: Security,
+    /// Local rate limits that routes refer to by index.
+    pub rate_limits: Vec<crate::http_routes::LocalRateLimit>,
     /// Certificate and key files the config names: watched, so that a rotated file reloads.
     pub material_files: Vec<std::path::PathBuf>,
     /// The resources it was compiled from, for `/config_dump` (rendered on request, not at load).
@@ -281,6 +283,9 @@ pub struct Cluster {
     pub pool_idle_timeout: Duration,
     /// What HTTP requests to the endpoints are sent over.
     pub protocol: UpstreamProtocol,
+    /// Istio's `PassthroughCluster`: no endpoints of its own; each request goes to the address
+    /// its authority names (ALLOW_ANY).
+    pub original_dst: bool,
 }
 
 /// The HTTP version spoken to a cluster's endpoints, decided as Istio decides it: the service

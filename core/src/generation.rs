@@ -104,6 +104,8 @@ pub struct Generation {
     health: Vec<(Option<outlier::Policy>, Vec<Arc<outlier::HostHealth>>, bool)>,
     /// JWT key sets and verified tokens for the snapshot's RequestAuthentications.
     pub security: crate::security::SecurityState,
+    /// The snapshot's local rate limits (shared by all workers), in its order.
+    pub rate_limits: Vec<Arc<crate::rate_limit::Limiter>>,
 }
 
 /// Milliseconds since the process started: outlier detection's clock, the same on every worker.
@@ -194,6 +196,7 @@ impl Generation {
             .collect();
         Generation {
             security: crate::security::SecurityState::new(&snapshot.security),
+            rate_limits: crate::rate_limit::limiters(&snapshot.rate_limits),
             localities,
             labels_key: {
                 let p = &snapshot.proxy;

@@ -20,6 +20,8 @@ pub mod http;
 pub mod idle;
 pub mod istio_metrics;
 pub mod jwks;
+pub mod rate_limit;
+pub mod resolve;
 pub mod sd_notify;
 pub mod security;
 pub mod server;

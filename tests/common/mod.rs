@@ -649,7 +649,8 @@ pub fn http_egress(
     (Keel::start(&config, admin, &[]), port)
 }
 
-/// A Sidecar egress port (`protocol`) and the ServiceEntry `host` on it, as YAML documents:
+/// A Sidecar egress port (`protocol`) and the ServiceEntry `host` on it, as YAML documents
+/// (REGISTRY_ONLY, so that a host the registry does not know gets Keel's own 502 NR):
 /// `metadata` is the ServiceEntry's metadata (a flow mapping, or a block starting with a newline),
 /// `endpoints` its endpoint lines (`  - { address: ..., ports: { <protocol lower-case>: N } }`).
 pub fn egress_service(
@@ -658,6 +659,19 @@ pub fn egress_service(
     host: &str,
     metadata: &str,
     endpoints: &str,
+) -> String {
+    let outbound = "  outboundTrafficPolicy: { mode: REGISTRY_ONLY }\n";
+    egress_service_with(port, protocol, host, metadata, endpoints, outbound)
+}
+
+/// [`egress_service`] with the Sidecar's `outbound` lines as given (empty: Istio's default).
+pub fn egress_service_with(
+    port: u16,
+    protocol: &str,
+    host: &str,
+    metadata: &str,
+    endpoints: &str,
+    outbound: &str,
 ) -> String {
     let name = protocol.to_ascii_lowercase();
     format!(
@@ -669,7 +683,7 @@ spec:
   egress:
   - port: {{ number: {port}, protocol: {protocol} }}
     hosts: [\"./*\"]
----
+{outbound}---
 apiVersion: networking.istio.io/v1
 kind: ServiceEntry
 metadata: {metadata}

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use keel_config::http_routes::{
     HeaderOps, HttpRoute, HttpRouteTable, RequestView, RouteAction, RouteTarget, StringMatch,
+    UnknownHost,
 };
 use keel_config::{Direction, HttpLimits, UpstreamProtocol};
 use keel_lb::outlier::Outcome;
@@ -514,17 +515,43 @@ enum Decision<'a> {
 
 fn decide<'a>(
     worker: &Worker,
+    lstats: &crate::stats::ListenerCounters,
     table: &'a HttpRouteTable,
     head: &RequestHead,
     port: u16,
     scheme: &'static str,
 ) -> Decision<'a> {
     let Some(vhost) = table.virtual_host(&head.authority) else {
-        return Decision::Reply {
-            status: 404,
-            body: String::new(),
-            flag: Flag::NoRoute,
-            extra: vec![],
+        // A host no ServiceEntry declares: what the Sidecar's outboundTrafficPolicy says.
+        return match &table.unknown_host {
+            UnknownHost::NotFound => Decision::Reply {
+                status: 404,
+                body: String::new(),
+                flag: Flag::NoRoute,
+                extra: vec![],
+            },
+            UnknownHost::RegistryOnly => {
+                lstats.registry_only_refused.inc();
+                Decision::Reply {
+                    status: 502,
+                    body: String::new(),
+                    flag: Flag::NoRoute,
+                    extra: vec![],
+                }
+            }
+            UnknownHost::Passthrough(route) => match &route.action {
+                RouteAction::Forward { targets, .. } if !targets.is_empty() => Decision::Forward {
+                    route,
+                    target: &targets[0],
+                    match_index: 0,
+                },
+                _ => Decision::Reply {
+                    status: 404,
+                    body: String::new(),
+                    flag: Flag::NoRoute,
+                    extra: vec![],
+                },
+            },
         };
     };
     let lookup = |name: &str| {
@@ -754,6 +781,7 @@ pub(crate) async fn exchange<D: Downstream>(
     }
     let (route, target, match_index) = match decide(
         worker,
+        lstats,
         table,
         &head,
         listener.address.port(),
@@ -810,6 +838,46 @@ pub(crate) async fn exchange<D: Downstream>(
     let cstats = &cluster_stats.slots[worker.id];
     let policy = &route.policy;
     let mut flags = Flags::default();
+
+    // ALLOW_ANY: a host no ServiceEntry declares goes where the request says.
+    let passthrough = if cluster.original_dst {
+        match passthrough_destination(&head.authority, listener).await {
+            Ok(addr) => Some(addr),
+            Err(reply) => {
+                flags.insert(Flag::NoHealthyUpstream);
+                if body != BodyKind::None {
+                    next = Next::Close;
+                }
+                return finish_local(
+                    down, lstats, &head, peer, flags, reply, grpc, next, &mut log,
+                )
+                .await;
+            }
+        }
+    } else {
+        None
+    };
+
+    // A local rate limit: a token from the route's bucket (shared by all workers), or a 429.
+    let rate_limit = policy
+        .rate_limit
+        .and_then(|i| at.gen.rate_limits.get(i))
+        .map(|l| l.check(peer.ip()));
+    if let Some(o) = rate_limit.filter(|o| !o.allowed) {
+        lstats.rate_limited.inc();
+        flags.insert(Flag::RateLimited);
+        if body != BodyKind::None {
+            next = Next::Close;
+        }
+        let mut reply = ErrorReply::new(429, "local_rate_limited").details("local_rate_limited");
+        for (name, value) in ratelimit_headers(&o) {
+            reply = reply.header(name, value);
+        }
+        return finish_local(
+            down, lstats, &head, peer, flags, reply, grpc, next, &mut log,
+        )
+        .await;
+    }
 
     // Fault injection: a delay (a timer; the worker serves others meanwhile), then an abort,
     // before any upstream is contacted.
@@ -989,12 +1057,16 @@ pub(crate) async fn exchange<D: Downstream>(
     let mut _retry_slot = None;
     let mut endpoint_guard;
     let outcome = loop {
-        endpoint_guard = pick_for_try(worker, at, cluster_index, key, &tried, retry);
-        let Some(endpoint) = endpoint_guard
-            .as_ref()
-            .and_then(|p| cluster.endpoints.get(p.endpoint))
-            .map(|e| e.address)
-        else {
+        endpoint_guard = match passthrough {
+            Some(_) => None,
+            None => pick_for_try(worker, at, cluster_index, key, &tried, retry),
+        };
+        let Some(endpoint) = passthrough.or_else(|| {
+            endpoint_guard
+                .as_ref()
+                .and_then(|p| cluster.endpoints.get(p.endpoint))
+                .map(|e| e.address)
+        }) else {
             lstats.no_healthy_upstream.inc();
             break Err(Failure::NoHealthyUpstream);
         };
@@ -1166,6 +1238,11 @@ pub(crate) async fn exchange<D: Downstream>(
     rewrite_response(&mut resp, route, target, next, out_body, false);
     if let Some(c) = &set_cookie {
         resp.headers.push(b"set-cookie", c.as_bytes());
+    }
+    if let Some(o) = &rate_limit {
+        for (name, value) in ratelimit_headers(o) {
+            resp.headers.set(name.as_bytes(), value.as_bytes());
+        }
     }
     if log.is_on() {
         log.with(|r| r.response_headers = Some(resp.headers.clone()));
@@ -1474,6 +1551,41 @@ impl Failure {
             Failure::BadBody => ErrorReply::new(400, "invalid chunked body"),
         }
     }
+}
+
+/// Where an ALLOW_ANY request goes: the address its authority names (the listener's port when
+/// it names none), looked up off the worker when it is a name. A destination that is this very
+/// listener would loop back into Keel, and is refused.
+async fn passthrough_destination(
+    authority: &str,
+    listener: &keel_config::Listener,
+) -> Result<SocketAddr, ErrorReply> {
+    let addr = crate::resolve::resolve(authority, listener.address.port())
+        .await
+        .map_err(|e| {
+            tracing::debug!(%authority, error = %e, "passthrough destination not resolved");
+            ErrorReply::new(503, "no healthy upstream: the host does not resolve")
+                .details("dns_resolution_failure")
+        })?;
+    let own = addr.port() == listener.address.port()
+        && (addr.ip() == listener.address.ip()
+            || (listener.address.ip().is_unspecified() && addr.ip().is_loopback()));
+    if own {
+        return Err(
+            ErrorReply::new(502, "the destination is this listener itself")
+                .details("passthrough_loop"),
+        );
+    }
+    Ok(addr)
+}
+
+/// The `x-ratelimit-*` fields of a rate-limited route's responses (Envoy's draft-03 headers).
+fn ratelimit_headers(o: &crate::rate_limit::Outcome) -> [(&'static str, String); 3] {
+    [
+        ("x-ratelimit-limit", o.limit.to_string()),
+        ("x-ratelimit-remaining", o.remaining.to_string()),
+        ("x-ratelimit-reset", o.reset_secs.to_string()),
+    ]
 }
 
 /// A local error response: its HTTP status and text, and what a gRPC client is told instead.
