@@ -450,7 +450,8 @@ fn claim_matches(v: &serde_json::Value, m: &StrMatch) -> bool {
 /// nothing to normalize.
 pub fn normalize_path(target: &str) -> Cow<'_, str> {
     let path = target.split(['?', '#']).next().unwrap_or("");
-    if !path.contains('%') && !path.contains("/.") {
+    // Only origin-form paths are normalized (`*` and the like are matched as sent).
+    if !path.starts_with('/') || (!path.contains('%') && !path.contains("/.")) {
         return Cow::Borrowed(path);
     }
     // Decode %XX of unreserved characters only (a `%2F` stays a byte of a segment, not a `/`).
@@ -472,6 +473,13 @@ pub fn normalize_path(target: &str) -> Cow<'_, str> {
                 i += 3;
                 continue;
             }
+        }
+        if bytes[i] == b'%' {
+            // A stray `%` is a literal percent sign: written encoded, so that no `%XX` can be
+            // formed by what follows it being decoded (`%%66` is `%25f`, not `%f`).
+            decoded.push_str("%25");
+            i += 1;
+            continue;
         }
         // Copy one whole character (the path may hold UTF-8 that a client sent raw).
         let ch_len = path[i..].chars().next().map_or(1, char::len_utf8);
@@ -1014,6 +1022,9 @@ mod tests {
         assert_eq!(normalize_path("/a%2fb"), "/a%2Fb");
         assert_eq!(normalize_path("/%2E%2E/admin"), "/admin");
         assert_eq!(normalize_path("/x/.."), "/");
-        assert_eq!(normalize_path("/%"), "/%");
+        assert_eq!(normalize_path("/%"), "/%25");
+        assert_eq!(normalize_path("/%%66"), "/%25f");
+        assert_eq!(normalize_path("*"), "*");
+        assert_eq!(normalize_path("a/../b"), "a/../b");
     }
 }

@@ -747,7 +747,11 @@ pub(crate) async fn exchange<D: Downstream>(
             if security.authz.is_empty() {
                 return None;
             }
-            let local = down.local_addr().unwrap_or(listener.address);
+            // The listener's address, unless it is a wildcard (then the socket says).
+            let local = match listener.address.ip().is_unspecified() {
+                true => down.local_addr().unwrap_or(listener.address),
+                false => listener.address,
+            };
             let conn = crate::security::connection(peer, local, down.session());
             let identity = auth.as_ref().map(|a| &*a.identity);
             let verdict = crate::security::authorize(security, &conn, &head, identity);
