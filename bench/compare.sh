@@ -2,7 +2,7 @@
 # Side-by-side load test: Keel against nginx and HAProxy, by the project's method.
 #
 #   bench/compare.sh [workload ...]        workloads: l4-1mib h1-small h1-close tls-h1 tls-handshake
-#                                          h2c-small h2c-h2 idle-mem (default: all)
+#                                          h2c-small h2c-h2 idle-mem h1-security (default: all)
 #
 # The proxy under test runs alone on CPU 1 with one worker; the backend (nginx serving fixed bodies)
 # and the load generator (wrk) share CPU 0. Contenders are interleaved (A B C, A B C, ...) over
@@ -20,6 +20,9 @@
 # h2c-h2: the same load, with HTTP/2 from each proxy to the backend too (nginx serving h2c): Keel
 # by an ingress port declared HTTP2, HAProxy with `proto h2`, nginx with grpc_pass (its only
 # HTTP/2 upstream).
+# h1-security: h1-small through two Keels, one plain and one with a 20-rule AuthorizationPolicy and
+# JWT validation (ES256, a RequestAuthentication with inline keys) on its inbound port; both get
+# the same requests, each with the same valid token. Compared with each other, not with the peers.
 # Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk,
 # h2load (nghttp2-client), taskset.
 set -euo pipefail
@@ -33,7 +36,7 @@ KEEL_ARGS=${KEEL_ARGS:-}
 ACCESS_LOG_YAML=""
 [ -n "${KEEL_ACCESS_LOG:-}" ] && ACCESS_LOG_YAML="  telemetry: { accessLog: { path: $KEEL_ACCESS_LOG } }"
 BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
-KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013
+KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013 KEEL_SEC_HTTP=18014 KEEL_SEC_ADMIN=18010
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
 NGINX_H2C=18032 HAPROXY_H2C=18033
 BACKEND_H2C=18004 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
@@ -190,6 +193,85 @@ taskset -c 1 "$KEEL_BIN" run -c "$WORK/keel.yaml" --workers 1 --log-level warn $
 PIDS+=($!)
 KEEL_PID=$!
 
+# ---- the second Keel, with security policy: an ES256 key, its JWKS and one token (PyJWT)
+# Debian's python3 (python3-jwt, python3-cryptography), whatever else is first on PATH.
+PYTHON3=/usr/bin/python3; [ -x "$PYTHON3" ] || PYTHON3=python3
+"$PYTHON3" - "$WORK" <<'PY'
+import json, sys, time
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+from jwt.algorithms import ECAlgorithm
+work = sys.argv[1]
+key = ec.generate_private_key(ec.SECP256R1())
+jwk = json.loads(ECAlgorithm.to_jwk(key.public_key())); jwk["kid"] = "bench"
+open(f"{work}/jwks.json", "w").write(json.dumps({"keys": [jwk]}))
+claims = {"iss": "https://issuer.bench", "sub": "wrk", "aud": "bench", "exp": int(time.time()) + 86400, "groups": ["load"]}
+open(f"{work}/token", "w").write(jwt.encode(claims, key, algorithm="ES256", headers={"kid": "bench"}))
+PY
+TOKEN=$(cat "$WORK/token")
+{
+  cat <<CONF
+apiVersion: keel.dev/v1alpha1
+kind: Proxy
+metadata: { name: bench-security }
+spec:
+  workers: 1
+  admin: { address: 127.0.0.1:$KEEL_SEC_ADMIN }
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default }
+spec:
+  ingress:
+  - port: { number: $KEEL_SEC_HTTP, protocol: HTTP }
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:$BACKEND
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: { name: jwt }
+spec:
+  jwtRules:
+  - issuer: https://issuer.bench
+    audiences: [bench]
+    # Forwarded, so that both Keels send the backend the same bytes: the difference is the policy.
+    forwardOriginalToken: true
+    jwks: '$(cat "$WORK/jwks.json")'
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: deny }
+spec:
+  action: DENY
+  rules:
+CONF
+  # Ten DENY rules that do not match, each looked at for every request.
+  for i in $(seq 10); do
+    echo "  - { from: [{ source: { ipBlocks: [\"10.$i.0.0/16\"] } }], to: [{ operation: { paths: [\"/admin$i/*\"] } }] }"
+  done
+  cat <<CONF
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: { name: allow }
+spec:
+  action: ALLOW
+  rules:
+CONF
+  # Nine ALLOW rules that do not match, then the one that does (JWT principal, claim, method, path).
+  for i in $(seq 9); do
+    echo "  - { to: [{ operation: { methods: [\"POST\"], paths: [\"/api/v$i/*\"] } }], when: [{ key: \"request.headers[x-tenant]\", values: [\"t$i\"] }] }"
+  done
+  echo "  - { from: [{ source: { requestPrincipals: [\"https://issuer.bench/*\"] } }], to: [{ operation: { methods: [\"GET\"], paths: [\"/1k\", \"/1m\"] } }], when: [{ key: \"request.auth.claims[groups]\", values: [\"load\"] }] }"
+} > "$WORK/keel-security.yaml"
+# shellcheck disable=SC2086
+taskset -c 1 "$KEEL_BIN" run -c "$WORK/keel-security.yaml" --workers 1 --log-level warn $KEEL_ARGS >"$WORK/keel-security.log" 2>&1 &
+PIDS+=($!)
+KEEL_SEC_PID=$!
+for _ in $(seq 100); do curl -fs -o /dev/null -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$KEEL_SEC_HTTP/1k" && break; sleep 0.05; done
+curl -fs -o /dev/null -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$KEEL_SEC_HTTP/1k" || { echo "compare.sh: the security Keel does not answer" >&2; cat "$WORK/keel-security.log" >&2; exit 1; }
+[ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$KEEL_SEC_HTTP/1k")" = 403 ] || { echo "compare.sh: the security Keel lets a request without a token through" >&2; exit 1; }
+
 for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT $KEEL_HTTP $NGINX_HTTP $HAPROXY_HTTP; do
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/1k" && break; sleep 0.05; done
   curl -fs -o /dev/null "http://127.0.0.1:$port/1k" || { echo "compare.sh: nothing answers on port $port" >&2; cat "$WORK"/*.log "$WORK"/*.err >&2 2>/dev/null; exit 1; }
@@ -203,6 +285,7 @@ KEEL_DRIVER=$(curl -fs "http://127.0.0.1:$ADMIN/stats" | sed -n 's/.*"io_driver"
 pids_of() {
   case $1 in
     keel) echo "$KEEL_PID" ;;
+    keel-sec) echo "$KEEL_SEC_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     nginx) local m; m=$(cat "$WORK/nginx-proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
     direct) echo "" ;;
@@ -211,7 +294,7 @@ pids_of() {
 port_of() { # CONTENDER l4|http
   case $1-$2 in
     keel-l4) echo $KEEL_PORT ;; nginx-l4) echo $NGINX_PORT ;; haproxy-l4) echo $HAPROXY_PORT ;;
-    keel-http) echo $KEEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
+    keel-http) echo $KEEL_HTTP ;; keel-sec-http) echo $KEEL_SEC_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
     keel-tls) echo $KEEL_TLS ;; nginx-tls) echo $NGINX_TLS ;; haproxy-tls) echo $HAPROXY_TLS ;;
     keel-h2c) echo $KEEL_HTTP ;; nginx-h2c) echo $NGINX_H2C ;; haproxy-h2c) echo $HAPROXY_H2C ;;
     keel-h2h2) echo $KEEL_H2H2 ;; nginx-h2h2) echo $NGINX_H2H2 ;; haproxy-h2h2) echo $HAPROXY_H2H2 ;;
@@ -243,6 +326,7 @@ run_one() {
   case $workload in
     l4-1mib) port=$(port_of "$who" l4); path=/1m; unit_bytes=1048576; conns=$CONNS ;;
     h1-small) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64 ;;
+    h1-security) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Authorization: Bearer $TOKEN") ;;
     h1-close) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Connection: close") ;;
     # The direct row of a TLS workload is plaintext (the backend has no TLS): a load reference only.
     tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; [ "$who" = direct ] || scheme=https ;;
@@ -348,8 +432,11 @@ report() {
   fi
   echo "| proxy | req/s | ${unit}s/s | proxy CPU µs/$unit | vs best peer | p50 ms | p99 ms | steal % |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  best=$(for who in nginx haproxy; do grep "^$who " "$WORK/rows.$workload" | awk '{print $5}' | median; done | sort -g | head -1)
-  for who in direct keel nginx haproxy; do
+  local peers="nginx haproxy" rows_of="direct keel nginx haproxy"
+  # h1-security compares Keel with policy against Keel without ("vs best peer" is vs plain Keel).
+  [ "$workload" = h1-security ] && peers="keel" && rows_of="direct keel keel-sec"
+  best=$(for who in $peers; do grep "^$who " "$WORK/rows.$workload" | awk '{print $5}' | median; done | sort -g | head -1)
+  for who in $rows_of; do
     local rows cpu ratio
     rows=$(grep "^$who " "$WORK/rows.$workload" || true)
     [ -n "$rows" ] || continue
@@ -362,10 +449,10 @@ report() {
 }
 
 WORKLOADS=("$@")
-[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake h2c-small h2c-h2 idle-mem)
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake h2c-small h2c-h2 idle-mem h1-security)
 : > "$WORK/report.md"
 for workload in "${WORKLOADS[@]}"; do
-  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|h2c-small|h2c-h2|idle-mem) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
+  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|h2c-small|h2c-h2|idle-mem|h1-security) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
   : > "$WORK/rows.$workload"
   # No direct row for idle memory, nor for the h2c workloads.
   case $workload in idle-mem|h2c-small|h2c-h2) ;; *) run_one "$workload" direct ;; esac
@@ -374,7 +461,9 @@ for workload in "${WORKLOADS[@]}"; do
   # idle measurement means anything, so idle-mem runs once per contender.
   [ "$workload" = idle-mem ] && rounds=1
   for round in $(seq "$rounds"); do
-    for who in keel nginx haproxy; do
+    contenders="keel nginx haproxy"
+    [ "$workload" = h1-security ] && contenders="keel keel-sec"
+    for who in $contenders; do
       echo "  $workload round $round: $who" >&2
       if [ "$workload" = idle-mem ]; then idle_one "$who"; else run_one "$workload" "$who"; fi
     done

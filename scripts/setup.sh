@@ -3,12 +3,12 @@
 #
 #   scripts/setup.sh           build + demo + tests: Rust toolchain (with clippy, rustfmt), C toolchain, curl, python3
 #                              (with prometheus_client, to parse /stats/prometheus in tests, grpcio for the gRPC
-#                              tests, and h2, an HTTP/2
-#                              client for the HTTP/2 tests), nghttp2-client (nghttp, h2load), openssl
+#                              tests, h2, an HTTP/2 client for the HTTP/2 tests, and jwt + cryptography, which
+#                              make the keys and tokens of the JWT tests), nghttp2-client (nghttp, h2load), openssl
 #   scripts/setup.sh --bench   also the benchmark peers and load generators: nginx + stream module, haproxy, wrk
 set -euo pipefail
 
-want=(curl python3 python3-prometheus-client python3-h2 python3-grpcio nghttp2-client openssl gcc make pkg-config ca-certificates)
+want=(curl python3 python3-prometheus-client python3-h2 python3-grpcio python3-jwt python3-cryptography nghttp2-client openssl gcc make pkg-config ca-certificates)
 [ "${1:-}" = "--bench" ] && want+=(nginx-light libnginx-mod-stream haproxy wrk)
 
 missing=()

@@ -709,3 +709,44 @@ fn registry_only_refuses_unknown_hosts_and_allow_any_passes_them() {
     assert_eq!(get_host(&mut s, "no-such-host.invalid").0, 503);
     assert_eq!(keel.listener_stat("registry_only_refused"), 0);
 }
+
+#[test]
+fn a_reload_that_adds_a_jwks_uri_fetches_it_before_serving() {
+    let t = Tokens::make("api");
+    let server = JwksServer::start(t.jwks.clone());
+    let app = RecordingBackend::echo("app");
+    let (port, admin) = (free_port(), free_port());
+    let base = proxy_yaml(admin, 1) + &ingress("default", &[(port, "HTTP", app.addr)]);
+    let keel = Keel::start(&base, admin, &[]);
+    let url = format!("http://127.0.0.1:{port}/x");
+    let forged = format!("authorization: Bearer {}", t.get("tampered"));
+    assert_eq!(
+        curl_i(&url, &["-H", &forged]).0,
+        200,
+        "no policy yet: not looked at"
+    );
+    let with_jwt = base
+        + &resource(
+            "RequestAuthentication",
+            "jwt",
+            &format!(
+                "  jwtRules:\n  - issuer: {ISSUER}\n    jwksUri: http://{}/keys\n",
+                server.addr
+            ),
+        );
+    keel.write_config(&with_jwt);
+    keel.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keel.stats()["config_reloads"]["success"].as_u64() != Some(1) && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        server.fetches.load(Ordering::SeqCst),
+        1,
+        "fetched by the reload"
+    );
+    let good = format!("authorization: Bearer {}", t.get("eddsa"));
+    assert_eq!(curl_i(&url, &["-H", &good]).0, 200);
+    assert_eq!(curl_i(&url, &["-H", &forged]).0, 401);
+}

@@ -128,10 +128,18 @@ fn parse_key(k: &Value, allow_hmac: bool) -> Result<Jwk, String> {
     }
     let kty = field("kty").ok_or("missing `kty`")?;
     let key = match kty {
-        "RSA" => JwkKey::Rsa {
-            n: bytes("n")?,
-            e: bytes("e")?,
-        },
+        // Leading zero bytes (an ASN.1-style sign byte some encoders add) are dropped: the
+        // verifier takes the plain big-endian numbers.
+        "RSA" => {
+            let strip = |v: Vec<u8>| {
+                let zeros = v.iter().take_while(|b| **b == 0).count();
+                v[zeros.min(v.len().saturating_sub(1))..].to_vec()
+            };
+            JwkKey::Rsa {
+                n: strip(bytes("n")?),
+                e: strip(bytes("e")?),
+            }
+        }
         "EC" => {
             let (curve, len) = match field("crv") {
                 Some("P-256") => (EcCurve::P256, 32),
@@ -140,12 +148,16 @@ fn parse_key(k: &Value, allow_hmac: bool) -> Result<Jwk, String> {
                 None => return Err("missing `crv`".into()),
             };
             let (x, y) = (bytes("x")?, bytes("y")?);
-            if x.len() != len || y.len() != len {
-                return Err(format!("`x` and `y` must be {len} bytes on this curve"));
+            if x.len() > len || y.len() > len {
+                return Err(format!("`x` and `y` are at most {len} bytes on this curve"));
             }
+            // RFC 7518 §6.2.1.2 wants full-length coordinates, but some issuers drop leading
+            // zero bytes (as big-number encoders do): put them back, as Envoy's verifier does.
             let mut point = Vec::with_capacity(1 + 2 * len);
             point.push(4);
+            point.resize(1 + len - x.len(), 0);
             point.extend_from_slice(&x);
+            point.resize(1 + 2 * len - y.len(), 0);
             point.extend_from_slice(&y);
             JwkKey::Ec { curve, point }
         }
@@ -225,6 +237,22 @@ pub struct JwtProvider {
 }
 
 impl JwtProvider {
+    /// A provider with Istio's defaults for everything but its issuer, audiences and keys: the
+    /// default token locations, the token not forwarded, no outputs, no HMAC, 60 s of clock skew.
+    pub fn new(issuer: impl Into<String>, audiences: Vec<String>, keys: KeySource) -> JwtProvider {
+        JwtProvider {
+            issuer: issuer.into(),
+            audiences,
+            keys,
+            locations: JwtProvider::default_locations(),
+            forward_original_token: false,
+            output_payload_to_header: None,
+            claim_to_headers: Vec::new(),
+            allow_hmac: false,
+            clock_skew: Duration::from_secs(60),
+        }
+    }
+
     /// Istio's default locations: `Authorization: Bearer <token>`, then `?access_token=`.
     pub fn default_locations() -> Vec<TokenLocation> {
         vec![
@@ -291,5 +319,14 @@ mod tests {
         .unwrap_err()
         .contains("P-521"));
         assert!(Jwks::parse(r#"{"keys":[{"kty":"RSA","n":"!!","e":"AQAB"}]}"#, false).is_err());
+        // A coordinate with its leading zero byte dropped is padded back.
+        let short = r#"{"keys":[{"kty":"EC","crv":"P-256","x":"AQ","y":"Ag"}]}"#;
+        let k = Jwks::parse(short, false).unwrap();
+        let JwkKey::Ec { point, .. } = &k.keys[0].key else {
+            panic!()
+        };
+        assert_eq!(point.len(), 65);
+        assert_eq!((point[32], point[64]), (1, 2));
+        assert!(point[1..32].iter().all(|b| *b == 0));
     }
 }

@@ -6,11 +6,9 @@ use std::path::Path;
 use keel_config::{ConfigErrors, Snapshot};
 use keel_tls::TlsContexts;
 
-/// Reads, validates and compiles the config at `path`, then builds its TLS contexts and fetches
-/// any remote JWKS it names for the first time.
+/// Reads, validates and compiles the config at `path`, then builds its TLS contexts.
 pub fn load(path: &Path) -> Result<(Snapshot, TlsContexts), ConfigErrors> {
     let snapshot = keel_config::load(path)?;
     let tls = keel_tls::build(&snapshot).map_err(ConfigErrors)?;
-    crate::jwks::register(&snapshot);
     Ok((snapshot, tls))
 }

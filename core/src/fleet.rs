@@ -81,6 +81,8 @@ impl Fleet {
                 return Ok(None);
             }
             let tls = keel_tls::build(&snapshot).map_err(keel_config::ConfigErrors)?;
+            // Remote key sets it names for the first time are fetched now, before it serves.
+            crate::jwks::register(&snapshot);
             Ok(Some((snapshot, tls)))
         });
         let result = match loaded {

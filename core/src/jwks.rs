@@ -149,7 +149,9 @@ pub fn register(snapshot: &Snapshot) {
                             timing: Mutex::new(Timing {
                                 timeout: *timeout,
                                 refresh: *refresh,
-                                next: Instant::now(),
+                                // Fetched just below, on this thread; the refresh thread
+                                // takes over from the next one.
+                                next: Instant::now() + *refresh,
                                 failures: 0,
                                 registered: Instant::now(),
                             }),

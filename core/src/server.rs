@@ -87,6 +87,8 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
         .map_err(|e| StartError::Other(format!("cannot install signal handlers: {e}")))?;
     let (snapshot, tls) = crate::config::load(&opts.config).map_err(StartError::Config)?;
+    // Remote JWKS are fetched before the first request is served.
+    crate::jwks::register(&snapshot);
     let (snapshot, tls) = (Arc::new(snapshot), Arc::new(tls));
     let driver = driver::resolve(opts.driver).map_err(StartError::Other)?;
     let cores = io_worker::allowed_cores();

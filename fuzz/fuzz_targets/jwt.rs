@@ -5,7 +5,6 @@
 #![no_main]
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
 use keel_config::jwt::{base64url_decode, base64url_encode, Jwks, JwtProvider, KeySource};
 use libfuzzer_sys::fuzz_target;
@@ -21,17 +20,8 @@ fn provider() -> &'static (JwtProvider, Jwks) {
     static P: OnceLock<(JwtProvider, Jwks)> = OnceLock::new();
     P.get_or_init(|| {
         let jwks = Jwks::parse(JWKS, false).expect("the fixed JWKS parses");
-        let p = JwtProvider {
-            issuer: "https://issuer.test".into(),
-            audiences: vec!["api".into()],
-            keys: KeySource::Inline(Arc::new(jwks.clone())),
-            locations: JwtProvider::default_locations(),
-            forward_original_token: false,
-            output_payload_to_header: None,
-            claim_to_headers: Vec::new(),
-            allow_hmac: false,
-            clock_skew: Duration::from_secs(60),
-        };
+        let keys = KeySource::Inline(Arc::new(jwks.clone()));
+        let p = JwtProvider::new("https://issuer.test", vec!["api".into()], keys);
         (p, jwks)
     })
 }

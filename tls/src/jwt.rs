@@ -312,20 +312,16 @@ mod tests {
     use ring::rand::SystemRandom;
     use ring::signature::{EcdsaKeyPair, Ed25519KeyPair, KeyPair};
     use std::sync::Arc;
-    use std::time::Duration;
 
     fn provider(keys: &Jwks, audiences: &[&str]) -> JwtProvider {
-        JwtProvider {
-            issuer: "https://issuer.test".into(),
-            audiences: audiences.iter().map(|a| a.to_string()).collect(),
-            keys: KeySource::Inline(Arc::new(keys.clone())),
-            locations: JwtProvider::default_locations(),
-            forward_original_token: false,
-            output_payload_to_header: None,
-            claim_to_headers: Vec::new(),
-            allow_hmac: true,
-            clock_skew: Duration::from_secs(60),
-        }
+        let audiences = audiences.iter().map(|a| a.to_string()).collect();
+        let mut p = JwtProvider::new(
+            "https://issuer.test",
+            audiences,
+            KeySource::Inline(Arc::new(keys.clone())),
+        );
+        p.allow_hmac = true;
+        p
     }
 
     fn token(header: &str, claims: &str, sign: impl Fn(&[u8]) -> Vec<u8>) -> String {
