@@ -323,7 +323,9 @@ fn jwt_valid_expired_wrong_issuer_audience_tampered_and_missing() {
         curl_i(&format!("{base}{p}"), &["-H", &auth])
     };
     // Every algorithm, each twice (the second from the verified-token cache).
-    for alg in ["rs256", "ps256", "es256", "es384", "eddsa"] {
+    for alg in [
+        "rs256", "rs384", "rs512", "ps256", "ps512", "es256", "es384", "eddsa",
+    ] {
         for _ in 0..2 {
             let (status, text) = with("/open", t.get(alg));
             assert_eq!(status, 200, "{alg}: {text}");
@@ -365,8 +367,68 @@ fn jwt_valid_expired_wrong_issuer_audience_tampered_and_missing() {
     // Istio's second default location: the access_token query parameter.
     let q = format!("{base}/secure?access_token={}", t.get("es256"));
     assert_eq!(curl_i(&q, &[]).0, 200);
+    // HTTP/2 clients go through the same checks.
+    let (code, out) = curl(&[
+        "--http2-prior-knowledge",
+        "-w",
+        "\n%{http_code}",
+        &format!("{base}/secure"),
+    ]);
+    assert_eq!(code, 0);
+    assert!(out.ends_with("RBAC: access denied\n403"), "{out}");
     assert_eq!(keel.listener_stat("jwt_denied"), 7);
-    assert!(keel.listener_stat("jwt_allowed") >= 13);
+    assert!(keel.listener_stat("jwt_allowed") >= 19);
+}
+
+#[test]
+fn jwt_token_locations_and_outputs() {
+    let t = Tokens::make("api");
+    let app = RecordingBackend::echo("app");
+    let (port, admin) = (free_port(), free_port());
+    let config = proxy_yaml(admin, 1)
+        + &ingress("default", &[(port, "HTTP", app.addr)])
+        + &resource(
+            "RequestAuthentication",
+            "jwt",
+            &format!(
+                "  jwtRules:
+  - issuer: {ISSUER}
+    jwks: '{}'
+    fromHeaders: [{{ name: x-token, prefix: \"Token \" }}]
+    fromCookies: [session]
+    forwardOriginalToken: true
+    outputPayloadToHeader: x-jwt-payload
+",
+                t.jwks
+            ),
+        );
+    let _keel = Keel::start(&config, admin, &[]);
+    let url = format!("http://127.0.0.1:{port}/x");
+    let token = t.get("es256");
+    let header = format!("x-token: Token {token}");
+    let (status, text) = curl_i(&url, &["-H", &header]);
+    assert_eq!(status, 200, "{text}");
+    let text = text.to_ascii_lowercase();
+    assert!(
+        text.contains(&format!("x-token: token {}", token.to_ascii_lowercase())),
+        "forwarded: {text}"
+    );
+    let payload = token.split('.').nth(1).unwrap().to_ascii_lowercase();
+    assert!(
+        text.contains(&format!("x-jwt-payload: {payload}")),
+        "{text}"
+    );
+    // From a cookie; a bad token there is refused too.
+    let cookie = format!("cookie: a=b; session={token}");
+    assert_eq!(curl_i(&url, &["-H", &cookie]).0, 200);
+    let bad = format!("cookie: session={}", t.get("tampered"));
+    assert_eq!(curl_i(&url, &["-H", &bad]).0, 401);
+    // The default locations are not looked at when others are configured.
+    let bearer = format!("authorization: Bearer {}", t.get("tampered"));
+    assert_eq!(curl_i(&url, &["-H", &bearer]).0, 200);
+    // A header without the prefix is no token.
+    let plain = format!("x-token: {}", t.get("tampered"));
+    assert_eq!(curl_i(&url, &["-H", &plain]).0, 200);
 }
 
 /// A JWKS server on loopback that counts fetches and can be taken down.

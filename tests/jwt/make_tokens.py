@@ -67,6 +67,9 @@ forged_payload = jwt.utils.base64url_encode(
 tokens = {
     "rs256": valid,
     "ps256": sign(claims(), rsa_key, "PS256", "rsa"),
+    "rs384": sign(claims(), rsa_key, "RS384", "rsa"),
+    "rs512": sign(claims(), rsa_key, "RS512", "rsa"),
+    "ps512": sign(claims(), rsa_key, "PS512", "rsa"),
     "es256": sign(claims(), p256, "ES256", "p256"),
     "es384": sign(claims(), p384, "ES384", "p384"),
     "eddsa": sign(claims(), ed, "EdDSA", "ed"),
