@@ -24,9 +24,37 @@ pub use tls::{DEFAULT_TRUST_DOMAIN, ROOT_NAMESPACE};
 
 use crate::load::fnv1a;
 
+/// Name resolution for ServiceEntries with resolution DNS or DNS_ROUND_ROBIN, done by the caller:
+/// the config crate does no I/O.
+pub trait Dns: Send + Sync {
+    /// The addresses `name` has now, asking `servers` (empty: the system's name servers); None
+    /// when it does not resolve (yet): the cluster then has no endpoint from it until it does.
+    fn lookup(&self, servers: &[SocketAddr], name: &str) -> Option<Vec<IpAddr>>;
+}
+
+/// No resolution at all (`keel validate`, tests): DNS clusters compile without endpoints.
+pub struct NoDns;
+
+impl Dns for NoDns {
+    fn lookup(&self, _: &[SocketAddr], _: &str) -> Option<Vec<IpAddr>> {
+        None
+    }
+}
+
 /// Compiles parsed resources into a snapshot, or returns every error found.
 pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
+    compile_with(raw, std::sync::Arc::new(NoDns))
+}
+
+/// [`compile`], resolving DNS ServiceEntries with `dns`.
+pub fn compile_with(
+    raw: RawConfig,
+    dns: std::sync::Arc<dyn Dns>,
+) -> Result<Snapshot, Vec<ConfigError>> {
     let mut c = Compiler {
+        dns,
+        dns_names: Vec::new(),
+        dns_servers: Vec::new(),
         errors: Vec::new(),
         clusters: Vec::new(),
         cluster_index: HashMap::new(),
@@ -44,6 +72,7 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         .and_then(|p| p.value.spec.workload.locality.clone());
     if let Some(p) = &proxy {
         c.peer_authn = c.peer_authn(&raw, p);
+        c.dns_servers = p.dns_servers.clone();
     }
     let registry = c.registry(&raw);
     let have_identity = proxy.as_ref().is_some_and(|p| p.identity.is_some());
@@ -84,6 +113,7 @@ pub fn compile(raw: RawConfig) -> Result<Snapshot, Vec<ConfigError>> {
         clusters: c.clusters,
         security,
         rate_limits: c.rate_limits,
+        dns_names: c.dns_names,
         material_files: c.material,
         source: std::sync::Arc::new(raw),
     })
@@ -103,6 +133,10 @@ struct Compiler {
     locality: Option<String>,
     /// Local rate limits of the routes compiled so far.
     rate_limits: Vec<hr::LocalRateLimit>,
+    dns: std::sync::Arc<dyn Dns>,
+    /// Names resolved so far, and the name servers asked.
+    dns_names: Vec<String>,
+    dns_servers: Vec<SocketAddr>,
 }
 
 /// One port of one service in the registry.
@@ -1030,7 +1064,36 @@ impl Compiler {
                 };
                 Some(AccessLog { path, format })
             });
+        let mut dns_servers = Vec::new();
+        let dns = p.value.spec.dns.as_ref();
+        for (i, ns) in dns
+            .map_or(&[][..], |d| &d.nameservers[..])
+            .iter()
+            .enumerate()
+        {
+            let parsed = ns
+                .parse::<SocketAddr>()
+                .or_else(|_| ns.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)));
+            match parsed {
+                Ok(a) => dns_servers.push(a),
+                Err(_) => self.errors.push(p.origin.error(
+                    &format!("spec.dns.nameservers[{i}]"),
+                    format!("`{ns}` is not an IP or IP:port"),
+                )),
+            }
+        }
+        let dns_refresh = dns
+            .and_then(|d| d.refresh_rate)
+            .map_or(Duration::from_secs(60), |d| d.0);
+        if dns_refresh < Duration::from_secs(1) {
+            self.errors.push(
+                p.origin
+                    .error("spec.dns.refreshRate", "must be at least 1s"),
+            );
+        }
         Some(ProxySettings {
+            dns_servers,
+            dns_refresh,
             access_log,
             http,
             http2,
@@ -1094,18 +1157,33 @@ impl Compiler {
                     }
                 }
                 Resolution::Dns | Resolution::DnsRoundRobin => {
-                    self.errors.push(o.error("spec.resolution", "resolution DNS and DNS_ROUND_ROBIN are not supported yet; use STATIC with IP endpoints"));
+                    if s.endpoints.is_empty() {
+                        for (i, h) in s.hosts.iter().enumerate() {
+                            if h.contains('*') {
+                                self.errors.push(o.error(
+                                    &format!("spec.hosts[{i}]"),
+                                    "a wildcard host cannot be resolved: give resolution DNS endpoints, or list the names",
+                                ));
+                            }
+                        }
+                    }
                 }
                 Resolution::None => {
                     self.errors.push(o.error("spec.resolution", "resolution NONE (the default) forwards to the original destination, which needs interception: not supported yet; use resolution: STATIC with endpoints"));
                 }
             }
+            let dns = matches!(
+                s.resolution,
+                Some(Resolution::Dns | Resolution::DnsRoundRobin)
+            );
             for (i, ep) in s.endpoints.iter().enumerate() {
-                if ep.address.parse::<IpAddr>().is_err() {
+                if dns && host::valid_dns_name(&ep.address) {
+                    // Resolved like the hosts.
+                } else if ep.address.parse::<IpAddr>().is_err() {
                     let what = if ep.address.starts_with("unix://") {
                         "unix domain socket endpoints are not supported yet"
                     } else {
-                        "with resolution STATIC an endpoint address must be an IP address"
+                        "with resolution STATIC an endpoint address must be an IP address (DNS and DNS_ROUND_ROBIN take names)"
                     };
                     self.errors.push(o.error(
                         &format!("spec.endpoints[{i}].address"),
@@ -2589,20 +2667,46 @@ impl Compiler {
                 .and_then(|l| l.locality_lb_setting.as_ref())
                 .and_then(|l| l.enabled)
                 != Some(false);
-        let endpoints = spec
-            .endpoints
+        // DNS and DNS_ROUND_ROBIN: endpoint addresses may be names; with no endpoints the host
+        // itself is resolved. DNS balances over every address a name has (Envoy's STRICT_DNS),
+        // DNS_ROUND_ROBIN uses the first one (LOGICAL_DNS).
+        let resolution = spec.resolution.unwrap_or(Resolution::None);
+        let implicit;
+        let declared: &[WorkloadEntry] = match resolution {
+            Resolution::Dns | Resolution::DnsRoundRobin if spec.endpoints.is_empty() => {
+                implicit = [WorkloadEntry {
+                    address: host.to_string(),
+                    ..Default::default()
+                }];
+                &implicit
+            }
+            _ => &spec.endpoints,
+        };
+        let mut endpoints = Vec::new();
+        for ep in declared
             .iter()
             .filter(|ep| sub.is_none_or(|s| labels_match(&s.labels, &ep.labels)))
-            .filter_map(|ep| {
-                let ip: IpAddr = ep.address.parse().ok()?;
-                let target = sp
-                    .name
-                    .as_ref()
-                    .and_then(|n| ep.ports.get(n))
-                    .copied()
-                    .or(sp.target_port)
-                    .unwrap_or(sp.number);
-                Some(Endpoint {
+        {
+            let ips: Vec<IpAddr> = match ep.address.parse::<IpAddr>() {
+                Ok(ip) => vec![ip],
+                Err(_) if matches!(resolution, Resolution::Dns | Resolution::DnsRoundRobin) => {
+                    let mut ips = self.resolve(&ep.address);
+                    if resolution == Resolution::DnsRoundRobin {
+                        ips.truncate(1);
+                    }
+                    ips
+                }
+                Err(_) => continue,
+            };
+            let target = sp
+                .name
+                .as_ref()
+                .and_then(|n| ep.ports.get(n))
+                .copied()
+                .or(sp.target_port)
+                .unwrap_or(sp.number);
+            for ip in ips {
+                endpoints.push(Endpoint {
                     address: SocketAddr::new(ip, target as u16),
                     weight: ep.weight.unwrap_or(1).max(1),
                     labels: ep.labels.clone(),
@@ -2611,9 +2715,9 @@ impl Compiler {
                     } else {
                         0
                     },
-                })
-            })
-            .collect();
+                });
+            }
+        }
         Ok(self.add_cluster(Cluster {
             name,
             endpoints,
@@ -2663,6 +2767,26 @@ impl Compiler {
             String::new(),
             hr::RoutePolicy::default(),
         )
+    }
+
+    /// A name's addresses now (none when it does not resolve), remembered for re-resolution and
+    /// folded into the config version, so that a change of address is a new snapshot.
+    fn resolve(&mut self, name: &str) -> Vec<IpAddr> {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let mut ips = self
+            .dns
+            .lookup(&self.dns_servers, &name)
+            .unwrap_or_default();
+        ips.sort();
+        ips.dedup();
+        if !self.dns_names.contains(&name) {
+            self.dns_names.push(name.clone());
+            fnv1a(&mut self.material_hash, name.as_bytes());
+            for ip in &ips {
+                fnv1a(&mut self.material_hash, ip.to_string().as_bytes());
+            }
+        }
+        ips
     }
 
     fn add_cluster(&mut self, cluster: Cluster) -> usize {

@@ -10,6 +10,23 @@ pub fn qualify(host: &str, namespace: &str) -> String {
     }
 }
 
+/// Whether `name` is a host name a resolver can be asked about (RFC 1123 labels, 253 bytes at
+/// most, not an IP address).
+pub fn valid_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.parse::<std::net::IpAddr>().is_err()
+        && name.split('.').all(|l| {
+            !l.is_empty()
+                && l.len() <= 63
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        })
+}
+
 /// `host:port` → `host` (IPv6 literals keep their brackets).
 pub fn strip_port(authority: &str) -> &str {
     if authority.starts_with('[') {

@@ -30,6 +30,15 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigErrors> {
     compile::compile(raw).map_err(ConfigErrors)
 }
 
+/// [`load`], resolving DNS ServiceEntries with `dns` (the running proxy's resolver).
+pub fn load_with(
+    path: &Path,
+    dns: std::sync::Arc<dyn compile::Dns>,
+) -> Result<Snapshot, ConfigErrors> {
+    let raw = load::read(path).map_err(ConfigErrors)?;
+    compile::compile_with(raw, dns).map_err(ConfigErrors)
+}
+
 /// Parses, validates and compiles config given as text, as if read from a file named `name`.
 ///
 /// Used by the fuzz target and tests; `load` is the same pipeline over files.

@@ -95,6 +95,21 @@ pub struct ProxySpec {
     pub interception: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<Telemetry>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dns: Option<DnsSpec>,
+}
+
+/// `Proxy.spec.dns`: how ServiceEntry hosts with resolution DNS / DNS_ROUND_ROBIN are resolved.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DnsSpec {
+    /// `IP` or `IP:port` of the name servers to ask; default those of /etc/resolv.conf.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nameservers: Vec<String>,
+    /// The longest a name goes without being resolved again (Istio's `dnsRefreshRate`, 60 s);
+    /// a record's shorter TTL is honoured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_rate: Option<Duration>,
 }
 
 /// `Proxy.spec.telemetry`: Istio's meshConfig extension providers, in short.

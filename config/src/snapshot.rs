@@ -19,6 +19,9 @@ pub struct Snapshot {
     pub security: Security,
     /// Local rate limits that routes refer to by index.
     pub rate_limits: Vec<crate::http_routes::LocalRateLimit>,
+    /// Host names resolved for ServiceEntries with resolution DNS or DNS_ROUND_ROBIN (resolved
+    /// again in the background; a change is a new snapshot).
+    pub dns_names: Vec<String>,
     /// Certificate and key files the config names: watched, so that a rotated file reloads.
     pub material_files: Vec<std::path::PathBuf>,
     /// The resources it was compiled from, for `/config_dump` (rendered on request, not at load).
@@ -57,6 +60,9 @@ pub struct ProxySettings {
     pub tls_handshake_timeout: Duration,
     /// `spec.telemetry.accessLog`: where and how requests and connections are logged.
     pub access_log: Option<AccessLog>,
+    /// `spec.dns`: name servers (empty: the system's) and the longest refresh interval.
+    pub dns_servers: Vec<SocketAddr>,
+    pub dns_refresh: Duration,
 }
 
 /// The access log.

@@ -76,13 +76,14 @@ impl Fleet {
     pub fn reload(&mut self, path: &Path, trigger: &str) -> Result<ReloadOutcome, String> {
         let started = Instant::now();
         // The version covers certificate files too, so an unchanged one needs no TLS contexts built.
-        let loaded = keel_config::load(path).and_then(|snapshot| {
+        let loaded = keel_config::load_with(path, crate::dns::resolver()).and_then(|snapshot| {
             if snapshot.version == self.current.version {
                 return Ok(None);
             }
             let tls = keel_tls::build(&snapshot).map_err(keel_config::ConfigErrors)?;
             // Remote key sets it names for the first time are fetched now, before it serves.
             crate::jwks::register(&snapshot);
+            crate::dns::resolver().adopt(&snapshot);
             Ok(Some((snapshot, tls)))
         });
         let result = match loaded {

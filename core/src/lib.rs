@@ -11,6 +11,7 @@ pub mod access_log;
 pub mod admin;
 pub mod breaker;
 pub mod config;
+pub mod dns;
 pub mod downstream_tls;
 pub mod fleet;
 pub mod generation;

@@ -75,6 +75,8 @@ pub enum Event {
     ConfigChanged,
     /// A certificate or key file the config names changed (rotation).
     MaterialChanged,
+    /// A DNS ServiceEntry's name resolves to other addresses now.
+    DnsChanged,
     /// `POST /drain_listeners`; the answer goes back to the admin request.
     DrainListeners(DrainScope, mpsc::Sender<Result<(), String>>),
     /// A successor connected to the upgrade socket.
@@ -86,7 +88,9 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
     // Signals first: a SIGTERM during start-up must drain, not kill.
     let mut signals = Signals::new([SIGTERM, SIGINT, SIGHUP, SIGUSR1, SIGUSR2])
         .map_err(|e| StartError::Other(format!("cannot install signal handlers: {e}")))?;
-    let (snapshot, tls) = crate::config::load(&opts.config).map_err(StartError::Config)?;
+    let (snapshot, tls) =
+        crate::config::load_resolving(&opts.config).map_err(StartError::Config)?;
+    crate::dns::resolver().adopt(&snapshot);
     // Remote JWKS are fetched before the first request is served.
     crate::jwks::register(&snapshot);
     let (snapshot, tls) = (Arc::new(snapshot), Arc::new(tls));
@@ -185,6 +189,12 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
                 }
             })
             .map_err(|e| StartError::Other(format!("cannot start the signal thread: {e}")))?;
+    }
+    {
+        let tx = events_tx.clone();
+        crate::dns::resolver().start(move || {
+            let _ = tx.send(Event::DnsChanged);
+        });
     }
     if opts.watch {
         let tx = events_tx.clone();
@@ -390,6 +400,7 @@ impl Control<'_> {
                 Event::Signal(SIGHUP) => self.reload(fleet, "SIGHUP"),
                 Event::ConfigChanged => self.reload(fleet, "file change"),
                 Event::MaterialChanged => self.reload(fleet, "certificate file change"),
+                Event::DnsChanged => self.reload(fleet, "DNS change"),
                 Event::Signal(SIGTERM) => {
                     return self.shut_down(fleet, events, DrainScope::Inbound, "SIGTERM")
                 }

@@ -853,6 +853,20 @@ impl Stats {
         );
         header(
             &mut out,
+            "keel_dns_lookups_total",
+            "counter",
+            "Lookups of DNS ServiceEntry names by result (a failed refresh keeps the last addresses).",
+        );
+        let dns = crate::dns::resolver();
+        for (result, n) in [("success", &dns.success), ("failure", &dns.failure)] {
+            let _ = writeln!(
+                out,
+                "keel_dns_lookups_total{{result=\"{result}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        header(
+            &mut out,
             "keel_jwks_fetches_total",
             "counter",
             "Fetches of RequestAuthentication jwksUri key sets by result (a failure keeps the last keys).",
