@@ -873,3 +873,91 @@ spec:
     );
     drop(keel);
 }
+
+/// `localityLbSetting.failover` sends a failed region's traffic to the region it names, before
+/// any other; `distribute` splits traffic by locality shares, leaving unlisted localities out.
+#[test]
+fn locality_failover_target_and_distribute() {
+    let failing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let f = failing.clone();
+    let (local, local_count) = backend(move |_| {
+        let status = if f.load(Ordering::SeqCst) { 500 } else { 200 };
+        (status, Duration::ZERO)
+    });
+    let (eu, eu_count) = backend(|_| (200, Duration::ZERO));
+    let (ap, ap_count) = backend(|_| (200, Duration::ZERO));
+    let (admin, port) = (free_port(), free_port());
+    let endpoints = format!(
+        "  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: us-east/zone-a }}
+  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: eu-west/zone-b }}
+  - {{ address: 127.0.0.1, ports: {{ http: {} }}, locality: ap-south/zone-c }}
+",
+        local.addr.port(),
+        eu.addr.port(),
+        ap.addr.port()
+    );
+    let config = |setting: &str| {
+        format!(
+            "apiVersion: keel.dev/v1alpha1
+kind: Proxy
+metadata: {{ name: test, namespace: default }}
+spec:
+  workload: {{ labels: {{ app: test }}, locality: us-east/zone-a }}
+  workers: 2
+  admin: {{ address: 127.0.0.1:{admin} }}
+{}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: reviews }}
+spec:
+  host: reviews
+  trafficPolicy:
+    loadBalancer: {{ localityLbSetting: {setting} }}
+    outlierDetection: {{ consecutive5xxErrors: 1, baseEjectionTime: 1m, maxEjectionPercent: 100 }}
+",
+            egress_service(port, "HTTP", "reviews", "{ name: reviews }", &endpoints)
+        )
+    };
+    let keel = Keel::start(
+        &config("{ failover: [{ from: us-east, to: ap-south }] }"),
+        admin,
+        &[],
+    );
+    for _ in 0..10 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    assert_eq!(local_count.load(Ordering::SeqCst), 10);
+    failing.store(true, Ordering::SeqCst);
+    assert_eq!(get(port, "").0, 500);
+    for _ in 0..20 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    assert_eq!(
+        ap_count.load(Ordering::SeqCst),
+        20,
+        "to the failover region"
+    );
+    assert_eq!(eu_count.load(Ordering::SeqCst), 0, "not to another region");
+    drop(keel);
+
+    // distribute: 80% stays in the zone, 20% goes to eu-west, ap-south gets none.
+    failing.store(false, Ordering::SeqCst);
+    let keel = Keel::start(
+        &config("{ distribute: [{ from: \"us-east/zone-a/*\", to: { \"us-east/zone-a/*\": 80, \"eu-west/*\": 20 } }] }"),
+        admin,
+        &[],
+    );
+    let before = [&local_count, &eu_count, &ap_count].map(|c| c.load(Ordering::SeqCst));
+    for _ in 0..1000 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    let got: Vec<usize> = [&local_count, &eu_count, &ap_count]
+        .iter()
+        .zip(before)
+        .map(|(c, b)| c.load(Ordering::SeqCst) - b)
+        .collect();
+    assert!((720..=880).contains(&got[0]), "{got:?}");
+    assert!((120..=280).contains(&got[1]), "{got:?}");
+    assert_eq!(got[2], 0, "{got:?}");
+    drop(keel);
+}

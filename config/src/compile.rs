@@ -447,14 +447,81 @@ fn health_check(
 
 /// An endpoint's locality priority seen from `ours` (`region/zone/subzone`): 0 when all three
 /// match, 1 region and zone, 2 region, 3 otherwise (or when either is unknown).
-fn locality_priority(ours: Option<&str>, theirs: Option<&str>) -> u8 {
+/// `localityLbSetting`, checked as Istio does: `distribute` or `failover`, not both; shares that
+/// add up to 100; failover between two different regions.
+fn check_locality_setting(e: &mut Vec<ConfigError>, o: &Origin, l: &LocalityLbSetting, at: &str) {
+    if !l.distribute.is_empty() && !l.failover.is_empty() {
+        e.push(o.error(
+            &format!("{at}.failover"),
+            "set distribute or failover, not both (as Istio requires)",
+        ));
+    }
+    for (i, d) in l.distribute.iter().enumerate() {
+        let sum: u64 = d.to.values().map(|v| u64::from(*v)).sum();
+        if sum != 100 {
+            e.push(o.error(
+                &format!("{at}.distribute[{i}].to"),
+                format!("the shares add up to {sum}, not 100"),
+            ));
+        }
+        for pattern in std::iter::once(&d.from).chain(d.to.keys()) {
+            if pattern.is_empty() || pattern.split('/').count() > 3 {
+                e.push(o.error(
+                    &format!("{at}.distribute[{i}]"),
+                    format!("`{pattern}` is not region[/zone[/subzone]] (each may be `*`)"),
+                ));
+            }
+        }
+    }
+    for (i, f) in l.failover.iter().enumerate() {
+        if f.from.is_empty() || f.to.is_empty() || f.from.contains('/') || f.to.contains('/') {
+            e.push(o.error(
+                &format!("{at}.failover[{i}]"),
+                "failover goes from one region to another (no zones)",
+            ));
+        } else if f.from == f.to {
+            e.push(o.error(
+                &format!("{at}.failover[{i}].to"),
+                "failover to the same region",
+            ));
+        }
+    }
+}
+
+/// Whether a locality (`region/zone/subzone`) matches a distribute pattern (`us-west/*`,
+/// `us-west/zone-1/*`, `us-west/zone-1/rack-2`): `*` matches anything from there on.
+fn locality_matches(pattern: &str, locality: Option<&str>) -> bool {
+    let locality = locality.unwrap_or("");
+    let mut have = locality.split('/');
+    for part in pattern.split('/') {
+        if part == "*" {
+            return true;
+        }
+        if have.next().unwrap_or("") != part {
+            return false;
+        }
+    }
+    have.all(str::is_empty)
+}
+
+/// Priorities as Istio assigns them with failover: the same subzone (0), zone (1), region (2),
+/// the region `failover` names for ours (3), anywhere else (4).
+fn locality_priority(
+    ours: Option<&str>,
+    theirs: Option<&str>,
+    failover: &[LocalityFailover],
+) -> u8 {
     let (Some(a), Some(b)) = (ours, theirs) else {
-        return 3;
+        return 4;
     };
     let (mut a, mut b) = (a.split('/'), b.split('/'));
     let same = |x: Option<&str>, y: Option<&str>| x.is_some_and(|x| !x.is_empty() && Some(x) == y);
-    if !same(a.next(), b.next()) {
-        return 3;
+    let (ra, rb) = (a.next(), b.next());
+    if !same(ra, rb) {
+        let to_failover = failover
+            .iter()
+            .any(|f| Some(f.from.as_str()) == ra && Some(f.to.as_str()) == rb);
+        return if to_failover { 3 } else { 4 };
     }
     if !same(a.next(), b.next()) {
         return 2;
@@ -463,6 +530,41 @@ fn locality_priority(ours: Option<&str>, theirs: Option<&str>) -> u8 {
         return 1;
     }
     0
+}
+
+/// `distribute`: each endpoint's weight becomes its locality pattern's share split over that
+/// pattern's endpoints (by their own weights), as Envoy's locality-weighted balancing does;
+/// endpoints in no listed locality get no traffic and are left out.
+fn distribute_by_locality(
+    d: &LocalityDistribute,
+    endpoints: &mut Vec<Endpoint>,
+    localities: &[Option<String>],
+) {
+    let pattern_of = |i: usize| {
+        d.to.iter()
+            .position(|(p, _)| locality_matches(p, localities[i].as_deref()))
+    };
+    let patterns: Vec<Option<usize>> = (0..endpoints.len()).map(pattern_of).collect();
+    let shares: Vec<u32> = d.to.values().copied().collect();
+    let mut totals = vec![0u64; shares.len()];
+    for (e, p) in endpoints.iter().zip(&patterns) {
+        if let Some(p) = p {
+            totals[*p] += u64::from(e.weight);
+        }
+    }
+    let mut i = 0;
+    endpoints.retain_mut(|e| {
+        let p = patterns[i];
+        i += 1;
+        let Some(p) = p.filter(|p| shares[*p] > 0) else {
+            return false;
+        };
+        // Scaled so that small shares over many endpoints stay distinct.
+        let w = u64::from(shares[p]) * 10_000 * u64::from(e.weight) / totals[p].max(1);
+        e.weight = w.clamp(1, u64::from(u32::MAX)) as u32;
+        e.priority = 0;
+        true
+    });
 }
 
 /// gRPC status names, indexed by code.
@@ -817,8 +919,7 @@ impl Compiler {
                     }
                     if let Some(l) = &lb.locality_lb_setting {
                         let at = format!("{at}.loadBalancer.localityLbSetting");
-                        not_supported(e, o, &l.distribute, &format!("{at}.distribute"));
-                        not_supported(e, o, &l.failover, &format!("{at}.failover"));
+                        check_locality_setting(e, o, l, &at);
                         not_supported(
                             e,
                             o,
@@ -2682,7 +2783,19 @@ impl Compiler {
             }
             _ => &spec.endpoints,
         };
+        let locality_setting = lb_settings.and_then(|l| l.locality_lb_setting.as_ref());
+        let failover: &[LocalityFailover] = locality_setting.map_or(&[], |l| &l.failover[..]);
+        // `distribute`: the first entry whose `from` matches this proxy's locality, if any.
+        let distribute = locality_setting
+            .filter(|l| l.enabled != Some(false))
+            .and_then(|l| {
+                l.distribute
+                    .iter()
+                    .find(|d| locality_matches(&d.from, self.locality.as_deref()))
+            });
+        let by_locality = by_locality && distribute.is_none();
         let mut endpoints = Vec::new();
+        let mut localities: Vec<Option<String>> = Vec::new();
         for ep in declared
             .iter()
             .filter(|ep| sub.is_none_or(|s| labels_match(&s.labels, &ep.labels)))
@@ -2711,12 +2824,20 @@ impl Compiler {
                     weight: ep.weight.unwrap_or(1).max(1),
                     labels: ep.labels.clone(),
                     priority: if by_locality {
-                        locality_priority(self.locality.as_deref(), ep.locality.as_deref())
+                        locality_priority(
+                            self.locality.as_deref(),
+                            ep.locality.as_deref(),
+                            failover,
+                        )
                     } else {
                         0
                     },
                 });
+                localities.push(ep.locality.clone());
             }
+        }
+        if let Some(d) = distribute {
+            distribute_by_locality(d, &mut endpoints, &localities);
         }
         Ok(self.add_cluster(Cluster {
             name,
@@ -3043,19 +3164,46 @@ pub fn dump(
 
 #[cfg(test)]
 mod locality_tests {
-    use super::locality_priority;
+    use super::{locality_matches, locality_priority};
+    use crate::model::LocalityFailover;
 
     #[test]
     fn priorities_by_region_zone_subzone() {
         let ours = Some("us-east/zone-a/rack-1");
-        assert_eq!(locality_priority(ours, Some("us-east/zone-a/rack-1")), 0);
-        assert_eq!(locality_priority(ours, Some("us-east/zone-a/rack-2")), 1);
-        assert_eq!(locality_priority(ours, Some("us-east/zone-b")), 2);
-        assert_eq!(locality_priority(ours, Some("eu-west/zone-a/rack-1")), 3);
-        assert_eq!(locality_priority(ours, None), 3);
+        let p = |theirs| locality_priority(ours, theirs, &[]);
+        assert_eq!(p(Some("us-east/zone-a/rack-1")), 0);
+        assert_eq!(p(Some("us-east/zone-a/rack-2")), 1);
+        assert_eq!(p(Some("us-east/zone-b")), 2);
+        assert_eq!(p(Some("eu-west/zone-a/rack-1")), 4);
+        assert_eq!(p(None), 4);
         assert_eq!(
-            locality_priority(Some("us-east/zone-a"), Some("us-east/zone-a")),
+            locality_priority(Some("us-east/zone-a"), Some("us-east/zone-a"), &[]),
             0
         );
+        // Failover: the named region before the others.
+        let f = [LocalityFailover {
+            from: "us-east".into(),
+            to: "eu-west".into(),
+        }];
+        assert_eq!(locality_priority(ours, Some("eu-west/zone-x"), &f), 3);
+        assert_eq!(locality_priority(ours, Some("ap-south/zone-x"), &f), 4);
+        assert_eq!(locality_priority(ours, Some("us-east/zone-b"), &f), 2);
+    }
+
+    #[test]
+    fn distribute_patterns() {
+        assert!(locality_matches("us-west/*", Some("us-west/zone1/rack")));
+        assert!(locality_matches("us-west/zone1/*", Some("us-west/zone1")));
+        assert!(locality_matches("us-west/zone1", Some("us-west/zone1")));
+        assert!(!locality_matches(
+            "us-west/zone1",
+            Some("us-west/zone1/rack")
+        ));
+        assert!(!locality_matches(
+            "us-west/zone2/*",
+            Some("us-west/zone1/rack")
+        ));
+        assert!(locality_matches("*", None));
+        assert!(!locality_matches("us-west", None));
     }
 }

@@ -894,12 +894,30 @@ pub struct LocalityLbSetting {
     /// Locality-prioritized balancing (with outlierDetection); default true, as Istio's mesh.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub enabled: Option<bool>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub distribute: Option<NotSupported>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub failover: Option<NotSupported>,
+    /// Traffic shares by locality, for proxies in `from` localities.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub distribute: Vec<LocalityDistribute>,
+    /// Where a region's traffic goes when its own endpoints are unhealthy.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<LocalityFailover>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_priority: Option<NotSupported>,
+}
+
+/// `localityLbSetting.distribute[]`: from a locality pattern, shares (percent) by locality pattern.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityDistribute {
+    pub from: String,
+    pub to: BTreeMap<String, u32>,
+}
+
+/// `localityLbSetting.failover[]`: from one region to another.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LocalityFailover {
+    pub from: String,
+    pub to: String,
 }
 
 /// `loadBalancer.consistentHash`: what a request is hashed by, and the table it is looked up in.

@@ -378,7 +378,8 @@ pub struct Endpoint {
     pub weight: u32,
     pub labels: BTreeMap<String, String>,
     /// Locality priority: 0 = this proxy's region, zone and subzone, 1 = region and zone,
-    /// 2 = region, 3 = elsewhere. All 0 when locality-prioritized balancing is off.
+    /// 2 = region, 3 = the region `failover` names for this one, 4 = elsewhere. All 0 when
+    /// locality-prioritized balancing is off (or `distribute` applies).
     pub priority: u8,
 }
 

@@ -186,9 +186,9 @@ impl Generation {
             .clusters
             .iter()
             .map(|c| {
-                let mut levels: Vec<Vec<usize>> = vec![Vec::new(); 4];
+                let mut levels: Vec<Vec<usize>> = vec![Vec::new(); 5];
                 for (i, e) in c.endpoints.iter().enumerate() {
-                    levels[usize::from(e.priority.min(3))].push(i);
+                    levels[usize::from(e.priority.min(4))].push(i);
                 }
                 levels.retain(|l| !l.is_empty());
                 (levels.len() > 1).then_some(levels)
@@ -360,8 +360,9 @@ fn pick_by_locality(
     now: u64,
 ) -> Option<usize> {
     let healthy = |i: usize| hosts.get(i).is_none_or(|h| !h.is_excluded(now));
-    // At most four ranks (same subzone, zone, region, elsewhere): no allocation per pick.
-    let mut loads = [0f64; 4];
+    // At most five ranks (same subzone, zone, region, the failover region, elsewhere): no
+    // allocation per pick.
+    let mut loads = [0f64; 5];
     let mut remaining = 100.0f64;
     for (load, level) in loads.iter_mut().zip(levels) {
         let share = level.iter().filter(|i| healthy(**i)).count() as f64 / level.len() as f64;
