@@ -905,17 +905,9 @@ spec:
   workload: {{ labels: {{ app: test }}, locality: us-east/zone-a }}
   workers: 2
   admin: {{ address: 127.0.0.1:{admin} }}
-{}---
-apiVersion: networking.istio.io/v1
-kind: DestinationRule
-metadata: {{ name: reviews }}
-spec:
-  host: reviews
-  trafficPolicy:
-    loadBalancer: {{ localityLbSetting: {setting} }}
-    outlierDetection: {{ consecutive5xxErrors: 1, baseEjectionTime: 1m, maxEjectionPercent: 100 }}
-",
-            egress_service(port, "HTTP", "reviews", "{ name: reviews }", &endpoints)
+{}{}",
+            egress_service(port, "HTTP", "reviews", "{ name: reviews }", &endpoints),
+            reviews_rule(&format!("    loadBalancer: {{ localityLbSetting: {setting} }}\n    outlierDetection: {{ consecutive5xxErrors: 1, baseEjectionTime: 1m, maxEjectionPercent: 100 }}\n"))
         )
     };
     let keel = Keel::start(
@@ -960,4 +952,60 @@ spec:
     assert!((120..=280).contains(&got[1]), "{got:?}");
     assert_eq!(got[2], 0, "{got:?}");
     drop(keel);
+}
+
+/// `warmupDurationSecs`: an endpoint that joins a serving cluster (here by a reload) starts with a
+/// small share of its weight and reaches its full share by the end of the window.
+#[test]
+fn warmup_ramps_a_new_endpoint_up() {
+    let (a, a_count) = backend(|_| (200, Duration::ZERO));
+    let (b, b_count) = backend(|_| (200, Duration::ZERO));
+    let (admin, port) = (free_port(), free_port());
+    let config = |eps: &[u16]| {
+        let endpoints: String = eps
+            .iter()
+            .map(|p| format!("  - {{ address: 127.0.0.1, ports: {{ http: {p} }} }}\n"))
+            .collect();
+        proxy_yaml(admin, 1)
+            + &egress_service(port, "HTTP", "reviews", "{ name: reviews }", &endpoints)
+            + &reviews_rule("    loadBalancer: { simple: ROUND_ROBIN, warmupDurationSecs: 3s }\n")
+    };
+    let keel = Keel::start(&config(&[a.addr.port()]), admin, &[]);
+    for _ in 0..10 {
+        assert_eq!(get(port, "").0, 200);
+    }
+    assert_eq!(
+        a_count.load(Ordering::SeqCst),
+        10,
+        "the first endpoints do not warm up"
+    );
+    keel.write_config(&config(&[a.addr.port(), b.addr.port()]));
+    keel.signal(libc::SIGHUP);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keel.stats()["config_reloads"]["success"].as_u64() != Some(1) && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let share = |n: usize| {
+        let (a0, b0) = (
+            a_count.load(Ordering::SeqCst),
+            b_count.load(Ordering::SeqCst),
+        );
+        for _ in 0..n {
+            assert_eq!(get(port, "").0, 200);
+        }
+        let (da, db) = (
+            a_count.load(Ordering::SeqCst) - a0,
+            b_count.load(Ordering::SeqCst) - b0,
+        );
+        db as f64 / (da + db) as f64
+    };
+    let early = share(200);
+    assert!(
+        early < 0.3,
+        "new endpoint's share right after joining: {early}"
+    );
+    std::thread::sleep(Duration::from_millis(3_200));
+    let late = share(400);
+    assert!((0.4..=0.6).contains(&late), "after the window: {late}");
 }

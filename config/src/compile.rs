@@ -927,12 +927,21 @@ impl Compiler {
                             &format!("{at}.failoverPriority"),
                         );
                     }
-                    not_supported(
-                        e,
-                        o,
-                        &lb.warmup_duration_secs,
-                        &format!("{at}.loadBalancer.warmupDurationSecs"),
-                    );
+                    if let Some(w) = lb.warmup_duration_secs {
+                        let field = format!("{at}.loadBalancer.warmupDurationSecs");
+                        let simple_ok = matches!(
+                            lb.simple,
+                            None | Some(SimpleLb::RoundRobin | SimpleLb::LeastRequest)
+                        );
+                        if lb.consistent_hash.is_some() || !simple_ok {
+                            e.push(o.error(
+                                &field,
+                                "slow start applies to ROUND_ROBIN and LEAST_REQUEST only, as in Istio",
+                            ));
+                        } else if w.0 < Duration::from_secs(1) {
+                            e.push(o.error(&field, "must be at least 1s"));
+                        }
+                    }
                     if let Some(SimpleLb::Passthrough) = lb.simple {
                         e.push(o.error(
                                 &format!("{at}.loadBalancer.simple"),
@@ -1569,6 +1578,7 @@ impl Compiler {
                 pool_idle_timeout,
                 protocol: upstream_protocol(ing.port.protocol.as_deref(), pool),
                 original_dst: false,
+                warmup: None,
             });
             let target = WeightedCluster { cluster, weight: 1 };
             // Inbound HTTP goes to the local app whatever the Host, as Istio's inbound listeners do.
@@ -2738,6 +2748,9 @@ impl Compiler {
                 .map(String::as_str)
                 == Some("PEAK_EWMA")
         });
+        let warmup = lb_settings
+            .and_then(|l| l.warmup_duration_secs)
+            .map(|d| d.0);
         let (lb, hash_key) = match lb_settings {
             Some(LoadBalancerSettings {
                 consistent_hash: Some(ch),
@@ -2860,6 +2873,7 @@ impl Compiler {
             pool_idle_timeout,
             protocol: upstream_protocol(sp.protocol.as_deref(), pool),
             original_dst: false,
+            warmup,
         }))
     }
 
@@ -2881,6 +2895,7 @@ impl Compiler {
             pool_idle_timeout: DEFAULT_IDLE_TIMEOUT,
             protocol: UpstreamProtocol::Http1,
             original_dst: true,
+            warmup: None,
         });
         forward_route(
             "allow_any",

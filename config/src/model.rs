@@ -883,8 +883,10 @@ pub struct LoadBalancerSettings {
     pub consistent_hash: Option<ConsistentHash>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub locality_lb_setting: Option<LocalityLbSetting>,
+    /// Slow start for endpoints that join (or return to) the cluster: their share ramps up
+    /// over this long (Istio's Duration, e.g. `60s`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub warmup_duration_secs: Option<NotSupported>,
+    pub warmup_duration_secs: Option<Duration>,
 }
 
 /// `loadBalancer.localityLbSetting`.

@@ -292,6 +292,8 @@ pub struct Cluster {
     /// Istio's `PassthroughCluster`: no endpoints of its own; each request goes to the address
     /// its authority names (ALLOW_ANY).
     pub original_dst: bool,
+    /// `loadBalancer.warmupDurationSecs`: slow start for endpoints that join or come back.
+    pub warmup: Option<Duration>,
 }
 
 /// The HTTP version spoken to a cluster's endpoints, decided as Istio decides it: the service

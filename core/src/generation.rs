@@ -287,6 +287,30 @@ impl Generation {
                 }
             }
         }
+        // Slow start: an endpoint warming up keeps a pick with the share of its weight it has
+        // reached, else another is drawn (twice at most), so its traffic ramps up.
+        if let Some(window) = self.snapshot.clusters[cluster].warmup {
+            let (now, window) = (now_ms(), window.as_millis() as u64);
+            for _ in 0..2 {
+                let f = hosts
+                    .get(endpoint)
+                    .map_or(1.0, |h| h.warmup_factor(now, window));
+                if f >= 1.0 || (rng.next_u64() % 1_000_000) as f64 / 1_000_000.0 < f {
+                    break;
+                }
+                let again = match self.localities.get(cluster).and_then(Option::as_ref) {
+                    Some(levels) => {
+                        let weights = &self.snapshot.clusters[cluster].endpoints;
+                        pick_by_locality(levels, |i| weights[i].weight, hosts, rng, now)
+                    }
+                    None => balancer.pick_keyed(rng, key),
+                };
+                match again {
+                    Some(e) if !hosts.get(e).is_some_and(|h| h.is_excluded(now)) => endpoint = e,
+                    _ => break,
+                }
+            }
+        }
         balancer.started(endpoint);
         if let Some(h) = hosts.get(endpoint) {
             h.started();

@@ -60,6 +60,9 @@ fn schedule(stats: Arc<Stats>) {
                             check.healthy_threshold,
                         ) {
                             if passed {
+                                // Back from unhealthy: warmed up again, as Envoy's slow start
+                                // does (a no-op for clusters without warmupDurationSecs).
+                                host.start_warmup(crate::generation::now_ms());
                                 tracing::info!(cluster = %name, endpoint = %addr, "health check: endpoint healthy again");
                             } else {
                                 tracing::warn!(cluster = %name, endpoint = %addr, "health check: endpoint unhealthy");

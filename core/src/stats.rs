@@ -207,6 +207,8 @@ pub struct ClusterStats {
     /// across reloads.
     pub hosts:
         Mutex<std::collections::HashMap<std::net::SocketAddr, Arc<keel_lb::outlier::HostHealth>>>,
+    /// Set once the cluster's first endpoint set is in place: later endpoints are newcomers.
+    serving: std::sync::atomic::AtomicBool,
 }
 
 impl ClusterStats {
@@ -217,16 +219,36 @@ impl ClusterStats {
             breaker: Default::default(),
             pool_key: keel_lb::hash::hash_bytes(name.as_bytes(), 0x6b65_656c),
             hosts: Mutex::default(),
+            serving: Default::default(),
         }
     }
 
-    /// The health records of `addrs`, in order, made for addresses seen for the first time.
+    /// The health records of `addrs`, in order, made for addresses seen for the first time. An
+    /// address that joins a cluster already serving starts its slow start (which only clusters
+    /// with `warmupDurationSecs` look at); those of a new cluster do not.
     pub fn health_of(
         &self,
         addrs: impl Iterator<Item = std::net::SocketAddr>,
     ) -> Vec<Arc<keel_lb::outlier::HostHealth>> {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
-        addrs.map(|a| hosts.entry(a).or_default().clone()).collect()
+        let serving = self
+            .serving
+            .swap(true, std::sync::atomic::Ordering::Relaxed);
+        let now = crate::generation::now_ms();
+        addrs
+            .map(|a| {
+                hosts
+                    .entry(a)
+                    .or_insert_with(|| {
+                        let h = Arc::new(keel_lb::outlier::HostHealth::default());
+                        if serving {
+                            h.start_warmup(now);
+                        }
+                        h
+                    })
+                    .clone()
+            })
+            .collect()
     }
 
     /// Endpoints failing their active health checks now.

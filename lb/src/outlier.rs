@@ -51,6 +51,8 @@ pub struct HostHealth {
     /// Consecutive passed / failed checks.
     hc_passes: AtomicU32,
     hc_fails: AtomicU32,
+    /// Slow start (`warmupDurationSecs`): when the host started warming up (ms), 0 = it is not.
+    warm_from: AtomicU64,
 }
 
 impl HostHealth {
@@ -71,6 +73,26 @@ impl HostHealth {
     /// Whether active health checks have marked the host unhealthy.
     pub fn failed_health_check(&self) -> bool {
         self.hc_failed.load(Relaxed)
+    }
+
+    /// Starts the host's slow start (it joined a cluster that was already serving, or passed its
+    /// health checks again).
+    pub fn start_warmup(&self, now_ms: u64) {
+        self.warm_from.store(now_ms.max(1), Relaxed);
+    }
+
+    /// The share of its weight the host takes `now_ms` into a slow start of `window_ms`: rising
+    /// linearly from 10% (Envoy's default `min_weight_percent`) to 1 at the window's end.
+    pub fn warmup_factor(&self, now_ms: u64, window_ms: u64) -> f64 {
+        let from = self.warm_from.load(Relaxed);
+        if from == 0 || window_ms == 0 {
+            return 1.0;
+        }
+        let elapsed = now_ms.saturating_sub(from);
+        if elapsed >= window_ms {
+            return 1.0;
+        }
+        (elapsed as f64 / window_ms as f64).max(0.1)
     }
 
     /// Left out of picks: ejected by outlier detection or failing its health checks.
@@ -250,6 +272,12 @@ mod tests {
     #[test]
     fn health_checks_mark_unhealthy_and_healthy_by_thresholds() {
         let h = HostHealth::default();
+        // Slow start: 10% at first, linear to full weight over the window.
+        assert_eq!(h.warmup_factor(5_000, 1_000), 1.0, "not warming");
+        h.start_warmup(1_000);
+        assert_eq!(h.warmup_factor(1_000, 1_000), 0.1);
+        assert!((h.warmup_factor(1_500, 1_000) - 0.5).abs() < 1e-9);
+        assert_eq!(h.warmup_factor(2_000, 1_000), 1.0);
         assert!(!h.health_checked(false, 2, 2));
         assert!(h.health_checked(false, 2, 2), "second failure marks it");
         assert!(h.is_excluded(0));

@@ -713,3 +713,17 @@ pub fn curl(args: &[&str]) -> (i32, String) {
 pub fn path(p: &std::path::Path) -> &str {
     p.to_str().unwrap()
 }
+
+/// A DestinationRule for `reviews` with the `trafficPolicy` lines given (indented four spaces).
+pub fn reviews_rule(traffic_policy: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: reviews }}
+spec:
+  host: reviews
+  trafficPolicy:
+{traffic_policy}"
+    )
+}
