@@ -1009,3 +1009,101 @@ fn warmup_ramps_a_new_endpoint_up() {
     let late = share(400);
     assert!((0.4..=0.6).contains(&late), "after the window: {late}");
 }
+
+/// `loadBalancer.simple: PASSTHROUGH`: an HTTP request goes to the address its authority names
+/// (no balancing over the ServiceEntry's endpoints); a TCP port cannot know it and is refused.
+#[test]
+fn passthrough_load_balancer_forwards_to_the_authority() {
+    let (listed, listed_count) = backend(|_| (200, Duration::ZERO));
+    let (admin, port) = (free_port(), free_port());
+    // The address the requests name: another loopback IP, on the listener's own port.
+    let named_count = Arc::new(AtomicUsize::new(0));
+    let seen = named_count.clone();
+    let _named = RecordingBackend::start_on(
+        &format!("127.0.0.2:{port}"),
+        Arc::new(move |_: &str, _: &[u8]| {
+            seen.fetch_add(1, Ordering::SeqCst);
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_vec()
+        }),
+    );
+    let endpoints = format!(
+        "  - {{ address: 127.0.0.1, ports: {{ http: {} }} }}\n",
+        listed.addr.port()
+    );
+    let config = proxy_yaml(admin, 1)
+        + &egress_service(
+            port,
+            "HTTP",
+            "direct.example.test",
+            "{ name: direct }",
+            &endpoints,
+        )
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: named }}
+spec:
+  hosts: [\"127.0.0.2\"]
+  ports: [{{ number: {port}, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  endpoints:
+{endpoints}---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {{ name: named }}
+spec:
+  host: \"127.0.0.2\"
+  trafficPolicy:
+    loadBalancer: {{ simple: PASSTHROUGH }}
+"
+        );
+    let keel = Keel::start(&config, admin, &[]);
+    for _ in 0..3 {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let req = b"GET / HTTP/1.1\r\nHost: 127.0.0.2\r\n\r\n";
+        assert_eq!(http_request(&mut s, req).0, 200);
+    }
+    assert_eq!(named_count.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        listed_count.load(Ordering::SeqCst),
+        0,
+        "the listed endpoint is not used"
+    );
+    // The registry's other hosts still balance over their endpoints.
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let req = b"GET / HTTP/1.1\r\nHost: direct.example.test\r\n\r\n";
+    assert_eq!(http_request(&mut s, req).0, 200);
+    assert_eq!(listed_count.load(Ordering::SeqCst), 1);
+    drop(keel);
+
+    let dir = temp_dir("passthrough-tcp");
+    let file = dir.join("keel.yaml");
+    let tcp_endpoints = endpoints.replace("http", "tcp");
+    let tcp = proxy_yaml(free_port(), 1)
+        + &egress_service(
+            free_port(),
+            "TCP",
+            "db.example.com",
+            "{ name: db }",
+            &tcp_endpoints,
+        )
+        + "---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: { name: db }
+spec:
+  host: db.example.com
+  trafficPolicy:
+    loadBalancer: { simple: PASSTHROUGH }
+";
+    std::fs::write(&file, tcp).unwrap();
+    let (ok, out) = validate(&file);
+    assert!(!ok);
+    assert!(
+        out.contains(
+            "PASSTHROUGH for `db.example.com` on a TCP port needs the original destination"
+        ),
+        "{out}"
+    );
+}

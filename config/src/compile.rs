@@ -942,12 +942,6 @@ impl Compiler {
                             e.push(o.error(&field, "must be at least 1s"));
                         }
                     }
-                    if let Some(SimpleLb::Passthrough) = lb.simple {
-                        e.push(o.error(
-                                &format!("{at}.loadBalancer.simple"),
-                                "PASSTHROUGH is not supported yet (ROUND_ROBIN, RANDOM and LEAST_REQUEST are)",
-                            ));
-                    }
                 }
                 pool(e, o, &tp.connection_pool, &format!("{at}.connectionPool"));
             }
@@ -1742,6 +1736,14 @@ impl Compiler {
                         &mut sni_routes,
                     );
                 }
+                if sni_routes
+                    .iter()
+                    .flat_map(|r| &r.route)
+                    .any(|w| self.clusters[w.cluster].original_dst)
+                {
+                    self.errors.push(o.error(&at, "loadBalancer PASSTHROUGH on a TLS port needs the original destination of each connection, i.e. interception: not supported yet"));
+                    continue;
+                }
                 out.push(Listener {
                     name: listener_name(address),
                     address,
@@ -1788,6 +1790,13 @@ impl Compiler {
                         }
                     }
                 };
+            if route.iter().any(|w| self.clusters[w.cluster].original_dst) {
+                self.errors.push(o.error(&at, format!(
+                    "loadBalancer PASSTHROUGH for `{}` on a TCP port needs the original destination of each connection, i.e. interception: not supported yet (on HTTP ports it forwards to the request's authority)",
+                    service.host
+                )));
+                continue;
+            }
             out.push(Listener {
                 name: listener_name(address),
                 address,
@@ -2872,7 +2881,9 @@ impl Compiler {
                 .flatten(),
             pool_idle_timeout,
             protocol: upstream_protocol(sp.protocol.as_deref(), pool),
-            original_dst: false,
+            // PASSTHROUGH: each request goes where it says (its authority), as Envoy's
+            // ORIGINAL_DST cluster; HTTP only (checked where TCP listeners are built).
+            original_dst: lb_settings.and_then(|l| l.simple) == Some(SimpleLb::Passthrough),
             warmup,
         }))
     }

@@ -394,7 +394,12 @@ pub struct RecordingBackend {
 
 impl RecordingBackend {
     pub fn start(respond: std::sync::Arc<Responder>) -> RecordingBackend {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        Self::start_on("127.0.0.1:0", respond)
+    }
+
+    /// [`RecordingBackend::start`] on a given address (another loopback IP, a given port).
+    pub fn start_on(addr: &str, respond: std::sync::Arc<Responder>) -> RecordingBackend {
+        let l = TcpListener::bind(addr).unwrap();
         let addr = l.local_addr().unwrap();
         let received = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let connections = std::sync::Arc::new(AtomicUsize::new(0));
