@@ -662,9 +662,6 @@ impl Compiler {
         for p in &raw.proxies {
             let (o, s) = (&p.origin, &p.value.spec);
             not_supported(e, o, &s.interception, "spec.interception");
-            if let Some(t) = &s.telemetry {
-                not_supported(e, o, &t.tracing, "spec.telemetry.tracing");
-            }
         }
         let pool = |e: &mut Vec<ConfigError>,
                     o: &Origin,
@@ -1195,7 +1192,60 @@ impl Compiler {
                     .error("spec.dns.refreshRate", "must be at least 1s"),
             );
         }
+        let tracing = p
+            .value
+            .spec
+            .telemetry
+            .as_ref()
+            .and_then(|t| t.tracing.as_ref())
+            .and_then(|t| {
+                let at = "spec.telemetry.tracing";
+                let mut collector = |c: &Option<CollectorSpec>, name: &str, path: &str| {
+                    let c = c.as_ref()?;
+                    let ok = c
+                        .address
+                        .rsplit_once(':')
+                        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+                    if !ok {
+                        self.errors.push(p.origin.error(
+                            &format!("{at}.{name}.address"),
+                            format!("`{}` is not host:port", c.address),
+                        ));
+                        return None;
+                    }
+                    let path = c.path.clone().unwrap_or_else(|| path.to_string());
+                    if !path.starts_with('/') {
+                        self.errors.push(
+                            p.origin
+                                .error(&format!("{at}.{name}.path"), "must start with /"),
+                        );
+                    }
+                    Some((c.address.clone(), path))
+                };
+                let zipkin = collector(&t.zipkin, "zipkin", "/api/v2/spans");
+                let otlp = collector(&t.otlp, "otlp", "/v1/traces");
+                let sampling = t.sampling.unwrap_or(1.0);
+                if !(0.0..=100.0).contains(&sampling) {
+                    self.errors.push(p.origin.error(
+                        &format!("{at}.sampling"),
+                        format!("{sampling} is not a percentage (0 to 100)"),
+                    ));
+                }
+                if zipkin.is_none() && otlp.is_none() {
+                    self.errors.push(p.origin.error(
+                        at,
+                        "name a collector: zipkin: { address: host:port } and/or otlp: { address: host:port }",
+                    ));
+                    return None;
+                }
+                Some(Tracing {
+                    zipkin,
+                    otlp,
+                    sampling: crate::http_routes::Share::percent(sampling),
+                })
+            });
         Some(ProxySettings {
+            tracing,
             dns_servers,
             dns_refresh,
             access_log,

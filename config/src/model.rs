@@ -119,7 +119,30 @@ pub struct Telemetry {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub access_log: Option<AccessLogSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub tracing: Option<NotSupported>,
+    pub tracing: Option<TracingSpec>,
+}
+
+/// `telemetry.tracing`: where spans go and how many requests are traced.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TracingSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zipkin: Option<CollectorSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub otlp: Option<CollectorSpec>,
+    /// Percentage of requests traced when the caller did not decide (Istio's default 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sampling: Option<f64>,
+}
+
+/// A trace collector: `host:port` of its HTTP endpoint.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CollectorSpec {
+    pub address: String,
+    /// The request path (default `/api/v2/spans` for Zipkin, `/v1/traces` for OTLP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<String>,
 }
 
 /// `telemetry.accessLog`.

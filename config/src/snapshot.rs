@@ -60,6 +60,8 @@ pub struct ProxySettings {
     pub tls_handshake_timeout: Duration,
     /// `spec.telemetry.accessLog`: where and how requests and connections are logged.
     pub access_log: Option<AccessLog>,
+    /// `spec.telemetry.tracing`: None when tracing is off.
+    pub tracing: Option<Tracing>,
     /// `spec.dns`: name servers (empty: the system's) and the longest refresh interval.
     pub dns_servers: Vec<SocketAddr>,
     pub dns_refresh: Duration,
@@ -71,6 +73,17 @@ pub struct AccessLog {
     /// Relative paths are relative to the file naming them.
     pub path: std::path::PathBuf,
     pub format: crate::access_log::Format,
+}
+
+/// Where spans are sent, and how many requests are sampled.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tracing {
+    /// Zipkin v2 JSON collector: (`host:port`, path).
+    pub zipkin: Option<(String, String)>,
+    /// OTLP/HTTP (JSON) collector: (`host:port`, path).
+    pub otlp: Option<(String, String)>,
+    /// Requests traced when the caller did not say, in millionths.
+    pub sampling: crate::http_routes::Share,
 }
 
 /// HTTP connection limits and timeouts (`Proxy.spec.http`).

@@ -178,6 +178,8 @@ pub struct Record {
     pub peer_uri_san: Option<String>,
     pub server_name: Option<String>,
     pub route_name: Option<String>,
+    /// The request's span, when tracing is on.
+    pub span: Option<crate::trace::Span>,
 }
 
 impl Record {
@@ -375,6 +377,8 @@ pub struct Entry {
     record: Record,
     started: std::time::Instant,
     log: bool,
+    /// The detail fields are wanted: for the access log, or for a sampled span.
+    detail: bool,
     tcp: bool,
     /// A TCP connection counted as opened (so it is counted as closed).
     opened: bool,
@@ -398,6 +402,7 @@ impl Entry {
             },
             started: std::time::Instant::now(),
             log,
+            detail: log,
             tcp,
             opened: false,
             worker: worker.clone(),
@@ -419,9 +424,92 @@ impl Entry {
         f(&mut self.record);
     }
 
-    /// Whether an access log line will be written (fill the fields only it needs).
+    /// Whether an access log line or a span will be written (fill the fields only they need).
     pub fn is_on(&self) -> bool {
-        self.log
+        self.detail
+    }
+
+    /// Gives the request its span; a sampled one is exported when the entry drops, and turns on
+    /// the detail fields it is made of.
+    pub fn trace(&mut self, span: crate::trace::Span) {
+        if span.sampled {
+            self.detail = true;
+            self.record.start.get_or_insert(span.start);
+        }
+        self.record.span = Some(span);
+    }
+
+    /// The finished span of a sampled request, from its record.
+    fn finished_span(&self, tracing: &keel_config::Tracing) {
+        let r = &self.record;
+        let Some(span) = r.span.clone().filter(|s| s.sampled) else {
+            return;
+        };
+        let snap = &self.gen.snapshot;
+        let Some(listener) = snap.listeners.get(self.listener) else {
+            return;
+        };
+        let p = &snap.proxy;
+        let app = p.labels.get("app").map_or(p.name.as_str(), String::as_str);
+        let header = |name: &[u8]| {
+            r.request_headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| "-".into())
+        };
+        let host = keel_config::host::strip_port(&r.authority);
+        let flags = r.flags.to_string();
+        let tags = vec![
+            ("component", "proxy".to_string()),
+            ("node_id", format!("sidecar~{}.{}", p.name, p.namespace)),
+            ("istio.canonical_service", app.to_string()),
+            ("istio.namespace", p.namespace.clone()),
+            ("istio.mesh_id", "cluster.local".to_string()),
+            ("http.method", r.method.clone()),
+            (
+                "http.url",
+                format!("{}://{}{}", r.scheme, r.authority, r.path),
+            ),
+            ("http.protocol", r.protocol.to_string()),
+            ("http.status_code", r.status.to_string()),
+            ("response_flags", flags),
+            ("request_size", r.bytes_received.to_string()),
+            ("response_size", r.bytes_sent.to_string()),
+            (
+                "upstream_cluster",
+                r.upstream_cluster.clone().unwrap_or_else(|| "-".into()),
+            ),
+            (
+                "upstream_cluster.name",
+                r.upstream_cluster.clone().unwrap_or_else(|| "-".into()),
+            ),
+            ("guid:x-request-id", header(b"x-request-id")),
+            ("user_agent", header(b"user-agent")),
+            (
+                "peer.address",
+                r.downstream_remote
+                    .map_or("-".into(), |a| a.ip().to_string()),
+            ),
+        ];
+        let inbound = listener.direction == keel_config::Direction::Inbound;
+        crate::trace::submit(
+            crate::trace::Finished {
+                span,
+                name: format!("{host}:{}/*", listener.address.port()),
+                server: inbound,
+                duration: r.duration,
+                service: format!("{app}.{}", p.namespace),
+                error: r.status >= 500 || r.status == 0,
+                peer: if inbound {
+                    r.downstream_remote
+                } else {
+                    r.upstream_host
+                },
+                tags,
+            },
+            tracing,
+        );
     }
 
     /// Adds to the Istio metric series this record belongs to.
@@ -515,6 +603,9 @@ impl Drop for Entry {
                     crate::istio_metrics::observe_request(s, duration, rx, tx);
                 }
             });
+        }
+        if let Some(tracing) = &self.gen.snapshot.proxy.tracing {
+            self.finished_span(tracing);
         }
         if !self.log {
             return;

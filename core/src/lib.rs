@@ -28,6 +28,7 @@ pub mod security;
 pub mod server;
 pub mod stats;
 pub mod tcp_proxy;
+pub mod trace;
 pub mod upstream;
 pub mod worker;
 

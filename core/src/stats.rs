@@ -875,6 +875,31 @@ impl Stats {
         );
         header(
             &mut out,
+            "keel_tracing_spans_total",
+            "counter",
+            "Sampled spans by outcome: exported to the collectors, or dropped (queue full, collector failing).",
+        );
+        let t = &crate::trace::COUNTERS;
+        for (result, n) in [("exported", &t.exported), ("dropped", &t.dropped)] {
+            let _ = writeln!(
+                out,
+                "keel_tracing_spans_total{{result=\"{result}\"}} {}",
+                n.load(Relaxed)
+            );
+        }
+        header(
+            &mut out,
+            "keel_tracing_export_failures_total",
+            "counter",
+            "Span batches a collector did not take (unreachable, or not a 2xx).",
+        );
+        let _ = writeln!(
+            out,
+            "keel_tracing_export_failures_total {}",
+            t.export_failures.load(Relaxed)
+        );
+        header(
+            &mut out,
             "keel_dns_lookups_total",
             "counter",
             "Lookups of DNS ServiceEntry names by result (a failed refresh keeps the last addresses).",

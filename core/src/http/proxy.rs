@@ -654,6 +654,13 @@ pub(crate) async fn exchange<D: Downstream>(
     let mut log = crate::access_log::Entry::start(worker, at, false);
     let session = down.session();
     let grpc = is_grpc(&head);
+    // Tracing: this hop's span, in the caller's trace when it sent one.
+    let span = snapshot.proxy.tracing.as_ref().map(|t| {
+        crate::trace::Span::start(crate::trace::extract(&head.headers), t, &mut worker.rng())
+    });
+    if let Some(s) = &span {
+        log.trace(s.clone());
+    }
     log.with(|r| {
         r.grpc = grpc;
         r.mtls = session.is_some_and(|s| s.peer_authenticated);
@@ -963,6 +970,9 @@ pub(crate) async fn exchange<D: Downstream>(
         scheme,
         client_cert(at, down.session()),
     );
+    if let Some(s) = &span {
+        s.inject(&mut head.headers);
+    }
     if log.is_on() {
         log.with(|r| {
             if head.path != r.path {
