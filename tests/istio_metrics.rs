@@ -225,3 +225,185 @@ fn tcp_connections_and_bytes() {
     assert_eq!(sum(&all, "istio_tcp_received_bytes_total", &inbound), 16.0);
     assert_eq!(sum(&all, "istio_tcp_sent_bytes_total", &inbound), 16.0);
 }
+
+/// A selector in a dashboard expression: the metric, its matchers (label, op, value), and the
+/// labels it is aggregated `by`.
+struct Selector {
+    metric: String,
+    matchers: Vec<(String, String, String)>,
+    by: Vec<String>,
+}
+
+/// The selectors of a PromQL expression (the subset Istio's dashboards use: `name{k="v",...}`,
+/// `=`, `!=`, `=~`, `!~`, `by (...)`).
+fn selectors(expr: &str) -> Vec<Selector> {
+    let by: Vec<String> = expr
+        .split(" by (")
+        .skip(1)
+        .flat_map(|s| s.split(')').next().unwrap_or("").split(','))
+        .map(|l| l.trim().to_string())
+        .filter(|l| !l.is_empty() && l != "le")
+        .collect();
+    let mut out = Vec::new();
+    let bytes = expr.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        let start = i;
+        while i < bytes.len() && (bytes[i].is_ascii_alphanumeric() || bytes[i] == b'_') {
+            i += 1;
+        }
+        let word = &expr[start..i];
+        let is_metric = word.starts_with("istio_") || word.starts_with("keel_");
+        if is_metric {
+            let mut matchers = Vec::new();
+            if bytes.get(i) == Some(&b'{') {
+                let end = expr[i..].find('}').map_or(expr.len(), |e| i + e);
+                for m in expr[i + 1..end].split(',').filter(|m| !m.is_empty()) {
+                    let op = ["=~", "!~", "!=", "="]
+                        .into_iter()
+                        .find(|op| m.contains(op))
+                        .unwrap();
+                    let (k, v) = m.split_once(op).unwrap();
+                    matchers.push((
+                        k.trim().into(),
+                        op.into(),
+                        v.trim().trim_matches('"').into(),
+                    ));
+                }
+                i = end;
+            }
+            out.push(Selector {
+                metric: word.to_string(),
+                matchers,
+                by: by.clone(),
+            });
+        }
+        i += 1;
+    }
+    out
+}
+
+/// `=~` / `!~` for the patterns the dashboard uses: `.*` anything, `x.*` a prefix.
+fn matches(op: &str, pattern: &str, value: &str) -> bool {
+    let pattern = pattern.replace("$service", ".*").replace("$workload", ".*");
+    let hit = match pattern.strip_suffix(".*") {
+        Some(prefix) => value.starts_with(prefix),
+        None => value == pattern,
+    };
+    match op {
+        "=" => value == pattern,
+        "!=" => value != pattern,
+        "=~" => hit,
+        _ => !hit,
+    }
+}
+
+/// The Grafana dashboard in docs/grafana (Istio's dashboards' queries and Keel's own) selects
+/// series that exist in Keel's output: every metric, label matcher and `by` label of every panel.
+#[test]
+fn grafana_dashboard_queries_match_the_output() {
+    let dashboard: serde_json::Value =
+        serde_json::from_str(include_str!("../docs/grafana/keel-dashboard.json")).unwrap();
+    let app = RecordingBackend::echo("app");
+    let (echo, _) = echo_backend();
+    let (admin, http, tcp, inbound) = (free_port(), free_port(), free_port(), free_port());
+    let config = proxy_yaml(admin, 1)
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default }}
+spec:
+  ingress:
+  - port: {{ number: {inbound}, protocol: HTTP, name: http }}
+    bind: 127.0.0.1
+    defaultEndpoint: {}
+  egress:
+  - port: {{ number: {http}, protocol: HTTP }}
+    hosts: [\"./*\"]
+  - port: {{ number: {tcp}, protocol: TCP }}
+    hosts: [\"./*\"]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: reviews }}
+spec:
+  hosts: [reviews]
+  ports: [{{ number: {http}, name: http, protocol: HTTP }}]
+  resolution: STATIC
+  endpoints: [{{ address: 127.0.0.1, ports: {{ http: {} }} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: db }}
+spec:
+  hosts: [db.example.com]
+  ports: [{{ number: {tcp}, name: tcp, protocol: TCP }}]
+  resolution: STATIC
+  endpoints: [{{ address: 127.0.0.1, ports: {{ tcp: {} }} }}]
+",
+            app.addr,
+            app.addr.port(),
+            echo.port()
+        );
+    let keel = Keel::start(&config, admin, &[]);
+    for port in [http, inbound] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        assert_eq!(
+            http_request(&mut s, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n").0,
+            200
+        );
+    }
+    let mut s = TcpStream::connect(("127.0.0.1", tcp)).unwrap();
+    echo_round_trip(&mut s, b"ping");
+    drop(s);
+    std::thread::sleep(Duration::from_millis(300));
+    let all = scrape(&keel, 2.0);
+    let mut checked = 0;
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let sels = selectors(expr);
+            assert!(!sels.is_empty(), "no metric in {expr}");
+            for sel in sels {
+                let samples: Vec<&serde_json::Value> = all
+                    .iter()
+                    .filter(|s| {
+                        let name = s["name"].as_str().unwrap_or("");
+                        name == sel.metric
+                    })
+                    .collect();
+                assert!(
+                    !samples.is_empty(),
+                    "{}: not in the output ({expr})",
+                    sel.metric
+                );
+                let hit = samples.iter().any(|s| {
+                    let label = |k: &str| s["labels"][k].as_str().map(str::to_string);
+                    sel.matchers
+                        .iter()
+                        .all(|(k, op, v)| label(k).is_some_and(|value| matches(op, v, &value)))
+                        && sel.by.iter().all(|l| label(l).is_some())
+                });
+                assert!(hit, "no {} series matches {expr}", sel.metric);
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 20, "{checked}");
+    // Envoy-style per-cluster counts by class: one 2xx for each HTTP cluster used.
+    let stats = keel.stats();
+    let clusters = stats["clusters"].as_array().unwrap();
+    let reviews = clusters
+        .iter()
+        .find(|c| {
+            c["name"]
+                .as_str()
+                .unwrap()
+                .ends_with("|reviews.default.svc.cluster.local")
+        })
+        .unwrap();
+    assert_eq!(reviews["upstream_rq_total"], 1, "{reviews}");
+    assert_eq!(reviews["upstream_rq_2xx"], 1);
+    assert_eq!(reviews["upstream_rq_5xx"], 0);
+}

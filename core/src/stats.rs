@@ -141,6 +141,10 @@ pub const RESPONSE_FLAGS: usize = 13;
 #[derive(Default, Debug)]
 #[repr(align(128))]
 pub struct ClusterCounters {
+    /// Requests sent to the cluster's endpoints, each try counted (Envoy's `upstream_rq_total`).
+    pub rq_total: Counter,
+    /// Upstream responses by status class, 1xx to 5xx (`upstream_rq_2xx`, ...), each try counted.
+    pub rq_by_class: [Counter; 5],
     pub cx_total: Counter,
     pub cx_closed: Counter,
     pub connect_fail: Counter,
@@ -702,6 +706,36 @@ impl Stats {
                 |c| &c.connect_timeout,
             ),
         ];
+        header(
+            &mut out,
+            "keel_cluster_upstream_rq_total",
+            "counter",
+            "Requests sent to the cluster's endpoints (each try).",
+        );
+        for c in &table.clusters {
+            let _ = writeln!(
+                out,
+                "keel_cluster_upstream_rq_total{{cluster=\"{}\"}} {}",
+                escape(&c.name),
+                sum(&c.slots, |x| &x.rq_total)
+            );
+        }
+        header(
+            &mut out,
+            "keel_cluster_upstream_rq_xx_total",
+            "counter",
+            "Upstream responses by status class (each try), as Envoy's upstream_rq_<N>xx.",
+        );
+        for c in &table.clusters {
+            for (i, class) in ["1xx", "2xx", "3xx", "4xx", "5xx"].iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "keel_cluster_upstream_rq_xx_total{{cluster=\"{}\",response_code_class=\"{class}\"}} {}",
+                    escape(&c.name),
+                    sum(&c.slots, |x| &x.rq_by_class[i])
+                );
+            }
+        }
         for (name, help, f) in c_metrics {
             header(&mut out, name, "counter", help);
             for c in &table.clusters {
@@ -1052,6 +1086,12 @@ impl Stats {
                     "upstream_rq_timeout": sum(s, |x| &x.rq_timeout),
                     "upstream_rq_retry": sum(s, |x| &x.rq_retry),
                     "upstream_rq_retry_success": sum(s, |x| &x.rq_retry_success),
+                    "upstream_rq_total": sum(s, |x| &x.rq_total),
+                    "upstream_rq_1xx": sum(s, |x| &x.rq_by_class[0]),
+                    "upstream_rq_2xx": sum(s, |x| &x.rq_by_class[1]),
+                    "upstream_rq_3xx": sum(s, |x| &x.rq_by_class[2]),
+                    "upstream_rq_4xx": sum(s, |x| &x.rq_by_class[3]),
+                    "upstream_rq_5xx": sum(s, |x| &x.rq_by_class[4]),
                     "upstream_rq_retry_overflow": sum(s, |x| &x.rq_retry_overflow),
                     "upstream_rq_refused_resent": sum(s, |x| &x.rq_refused_resent),
                     "upstream_rq_retry_limit_exceeded": sum(s, |x| &x.rq_retry_limit_exceeded),

@@ -1086,6 +1086,15 @@ pub(crate) async fn exchange<D: Downstream>(
         };
         tried.push(endpoint);
         let result = one_try(worker, at, down, idle, &try_spec, endpoint, &mut replay).await;
+        cstats.rq_total.inc();
+        if let Ok(a) = &result {
+            if let Some(c) = cstats
+                .rq_by_class
+                .get(usize::from(a.resp.status / 100).wrapping_sub(1))
+            {
+                c.inc();
+            }
+        }
         // Outlier detection hears how the endpoint did.
         let outcome = match &result {
             Ok(a) => Some(Outcome::Status(a.resp.status)),
