@@ -13,7 +13,8 @@
 #
 # Environment: ROUNDS (3), DURATION seconds per run (10), CONNS wrk connections (8),
 #              KEEL_ARGS extra `keel run` arguments (e.g. "--io-driver epoll"),
-#              KEEL_ACCESS_LOG a file for Keel's access log (off by default).
+#              KEEL_ACCESS_LOG a file for Keel's access log (off by default),
+#              KEEL_TRACING a sampling percentage to turn tracing on (off by default).
 # h2c-small: h2load, 8 connections × 16 streams, 1 KiB responses, HTTP/2 with prior knowledge to
 # each proxy and HTTP/1.1 from each proxy to the backend (Keel's upstream is HTTP/1.1 for now; nginx
 # proxies over HTTP/1.1 only; HAProxy is given the same to compare like with like).
@@ -35,6 +36,16 @@ KEEL_ARGS=${KEEL_ARGS:-}
 # KEEL_ACCESS_LOG=PATH turns Keel's access log on (Istio's text format) to measure its cost.
 ACCESS_LOG_YAML=""
 [ -n "${KEEL_ACCESS_LOG:-}" ] && ACCESS_LOG_YAML="  telemetry: { accessLog: { path: $KEEL_ACCESS_LOG } }"
+# KEEL_TRACING=PERCENT turns tracing on at that sampling rate, with the access log if asked for too
+# (spans go to a collector address nothing listens on: the export is attempted and counted).
+if [ -n "${KEEL_TRACING:-}" ]; then
+  TRACING_YAML="tracing: { zipkin: { address: 127.0.0.1:9 }, sampling: $KEEL_TRACING }"
+  if [ -n "${KEEL_ACCESS_LOG:-}" ]; then
+    ACCESS_LOG_YAML="  telemetry: { accessLog: { path: $KEEL_ACCESS_LOG }, $TRACING_YAML }"
+  else
+    ACCESS_LOG_YAML="  telemetry: { $TRACING_YAML }"
+  fi
+fi
 BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
 KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013 KEEL_SEC_HTTP=18014 KEEL_SEC_ADMIN=18010
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
