@@ -235,6 +235,9 @@ impl ClusterStats {
         addrs: impl Iterator<Item = std::net::SocketAddr>,
     ) -> Vec<Arc<keel_lb::outlier::HostHealth>> {
         let mut hosts = self.hosts.lock().unwrap_or_else(|e| e.into_inner());
+        // Records no generation holds any more (endpoints a reload or a DNS answer removed) go,
+        // so that churning addresses do not grow the map without end.
+        hosts.retain(|_, h| Arc::strong_count(h) > 1);
         let serving = self
             .serving
             .swap(true, std::sync::atomic::Ordering::Relaxed);
