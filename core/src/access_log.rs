@@ -180,6 +180,9 @@ pub struct Record {
     pub route_name: Option<String>,
     /// The request's span, when tracing is on.
     pub span: Option<crate::trace::Span>,
+    /// `x-request-id` and `user-agent`, for a span when no log line keeps the headers.
+    pub request_id: Option<String>,
+    pub user_agent: Option<String>,
 }
 
 impl Record {
@@ -439,74 +442,61 @@ impl Entry {
         self.record.span = Some(span);
     }
 
-    /// The finished span of a sampled request, from its record.
-    fn finished_span(&self, tracing: &keel_config::Tracing) {
-        let r = &self.record;
-        let Some(span) = r.span.clone().filter(|s| s.sampled) else {
+    /// Whether an access log line will be written (the whole header sets are kept only for it).
+    pub fn logs(&self) -> bool {
+        self.log
+    }
+
+    /// Hands a sampled request's span to the exporter, its fields moved out of the record (the
+    /// log line, if any, is written first); the tags are formatted on the exporter thread.
+    fn finished_span(&mut self, tracing: &keel_config::Tracing) {
+        let r = &mut self.record;
+        let Some(span) = r.span.take().filter(|s| s.sampled) else {
             return;
         };
         let snap = &self.gen.snapshot;
         let Some(listener) = snap.listeners.get(self.listener) else {
             return;
         };
-        let p = &snap.proxy;
-        let app = p.labels.get("app").map_or(p.name.as_str(), String::as_str);
-        let header = |name: &[u8]| {
-            r.request_headers
-                .as_ref()
+        let header = |h: &Option<Headers>, name: &[u8]| {
+            h.as_ref()
                 .and_then(|h| h.get(name))
                 .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_else(|| "-".into())
         };
-        let host = keel_config::host::strip_port(&r.authority);
-        let flags = r.flags.to_string();
-        let tags = vec![
-            ("component", "proxy".to_string()),
-            ("node_id", format!("sidecar~{}.{}", p.name, p.namespace)),
-            ("istio.canonical_service", app.to_string()),
-            ("istio.namespace", p.namespace.clone()),
-            ("istio.mesh_id", "cluster.local".to_string()),
-            ("http.method", r.method.clone()),
-            (
-                "http.url",
-                format!("{}://{}{}", r.scheme, r.authority, r.path),
-            ),
-            ("http.protocol", r.protocol.to_string()),
-            ("http.status_code", r.status.to_string()),
-            ("response_flags", flags),
-            ("request_size", r.bytes_received.to_string()),
-            ("response_size", r.bytes_sent.to_string()),
-            (
-                "upstream_cluster",
-                r.upstream_cluster.clone().unwrap_or_else(|| "-".into()),
-            ),
-            (
-                "upstream_cluster.name",
-                r.upstream_cluster.clone().unwrap_or_else(|| "-".into()),
-            ),
-            ("guid:x-request-id", header(b"x-request-id")),
-            ("user_agent", header(b"user-agent")),
-            (
-                "peer.address",
-                r.downstream_remote
-                    .map_or("-".into(), |a| a.ip().to_string()),
-            ),
-        ];
+        let request_id = r
+            .request_id
+            .take()
+            .or_else(|| header(&r.request_headers, b"x-request-id"));
+        let user_agent = r
+            .user_agent
+            .take()
+            .or_else(|| header(&r.request_headers, b"user-agent"));
         let inbound = listener.direction == keel_config::Direction::Inbound;
         crate::trace::submit(
             crate::trace::Finished {
                 span,
-                name: format!("{host}:{}/*", listener.address.port()),
-                server: inbound,
+                inbound,
                 duration: r.duration,
-                service: format!("{app}.{}", p.namespace),
-                error: r.status >= 500 || r.status == 0,
+                method: std::mem::take(&mut r.method),
+                scheme: r.scheme,
+                authority: std::mem::take(&mut r.authority),
+                path: std::mem::take(&mut r.path),
+                protocol: r.protocol,
+                status: r.status,
+                flags: r.flags,
+                bytes_received: r.bytes_received,
+                bytes_sent: r.bytes_sent,
+                upstream_cluster: r.upstream_cluster.take(),
+                request_id,
+                user_agent,
+                downstream: r.downstream_remote,
                 peer: if inbound {
                     r.downstream_remote
                 } else {
                     r.upstream_host
                 },
-                tags,
+                port: listener.address.port(),
+                source: self.gen.trace_source.clone(),
             },
             tracing,
         );
@@ -604,19 +594,20 @@ impl Drop for Entry {
                 }
             });
         }
-        if let Some(tracing) = &self.gen.snapshot.proxy.tracing {
-            self.finished_span(tracing);
+        if self.log {
+            if let Some(log) = &self.gen.snapshot.proxy.access_log {
+                let record = &self.record;
+                self.worker
+                    .access
+                    .push(|buf| record.render(&log.format, buf));
+            }
         }
-        if !self.log {
-            return;
+        if self.record.span.is_some() {
+            let gen = self.gen.clone();
+            if let Some(tracing) = &gen.snapshot.proxy.tracing {
+                self.finished_span(tracing);
+            }
         }
-        let Some(log) = &self.gen.snapshot.proxy.access_log else {
-            return;
-        };
-        let record = &self.record;
-        self.worker
-            .access
-            .push(|buf| record.render(&log.format, buf));
     }
 }
 

@@ -106,6 +106,8 @@ pub struct Generation {
     pub security: crate::security::SecurityState,
     /// The snapshot's local rate limits (shared by all workers), in its order.
     pub rate_limits: Vec<Arc<crate::rate_limit::Limiter>>,
+    /// What every span of this workload says about it (service, node, namespace).
+    pub trace_source: Arc<crate::trace::Source>,
 }
 
 /// Milliseconds since the process started: outlier detection's clock, the same on every worker.
@@ -197,6 +199,7 @@ impl Generation {
         Generation {
             security: crate::security::SecurityState::new(&snapshot.security),
             rate_limits: crate::rate_limit::limiters(&snapshot.rate_limits),
+            trace_source: Arc::new(crate::trace::Source::of(&snapshot.proxy)),
             localities,
             labels_key: {
                 let p = &snapshot.proxy;

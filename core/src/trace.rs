@@ -158,18 +158,113 @@ impl Span {
     }
 }
 
-/// A finished span, as the exporter needs it.
+/// What every span of this workload says about it, made once per config generation.
+#[derive(Debug, Clone)]
+pub struct Source {
+    /// `<app>.<namespace>`: the span's service.
+    pub service: String,
+    pub app: String,
+    pub namespace: String,
+    pub node_id: String,
+}
+
+impl Source {
+    pub fn of(p: &keel_config::ProxySettings) -> Source {
+        let app = p
+            .labels
+            .get("app")
+            .cloned()
+            .unwrap_or_else(|| p.name.clone());
+        Source {
+            service: format!("{app}.{}", p.namespace),
+            node_id: format!("sidecar~{}.{}", p.name, p.namespace),
+            app,
+            namespace: p.namespace.clone(),
+        }
+    }
+}
+
+/// A finished span: its record's fields, moved (not copied) from the request's record; the tags
+/// are formatted on the exporter thread, not the worker.
 #[derive(Debug, Clone)]
 pub struct Finished {
     pub span: Span,
-    pub name: String,
-    /// SERVER (inbound) or CLIENT (outbound).
-    pub server: bool,
+    /// SERVER (an inbound listener) or CLIENT (outbound).
+    pub inbound: bool,
     pub duration: Duration,
-    pub service: String,
-    pub error: bool,
+    pub method: String,
+    pub scheme: &'static str,
+    pub authority: String,
+    pub path: String,
+    pub protocol: &'static str,
+    pub status: u16,
+    pub flags: crate::http::proxy::Flags,
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+    pub upstream_cluster: Option<String>,
+    pub request_id: Option<String>,
+    pub user_agent: Option<String>,
+    pub downstream: Option<std::net::SocketAddr>,
+    /// The other end: the client (inbound) or the upstream (outbound).
     pub peer: Option<std::net::SocketAddr>,
-    pub tags: Vec<(&'static str, String)>,
+    /// The listener's port (in the span's name).
+    pub port: u16,
+    pub source: std::sync::Arc<Source>,
+}
+
+impl Finished {
+    /// Istio's operation name: `<host>:<port>/*`.
+    fn name(&self) -> String {
+        format!(
+            "{}:{}/*",
+            keel_config::host::strip_port(&self.authority),
+            self.port
+        )
+    }
+
+    fn error(&self) -> bool {
+        self.status >= 500 || self.status == 0
+    }
+
+    /// Envoy's and Istio's tags.
+    fn tags(&self) -> Vec<(&'static str, String)> {
+        let dash = || "-".to_string();
+        let src = &self.source;
+        vec![
+            ("component", "proxy".into()),
+            ("node_id", src.node_id.clone()),
+            ("istio.canonical_service", src.app.clone()),
+            ("istio.namespace", src.namespace.clone()),
+            ("istio.mesh_id", "cluster.local".into()),
+            ("http.method", self.method.clone()),
+            (
+                "http.url",
+                format!("{}://{}{}", self.scheme, self.authority, self.path),
+            ),
+            ("http.protocol", self.protocol.into()),
+            ("http.status_code", self.status.to_string()),
+            ("response_flags", self.flags.to_string()),
+            ("request_size", self.bytes_received.to_string()),
+            ("response_size", self.bytes_sent.to_string()),
+            (
+                "upstream_cluster",
+                self.upstream_cluster.clone().unwrap_or_else(dash),
+            ),
+            (
+                "upstream_cluster.name",
+                self.upstream_cluster.clone().unwrap_or_else(dash),
+            ),
+            (
+                "guid:x-request-id",
+                self.request_id.clone().unwrap_or_else(dash),
+            ),
+            ("user_agent", self.user_agent.clone().unwrap_or_else(dash)),
+            (
+                "peer.address",
+                self.downstream.map_or_else(dash, |a| a.ip().to_string()),
+            ),
+        ]
+    }
 }
 
 /// Spans exported, dropped (queue full or collector failing) and failed export requests.
@@ -276,10 +371,10 @@ fn export_loop(rx: Receiver<(Finished, Tracing)>) {
 fn send_batch(spans: &[Finished], tracing: &Tracing) {
     let mut ok = true;
     if let Some((addr, path)) = &tracing.zipkin {
-        ok &= post(addr, path, &zipkin_json(spans)).is_ok();
+        ok &= post(addr, path, || zipkin_json(spans)).is_ok();
     }
     if let Some((addr, path)) = &tracing.otlp {
-        ok &= post(addr, path, &otlp_json(spans)).is_ok();
+        ok &= post(addr, path, || otlp_json(spans)).is_ok();
     }
     if ok {
         COUNTERS.exported.fetch_add(spans.len() as u64, Relaxed);
@@ -289,8 +384,9 @@ fn send_batch(spans: &[Finished], tracing: &Tracing) {
     }
 }
 
-/// POSTs a JSON body to `http://addr path`; Ok on a 2xx.
-fn post(addr: &str, path: &str, body: &str) -> Result<(), String> {
+/// POSTs a JSON body to `http://addr path`; Ok on a 2xx. The body is only made once connected
+/// (a collector that is down costs a failed connect, not a serialization).
+fn post(addr: &str, path: &str, body: impl FnOnce() -> String) -> Result<(), String> {
     let timeout = Duration::from_secs(2);
     let target = addr
         .to_socket_addrs()
@@ -302,6 +398,7 @@ fn post(addr: &str, path: &str, body: &str) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     s.set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    let body = body();
     let head = format!(
         "POST {path} HTTP/1.1\r\nhost: {addr}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
         body.len()
@@ -334,21 +431,21 @@ pub fn zipkin_json(spans: &[Finished]) -> String {
         .iter()
         .map(|f| {
             let mut tags: serde_json::Map<String, serde_json::Value> = f
-                .tags
-                .iter()
-                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v.clone())))
+                .tags()
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
                 .collect();
-            if f.error {
+            if f.error() {
                 tags.insert("error".into(), "true".into());
             }
             let mut span = serde_json::json!({
                 "traceId": format!("{:032x}", f.span.trace_id),
                 "id": format!("{:016x}", f.span.span_id),
-                "name": f.name,
-                "kind": if f.server { "SERVER" } else { "CLIENT" },
+                "name": f.name(),
+                "kind": if f.inbound { "SERVER" } else { "CLIENT" },
                 "timestamp": micros(f.span.start) as u64,
                 "duration": (f.duration.as_micros() as u64).max(1),
-                "localEndpoint": { "serviceName": f.service },
+                "localEndpoint": { "serviceName": f.source.service },
                 "tags": tags,
             });
             if let Some(p) = f.span.parent_id {
@@ -367,7 +464,7 @@ pub fn zipkin_json(spans: &[Finished]) -> String {
 
 /// OTLP/HTTP with the JSON encoding (`POST /v1/traces`): ids as hex, times as nanosecond strings.
 pub fn otlp_json(spans: &[Finished]) -> String {
-    let service = spans.first().map_or("keel", |f| f.service.as_str());
+    let service = spans.first().map_or("keel", |f| f.source.service.as_str());
     let items: Vec<serde_json::Value> = spans
         .iter()
         .map(|f| {
@@ -378,19 +475,19 @@ pub fn otlp_json(spans: &[Finished]) -> String {
                 .map_or(0, |d| d.as_nanos());
             let end = start + f.duration.as_nanos();
             let attributes: Vec<serde_json::Value> = f
-                .tags
-                .iter()
+                .tags()
+                .into_iter()
                 .map(|(k, v)| serde_json::json!({ "key": k, "value": { "stringValue": v } }))
                 .collect();
             let mut span = serde_json::json!({
                 "traceId": format!("{:032x}", f.span.trace_id),
                 "spanId": format!("{:016x}", f.span.span_id),
-                "name": f.name,
-                "kind": if f.server { 2 } else { 3 },
+                "name": f.name(),
+                "kind": if f.inbound { 2 } else { 3 },
                 "startTimeUnixNano": start.to_string(),
                 "endTimeUnixNano": end.to_string(),
                 "attributes": attributes,
-                "status": { "code": if f.error { 2 } else { 0 } },
+                "status": { "code": if f.error() { 2 } else { 0 } },
             });
             if let Some(p) = f.span.parent_id {
                 span["parentSpanId"] = format!("{p:016x}").into();

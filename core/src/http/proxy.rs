@@ -978,8 +978,21 @@ pub(crate) async fn exchange<D: Downstream>(
             if head.path != r.path {
                 r.original_path = Some(std::mem::replace(&mut r.path, head.path.clone()));
             }
-            r.request_headers = Some(head.headers.clone());
         });
+        // The whole header set for a log line; a span needs only two of them.
+        if log.logs() {
+            log.with(|r| r.request_headers = Some(head.headers.clone()));
+        } else {
+            let field = |name: &[u8]| {
+                head.headers
+                    .get(name)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            log.with(|r| {
+                r.request_id = field(b"x-request-id");
+                r.user_agent = field(b"user-agent");
+            });
+        }
     }
     // HTTP/1.1 or HTTP/2 upstream, as the cluster says; an upgrade (WebSocket) always goes over
     // HTTP/1.1, the one that has it.
@@ -1267,7 +1280,7 @@ pub(crate) async fn exchange<D: Downstream>(
             resp.headers.set(name.as_bytes(), value.as_bytes());
         }
     }
-    if log.is_on() {
+    if log.logs() {
         log.with(|r| r.response_headers = Some(resp.headers.clone()));
     }
     let progress = super::downstream::Progress::default();
