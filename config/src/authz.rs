@@ -543,17 +543,19 @@ pub fn compile_policy(
     }
 }
 
-fn strings(
+/// One field's values and `not` values, each parsed by `parse`; a bad one is an error at its index.
+fn field<T>(
     any: &[String],
     none: &[String],
     at: &str,
     names: (&str, &str),
     errors: &mut Vec<(String, String)>,
-) -> Field<StrMatch> {
-    let mut one = |vs: &[String], name: &str| -> Vec<StrMatch> {
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Field<T> {
+    let mut one = |vs: &[String], name: &str| -> Vec<T> {
         vs.iter()
             .enumerate()
-            .filter_map(|(i, v)| match StrMatch::parse(v) {
+            .filter_map(|(i, v)| match parse(v) {
                 Ok(m) => Some(m),
                 Err(e) => {
                     errors.push((format!("{at}.{name}[{i}]"), e));
@@ -568,6 +570,16 @@ fn strings(
     }
 }
 
+fn strings(
+    any: &[String],
+    none: &[String],
+    at: &str,
+    names: (&str, &str),
+    errors: &mut Vec<(String, String)>,
+) -> Field<StrMatch> {
+    field(any, none, at, names, errors, StrMatch::parse)
+}
+
 fn cidrs(
     any: &[String],
     none: &[String],
@@ -575,22 +587,7 @@ fn cidrs(
     names: (&str, &str),
     errors: &mut Vec<(String, String)>,
 ) -> Field<Cidr> {
-    let mut one = |vs: &[String], name: &str| -> Vec<Cidr> {
-        vs.iter()
-            .enumerate()
-            .filter_map(|(i, v)| match Cidr::parse(v) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    errors.push((format!("{at}.{name}[{i}]"), e));
-                    None
-                }
-            })
-            .collect()
-    };
-    Field {
-        any: one(any, names.0),
-        none: one(none, names.1),
-    }
+    field(any, none, at, names, errors, Cidr::parse)
 }
 
 fn ports(
@@ -600,25 +597,10 @@ fn ports(
     names: (&str, &str),
     errors: &mut Vec<(String, String)>,
 ) -> Field<u16> {
-    let mut one = |vs: &[String], name: &str| -> Vec<u16> {
-        vs.iter()
-            .enumerate()
-            .filter_map(|(i, v)| match v.parse::<u16>() {
-                Ok(p) if p > 0 => Some(p),
-                _ => {
-                    errors.push((
-                        format!("{at}.{name}[{i}]"),
-                        format!("`{v}` is not a port number (1 to 65535)"),
-                    ));
-                    None
-                }
-            })
-            .collect()
-    };
-    Field {
-        any: one(any, names.0),
-        none: one(none, names.1),
-    }
+    field(any, none, at, names, errors, |v| match v.parse::<u16>() {
+        Ok(p) if p > 0 => Ok(p),
+        _ => Err(format!("`{v}` is not a port number (1 to 65535)")),
+    })
 }
 
 fn compile_rule(r: &AuthzRule, at: &str, errors: &mut Vec<(String, String)>) -> Rule {
