@@ -2,14 +2,16 @@
 //! `x-b3-*`), a span for each HTTP exchange (SERVER on inbound listeners, CLIENT on outbound),
 //! the context passed upstream in both formats with this span as the parent, and sampled spans
 //! exported in batches by one thread — Zipkin v2 JSON and OTLP/HTTP JSON — so that the workers
-//! never wait on a collector, and an unreachable one costs a counter.
+//! never wait on a collector, and an unreachable one costs a counter. A worker queues its spans
+//! and hands them over in batches (when 256 are queued, and at every idle tick), so the exporter
+//! is woken a few times a second, not once per request.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Mutex, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use keel_config::Tracing;
 
@@ -282,81 +284,72 @@ pub static COUNTERS: Counters = Counters {
     export_failures: AtomicU64::new(0),
 };
 
-/// Spans queued at most before new ones are dropped.
-const QUEUE: usize = 8192;
-/// A batch goes when it has this many spans, or a second after its first.
+/// Batches queued at most before new ones are dropped.
+const QUEUE: usize = 256;
+/// A worker hands its spans over in batches of at most this many, and at every idle tick.
 const BATCH: usize = 256;
 
-struct Exporter {
-    tx: SyncSender<(Finished, Tracing)>,
-}
+type Batch = Vec<(Finished, Tracing)>;
 
-fn exporter() -> &'static Mutex<Option<Exporter>> {
-    static E: OnceLock<Mutex<Option<Exporter>>> = OnceLock::new();
+fn exporter() -> &'static Mutex<Option<SyncSender<Batch>>> {
+    static E: OnceLock<Mutex<Option<SyncSender<Batch>>>> = OnceLock::new();
     E.get_or_init(|| {
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let spawned = std::thread::Builder::new()
             .name("keel-trace-export".into())
             .spawn(move || export_loop(rx));
-        Mutex::new(spawned.ok().map(|_| Exporter { tx }))
+        Mutex::new(spawned.ok().map(|_| tx))
     })
 }
 
 thread_local! {
-    static SENDER: std::cell::RefCell<Option<SyncSender<(Finished, Tracing)>>> = const { std::cell::RefCell::new(None) };
+    static SENDER: std::cell::RefCell<Option<SyncSender<Batch>>> = const { std::cell::RefCell::new(None) };
+    /// This worker's spans not handed over yet: waking the exporter once per span would cost a
+    /// context switch per request, so they go in batches (as the access log's lines do).
+    static PENDING: std::cell::RefCell<Batch> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// Hands a finished, sampled span to the exporter thread; never blocks (a full queue drops it).
+/// Queues a finished, sampled span for the exporter thread; never blocks.
 pub fn submit(span: Finished, tracing: &Tracing) {
+    let full = PENDING.with(|p| {
+        let mut p = p.borrow_mut();
+        p.push((span, tracing.clone()));
+        p.len() >= BATCH
+    });
+    if full {
+        flush();
+    }
+}
+
+/// Hands this worker's queued spans to the exporter (at every idle tick, and when a batch is
+/// full); a full queue drops them, counted.
+pub fn flush() {
+    let batch = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
+    if batch.is_empty() {
+        return;
+    }
     SENDER.with(|s| {
         let mut s = s.borrow_mut();
         if s.is_none() {
-            *s = exporter()
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-                .map(|e| e.tx.clone());
+            *s = exporter().lock().unwrap_or_else(|e| e.into_inner()).clone();
         }
+        let n = batch.len() as u64;
         let Some(tx) = s.as_ref() else {
-            COUNTERS.dropped.fetch_add(1, Relaxed);
+            COUNTERS.dropped.fetch_add(n, Relaxed);
             return;
         };
-        match tx.try_send((span, tracing.clone())) {
+        match tx.try_send(batch) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                COUNTERS.dropped.fetch_add(1, Relaxed);
+                COUNTERS.dropped.fetch_add(n, Relaxed);
             }
         }
     });
 }
 
-fn export_loop(rx: Receiver<(Finished, Tracing)>) {
-    let mut batch: Vec<(Finished, Tracing)> = Vec::with_capacity(BATCH);
-    let mut first = Instant::now();
-    loop {
-        let wait = if batch.is_empty() {
-            Duration::from_secs(3600)
-        } else {
-            Duration::from_secs(1).saturating_sub(first.elapsed())
-        };
-        match rx.recv_timeout(wait) {
-            Ok(s) => {
-                if batch.is_empty() {
-                    first = Instant::now();
-                }
-                batch.push(s);
-                if batch.len() < BATCH {
-                    continue;
-                }
-            }
-            Err(mpsc::RecvTimeoutError::Timeout) => {}
-            Err(mpsc::RecvTimeoutError::Disconnected) => return,
-        }
-        if batch.is_empty() {
-            continue;
-        }
+fn export_loop(rx: Receiver<Batch>) {
+    while let Ok(mut rest) = rx.recv() {
         // Spans of one config go to its collectors; a reload in between splits the batch.
-        let mut rest = std::mem::take(&mut batch);
         while let Some((_, tracing)) = rest.first() {
             let tracing = tracing.clone();
             let (same, other): (Vec<_>, Vec<_>) =

@@ -449,6 +449,7 @@ async fn sweep_idle(worker: Rc<Worker>) {
         worker.pool.borrow_mut().release_for_waiters();
         worker.h2_pool.borrow_mut().release_for_waiters();
         worker.access.flush();
+        crate::trace::flush();
         worker.metrics.publish(&worker.stats.istio[worker.id]);
         worker
             .metrics
