@@ -449,7 +449,7 @@ impl Entry {
 
     /// Hands a sampled request's span to the exporter, its fields moved out of the record (the
     /// log line, if any, is written first); the tags are formatted on the exporter thread.
-    fn finished_span(&mut self, tracing: &keel_config::Tracing) {
+    fn finished_span(&mut self) {
         let r = &mut self.record;
         let Some(span) = r.span.take().filter(|s| s.sampled) else {
             return;
@@ -472,34 +472,31 @@ impl Entry {
             .take()
             .or_else(|| header(&r.request_headers, b"user-agent"));
         let inbound = listener.direction == keel_config::Direction::Inbound;
-        crate::trace::submit(
-            crate::trace::Finished {
-                span,
-                inbound,
-                duration: r.duration,
-                method: std::mem::take(&mut r.method),
-                scheme: r.scheme,
-                authority: std::mem::take(&mut r.authority),
-                path: std::mem::take(&mut r.path),
-                protocol: r.protocol,
-                status: r.status,
-                flags: r.flags,
-                bytes_received: r.bytes_received,
-                bytes_sent: r.bytes_sent,
-                upstream_cluster: r.upstream_cluster.take(),
-                request_id,
-                user_agent,
-                downstream: r.downstream_remote,
-                peer: if inbound {
-                    r.downstream_remote
-                } else {
-                    r.upstream_host
-                },
-                port: listener.address.port(),
-                source: self.gen.trace_source.clone(),
+        crate::trace::submit(crate::trace::Finished {
+            span,
+            inbound,
+            duration: r.duration,
+            method: std::mem::take(&mut r.method),
+            scheme: r.scheme,
+            authority: std::mem::take(&mut r.authority),
+            path: std::mem::take(&mut r.path),
+            protocol: r.protocol,
+            status: r.status,
+            flags: r.flags,
+            bytes_received: r.bytes_received,
+            bytes_sent: r.bytes_sent,
+            upstream_cluster: r.upstream_cluster.take(),
+            request_id,
+            user_agent,
+            downstream: r.downstream_remote,
+            peer: if inbound {
+                r.downstream_remote
+            } else {
+                r.upstream_host
             },
-            tracing,
-        );
+            port: listener.address.port(),
+            source: self.gen.trace_source.clone(),
+        });
     }
 
     /// Adds to the Istio metric series this record belongs to.
@@ -603,10 +600,7 @@ impl Drop for Entry {
             }
         }
         if self.record.span.is_some() {
-            let gen = self.gen.clone();
-            if let Some(tracing) = &gen.snapshot.proxy.tracing {
-                self.finished_span(tracing);
-            }
+            self.finished_span();
         }
     }
 }

@@ -163,6 +163,8 @@ impl Span {
 /// What every span of this workload says about it, made once per config generation.
 #[derive(Debug, Clone)]
 pub struct Source {
+    /// Where its spans go (the generation's `telemetry.tracing`), shared, not copied per span.
+    pub tracing: Option<std::sync::Arc<Tracing>>,
     /// `<app>.<namespace>`: the span's service.
     pub service: String,
     pub app: String,
@@ -178,6 +180,7 @@ impl Source {
             .cloned()
             .unwrap_or_else(|| p.name.clone());
         Source {
+            tracing: p.tracing.clone().map(std::sync::Arc::new),
             service: format!("{app}.{}", p.namespace),
             node_id: format!("sidecar~{}.{}", p.name, p.namespace),
             app,
@@ -289,7 +292,7 @@ const QUEUE: usize = 256;
 /// A worker hands its spans over in batches of at most this many, and at every idle tick.
 const BATCH: usize = 256;
 
-type Batch = Vec<(Finished, Tracing)>;
+type Batch = Vec<Finished>;
 
 fn exporter() -> &'static Mutex<Option<SyncSender<Batch>>> {
     static E: OnceLock<Mutex<Option<SyncSender<Batch>>>> = OnceLock::new();
@@ -310,10 +313,10 @@ thread_local! {
 }
 
 /// Queues a finished, sampled span for the exporter thread; never blocks.
-pub fn submit(span: Finished, tracing: &Tracing) {
+pub fn submit(span: Finished) {
     let full = PENDING.with(|p| {
         let mut p = p.borrow_mut();
-        p.push((span, tracing.clone()));
+        p.push(span);
         p.len() >= BATCH
     });
     if full {
@@ -350,12 +353,15 @@ pub fn flush() {
 fn export_loop(rx: Receiver<Batch>) {
     while let Ok(mut rest) = rx.recv() {
         // Spans of one config go to its collectors; a reload in between splits the batch.
-        while let Some((_, tracing)) = rest.first() {
-            let tracing = tracing.clone();
-            let (same, other): (Vec<_>, Vec<_>) =
-                rest.into_iter().partition(|(_, t)| *t == tracing);
-            let spans: Vec<Finished> = same.into_iter().map(|(s, _)| s).collect();
-            send_batch(&spans, &tracing);
+        while let Some(first) = rest.first() {
+            let Some(tracing) = first.source.tracing.clone() else {
+                rest.remove(0);
+                continue;
+            };
+            let (same, other): (Vec<_>, Vec<_>) = rest
+                .into_iter()
+                .partition(|s| s.source.tracing.as_deref() == Some(&*tracing));
+            send_batch(&same, &tracing);
             rest = other;
         }
     }

@@ -850,25 +850,6 @@ pub(crate) async fn exchange<D: Downstream>(
     let policy = &route.policy;
     let mut flags = Flags::default();
 
-    // ALLOW_ANY: a host no ServiceEntry declares goes where the request says.
-    let passthrough = if cluster.original_dst {
-        match passthrough_destination(&head.authority, listener).await {
-            Ok(addr) => Some(addr),
-            Err(reply) => {
-                flags.insert(Flag::NoHealthyUpstream);
-                if body != BodyKind::None {
-                    next = Next::Close;
-                }
-                return finish_local(
-                    down, lstats, &head, peer, flags, reply, grpc, next, &mut log,
-                )
-                .await;
-            }
-        }
-    } else {
-        None
-    };
-
     // A local rate limit: a token from the route's bucket (shared by all workers), or a 429.
     let rate_limit = policy
         .rate_limit
@@ -889,6 +870,25 @@ pub(crate) async fn exchange<D: Downstream>(
         )
         .await;
     }
+
+    // ALLOW_ANY: a host no ServiceEntry declares goes where the request says.
+    let passthrough = if cluster.original_dst {
+        match passthrough_destination(&head.authority, listener).await {
+            Ok(addr) => Some(addr),
+            Err(reply) => {
+                flags.insert(Flag::NoHealthyUpstream);
+                if body != BodyKind::None {
+                    next = Next::Close;
+                }
+                return finish_local(
+                    down, lstats, &head, peer, flags, reply, grpc, next, &mut log,
+                )
+                .await;
+            }
+        }
+    } else {
+        None
+    };
 
     // Fault injection: a delay (a timer; the worker serves others meanwhile), then an abort,
     // before any upstream is contacted.
