@@ -4,11 +4,13 @@
 #   scripts/setup.sh           build + demo + tests: Rust toolchain (with clippy, rustfmt), C toolchain, curl, python3
 #                              (with prometheus_client, to parse /stats/prometheus in tests, grpcio for the gRPC
 #                              tests, h2, an HTTP/2 client for the HTTP/2 tests, and jwt + cryptography, which
-#                              make the keys and tokens of the JWT tests), nghttp2-client (nghttp, h2load), openssl
+#                              make the keys and tokens of the JWT tests), nghttp2-client (nghttp, h2load), openssl,
+#                              iptables + iproute2 (the interception tests run `keel init-iptables` in network
+#                              namespaces they create; they skip, saying why, without root)
 #   scripts/setup.sh --bench   also the benchmark peers and load generators: nginx + stream module, haproxy, wrk
 set -euo pipefail
 
-want=(curl python3 python3-prometheus-client python3-h2 python3-grpcio python3-jwt python3-cryptography nghttp2-client openssl gcc make pkg-config ca-certificates)
+want=(curl python3 python3-prometheus-client python3-h2 python3-grpcio python3-jwt python3-cryptography nghttp2-client openssl iptables iproute2 gcc make pkg-config ca-certificates)
 [ "${1:-}" = "--bench" ] && want+=(nginx-light libnginx-mod-stream haproxy wrk)
 
 missing=()

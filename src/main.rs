@@ -8,6 +8,8 @@ use std::time::Duration;
 use clap::{Parser, Subcommand, ValueEnum};
 use keel_io::DriverChoice;
 
+mod init_iptables;
+
 #[derive(Parser)]
 #[command(
     name = "keel",
@@ -69,6 +71,9 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:15000")]
         admin: std::net::SocketAddr,
     },
+    /// Install the netfilter rules that capture this pod's (or VM's) TCP traffic for Keel, as
+    /// istio-init does; run as root (or with CAP_NET_ADMIN) before Keel starts.
+    InitIptables(init_iptables::Options),
     /// Print the version.
     Version,
 }
@@ -161,6 +166,16 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("keel: not ready: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::InitIptables(o) => match init_iptables::main(&o) {
+            Ok(report) => {
+                print!("{report}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("keel init-iptables: {e}");
                 ExitCode::FAILURE
             }
         },

@@ -35,7 +35,7 @@ fn validate_reports_each_error_class_with_location() {
         ("unknown field", format!("{proxy}{}", SIDECAR.replace("defaultEndpoint", "defaultEndpont")), "spec.ingress[0].defaultEndpont: unknown field"),
         ("duplicate listener ports", format!("{proxy}{SIDECAR}  - port: {{ number: 18080, protocol: TCP }}\n    defaultEndpoint: 127.0.0.1:8081\n"), "spec.ingress[1].port.number: port 18080 is already used"),
         ("unresolvable address", format!("{proxy}{}", SIDECAR.replace("127.0.0.1:8080", "app:8080")), "spec.ingress[0].defaultEndpoint: `app:8080` is not an IP:port address"),
-        ("not supported yet", format!("{proxy}  interception: {{ mode: REDIRECT }}\n"), "spec.interception: field `spec.interception` is not supported yet"),
+        ("not supported yet", format!("{proxy}---\napiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {{name: x}}\nspec: {{hosts: [a.example.com], exportTo: [.], ports: [{{number: 80, protocol: HTTP}}], resolution: STATIC, endpoints: [{{address: 10.0.0.2}}]}}\n"), "spec.exportTo: field `spec.exportTo` is not supported yet"),
     ];
     for (what, text, expect) in cases {
         let path = write_config("bad.yaml", &text);

@@ -16,6 +16,7 @@ use crate::load::{Located, Origin, RawConfig};
 use crate::model::*;
 use crate::snapshot::*;
 
+mod interception;
 mod rate_limit;
 mod security;
 mod tls;
@@ -63,9 +64,11 @@ pub fn compile_with(
         peer_authn: tls::PeerAuthn::default(),
         locality: None,
         rate_limits: Vec::new(),
+        interception: None,
     };
     c.check_not_supported(&raw);
     let proxy = c.proxy(&raw);
+    c.interception = proxy.as_ref().and_then(|p| p.interception.clone());
     c.locality = raw
         .proxies
         .first()
@@ -83,8 +86,47 @@ pub fn compile_with(
     };
     let mut listeners = Vec::new();
     if let Some(proxy) = &proxy {
-        if let Some(sidecar) = c.select_sidecar(&raw, proxy) {
+        let sidecar = c.select_sidecar(&raw, proxy);
+        if let Some(sidecar) = sidecar {
             c.listeners(sidecar, proxy, &raw, &registry, &rules, &mut listeners);
+        }
+        if let Some(ic) = c.interception.clone() {
+            let visible = interception::capturing_egress(sidecar);
+            let mode = sidecar
+                .and_then(|s| s.value.spec.outbound_traffic_policy.as_ref())
+                .and_then(|p| p.mode)
+                .unwrap_or(OutboundMode::AllowAny);
+            let o = sidecar.map(|s| &s.origin);
+            c.captured_listeners(
+                &ic,
+                o,
+                &raw,
+                &registry,
+                &rules,
+                proxy,
+                &visible,
+                mode,
+                &mut listeners,
+            );
+            for l in &listeners {
+                let clash = listeners.iter().find(|b| {
+                    b.binding == Binding::Bound
+                        && matches!(l.binding, Binding::Capture(_))
+                        && b.address.port() == l.address.port()
+                        && overlaps(b.address.ip(), l.address.ip())
+                });
+                if let Some(b) = clash {
+                    c.errors.push(ConfigError::global(
+                        "spec.interception",
+                        format!(
+                            "listener {} uses port {}, the capture port of {}",
+                            b.name,
+                            l.address.port(),
+                            l.name
+                        ),
+                    ));
+                }
+            }
         }
         c.check_virtual_services(&raw, &registry, &rules, proxy);
         for l in &listeners {
@@ -133,6 +175,8 @@ struct Compiler {
     locality: Option<String>,
     /// Local rate limits of the routes compiled so far.
     rate_limits: Vec<hr::LocalRateLimit>,
+    /// `Proxy.spec.interception`, when the pod's traffic is captured.
+    interception: Option<Interception>,
     dns: std::sync::Arc<dyn Dns>,
     /// Names resolved so far, and the name servers asked.
     dns_names: Vec<String>,
@@ -659,10 +703,6 @@ impl Compiler {
     /// Refuses every Istio field Keel parses but does not enforce, so no policy is silently ignored.
     fn check_not_supported(&mut self, raw: &RawConfig) {
         let e = &mut self.errors;
-        for p in &raw.proxies {
-            let (o, s) = (&p.origin, &p.value.spec);
-            not_supported(e, o, &s.interception, "spec.interception");
-        }
         let pool = |e: &mut Vec<ConfigError>,
                     o: &Origin,
                     pool: &Option<ConnectionPoolSettings>,
@@ -1244,7 +1284,12 @@ impl Compiler {
                     sampling: crate::http_routes::Share::percent(sampling),
                 })
             });
+        let interception = spec
+            .interception
+            .as_ref()
+            .and_then(|ic| self.interception(&p.origin, ic, admin_address));
         Some(ProxySettings {
+            interception,
             tracing,
             dns_servers,
             dns_refresh,
@@ -1322,6 +1367,7 @@ impl Compiler {
                         }
                     }
                 }
+                Resolution::None if self.interception.is_some() => {}
                 Resolution::None => {
                     self.errors.push(o.error("spec.resolution", "resolution NONE (the default) forwards to the original destination, which needs interception: not supported yet; use resolution: STATIC with endpoints"));
                 }
@@ -1576,12 +1622,22 @@ impl Compiler {
             let (Some((bind, protocol)), Some(endpoint)) = (bind, endpoint) else {
                 continue;
             };
+            // Under interception an ingress port without `bind` is reached through the inbound
+            // capture port (matched by port), not bound.
+            let captured = self.interception.is_some()
+                && interception::captured(ing.capture_mode.as_deref(), ing.bind.as_deref());
             let address = SocketAddr::new(bind, ing.port.number as u16);
-            if !claim(&mut self.errors, address, format!("{at}.port.number")) {
+            if !captured && !claim(&mut self.errors, address, format!("{at}.port.number")) {
                 continue;
             }
-            if endpoint == address
-                || (bind.is_unspecified()
+            let protocol = if captured && ing.port.protocol.is_none() {
+                Protocol::Auto
+            } else {
+                protocol
+            };
+            if !captured && endpoint == address
+                || (!captured
+                    && bind.is_unspecified()
                     && endpoint.port() == address.port()
                     && endpoint.ip().is_loopback())
             {
@@ -1626,7 +1682,7 @@ impl Compiler {
             });
             let target = WeightedCluster { cluster, weight: 1 };
             // Inbound HTTP goes to the local app whatever the Host, as Istio's inbound listeners do.
-            let http = (protocol == Protocol::Http).then(|| HttpRouteTable {
+            let http = (protocol != Protocol::Tcp).then(|| HttpRouteTable {
                 virtual_hosts: vec![VirtualHost {
                     name: format!("inbound|http|{}", ing.port.number),
                     domains: vec!["*".into()],
@@ -1657,8 +1713,30 @@ impl Compiler {
                     }
                 },
             };
+            let (name, binding) = if captured {
+                (
+                    format!("virtual_inbound_{}", address.port()),
+                    Binding::Virtual,
+                )
+            } else {
+                (listener_name(address), Binding::Bound)
+            };
+            if captured
+                && out
+                    .iter()
+                    .any(|l| l.binding == Binding::Virtual && l.name == name)
+            {
+                self.errors.push(o.error(
+                    &format!("{at}.port.number"),
+                    format!(
+                        "port {} is captured by another ingress listener",
+                        address.port()
+                    ),
+                ));
+                continue;
+            }
             out.push(Listener {
-                name: listener_name(address),
+                name,
                 address,
                 direction: Direction::Inbound,
                 protocol,
@@ -1666,6 +1744,7 @@ impl Compiler {
                 http,
                 tls,
                 sni_routes: Vec::new(),
+                binding,
             });
         }
         // Istio's mesh default is ALLOW_ANY.
@@ -1677,7 +1756,9 @@ impl Compiler {
         for (i, eg) in spec.egress.iter().enumerate() {
             let at = format!("spec.egress[{i}]");
             let Some(port) = &eg.port else {
-                self.errors.push(o.error(&at, "an egress listener without `port` captures traffic transparently, which needs interception: not supported yet"));
+                if self.interception.is_none() {
+                    self.errors.push(o.error(&at, "an egress listener without `port` is the capturing one: it needs `Proxy.spec.interception` (and `keel init-iptables`)"));
+                }
                 continue;
             };
             let bind = self.listener_bind(
@@ -1756,6 +1837,7 @@ impl Compiler {
                     }),
                     tls: None,
                     sni_routes: Vec::new(),
+                    binding: Binding::Bound,
                 });
                 continue;
             }
@@ -1803,6 +1885,7 @@ impl Compiler {
                     http: None,
                     tls: None,
                     sni_routes,
+                    binding: Binding::Bound,
                 });
                 continue;
             }
@@ -1856,6 +1939,7 @@ impl Compiler {
                 http: None,
                 tls: None,
                 sni_routes: Vec::new(),
+                binding: Binding::Bound,
             });
         }
     }
@@ -1888,6 +1972,12 @@ impl Compiler {
             capture_mode,
             &format!("{at}.captureMode"),
         );
+        if capture_mode == Some("IPTABLES") && self.interception.is_none() {
+            self.errors.push(o.error(
+                &format!("{at}.captureMode"),
+                "captureMode IPTABLES needs `Proxy.spec.interception` (and `keel init-iptables`)",
+            ));
+        }
         let ip = parse_bind(
             &mut self.errors,
             o,
@@ -2933,7 +3023,8 @@ impl Compiler {
             protocol: upstream_protocol(sp.protocol.as_deref(), pool),
             // PASSTHROUGH: each request goes where it says (its authority), as Envoy's
             // ORIGINAL_DST cluster; HTTP only (checked where TCP listeners are built).
-            original_dst: lb_settings.and_then(|l| l.simple) == Some(SimpleLb::Passthrough),
+            original_dst: lb_settings.and_then(|l| l.simple) == Some(SimpleLb::Passthrough)
+                || spec.resolution.unwrap_or(Resolution::None) == Resolution::None,
             warmup,
         }))
     }
@@ -2941,23 +3032,7 @@ impl Compiler {
     /// The route ALLOW_ANY sends unknown hosts by: to Istio's `PassthroughCluster`, which has no
     /// endpoints of its own (each request goes where its authority says), no retries.
     fn passthrough_route(&mut self) -> HttpRoute {
-        let cluster = self.add_cluster(Cluster {
-            name: "PassthroughCluster".into(),
-            endpoints: Vec::new(),
-            lb: LbPolicy::RoundRobin,
-            hash_key: None,
-            connect_timeout: DEFAULT_CONNECT_TIMEOUT,
-            idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            keepalive: None,
-            tls: None,
-            limits: CircuitLimits::default(),
-            outlier: None,
-            health_check: None,
-            pool_idle_timeout: DEFAULT_IDLE_TIMEOUT,
-            protocol: UpstreamProtocol::Http1,
-            original_dst: true,
-            warmup: None,
-        });
+        let cluster = self.add_cluster(original_dst_cluster("PassthroughCluster"));
         forward_route(
             "allow_any",
             WeightedCluster { cluster, weight: 1 },
@@ -2994,6 +3069,28 @@ impl Compiler {
             .insert(cluster.name.clone(), self.clusters.len());
         self.clusters.push(cluster);
         self.clusters.len() - 1
+    }
+}
+
+/// A cluster with no endpoints of its own: each connection or request goes to its original
+/// destination (captured) or where its authority says (Istio's Passthrough clusters).
+fn original_dst_cluster(name: &str) -> Cluster {
+    Cluster {
+        name: name.into(),
+        endpoints: Vec::new(),
+        lb: LbPolicy::RoundRobin,
+        hash_key: None,
+        connect_timeout: DEFAULT_CONNECT_TIMEOUT,
+        idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        keepalive: None,
+        tls: None,
+        limits: CircuitLimits::default(),
+        outlier: None,
+        health_check: None,
+        pool_idle_timeout: DEFAULT_IDLE_TIMEOUT,
+        protocol: UpstreamProtocol::Http1,
+        original_dst: true,
+        warmup: None,
     }
 }
 
@@ -3101,11 +3198,7 @@ fn check_protocol(
 
 fn check_capture_mode(errors: &mut Vec<ConfigError>, o: &Origin, mode: Option<&str>, path: &str) {
     match mode {
-        None | Some("DEFAULT") | Some("NONE") => {}
-        Some("IPTABLES") => errors.push(o.error(
-            path,
-            "captureMode IPTABLES needs interception: not supported yet",
-        )),
+        None | Some("DEFAULT") | Some("NONE") | Some("IPTABLES") => {}
         Some(m) => errors.push(o.error(
             path,
             format!("unknown captureMode `{m}`; expected DEFAULT, IPTABLES or NONE"),

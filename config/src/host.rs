@@ -85,6 +85,14 @@ impl VisibleHosts {
         })
     }
 
+    /// `*/*`: every host of every namespace (Istio's default egress).
+    pub fn all() -> Self {
+        VisibleHosts {
+            namespace: "*".into(),
+            dns: "*".into(),
+        }
+    }
+
     /// Whether a service `host` defined in `namespace` is imported by this entry.
     pub fn admits(&self, namespace: &str, host: &str) -> bool {
         if self.namespace == "~" {

@@ -92,11 +92,32 @@ pub struct ProxySpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ProxyTls>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub interception: Option<NotSupported>,
+    pub interception: Option<InterceptionSpec>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub telemetry: Option<Telemetry>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dns: Option<DnsSpec>,
+}
+
+/// `Proxy.spec.interception`: the pod's traffic is captured by the kernel (`keel init-iptables`)
+/// and arrives on two ports; each connection's original destination says what it was for.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct InterceptionSpec {
+    /// `REDIRECT` (nat table; the original destination from SO_ORIGINAL_DST, the default) or
+    /// `TPROXY` (mangle table for inbound; the socket's own local address, IP_TRANSPARENT).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
+    /// Where captured inbound connections arrive (Istio's 15006).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inbound_port: Option<u32>,
+    /// Where captured outbound connections arrive (Istio's 15001).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outbound_port: Option<u32>,
+    /// How long a captured connection on a port of undeclared protocol may stay silent before it
+    /// is taken for opaque TCP (a server-first protocol); Istio's `protocolDetectionTimeout`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_detection_timeout: Option<Duration>,
 }
 
 /// `Proxy.spec.dns`: how ServiceEntry hosts with resolution DNS / DNS_ROUND_ROBIN are resolved.

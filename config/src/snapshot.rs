@@ -63,6 +63,8 @@ pub struct ProxySettings {
     /// `spec.telemetry.tracing`: None when tracing is off.
     pub tracing: Option<Tracing>,
     /// `spec.dns`: name servers (empty: the system's) and the longest refresh interval.
+    /// Present when the pod's traffic is captured (`Proxy.spec.interception`).
+    pub interception: Option<Interception>,
     pub dns_servers: Vec<SocketAddr>,
     pub dns_refresh: Duration,
 }
@@ -167,6 +169,53 @@ impl Direction {
 pub enum Protocol {
     Tcp,
     Http,
+    /// Undeclared, on a captured port: told from the first bytes (HTTP/1.1 request line, HTTP/2
+    /// preface, or over mesh TLS the ALPN); anything else, or silence for the detection timeout,
+    /// is TCP. Such a listener has both an HTTP route table and a TCP route.
+    Auto,
+}
+
+/// How the kernel tells a captured connection's original destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaptureMode {
+    /// nat REDIRECT: SO_ORIGINAL_DST on the accepted socket.
+    Redirect,
+    /// mangle TPROXY (inbound): the accepted socket's local address is the original destination.
+    Tproxy,
+}
+
+impl CaptureMode {
+    /// The name as written in config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CaptureMode::Redirect => "REDIRECT",
+            CaptureMode::Tproxy => "TPROXY",
+        }
+    }
+}
+
+/// `Proxy.spec.interception`, checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Interception {
+    pub mode: CaptureMode,
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    /// How long an undeclared port waits for the client's first bytes before it is taken for TCP.
+    pub detection_timeout: Duration,
+}
+
+/// Whether a listener has a socket of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// Bound at its address.
+    Bound,
+    /// A capture port (15001 / 15006): each accepted connection is served by the virtual listener
+    /// its original destination names (an exact `ip:port` first, then `0.0.0.0:port`), else by
+    /// this listener itself (passthrough, or refused under REGISTRY_ONLY).
+    Capture(CaptureMode),
+    /// No socket (Envoy's `bind_to_port: false`): reached only through a capture listener of the
+    /// same direction, for connections whose original destination is its address.
+    Virtual,
 }
 
 /// A listening socket and what to do with its connections.
@@ -186,9 +235,37 @@ pub struct Listener {
     /// TLS passthrough (an egress port with protocol TLS or HTTPS): the route is chosen by the
     /// ClientHello's SNI, in order; empty for every other listener.
     pub sni_routes: Vec<SniRoute>,
+    /// Bound, a capture port, or virtual (reached through a capture port).
+    pub binding: Binding,
 }
 
 impl Listener {
+    /// Whether the listener owns listening sockets (virtual listeners do not).
+    pub fn binds(&self) -> bool {
+        self.binding != Binding::Virtual
+    }
+
+    /// The virtual listener of `listeners` that serves a connection captured by a listener of
+    /// `direction` whose original destination is `dst`: an exact address first, then a wildcard
+    /// address on the same port.
+    pub fn virtual_for(
+        listeners: &[Listener],
+        direction: Direction,
+        dst: SocketAddr,
+    ) -> Option<usize> {
+        let candidates = || {
+            listeners.iter().enumerate().filter(|(_, l)| {
+                l.binding == Binding::Virtual
+                    && l.direction == direction
+                    && l.address.port() == dst.port()
+            })
+        };
+        candidates()
+            .find(|(_, l)| l.address.ip() == dst.ip())
+            .or_else(|| candidates().find(|(_, l)| l.address.ip().is_unspecified()))
+            .map(|(i, _)| i)
+    }
+
     /// The route for a ClientHello naming `server_name`: an exact name first, then the most
     /// specific wildcard (`*.example.com`), as Envoy matches `server_names`.
     pub fn sni_route(&self, server_name: Option<&str>) -> Option<&SniRoute> {

@@ -147,22 +147,25 @@ impl Fleet {
         ));
         let mut per_worker: Vec<NamedSockets> =
             (0..self.workers.len()).map(|_| Vec::new()).collect();
-        for l in &next.listeners {
-            if self.current.listeners.iter().any(|c| c.name == l.name) {
+        for l in next.listeners.iter().filter(|l| l.binds()) {
+            if self
+                .current
+                .listeners
+                .iter()
+                .any(|c| c.name == l.name && c.binds())
+            {
                 continue;
             }
             let group = match inherited.remove(&l.name) {
                 Some(g) => g,
-                None => {
-                    keel_io::listener::bind_group(l.address, self.workers.len()).map_err(|e| {
-                        format!(
-                            "listener {} ({}): cannot bind {}: {e}",
-                            l.name,
-                            l.direction.as_str(),
-                            l.address
-                        )
-                    })?
-                }
+                None => bind(l, self.workers.len()).map_err(|e| {
+                    format!(
+                        "listener {} ({}): cannot bind {}: {e}",
+                        l.name,
+                        l.direction.as_str(),
+                        l.address
+                    )
+                })?,
             };
             distribute(&mut per_worker, &l.name, group);
         }
@@ -297,4 +300,13 @@ fn collect(rx: &mpsc::Receiver<Result<(), String>>, n: usize) -> Result<(), Stri
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+/// Binds listener `l`'s sockets, one per worker; a TPROXY capture port's with IP_TRANSPARENT.
+pub fn bind(
+    l: &keel_config::Listener,
+    workers: usize,
+) -> std::io::Result<Vec<std::net::TcpListener>> {
+    let transparent = l.binding == keel_config::Binding::Capture(keel_config::CaptureMode::Tproxy);
+    keel_io::listener::bind_group_with(l.address, workers, transparent)
 }

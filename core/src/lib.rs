@@ -10,6 +10,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod breaker;
+pub mod capture;
 pub mod config;
 pub mod dns;
 pub mod downstream_tls;

@@ -233,7 +233,17 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         "keel ready"
     );
     for l in &snapshot.listeners {
-        tracing::info!(listener = %l.name, direction = l.direction.as_str(), address = %l.address, "listening");
+        match l.binding {
+            keel_config::Binding::Bound => {
+                tracing::info!(listener = %l.name, direction = l.direction.as_str(), address = %l.address, "listening")
+            }
+            keel_config::Binding::Capture(mode) => {
+                tracing::info!(listener = %l.name, direction = l.direction.as_str(), address = %l.address, mode = mode.as_str(), "capturing")
+            }
+            keel_config::Binding::Virtual => {
+                tracing::debug!(listener = %l.name, direction = l.direction.as_str(), address = %l.address, "serving captured connections to")
+            }
+        }
     }
     if let Some(h) = handed {
         let pid = h.predecessor.pid;
@@ -294,10 +304,10 @@ fn initial_sockets(
     inherited: &mut Inherited,
 ) -> Result<Vec<NamedSockets>, StartError> {
     let mut per_worker: Vec<NamedSockets> = (0..workers).map(|_| Vec::new()).collect();
-    for l in &snapshot.listeners {
+    for l in snapshot.listeners.iter().filter(|l| l.binds()) {
         let group = match inherited.remove(&l.name) {
             Some(group) => group,
-            None => bind_patiently(l.address, workers).map_err(|e| {
+            None => bind_patiently(l, workers).map_err(|e| {
                 StartError::Other(format!(
                     "listener {} ({}): cannot bind {}: {e}",
                     l.name,
@@ -320,10 +330,10 @@ fn inode_of(path: &std::path::Path) -> Option<u64> {
 /// on io_uring, the kernel closes the old process's listening sockets a few milliseconds after it
 /// exits (the ring is torn down asynchronously), and a restart must not fail for that. A port that
 /// stays busy is refused as before.
-fn bind_patiently(addr: std::net::SocketAddr, workers: usize) -> std::io::Result<Vec<TcpListener>> {
+fn bind_patiently(l: &keel_config::Listener, workers: usize) -> std::io::Result<Vec<TcpListener>> {
     let deadline = Instant::now() + Duration::from_secs(1);
     loop {
-        match keel_io::listener::bind_group(addr, workers) {
+        match fleet::bind(l, workers) {
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && Instant::now() < deadline => {
                 std::thread::sleep(Duration::from_millis(20));
             }

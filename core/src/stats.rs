@@ -83,6 +83,11 @@ pub struct ListenerCounters {
     pub rate_limited: Counter,
     /// Outbound requests and connections refused by REGISTRY_ONLY.
     pub registry_only_refused: Counter,
+    /// Connections on a capture port without an original destination (dialled directly).
+    pub capture_refused: Counter,
+    /// Connections of undeclared protocol taken for HTTP, and for TCP (or TLS), by detection.
+    pub detected_http: Counter,
+    pub detected_tcp: Counter,
     /// Requests by Envoy response flag (a request may have several), in the order of
     /// [`crate::http::proxy::Flags::names`].
     pub response_flags: [Counter; RESPONSE_FLAGS],
@@ -622,6 +627,38 @@ impl Stats {
                 let _ = writeln!(out, "keel_listener_tls_plaintext_connections_total{{listener=\"{}\",direction=\"{}\",result=\"{result}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
             }
         }
+        header(
+            &mut out,
+            "keel_listener_protocol_detected_total",
+            "counter",
+            "Connections of undeclared protocol on captured ports, by what their first bytes said.",
+        );
+        for l in &table.listeners {
+            for (protocol, f) in [
+                (
+                    "http",
+                    (|c| &c.detected_http) as fn(&ListenerCounters) -> &Counter,
+                ),
+                ("tcp", |c| &c.detected_tcp),
+            ] {
+                let _ = writeln!(out, "keel_listener_protocol_detected_total{{listener=\"{}\",direction=\"{}\",protocol=\"{protocol}\"}} {}", escape(&l.name), l.direction, sum(&l.slots, f));
+            }
+        }
+        header(
+            &mut out,
+            "keel_listener_capture_refused_total",
+            "counter",
+            "Connections to a capture port that had no original destination (dialled directly).",
+        );
+        for l in &table.listeners {
+            let _ = writeln!(
+                out,
+                "keel_listener_capture_refused_total{{listener=\"{}\",direction=\"{}\"}} {}",
+                escape(&l.name),
+                l.direction,
+                sum(&l.slots, |c| &c.capture_refused)
+            );
+        }
         let c_metrics: [(&str, &str, ClusterField); 17] = [
             (
                 "keel_cluster_upstream_cx_overflow_total",
@@ -1061,6 +1098,9 @@ impl Stats {
                     "jwt_denied": sum(s, |c| &c.jwt_denied),
                     "rate_limited": sum(s, |c| &c.rate_limited),
                     "registry_only_refused": sum(s, |c| &c.registry_only_refused),
+                    "capture_refused": sum(s, |c| &c.capture_refused),
+                    "protocol_detected_http": sum(s, |c| &c.detected_http),
+                    "protocol_detected_tcp": sum(s, |c| &c.detected_tcp),
                     "response_flags": crate::http::proxy::Flags::names()
                         .enumerate()
                         .map(|(i, f)| (f.to_string(), json!(sum(s, |c| &c.response_flags[i]))))

@@ -72,25 +72,42 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
             }
         };
         log.with(|r| r.server_name = info.server_name.clone());
-        let Some(route) = listener.sni_route(info.server_name.as_deref()) else {
-            lstats.no_route.inc();
-            log.with(|r| r.flags = Flags::of(Flag::NoRoute));
-            let name = info.server_name.as_deref().unwrap_or("(none)");
-            worker.warn_downstream(
-                &listener.name,
-                peer,
-                &format!("TLS passthrough: no route for SNI {name}"),
-            );
-            return;
-        };
-        match route.route.as_slice() {
-            [one] => Some(one.cluster),
-            many => worker
-                .pick_weighted(many.iter().map(|w| w.weight))
-                .map(|i| many[i].cluster),
+        let route = listener.sni_route(info.server_name.as_deref());
+        if route.is_none() && !listener.route.is_empty() {
+            // A captured port's SNI routes fall back to its TCP route (e.g. passthrough).
+            at.gen.pick_cluster(at.index, &mut worker.rng())
+        } else {
+            let Some(route) = route else {
+                lstats.no_route.inc();
+                log.with(|r| r.flags = Flags::of(Flag::NoRoute));
+                let name = info.server_name.as_deref().unwrap_or("(none)");
+                worker.warn_downstream(
+                    &listener.name,
+                    peer,
+                    &format!("TLS passthrough: no route for SNI {name}"),
+                );
+                return;
+            };
+            match route.route.as_slice() {
+                [one] => Some(one.cluster),
+                many => worker
+                    .pick_weighted(many.iter().map(|w| w.weight))
+                    .map(|i| many[i].cluster),
+            }
         }
     };
     let Some(cluster_index) = picked_cluster else {
+        if listener.route.is_empty() && listener.binding != keel_config::Binding::Bound {
+            // A captured connection no service claims, under REGISTRY_ONLY (BlackHoleCluster).
+            lstats.registry_only_refused.inc();
+            log.with(|r| r.flags = Flags::of(Flag::NoRoute));
+            worker.warn_downstream(
+                &listener.name,
+                peer,
+                &"connection refused: its destination is no registered service (REGISTRY_ONLY)",
+            );
+            return;
+        }
         lstats.no_healthy_upstream.inc();
         log.with(|r| r.flags = Flags::of(Flag::NoHealthyUpstream));
         return;
@@ -108,17 +125,50 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     // A TCP connection can be hashed only by its source address; other keys balance at random.
     let key = matches!(cluster.hash_key, Some(keel_config::HashKey::SourceIp))
         .then(|| crate::generation::source_ip_hash(peer.ip()));
-    let picked = at.gen.pick_endpoint(cluster_index, &mut worker.rng(), key);
-    let Some(endpoint) = picked
-        .as_ref()
-        .and_then(|p| cluster.endpoints.get(p.endpoint))
-    else {
+    // A passthrough cluster goes where the captured connection was going.
+    let original = if cluster.original_dst {
+        let dst = crate::capture::original_destination(
+            snapshot,
+            listener.binding,
+            listener.direction,
+            &down,
+        );
+        match dst {
+            Some(Ok(dst))
+                if !crate::capture::is_capture_port(snapshot, dst, down.local_addr().ok()) =>
+            {
+                Some(dst)
+            }
+            _ => {
+                lstats.no_healthy_upstream.inc();
+                log.with(|r| r.flags = Flags::of(Flag::NoHealthyUpstream));
+                worker.warn_downstream(
+                    &listener.name,
+                    peer,
+                    &"passthrough: no usable original destination",
+                );
+                return;
+            }
+        }
+    } else {
+        None
+    };
+    let picked = match original {
+        Some(_) => None,
+        None => at.gen.pick_endpoint(cluster_index, &mut worker.rng(), key),
+    };
+    let Some(endpoint_address) = original.or_else(|| {
+        picked
+            .as_ref()
+            .and_then(|p| cluster.endpoints.get(p.endpoint))
+            .map(|e| e.address)
+    }) else {
         lstats.no_healthy_upstream.inc();
         log.with(|r| r.flags = Flags::of(Flag::NoHealthyUpstream));
         tracing::debug!(listener = %listener.name, cluster = %cluster.name, "no endpoint");
         return;
     };
-    log.with(|r| r.upstream_host = Some(endpoint.address));
+    log.with(|r| r.upstream_host = Some(endpoint_address));
     // Counted against maxConnections (and as attempted) until the upstream socket closes.
     let Some(_slot) = crate::breaker::ConnSlot::open(
         &at.gen.clusters[cluster_index],
@@ -130,16 +180,23 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         worker.warn_upstream(
             &listener.name,
             &cluster.name,
-            endpoint.address,
+            endpoint_address,
             &"overflow: maxConnections reached, connection closed",
         );
         return;
     };
     let endpoint_index = picked.as_ref().map_or(0, |p| p.endpoint);
-    let up = match crate::upstream::open(&at.gen, cluster_index, endpoint.address, false).await {
+    let up = match crate::upstream::open(
+        &at.gen,
+        cluster_index,
+        endpoint_address,
+        crate::upstream::Carries::Tcp,
+    )
+    .await
+    {
         Ok(up) => up,
         Err(e) => {
-            worker.upstream_connect_failed(&at, cluster_index, endpoint.address, &e);
+            worker.upstream_connect_failed(&at, cluster_index, endpoint_address, &e);
             log.with(|r| r.flags = Flags::of(Flag::UpstreamConnectFailure));
             at.gen.report(
                 worker.id,
@@ -157,7 +214,7 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         endpoint_index,
         keel_lb::outlier::Outcome::Status(200),
     );
-    tracing::trace!(%peer, upstream = %endpoint.address, "connected");
+    tracing::trace!(%peer, upstream = %endpoint_address, "connected");
     if !hello.is_empty() && up.write_all(&hello).await.is_err() {
         return;
     }

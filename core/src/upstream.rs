@@ -23,13 +23,21 @@ pub fn pool_key(gen: &Generation, cluster: usize) -> u64 {
     tls ^ gen.clusters.get(cluster).map_or(0, |c| c.pool_key)
 }
 
-/// A new connection to endpoint `addr` of `cluster`, secured as the cluster says; `h2`: for
-/// HTTP/2, which over TLS offers ALPN `h2`.
+/// What an upstream connection will carry, which decides the ALPN offered over TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Carries {
+    Tcp,
+    Http1,
+    /// Offers ALPN `h2`.
+    Http2,
+}
+
+/// A new connection to endpoint `addr` of `cluster`, secured as the cluster says.
 pub async fn open(
     gen: &Generation,
     cluster: usize,
     addr: SocketAddr,
-    h2: bool,
+    carries: Carries,
 ) -> Result<Transport, ConnectError> {
     let c = &gen.snapshot.clusters[cluster];
     let keepalive = c.keepalive.map(|k| KeepaliveOpts {
@@ -41,7 +49,11 @@ pub async fn open(
     let Some(ctx) = gen.tls.clusters.get(cluster).and_then(Option::as_ref) else {
         return Ok(Transport::Plain(stream));
     };
-    let config = if h2 { &ctx.config_h2 } else { &ctx.config };
+    let config = match carries {
+        Carries::Tcp => &ctx.config,
+        Carries::Http1 => &ctx.config_http1,
+        Carries::Http2 => &ctx.config_h2,
+    };
     let handshake = TlsStream::connect(stream, config.clone(), ctx.server_name.clone());
     match monoio::time::timeout(c.connect_timeout, handshake).await {
         Ok(Ok(tls)) => Ok(Transport::Tls(Box::new(tls))),

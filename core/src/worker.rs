@@ -463,7 +463,101 @@ async fn sweep_idle(worker: Rc<Worker>) {
     }
 }
 
-/// A connection of a TLS listener: the handshake (or the plaintext check), then the proxy.
+/// Starts serving a connection accepted on `at`'s listener. Plaintext connections of a declared
+/// protocol go straight to their proxy; TLS, protocol detection and capture run in the
+/// connection's own task first.
+fn serve_accepted(
+    worker: &Rc<Worker>,
+    at: ListenerRef,
+    stream: keel_io::Stream,
+    peer: std::net::SocketAddr,
+) {
+    let listener = at.config();
+    if matches!(listener.binding, keel_config::Binding::Capture(_)) {
+        monoio::spawn(captured(worker.clone(), at, stream, peer));
+        return;
+    }
+    if listener.tls.is_some() || listener.protocol == Protocol::Auto {
+        monoio::spawn(secure_then_serve(worker.clone(), at, stream, peer));
+        return;
+    }
+    let stream = Transport::Plain(stream);
+    match listener.protocol {
+        Protocol::Tcp => {
+            monoio::spawn(tcp_proxy::handle(worker.clone(), at, stream, peer));
+        }
+        Protocol::Http | Protocol::Auto => {
+            monoio::spawn(crate::http::proxy::serve(worker.clone(), at, stream, peer));
+        }
+    }
+}
+
+/// A connection of a capture port: served by the virtual listener its original destination
+/// names, or by the capture listener itself (passthrough, or refused).
+async fn captured(
+    worker: Rc<Worker>,
+    at: ListenerRef,
+    stream: keel_io::Stream,
+    peer: std::net::SocketAddr,
+) {
+    let listener = at.config();
+    let keel_config::Binding::Capture(mode) = listener.binding else {
+        return;
+    };
+    let fd = stream.raw_fd();
+    let local = keel_io::capture::local_addr(fd);
+    let dst = local.and_then(|local| match mode {
+        keel_config::CaptureMode::Redirect => keel_io::capture::original_dst(fd, local),
+        keel_config::CaptureMode::Tproxy => Ok(local),
+    });
+    let lstats = at.counters(worker.id);
+    let dst = match dst {
+        Ok(dst)
+            if !crate::capture::is_capture_port(
+                &at.gen.snapshot,
+                dst,
+                stream.local_addr().ok(),
+            ) =>
+        {
+            dst
+        }
+        Ok(dst) => {
+            lstats.capture_refused.inc();
+            worker.warn_downstream(
+                &listener.name,
+                peer,
+                &format!("connection to {dst} refused: the capture port was dialled directly, not reached by interception"),
+            );
+            return;
+        }
+        Err(e) => {
+            lstats.capture_refused.inc();
+            worker.warn_downstream(
+                &listener.name,
+                peer,
+                &format!("connection refused: no original destination ({e}); the capture port was dialled directly"),
+            );
+            return;
+        }
+    };
+    let at = match keel_config::Listener::virtual_for(
+        &at.gen.snapshot.listeners,
+        listener.direction,
+        dst,
+    ) {
+        Some(index) => ListenerRef {
+            state: at.gen.listeners[index].clone(),
+            gen: at.gen.clone(),
+            index,
+        },
+        None => at,
+    };
+    tracing::trace!(%peer, %dst, listener = %at.config().name, "captured");
+    secure_then_serve(worker, at, stream, peer).await
+}
+
+/// A connection of a TLS listener or one of undeclared protocol: the handshake (or the
+/// plaintext check), protocol detection, then the proxy.
 async fn secure_then_serve(
     worker: Rc<Worker>,
     at: ListenerRef,
@@ -473,9 +567,30 @@ async fn secure_then_serve(
     let Some(stream) = crate::downstream_tls::secure(&worker, &at, stream, peer).await else {
         return;
     };
-    match at.config().protocol {
+    let protocol = match at.config().protocol {
+        Protocol::Auto => {
+            let timeout = at
+                .gen
+                .snapshot
+                .proxy
+                .interception
+                .as_ref()
+                .map_or(Duration::from_millis(100), |i| i.detection_timeout);
+            let (protocol, _) = crate::capture::detect(&stream, timeout).await;
+            let lstats = at.counters(worker.id);
+            match protocol {
+                Protocol::Http => lstats.detected_http.inc(),
+                _ => lstats.detected_tcp.inc(),
+            }
+            protocol
+        }
+        p => p,
+    };
+    match protocol {
         Protocol::Tcp => tcp_proxy::handle(worker, at, stream, peer).await,
-        Protocol::Http => crate::http::proxy::serve(worker, at, stream, peer).await,
+        Protocol::Http | Protocol::Auto => {
+            crate::http::proxy::serve(worker, at, stream, peer).await
+        }
     }
 }
 
@@ -517,34 +632,12 @@ async fn accept_loop(
             match listener.try_accept() {
                 Ok((stream, peer)) => {
                     worker.stats.per_worker[worker.id].accepted.inc();
-                    let gen = worker.current();
-                    let index = state.index.get();
-                    let protocol = gen.snapshot.listeners[index].protocol;
                     let at = ListenerRef {
-                        gen,
+                        gen: worker.current(),
                         state: state.clone(),
-                        index,
+                        index: state.index.get(),
                     };
-                    if at.config().tls.is_some() {
-                        // The handshake runs in the connection's task; plaintext listeners skip
-                        // this step and its state entirely.
-                        monoio::spawn(secure_then_serve(worker.clone(), at, stream, peer));
-                        continue;
-                    }
-                    let stream = Transport::Plain(stream);
-                    match protocol {
-                        Protocol::Tcp => {
-                            monoio::spawn(tcp_proxy::handle(worker.clone(), at, stream, peer));
-                        }
-                        Protocol::Http => {
-                            monoio::spawn(crate::http::proxy::serve(
-                                worker.clone(),
-                                at,
-                                stream,
-                                peer,
-                            ));
-                        }
-                    }
+                    serve_accepted(&worker, at, stream, peer);
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
                 Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNABORTED | libc::EINTR)) => {}

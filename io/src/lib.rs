@@ -6,6 +6,7 @@
 //! engine (`keel-core`) composes these pieces.
 
 pub mod buffer;
+pub mod capture;
 pub mod connect;
 pub mod driver;
 pub mod forward;

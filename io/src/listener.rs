@@ -22,6 +22,33 @@ fn socket_for(addr: SocketAddr) -> io::Result<Socket> {
     Ok(socket)
 }
 
+fn set_transparent(socket: &Socket, addr: SocketAddr) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    let (level, name) = if addr.is_ipv4() {
+        (libc::SOL_IP, libc::IP_TRANSPARENT)
+    } else {
+        (libc::SOL_IPV6, libc::IPV6_TRANSPARENT)
+    };
+    // SAFETY: setsockopt on a socket we own, with a c_int option value of the size we pass.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(
+            e.kind(),
+            format!("IP_TRANSPARENT (TPROXY needs CAP_NET_ADMIN): {e}"),
+        ));
+    }
+    Ok(())
+}
+
 /// Fails with `AddrInUse` if something already listens on `addr`.
 pub fn probe_free(addr: SocketAddr) -> io::Result<()> {
     let socket = socket_for(addr)?;
@@ -30,10 +57,23 @@ pub fn probe_free(addr: SocketAddr) -> io::Result<()> {
 
 /// Binds `count` SO_REUSEPORT sockets on `addr`, non-blocking, ready for `monoio::net::TcpListener::from_std`.
 pub fn bind_group(addr: SocketAddr, count: usize) -> io::Result<Vec<TcpListener>> {
+    bind_group_with(addr, count, false)
+}
+
+/// [`bind_group`], with IP_TRANSPARENT when `transparent`: the sockets then accept connections
+/// TPROXY delivers for addresses that are not this host's (needs CAP_NET_ADMIN).
+pub fn bind_group_with(
+    addr: SocketAddr,
+    count: usize,
+    transparent: bool,
+) -> io::Result<Vec<TcpListener>> {
     probe_free(addr)?;
     let mut out = Vec::with_capacity(count);
     for _ in 0..count {
         let socket = socket_for(addr)?;
+        if transparent {
+            set_transparent(&socket, addr)?;
+        }
         socket.set_reuse_port(true)?;
         socket.set_nonblocking(true)?;
         socket.bind(&addr.into())?;

@@ -27,6 +27,23 @@ const SYSTEM_ROOTS: &str = "/etc/ssl/certs/ca-certificates.crt";
 /// ALPN an HTTP listener accepts, HTTP/2 first; TCP listeners negotiate none.
 const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
 
+/// ALPN a mesh (ISTIO_MUTUAL) HTTP listener accepts: also Istio's own names, which sidecars
+/// offer so that the server can tell HTTP from TCP on a port of undeclared protocol.
+const MESH_HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1", b"istio-http/1.1", b"istio-h2"];
+
+/// ALPN a mesh listener of undeclared protocol accepts: the HTTP names and Istio's TCP ones.
+const MESH_AUTO_ALPN: &[&[u8]] = &[
+    b"h2",
+    b"http/1.1",
+    b"istio-http/1.1",
+    b"istio-h2",
+    b"istio",
+    b"istio-peer-exchange",
+];
+
+/// What an HTTP/1.1 client offers over mesh mTLS, as an Envoy sidecar does.
+const MESH_HTTP1_ALPN: &[u8] = b"istio-http/1.1";
+
 /// What a worker needs to secure the connections of one config version.
 #[derive(Default)]
 pub struct TlsContexts {
@@ -55,8 +72,11 @@ impl std::fmt::Debug for TlsContexts {
 
 /// TLS origination to one cluster.
 pub struct UpstreamContext {
-    /// For HTTP/1.1 and TCP: no ALPN offered.
+    /// For TCP: no ALPN offered.
     pub config: Arc<ClientConfig>,
+    /// For HTTP/1.1: over mesh mTLS offering `istio-http/1.1` (so a sidecar's port of undeclared
+    /// protocol knows it is HTTP); otherwise the same as `config`.
+    pub config_http1: Arc<ClientConfig>,
     /// For HTTP/2: the same settings offering ALPN `h2`, which TLS servers (and Envoy
     /// sidecars) need to speak HTTP/2 on the connection.
     pub config_h2: Arc<ClientConfig>,
@@ -213,7 +233,7 @@ fn server_config(
     chain: Vec<CertificateDer<'static>>,
     key: PrivateKeyDer<'static>,
     versions: &[&'static SupportedProtocolVersion],
-    http: bool,
+    alpn: &[&[u8]],
     origin: &Pem,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
     let builder = ServerConfig::builder_with_provider(provider())
@@ -231,9 +251,7 @@ fn server_config(
         config.ticketer = t;
     }
     config.send_tls13_tickets = 1;
-    if http {
-        config.alpn_protocols = HTTP_ALPN.iter().map(|p| p.to_vec()).collect();
-    }
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
 
@@ -299,16 +317,16 @@ pub fn build(snapshot: &Snapshot) -> Result<TlsContexts, Vec<ConfigError>> {
         ..TlsContexts::default()
     };
     // Mesh listeners share one context per protocol.
-    let mut mesh_server: [Option<Arc<ServerConfig>>; 2] = [None, None];
+    let mut mesh_server: [Option<Arc<ServerConfig>>; 3] = [None, None, None];
     for l in &snapshot.listeners {
-        let http = l.protocol == Protocol::Http;
+        let protocol = l.protocol;
         let ctx = match &l.tls {
             None => None,
             Some(DownstreamTls::Mesh { .. }) => match (&mesh, identity) {
                 (Some(m), Some(id)) => {
-                    let slot = &mut mesh_server[usize::from(http)];
+                    let slot = &mut mesh_server[protocol as usize];
                     if slot.is_none() {
-                        let built = mesh_server_config(m, id, http);
+                        let built = mesh_server_config(m, id, protocol);
                         match built {
                             Ok(c) => *slot = Some(c),
                             Err(e) => errors.push(e),
@@ -318,7 +336,7 @@ pub fn build(snapshot: &Snapshot) -> Result<TlsContexts, Vec<ConfigError>> {
                 }
                 _ => None,
             },
-            Some(DownstreamTls::Terminate(t)) => match terminate_config(t, http) {
+            Some(DownstreamTls::Terminate(t)) => match terminate_config(t, protocol) {
                 Ok(c) => Some(c),
                 Err(e) => {
                     errors.push(e);
@@ -355,7 +373,7 @@ pub fn build(snapshot: &Snapshot) -> Result<TlsContexts, Vec<ConfigError>> {
 fn mesh_server_config(
     m: &MeshIdentity,
     id: &Identity,
-    http: bool,
+    protocol: Protocol,
 ) -> Result<Arc<ServerConfig>, ConfigError> {
     let pem = &id.root_certificates;
     let webpki = WebPkiClientVerifier::builder_with_provider(m.roots.clone(), provider())
@@ -372,12 +390,16 @@ fn mesh_server_config(
         m.chain.clone(),
         m.key.clone_key(),
         &versions(TlsVersion::V1_2, TlsVersion::V1_3),
-        http,
+        match protocol {
+            Protocol::Tcp => &[],
+            Protocol::Http => MESH_HTTP_ALPN,
+            Protocol::Auto => MESH_AUTO_ALPN,
+        },
         &id.certificate_chain,
     )
 }
 
-fn terminate_config(t: &ServerTls, http: bool) -> Result<Arc<ServerConfig>, ConfigError> {
+fn terminate_config(t: &ServerTls, protocol: Protocol) -> Result<Arc<ServerConfig>, ConfigError> {
     let (chain, key) = certified_key(&t.certificate_chain, &t.private_key)?;
     let verifier: Option<Arc<dyn ClientCertVerifier>> = match &t.client_ca {
         None => None,
@@ -400,7 +422,11 @@ fn terminate_config(t: &ServerTls, http: bool) -> Result<Arc<ServerConfig>, Conf
         chain,
         key,
         &versions(t.min_version, t.max_version),
-        http,
+        if protocol == Protocol::Tcp {
+            &[]
+        } else {
+            HTTP_ALPN
+        },
         &t.certificate_chain,
     )
 }
@@ -465,8 +491,16 @@ fn upstream_context(
     };
     let mut h2 = (*config).clone();
     h2.alpn_protocols = vec![b"h2".to_vec()];
+    let config_http1 = if tls.mode == UpstreamTlsMode::IstioMutual {
+        let mut h1 = (*config).clone();
+        h1.alpn_protocols = vec![MESH_HTTP1_ALPN.to_vec()];
+        Arc::new(h1)
+    } else {
+        config.clone()
+    };
     Ok(UpstreamContext {
         config,
+        config_http1,
         config_h2: Arc::new(h2),
         server_name,
         pool_key: pool_key(tls, identity),

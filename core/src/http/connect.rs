@@ -90,9 +90,14 @@ pub(crate) async fn acquire(
                     None => continue,
                 }
             }
-            let stream = Box::pin(crate::upstream::open(gen, cluster, addr, false))
-                .await
-                .map_err(AcquireError::Connect)?;
+            let stream = Box::pin(crate::upstream::open(
+                gen,
+                cluster,
+                addr,
+                crate::upstream::Carries::Http1,
+            ))
+            .await
+            .map_err(AcquireError::Connect)?;
             let conn = PooledConn {
                 stream,
                 slot,
@@ -144,7 +149,7 @@ async fn open_h2(
     let stream = worker.h2_pool.borrow_mut().insert(key, conn.clone());
     // Should this request go away while connecting, the others waiting on it are told.
     let mut failed_unless_started = FailUnlessStarted(Some(conn.clone()));
-    match crate::upstream::open(gen, cluster, addr, true).await {
+    match crate::upstream::open(gen, cluster, addr, crate::upstream::Carries::Http2).await {
         Ok(transport) => {
             conn.start(transport);
             // The peer's SETTINGS must come within the connect timeout too.

@@ -51,6 +51,9 @@ pub(crate) trait Downstream {
     /// The connection's local address (the destination the client connected to).
     fn local_addr(&self) -> Option<std::net::SocketAddr>;
 
+    /// The client connection itself (for its original destination when it was captured).
+    fn transport(&self) -> &keel_tls::Transport;
+
     /// Sends a response Keel makes itself: `status`, a text body and extra fields.
     async fn local_reply(
         &mut self,
@@ -109,6 +112,10 @@ impl Downstream for BufferedStream {
 
     fn local_addr(&self) -> Option<std::net::SocketAddr> {
         self.stream.local_addr().ok()
+    }
+
+    fn transport(&self) -> &keel_tls::Transport {
+        &self.stream
     }
 
     async fn local_reply(

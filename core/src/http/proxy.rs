@@ -301,7 +301,7 @@ fn requests(mut c: Conn) -> impl std::future::Future<Output = ()> {
 async fn sniff_h2(c: &mut Conn) -> bool {
     use super::h2::frame::PREFACE;
     if let Some(session) = c.down.stream.session() {
-        return session.alpn.as_deref() == Some(b"h2");
+        return matches!(session.alpn.as_deref(), Some(b"h2" | b"istio-h2"));
     }
     let timeout = c.at.gen.snapshot.proxy.http.request_headers_timeout;
     loop {
@@ -873,7 +873,7 @@ pub(crate) async fn exchange<D: Downstream>(
 
     // ALLOW_ANY: a host no ServiceEntry declares goes where the request says.
     let passthrough = if cluster.original_dst {
-        match passthrough_destination(&head.authority, listener).await {
+        match passthrough_destination(&head.authority, snapshot, listener, down.transport()).await {
             Ok(addr) => Some(addr),
             Err(reply) => {
                 flags.insert(Flag::NoHealthyUpstream);
@@ -1594,8 +1594,30 @@ impl Failure {
 /// listener would loop back into Keel, and is refused.
 async fn passthrough_destination(
     authority: &str,
+    snapshot: &keel_config::Snapshot,
     listener: &keel_config::Listener,
+    down: &keel_tls::Transport,
 ) -> Result<SocketAddr, ErrorReply> {
+    // A captured connection goes where it was going; a bound listener's, where its Host says.
+    if let Some(dst) =
+        crate::capture::original_destination(snapshot, listener.binding, listener.direction, down)
+    {
+        let local = down.local_addr().ok();
+        return match dst {
+            Ok(dst) if !crate::capture::is_capture_port(snapshot, dst, local) => Ok(dst),
+            Ok(_) => Err(
+                ErrorReply::new(502, "the destination is this proxy's capture port")
+                    .details("passthrough_loop"),
+            ),
+            Err(e) => {
+                tracing::debug!(error = %e, "no original destination");
+                Err(
+                    ErrorReply::new(503, "no healthy upstream: no original destination")
+                        .details("no_original_destination"),
+                )
+            }
+        };
+    }
     let addr = crate::resolve::resolve(authority, listener.address.port())
         .await
         .map_err(|e| {

@@ -1139,6 +1139,10 @@ impl Downstream for StreamHandle {
         self.shared.transport.local_addr().ok()
     }
 
+    fn transport(&self) -> &keel_tls::Transport {
+        &self.shared.transport
+    }
+
     async fn local_reply(
         &mut self,
         status: u16,
