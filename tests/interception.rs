@@ -148,7 +148,10 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
-http.server.ThreadingHTTPServer((sys.argv[1], int(sys.argv[2])), H).serve_forever()
+class S(http.server.ThreadingHTTPServer):
+    import socket
+    address_family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET
+S((sys.argv[1], int(sys.argv[2])), H).serve_forever()
 "#;
 
 /// A server-first TCP service: a banner on connect, then an echo of one line.
@@ -782,4 +785,52 @@ fn init_iptables_dry_run_prints_the_rules() {
         .unwrap();
     assert!(!bad.status.success());
     assert!(text(&bad).contains("`ssh` is not a port"), "{}", text(&bad));
+}
+
+#[test]
+fn ipv6_is_captured_too() {
+    needs_netns!();
+    let mut pair = Pair::new();
+    let dir = common::temp_dir("intercept-v6");
+    let (pod, server) = (pair.a.clone(), pair.b.clone());
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let (pod_ip, server_ip) = (format!("fd00:77:{n}::1"), format!("fd00:77:{n}::2"));
+    for (ns, ip) in [(&pod, &pod_ip), (&server, &server_ip)] {
+        let dev = exec(ns, &["sh", "-c", "ls /sys/class/net | grep -v lo"]);
+        let dev = String::from_utf8_lossy(&dev.stdout).trim().to_string();
+        let o = exec(
+            ns,
+            &[
+                "ip",
+                "-6",
+                "addr",
+                "add",
+                &format!("{ip}/64"),
+                "dev",
+                &dev,
+                "nodad",
+            ],
+        );
+        assert!(o.status.success(), "{}", text(&o));
+    }
+    start_echo(&mut pair, &server, "::", 9090, "v6", &dir);
+    install_rules(&pod, &["--ipv6"]);
+    let config = proxy(15000, "app", "{ mode: REDIRECT, ipv6: true }", "");
+    let keel = PodKeel::start(&mut pair, &pod, &config, 15000, false);
+    let (code, body) = curl_in(&pod, &["-g", &format!("http://[{server_ip}]:9090/six")]);
+    assert_eq!(code, "200", "{body}\n{}", keel.log_text());
+    assert!(body.starts_with("v6 /six"), "{body}");
+    let m = keel.metrics();
+    assert_eq!(
+        series(
+            &m,
+            "keel_listener_protocol_detected_total",
+            &["listener=\"virtualOutbound6\"", "protocol=\"http\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
+    install_rules(&pod, &["--ipv6", "--cleanup"]);
+    let o = exec(&pod, &["ip6tables-save"]);
+    assert!(!text(&o).contains("KEEL_"), "{}", text(&o));
 }

@@ -118,6 +118,9 @@ pub struct InterceptionSpec {
     /// is taken for opaque TCP (a server-first protocol); Istio's `protocolDetectionTimeout`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub protocol_detection_timeout: Option<Duration>,
+    /// Also capture IPv6 (`keel init-iptables --ipv6`): the capture ports listen on `[::]` too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ipv6: Option<bool>,
 }
 
 /// `Proxy.spec.dns`: how ServiceEntry hosts with resolution DNS / DNS_ROUND_ROBIN are resolved.

@@ -202,6 +202,8 @@ pub struct Interception {
     pub outbound_port: u16,
     /// How long an undeclared port waits for the client's first bytes before it is taken for TCP.
     pub detection_timeout: Duration,
+    /// The capture ports also listen on `[::]`.
+    pub ipv6: bool,
 }
 
 /// Whether a listener has a socket of its own.

@@ -126,6 +126,7 @@ impl Compiler {
             inbound_port,
             outbound_port,
             detection_timeout,
+            ipv6: spec.ipv6.unwrap_or(false),
         })
     }
 
@@ -301,16 +302,36 @@ impl Compiler {
         }
 
         // The capture listeners themselves, serving whatever no virtual listener claims.
-        let outbound = SocketAddr::new(any.ip(), ic.outbound_port);
+        let mut families = vec![("", any.ip())];
+        if ic.ipv6 {
+            families.push(("6", IpAddr::from([0u16; 8])));
+        }
+        for (suffix, ip) in families {
+            self.capture_listeners(ic, proxy, suffix, ip, &unknown_host(), &fallback_tcp, out);
+        }
+    }
+
+    /// The outbound and inbound capture listeners on `ip` (named with `suffix`).
+    #[allow(clippy::too_many_arguments)]
+    fn capture_listeners(
+        &mut self,
+        ic: &Interception,
+        proxy: &ProxySettings,
+        suffix: &str,
+        ip: IpAddr,
+        unknown_host: &hr::UnknownHost,
+        fallback_tcp: &[WeightedCluster],
+        out: &mut Vec<Listener>,
+    ) {
         out.push(Listener {
-            name: "virtualOutbound".into(),
-            address: outbound,
+            name: format!("virtualOutbound{suffix}"),
+            address: SocketAddr::new(ip, ic.outbound_port),
             direction: Direction::Outbound,
             protocol: Protocol::Auto,
-            route: fallback_tcp,
+            route: fallback_tcp.to_vec(),
             http: Some(HttpRouteTable {
                 virtual_hosts: Vec::new(),
-                unknown_host: unknown_host(),
+                unknown_host: unknown_host.clone(),
             }),
             tls: None,
             sni_routes: Vec::new(),
@@ -333,8 +354,8 @@ impl Compiler {
             },
         };
         out.push(Listener {
-            name: "virtualInbound".into(),
-            address: SocketAddr::new(any.ip(), ic.inbound_port),
+            name: format!("virtualInbound{suffix}"),
+            address: SocketAddr::new(ip, ic.inbound_port),
             direction: Direction::Inbound,
             protocol: Protocol::Auto,
             route: vec![inbound_target],
