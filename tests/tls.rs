@@ -8,7 +8,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::pki::{proxy_with_identity, Ca, Issued, Mesh, San};
+use common::pki::{proxy_with_identity, tls_terminator, Ca, Issued, Mesh, San};
 use common::*;
 
 const REVIEWS: &str = "spiffe://cluster.local/ns/default/sa/reviews";
@@ -656,30 +656,6 @@ fn tls_config_errors_name_the_field() {
         assert!(!ok, "{want}: rejected");
         assert!(out.contains(want), "want `{want}` in:\n{out}");
     }
-}
-
-/// A Keel terminating SIMPLE TLS with `cert` in front of an echo backend named `name`.
-fn tls_terminator(cert: &Issued, name: &'static str) -> (Keel, u16, RecordingBackend) {
-    let app = RecordingBackend::echo(name);
-    let (port, admin) = (free_port(), free_port());
-    let config = proxy_yaml(admin, 1)
-        + &format!(
-            "---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{ name: default, namespace: default }}
-spec:
-  ingress:
-  - port: {{ number: {port}, protocol: HTTP, name: https }}
-    bind: 127.0.0.1
-    defaultEndpoint: {}
-    tls: {{ mode: SIMPLE, serverCertificate: {}, privateKey: {} }}
-",
-            app.addr,
-            cert.cert.display(),
-            cert.key.display()
-        );
-    (Keel::start(&config, admin, &[]), port, app)
 }
 
 #[test]

@@ -16,6 +16,7 @@ use crate::load::{Located, Origin, RawConfig};
 use crate::model::*;
 use crate::snapshot::*;
 
+mod gateway;
 mod interception;
 mod rate_limit;
 mod security;
@@ -128,6 +129,7 @@ pub fn compile_with(
                 }
             }
         }
+        c.gateway_listeners(&raw, &registry, &rules, proxy, &mut listeners);
         c.check_virtual_services(&raw, &registry, &rules, proxy);
         for l in &listeners {
             if l.address.port() == proxy.admin_address.port()
@@ -861,14 +863,6 @@ impl Compiler {
                 }
             }
             not_supported(e, o, &s.export_to, "spec.exportTo");
-            if let Some(gw) = &s.gateways {
-                if gw.iter().any(|g| g != "mesh") {
-                    e.push(o.error(
-                        "spec.gateways",
-                        "gateways other than `mesh` are not supported yet",
-                    ));
-                }
-            }
             for (i, r) in s.tcp.iter().enumerate() {
                 for (j, m) in r.matches.iter().enumerate() {
                     not_supported(
@@ -2117,38 +2111,21 @@ impl Compiler {
                 })
         })?;
         let route = &vs.value.spec.tcp[route_index];
-        let mut out = Vec::new();
-        for (k, rd) in route.route.iter().enumerate() {
-            let at = format!("spec.tcp[{route_index}].route[{k}]");
-            let dest = host::qualify(&rd.destination.host, ns);
-            match self.cluster_for(
-                registry,
-                rules,
-                &dest,
-                rd.destination.subset.as_deref(),
-                rd.destination.port.as_ref().map_or(0, |p| p.number),
-            ) {
-                Ok(c) => out.push(WeightedCluster {
-                    cluster: c,
-                    weight: if route.route.len() == 1 {
-                        1
-                    } else {
-                        rd.weight.unwrap_or(0)
-                    },
-                }),
-                Err(m) => self
-                    .errors
-                    .push(vs.origin.error(&format!("{at}.destination"), m)),
-            }
-        }
-        if out.is_empty() || out.iter().all(|w| w.weight == 0) {
+        let out = self.destinations(
+            registry,
+            rules,
+            &vs.origin,
+            ns,
+            &route.route,
+            &format!("spec.tcp[{route_index}]"),
+        );
+        if out.is_empty() {
             self.errors.push(vs.origin.error(
                 &format!("spec.tcp[{route_index}].route"),
                 "at least one destination with a non-zero weight is required",
             ));
             return None;
         }
-        out.retain(|w| w.weight > 0);
         Some(out)
     }
 
@@ -3127,7 +3104,8 @@ fn find_virtual_service<'a>(
 ) -> Option<&'a Located<VirtualServiceSpec>> {
     let applies = |vs: &&Located<VirtualServiceSpec>, exact: bool| {
         let ns = vs.value.metadata.namespace();
-        relevant(vs)
+        gateway::applies_to_mesh(vs)
+            && relevant(vs)
             && vs.value.spec.hosts.iter().any(|h| {
                 let q = host::qualify(h, ns);
                 if exact {

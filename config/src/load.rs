@@ -44,6 +44,7 @@ pub struct RawConfig {
     pub sidecars: Vec<Located<SidecarSpec>>,
     pub service_entries: Vec<Located<ServiceEntrySpec>>,
     pub virtual_services: Vec<Located<VirtualServiceSpec>>,
+    pub gateways: Vec<Located<GatewaySpec>>,
     pub destination_rules: Vec<Located<DestinationRuleSpec>>,
     pub peer_authentications: Vec<Located<PeerAuthenticationSpec>>,
     pub authorization_policies: Vec<Located<AuthorizationPolicySpec>>,
@@ -69,7 +70,7 @@ const KINDS: &[(&str, &[&str], bool)] = &[
     ("ServiceEntry", NETWORKING, true),
     ("VirtualService", NETWORKING, true),
     ("DestinationRule", NETWORKING, true),
-    ("Gateway", NETWORKING, false),
+    ("Gateway", NETWORKING, true),
     ("WorkloadEntry", NETWORKING, false),
     ("PeerAuthentication", SECURITY, true),
     ("AuthorizationPolicy", SECURITY, true),
@@ -225,6 +226,7 @@ fn parse_quickly(body: &str, origin: &Origin, raw: &mut RawConfig) -> bool {
         "DestinationRule" => {
             typed(body, origin, kind, api_version).map(|r| raw.destination_rules.push(r))
         }
+        "Gateway" => typed(body, origin, kind, api_version).map(|r| raw.gateways.push(r)),
         "PeerAuthentication" => {
             typed(body, origin, kind, api_version).map(|r| raw.peer_authentications.push(r))
         }
@@ -285,6 +287,7 @@ fn parse_document(body: &str, origin: Origin, raw: &mut RawConfig) -> Result<(),
         "ServiceEntry" => raw.service_entries.push(located(body, origin)?),
         "VirtualService" => raw.virtual_services.push(located(body, origin)?),
         "DestinationRule" => raw.destination_rules.push(located(body, origin)?),
+        "Gateway" => raw.gateways.push(located(body, origin)?),
         "PeerAuthentication" => raw.peer_authentications.push(located(body, origin)?),
         "AuthorizationPolicy" => raw.authorization_policies.push(located(body, origin)?),
         "RequestAuthentication" => raw.request_authentications.push(located(body, origin)?),

@@ -1075,8 +1075,9 @@ pub struct ServerTlsSettings {
     pub min_protocol_version: Option<TlsProtocol>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_protocol_version: Option<TlsProtocol>,
+    /// Gateway servers: answer plain HTTP with a 301 to HTTPS.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub https_redirect: Option<NotSupported>,
+    pub https_redirect: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credential_name: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -1089,6 +1090,37 @@ pub struct ServerTlsSettings {
     pub verify_certificate_hash: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cipher_suites: Option<NotSupported>,
+}
+
+/// `networking.istio.io` Gateway: Keel as an ingress or egress gateway. Servers whose
+/// `selector` matches `Proxy.spec.workload.labels` become listeners; VirtualServices naming the
+/// Gateway in `gateways` give their routes.
+#[derive(Debug, Clone, Default, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewaySpec {
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub selector: BTreeMap<String, String>,
+    #[serde(default)]
+    pub servers: Vec<GatewayServer>,
+}
+
+/// `Gateway.servers[]`.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct GatewayServer {
+    pub port: Port,
+    /// The IP to listen on (default every address).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bind: Option<String>,
+    /// `namespace/host` (or `host`, any namespace) the server admits VirtualServices for.
+    #[serde(default)]
+    pub hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ServerTlsSettings>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_endpoint: Option<NotSupported>,
 }
 
 /// `ServerTLSSettings.mode`.

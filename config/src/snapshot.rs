@@ -553,6 +553,18 @@ pub struct ServerTls {
     pub subject_alt_names: Vec<String>,
     pub min_version: TlsVersion,
     pub max_version: TlsVersion,
+    /// Gateway servers sharing a port: a certificate per server's hosts, chosen by the
+    /// ClientHello's SNI (the fields above are the default, for a name none of these has).
+    pub sni_certificates: Vec<SniCertificate>,
+}
+
+/// A certificate for the names of one Gateway server.
+#[derive(Debug, Clone)]
+pub struct SniCertificate {
+    /// As written (`bookinfo.example.com`, `*.example.com`, `*`).
+    pub server_names: Vec<String>,
+    pub certificate_chain: Pem,
+    pub private_key: Pem,
 }
 
 /// DestinationRule `tls` mode, DISABLE being no [`UpstreamTls`] at all.

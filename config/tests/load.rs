@@ -317,7 +317,7 @@ fn strict_booleans_and_types() {
 
 #[test]
 fn several_errors_reported_at_once() {
-    let yaml = format!("{PROXY}  wrokers: 3\n---\napiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {{name: g}}\nspec: {{}}\n");
+    let yaml = format!("{PROXY}  wrokers: 3\n---\napiVersion: networking.istio.io/v1\nkind: WorkloadEntry\nmetadata: {{name: g}}\nspec: {{}}\n");
     assert_eq!(errors(&yaml).len(), 2);
 }
 

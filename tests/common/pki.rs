@@ -144,3 +144,30 @@ impl Mesh {
         self.ca.issue(&self.dir, name, &[San::Uri(id)], false)
     }
 }
+
+/// A Keel terminating SIMPLE TLS with `cert` in front of an echo backend named `name`.
+pub fn tls_terminator(
+    cert: &Issued,
+    name: &'static str,
+) -> (super::Keel, u16, super::RecordingBackend) {
+    let app = super::RecordingBackend::echo(name);
+    let (port, admin) = (super::free_port(), super::free_port());
+    let config = super::proxy_yaml(admin, 1)
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default, namespace: default }}
+spec:
+  ingress:
+  - port: {{ number: {port}, protocol: HTTP, name: https }}
+    bind: 127.0.0.1
+    defaultEndpoint: {}
+    tls: {{ mode: SIMPLE, serverCertificate: {}, privateKey: {} }}
+",
+            app.addr,
+            cert.cert.display(),
+            cert.key.display()
+        );
+    (super::Keel::start(&config, admin, &[]), port, app)
+}

@@ -228,10 +228,15 @@ fn mesh_identity(identity: &Identity) -> Result<MeshIdentity, ConfigError> {
     })
 }
 
+/// What a server presents: one certificate, or one per SNI name.
+enum ServerCerts {
+    Single(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    BySni(Arc<crate::sni::SniResolver>),
+}
+
 fn server_config(
     verifier: Option<Arc<dyn ClientCertVerifier>>,
-    chain: Vec<CertificateDer<'static>>,
-    key: PrivateKeyDer<'static>,
+    certs: ServerCerts,
     versions: &[&'static SupportedProtocolVersion],
     alpn: &[&[u8]],
     origin: &Pem,
@@ -243,9 +248,12 @@ fn server_config(
         Some(v) => builder.with_client_cert_verifier(v),
         None => builder.with_no_client_auth(),
     };
-    let mut config = builder
-        .with_single_cert(chain, key)
-        .map_err(|e| origin.error(e))?;
+    let mut config = match certs {
+        ServerCerts::Single(chain, key) => builder
+            .with_single_cert(chain, key)
+            .map_err(|e| origin.error(e))?,
+        ServerCerts::BySni(resolver) => builder.with_cert_resolver(resolver),
+    };
     config.session_storage = Arc::new(NoServerSessionStorage {});
     if let Some(t) = ticketer() {
         config.ticketer = t;
@@ -387,8 +395,7 @@ fn mesh_server_config(
     ));
     server_config(
         Some(verifier),
-        m.chain.clone(),
-        m.key.clone_key(),
+        ServerCerts::Single(m.chain.clone(), m.key.clone_key()),
         &versions(TlsVersion::V1_2, TlsVersion::V1_3),
         match protocol {
             Protocol::Tcp => &[],
@@ -417,10 +424,28 @@ fn terminate_config(t: &ServerTls, protocol: Protocol) -> Result<Arc<ServerConfi
             })
         }
     };
+    let certs = if t.sni_certificates.is_empty() {
+        ServerCerts::Single(chain, key)
+    } else {
+        let keyed = |chain, key| -> Result<Arc<rustls::sign::CertifiedKey>, ConfigError> {
+            let (c, k) = certified_key(chain, key)?;
+            rustls::sign::CertifiedKey::from_der(c, k, &provider())
+                .map(Arc::new)
+                .map_err(|e| key.error(e))
+        };
+        let mut by_name = Vec::new();
+        for s in &t.sni_certificates {
+            let k = keyed(&s.certificate_chain, &s.private_key)?;
+            for n in &s.server_names {
+                by_name.push((n.clone(), k.clone()));
+            }
+        }
+        let default = keyed(&t.certificate_chain, &t.private_key)?;
+        ServerCerts::BySni(Arc::new(crate::sni::SniResolver { default, by_name }))
+    };
     server_config(
         verifier,
-        chain,
-        key,
+        certs,
         &versions(t.min_version, t.max_version),
         if protocol == Protocol::Tcp {
             &[]

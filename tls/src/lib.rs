@@ -6,6 +6,7 @@ pub mod client_hello;
 pub mod contexts;
 pub mod fetch;
 pub mod jwt;
+mod sni;
 pub mod spiffe;
 pub mod stream;
 pub mod transport;

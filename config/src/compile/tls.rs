@@ -127,6 +127,12 @@ impl Compiler {
         t: &ServerTlsSettings,
     ) -> Option<ServerTls> {
         let mode = t.mode.unwrap_or(ServerTlsMode::Simple);
+        if t.https_redirect.is_some() && !at.contains("servers[") {
+            self.errors.push(o.error(
+                &format!("{at}.httpsRedirect"),
+                "httpsRedirect is for Gateway servers",
+            ));
+        }
         if !matches!(mode, ServerTlsMode::Simple | ServerTlsMode::Mutual) {
             self.errors.push(o.error(
                 &format!("{at}.mode"),
@@ -200,6 +206,7 @@ impl Compiler {
             subject_alt_names: t.subject_alt_names.clone(),
             min_version: min?,
             max_version: max?,
+            sni_certificates: Vec::new(),
         })
     }
 

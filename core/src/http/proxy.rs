@@ -589,17 +589,32 @@ fn decide<'a>(
                 .authority
                 .clone()
                 .unwrap_or_else(|| super::head::strip_port(&head.authority).to_string());
-            let port = r.port.map(|p| format!(":{p}")).unwrap_or_else(|| {
-                match (r.authority.is_some(), head.authority.rsplit_once(':')) {
-                    (false, Some((_, p)))
-                        if !head.authority.starts_with('[')
-                            || head.authority.ends_with(&format!("]:{p}")) =>
-                    {
+            // A scheme's default port is left out, as Envoy does (`https_redirect` goes to 443).
+            let default_port = match scheme {
+                "https" => Some(443),
+                "http" => Some(80),
+                _ => None,
+            };
+            let port = r
+                .port
+                .map(|p| {
+                    if Some(p) == default_port {
+                        String::new()
+                    } else {
                         format!(":{p}")
                     }
-                    _ => String::new(),
-                }
-            });
+                })
+                .unwrap_or_else(|| {
+                    match (r.authority.is_some(), head.authority.rsplit_once(':')) {
+                        (false, Some((_, p)))
+                            if !head.authority.starts_with('[')
+                                || head.authority.ends_with(&format!("]:{p}")) =>
+                        {
+                            format!(":{p}")
+                        }
+                        _ => String::new(),
+                    }
+                });
             let path = r.uri.clone().unwrap_or_else(|| head.path.clone());
             let location = format!("{scheme}://{host}{port}{path}");
             Decision::Reply {
