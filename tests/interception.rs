@@ -759,6 +759,48 @@ spec:
     assert!(!text(&o).contains("lookup 133"), "{}", text(&o));
 }
 
+/// The rules go in, and come out again, with iptables-legacy as with iptables-nft.
+#[test]
+fn init_iptables_with_either_backend() {
+    needs_netns!();
+    let pair = Pair::new();
+    for (backend, save) in [
+        ("nft", "iptables-nft-save"),
+        ("legacy", "iptables-legacy-save"),
+    ] {
+        install_rules(
+            &pair.a,
+            &[
+                "--backend",
+                backend,
+                "--exclude-outbound-cidrs",
+                "10.9.0.0/16",
+            ],
+        );
+        let o = exec(&pair.a, &[save]);
+        let rules = text(&o);
+        assert!(
+            rules.contains("-A KEEL_OUTPUT -d 10.9.0.0/16 -j RETURN"),
+            "{backend}: {rules}"
+        );
+        assert!(
+            rules.contains("-A OUTPUT -p tcp -j KEEL_OUTPUT"),
+            "{backend}: {rules}"
+        );
+        // Installing again replaces rather than doubles.
+        install_rules(&pair.a, &["--backend", backend]);
+        let again = text(&exec(&pair.a, &[save]));
+        assert_eq!(
+            again.matches("-j KEEL_OUTPUT").count(),
+            1,
+            "{backend}: {again}"
+        );
+        install_rules(&pair.a, &["--backend", backend, "--cleanup"]);
+        let after = text(&exec(&pair.a, &[save]));
+        assert!(!after.contains("KEEL_"), "{backend}: {after}");
+    }
+}
+
 #[test]
 fn init_iptables_dry_run_prints_the_rules() {
     let o = Command::new(KEEL)

@@ -66,6 +66,9 @@ pub enum Sniffed {
 /// Longest request line worth waiting for before taking the connection for TCP.
 const MAX_SNIFF: usize = 1024;
 
+/// Longest method taken for one (the registered ones are far shorter).
+const MAX_METHOD: usize = 20;
+
 /// Classifies the first bytes of a connection.
 pub fn classify(bytes: &[u8]) -> Sniffed {
     use crate::http::h2::frame::PREFACE;
@@ -86,22 +89,17 @@ pub fn classify(bytes: &[u8]) -> Sniffed {
     // method SP request-target SP HTTP/1.x CRLF (RFC 9112 §3), judged as far as it has come.
     let line_end = bytes.iter().position(|&b| b == b'\n');
     let line = &bytes[..line_end.unwrap_or(bytes.len())];
+    let method_char = |b: &u8| b.is_ascii_uppercase() || *b == b'-' || *b == b'_';
     let Some(sp) = line.iter().position(|&b| b == b' ') else {
-        let token = line
-            .iter()
-            .all(|&b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
-        return if token && line_end.is_none() && line.len() <= 20 {
+        let token = line.iter().all(method_char);
+        return if token && line_end.is_none() && line.len() <= MAX_METHOD {
             Sniffed::NeedMore
         } else {
             Sniffed::Tcp
         };
     };
     let method = &line[..sp];
-    if method.is_empty()
-        || !method
-            .iter()
-            .all(|&b| b.is_ascii_uppercase() || b == b'-' || b == b'_')
-    {
+    if method.is_empty() || method.len() > MAX_METHOD || !method.iter().all(method_char) {
         return Sniffed::Tcp;
     }
     let Some(end) = line_end else {
@@ -200,5 +198,8 @@ mod tests {
         assert_eq!(classify(b"*1\r\n$4\r\nPING\r\n"), Sniffed::Tcp);
         assert_eq!(classify(b"PING\r\n"), Sniffed::Tcp);
         assert_eq!(classify(b""), Sniffed::NeedMore);
+        // Found by the fuzzer: a long token is TCP whether or not its space has arrived.
+        assert_eq!(classify(b"__GHZTEUUUUUUUUUUUU__ _"), Sniffed::Tcp);
+        assert_eq!(classify(b"__GHZTEUUUUUUUUUUUU__"), Sniffed::Tcp);
     }
 }
