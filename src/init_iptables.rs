@@ -235,20 +235,36 @@ fn rules(o: &Options, family: Family) -> String {
         capture_inbound(&mut s, o, "KEEL_IN_REDIRECT");
     }
     line(&mut s, "-A OUTPUT -p tcp -j KEEL_OUTPUT".into());
-    // Keel's own connections (by uid, then gid) go where they are sent.
-    for uid in list(&o.proxy_uid) {
+    if family == Family::V4 {
+        // Keel's inbound passthrough connects from 127.0.0.6: never captured again.
         line(
             &mut s,
-            format!("-A KEEL_OUTPUT -m owner --uid-owner {uid} -j RETURN"),
+            "-A KEEL_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN".into(),
         );
     }
-    for gid in list(&o.proxy_gid) {
-        line(
-            &mut s,
-            format!("-A KEEL_OUTPUT -m owner --gid-owner {gid} -j RETURN"),
-        );
+    // Keel's own connections (by uid, then gid) go where they are sent — except, as in Istio, one
+    // to this pod's own address over lo (a service whose endpoint is this pod), which goes through
+    // the inbound side so that inbound policy applies to it too. The app's own traffic over lo is
+    // not mesh traffic.
+    for (flag, ids) in [("--uid-owner", &o.proxy_uid), ("--gid-owner", &o.proxy_gid)] {
+        for id in list(ids) {
+            // With TPROXY the inbound port takes only TPROXY'd connections: no hairpin.
+            if family == Family::V4 && o.mode == Mode::Redirect {
+                let hairpin = format!(
+                    "-A KEEL_OUTPUT -o lo ! -d {lo} -m owner {flag} {id} -j KEEL_IN_REDIRECT"
+                );
+                line(&mut s, hairpin);
+                line(
+                    &mut s,
+                    format!("-A KEEL_OUTPUT -o lo -m owner ! {flag} {id} -j RETURN"),
+                );
+            }
+            line(
+                &mut s,
+                format!("-A KEEL_OUTPUT -m owner {flag} {id} -j RETURN"),
+            );
+        }
     }
-    // The app talking to itself (localhost or its own address over lo) is not mesh traffic.
     line(&mut s, "-A KEEL_OUTPUT -o lo -j RETURN".into());
     line(&mut s, format!("-A KEEL_OUTPUT -d {lo} -j RETURN"));
     for p in list(&o.exclude_outbound_ports) {
@@ -505,6 +521,13 @@ mod tests {
         assert!(r.contains("-A KEEL_IN_REDIRECT -p tcp -j REDIRECT --to-ports 15006"));
         assert!(r.contains("-A KEEL_REDIRECT -p tcp -j REDIRECT --to-ports 15001"));
         assert!(r.contains("-A KEEL_OUTPUT -m owner --uid-owner 1337 -j RETURN"));
+        // Istio's loopback handling: 127.0.0.6 passes, Keel to its own pod goes inbound, the app's
+        // own loopback traffic passes.
+        assert!(r.contains("-A KEEL_OUTPUT -o lo -s 127.0.0.6/32 -j RETURN"));
+        assert!(r.contains(
+            "-A KEEL_OUTPUT -o lo ! -d 127.0.0.1/32 -m owner --uid-owner 1337 -j KEEL_IN_REDIRECT"
+        ));
+        assert!(r.contains("-A KEEL_OUTPUT -o lo -m owner ! --uid-owner 1337 -j RETURN"));
         assert!(r.contains("-A KEEL_INBOUND -p tcp --dport 22 -j RETURN"));
         assert!(r.contains("-A KEEL_INBOUND -p tcp -j KEEL_IN_REDIRECT"));
         assert!(r.contains("-A KEEL_OUTPUT -j KEEL_REDIRECT"));

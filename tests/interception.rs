@@ -705,6 +705,58 @@ spec:
     );
 }
 
+/// A service whose endpoint is this very pod: Keel's outbound connection to its own address goes
+/// through its inbound side (Istio's hairpin), so the request is counted — and policed — inbound too.
+#[test]
+fn a_call_to_a_service_on_this_pod_goes_through_the_inbound_side() {
+    needs_netns!();
+    let mut pair = Pair::new();
+    let dir = common::temp_dir("intercept-hairpin");
+    let pod = pair.a.clone();
+    let (pod_ip, other_ip) = (pair.a_ip.clone(), pair.b_ip.clone());
+    start_echo(&mut pair, &pod, "0.0.0.0", 8080, "self", &dir);
+    install_rules(&pod, &[]);
+    let config = format!(
+        "{}---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: self, namespace: default }}
+spec:
+  hosts: [self.example.com]
+  ports: [{{ number: 8080, protocol: HTTP, name: http }}]
+  resolution: STATIC
+  endpoints: [{{ address: {pod_ip} }}]
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default, namespace: default }}
+spec:
+  ingress:
+  - port: {{ number: 8080, protocol: HTTP, name: http }}
+    defaultEndpoint: 127.0.0.1:8080
+",
+        proxy(15000, "app", "{ mode: REDIRECT }", "")
+    );
+    let keel = PodKeel::start(&mut pair, &pod, &config, 15000, false);
+    // The app dials some captured address on the port; the Host picks the service.
+    let resolve = format!("self.example.com:8080:{other_ip}");
+    let (code, body) = curl_in(
+        &pod,
+        &["--resolve", &resolve, "http://self.example.com:8080/me"],
+    );
+    assert_eq!(code, "200", "{body}\n{}", keel.log_text());
+    assert!(body.starts_with("self /me"), "{body}");
+    let m = keel.metrics();
+    for reporter in ["source", "destination"] {
+        let n = series(
+            &m,
+            "istio_requests_total",
+            &[&format!("reporter=\"{reporter}\""), "response_code=\"200\""],
+        );
+        assert_eq!(n, Some(1.0), "{reporter}: {m}");
+    }
+}
+
 /// TPROXY: inbound connections keep their client's address all the way to Keel, which finds the
 /// original destination in its socket's own local address.
 #[test]

@@ -1672,6 +1672,7 @@ impl Compiler {
                 pool_idle_timeout,
                 protocol: upstream_protocol(ing.port.protocol.as_deref(), pool),
                 original_dst: false,
+                bind_source: None,
                 warmup: None,
             });
             let target = WeightedCluster { cluster, weight: 1 };
@@ -3002,6 +3003,7 @@ impl Compiler {
             // ORIGINAL_DST cluster; HTTP only (checked where TCP listeners are built).
             original_dst: lb_settings.and_then(|l| l.simple) == Some(SimpleLb::Passthrough)
                 || spec.resolution.unwrap_or(Resolution::None) == Resolution::None,
+            bind_source: None,
             warmup,
         }))
     }
@@ -3067,9 +3069,14 @@ fn original_dst_cluster(name: &str) -> Cluster {
         pool_idle_timeout: DEFAULT_IDLE_TIMEOUT,
         protocol: UpstreamProtocol::Http1,
         original_dst: true,
+        bind_source: None,
         warmup: None,
     }
 }
+
+/// The source of Keel's inbound connections under interception (Istio's): the capture rules let
+/// it through, so a connection to the pod's own address reaches the app instead of Keel again.
+pub(super) const INBOUND_SOURCE: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(127, 0, 0, 6));
 
 /// A route that sends every request to one cluster, without header changes.
 fn forward_route(

@@ -384,6 +384,10 @@ pub struct Cluster {
     /// Istio's `PassthroughCluster`: no endpoints of its own; each request goes to the address
     /// its authority names (ALLOW_ANY).
     pub original_dst: bool,
+    /// The address upstream connections are made from, when not the kernel's choice: Istio's
+    /// 127.0.0.6 for inbound clusters under interception, which the capture rules let through
+    /// (so that a connection to the pod's own address is not captured again).
+    pub bind_source: Option<std::net::IpAddr>,
     /// `loadBalancer.warmupDurationSecs`: slow start for endpoints that join or come back.
     pub warmup: Option<Duration>,
 }

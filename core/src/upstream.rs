@@ -45,7 +45,7 @@ pub async fn open(
         interval: k.interval,
         retries: k.probes,
     });
-    let stream = connect(addr, c.connect_timeout, keepalive).await?;
+    let stream = connect(addr, c.connect_timeout, keepalive, c.bind_source).await?;
     let Some(ctx) = gen.tls.clusters.get(cluster).and_then(Option::as_ref) else {
         return Ok(Transport::Plain(stream));
     };

@@ -5,7 +5,7 @@
 //! timeout wins, dropping our stream closes our fd.
 
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;
 
 use socket2::{Domain, Protocol, Socket, TcpKeepalive, Type};
@@ -49,14 +49,36 @@ fn classify(e: io::Error) -> ConnectError {
     }
 }
 
-/// Connects to `addr` within `timeout`, with TCP_NODELAY and optional keepalive.
+/// Connects to `addr` within `timeout`, with TCP_NODELAY and optional keepalive, from `source`
+/// when given (an address of the same family; the port is picked at connect time, so binding
+/// first does not use up ports).
 pub async fn connect(
     addr: SocketAddr,
     timeout: Duration,
     keepalive: Option<KeepaliveOpts>,
+    source: Option<IpAddr>,
 ) -> Result<Stream, ConnectError> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))
         .map_err(ConnectError::Other)?;
+    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == addr.is_ipv4()) {
+        let on: libc::c_int = 1;
+        // SAFETY: setsockopt on a socket we own, with a c_int option value of the size we pass.
+        let r = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&socket),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&on as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(ConnectError::Other(io::Error::last_os_error()));
+        }
+        socket
+            .bind(&SocketAddr::new(ip, 0).into())
+            .map_err(ConnectError::Other)?;
+    }
     socket.set_nonblocking(true).map_err(ConnectError::Other)?;
     socket.set_nodelay(true).map_err(ConnectError::Other)?;
     if let Some(k) = keepalive {

@@ -338,7 +338,10 @@ impl Compiler {
             // Outbound capture is always nat REDIRECT (TPROXY only sees arriving packets).
             binding: Binding::Capture(CaptureMode::Redirect),
         });
-        let inbound_cluster = self.add_cluster(original_dst_cluster("InboundPassthroughCluster"));
+        let inbound_cluster = self.add_cluster(Cluster {
+            bind_source: Some(super::INBOUND_SOURCE),
+            ..original_dst_cluster("InboundPassthroughCluster")
+        });
         let inbound_target = WeightedCluster {
             cluster: inbound_cluster,
             weight: 1,
