@@ -466,6 +466,25 @@ spec:
         code, "200",
         "a direct connection to the capture port must not be served"
     );
+    // Moving the capture ports needs a restart (and new rules): the reload is refused, and the
+    // running config keeps serving.
+    std::fs::write(
+        keel.dir.join("keel.yaml"),
+        proxy(
+            admin,
+            "app",
+            "{ mode: REDIRECT, outboundPort: 15002 }",
+            &registry_only,
+        ),
+    )
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !keel.log_text().contains("needs a restart") {
+        assert!(Instant::now() < deadline, "{}", keel.log_text());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, _) = curl_in(&pod, &["--resolve", &resolve, url]);
+    assert_eq!(code, "200");
     install_rules(&pod, &["--cleanup"]);
     let o = exec(&pod, &["iptables-save"]);
     assert!(!text(&o).contains("KEEL_"), "{}", text(&o));

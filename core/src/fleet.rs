@@ -135,6 +135,16 @@ impl Fleet {
         tls: keel_tls::TlsContexts,
         inherited: &mut Inherited,
     ) -> Result<(), String> {
+        let capture = |s: &Snapshot| {
+            s.proxy
+                .interception
+                .as_ref()
+                .map(|i| (i.mode, i.inbound_port, i.outbound_port, i.ipv6))
+        };
+        if capture(&self.current) != capture(&next) {
+            // The capture sockets (and the iptables rules behind them) are set up at start.
+            return Err("Proxy.spec.interception (mode, ports, ipv6) changed: that needs a restart, with `keel init-iptables` run again to match".into());
+        }
         let next = Arc::new(next);
         let tls = Arc::new(tls);
         self.refuse_restart_only_changes(&next);
