@@ -485,7 +485,7 @@ impl Entry {
             flags: r.flags,
             bytes_received: r.bytes_received,
             bytes_sent: r.bytes_sent,
-            upstream_cluster: r.upstream_cluster.take(),
+            cluster: r.cluster,
             request_id,
             user_agent,
             downstream: r.downstream_remote,

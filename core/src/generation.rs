@@ -199,7 +199,7 @@ impl Generation {
         Generation {
             security: crate::security::SecurityState::new(&snapshot.security),
             rate_limits: crate::rate_limit::limiters(&snapshot.rate_limits),
-            trace_source: Arc::new(crate::trace::Source::of(&snapshot.proxy)),
+            trace_source: Arc::new(crate::trace::Source::of_snapshot(&snapshot)),
             localities,
             labels_key: {
                 let p = &snapshot.proxy;

@@ -3,13 +3,13 @@
 //! the context passed upstream in both formats with this span as the parent, and sampled spans
 //! exported in batches by one thread — Zipkin v2 JSON and OTLP/HTTP JSON — so that the workers
 //! never wait on a collector, and an unreachable one costs a counter. A worker queues its spans
-//! and hands them over in batches (when 256 are queued, and at every idle tick), so the exporter
+//! and hands them over in batches (when 1024 are queued, and at every idle tick), so the exporter
 //! is woken a few times a second, not once per request.
 
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -138,25 +138,47 @@ impl Span {
     }
 
     /// Passes the context upstream with this span as the parent, in W3C and B3 forms (whichever
-    /// the next hop reads); `tracestate` and `x-request-id` travel as they came.
+    /// the next hop reads); `tracestate` and `x-request-id` travel as they came. The ids are
+    /// written as hex into stack buffers: a traced request allocates nothing here.
     pub fn inject(&self, headers: &mut Headers) {
-        let flag = if self.sampled { "01" } else { "00" };
-        let tp = format!("00-{:032x}-{:016x}-{flag}", self.trace_id, self.span_id);
-        headers.set(b"traceparent", tp.as_bytes());
+        // traceparent, x-b3-traceid, -spanid, -parentspanid and -sampled, names included.
+        headers.reserve(200, 5);
+        let mut trace = [0u8; 32];
+        let mut span = [0u8; 16];
+        hex_into(&mut trace, self.trace_id);
+        hex_into(&mut span, u128::from(self.span_id));
+        // 00-<trace>-<span>-<flags>
+        let mut tp = [0u8; 55];
+        tp[..3].copy_from_slice(b"00-");
+        tp[3..35].copy_from_slice(&trace);
+        tp[35] = b'-';
+        tp[36..52].copy_from_slice(&span);
+        tp[52..].copy_from_slice(if self.sampled { b"-01" } else { b"-00" });
+        headers.set(b"traceparent", &tp);
         headers.remove(b"b3");
-        headers.set(
-            b"x-b3-traceid",
-            format!("{:032x}", self.trace_id).as_bytes(),
-        );
-        headers.set(b"x-b3-spanid", format!("{:016x}", self.span_id).as_bytes());
+        headers.set(b"x-b3-traceid", &trace);
+        headers.set(b"x-b3-spanid", &span);
         match self.parent_id {
-            Some(p) => headers.set(b"x-b3-parentspanid", format!("{p:016x}").as_bytes()),
+            Some(p) => {
+                let mut parent = [0u8; 16];
+                hex_into(&mut parent, u128::from(p));
+                headers.set(b"x-b3-parentspanid", &parent);
+            }
             None => {
                 headers.remove(b"x-b3-parentspanid");
             }
         }
         headers.set(b"x-b3-sampled", if self.sampled { b"1" } else { b"0" });
         headers.remove(b"x-b3-flags");
+    }
+}
+
+/// Writes the low `out.len() * 4` bits of `v` as lower-case hex, zero-padded, into `out`.
+fn hex_into(out: &mut [u8], mut v: u128) {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    for b in out.iter_mut().rev() {
+        *b = DIGITS[(v & 0xf) as usize];
+        v >>= 4;
     }
 }
 
@@ -170,6 +192,13 @@ pub struct Source {
     pub app: String,
     pub namespace: String,
     pub node_id: String,
+    /// The generation's snapshot, whose names (clusters) spans refer to by index rather than
+    /// copy per request.
+    pub snapshot: Option<std::sync::Arc<keel_config::Snapshot>>,
+    /// The tags every span of the generation has (component, node, canonical service,
+    /// namespace, mesh), written as Zipkin tag members and as OTLP attributes once, not per span.
+    zipkin_tags: String,
+    otlp_attributes: String,
 }
 
 impl Source {
@@ -179,12 +208,46 @@ impl Source {
             .get("app")
             .cloned()
             .unwrap_or_else(|| p.name.clone());
+        let node_id = format!("sidecar~{}.{}", p.name, p.namespace);
+        let fixed = [
+            ("component", "proxy"),
+            ("node_id", node_id.as_str()),
+            ("istio.canonical_service", app.as_str()),
+            ("istio.namespace", p.namespace.as_str()),
+            ("istio.mesh_id", "cluster.local"),
+        ];
+        let (mut zipkin_tags, mut otlp_attributes) = (String::new(), String::new());
+        for (i, (k, v)) in fixed.iter().enumerate() {
+            if i > 0 {
+                zipkin_tags.push(',');
+                otlp_attributes.push(',');
+            }
+            push_json_str(&mut zipkin_tags, k);
+            zipkin_tags.push(':');
+            push_json_str(&mut zipkin_tags, v);
+            otlp_attributes.push_str("{\"key\":");
+            push_json_str(&mut otlp_attributes, k);
+            otlp_attributes.push_str(",\"value\":{\"stringValue\":");
+            push_json_str(&mut otlp_attributes, v);
+            otlp_attributes.push_str("}}");
+        }
         Source {
             tracing: p.tracing.clone().map(std::sync::Arc::new),
             service: format!("{app}.{}", p.namespace),
-            node_id: format!("sidecar~{}.{}", p.name, p.namespace),
+            node_id,
             app,
             namespace: p.namespace.clone(),
+            snapshot: None,
+            zipkin_tags,
+            otlp_attributes,
+        }
+    }
+
+    /// [`Source::of`] the snapshot's Proxy, keeping the snapshot for the names spans refer to.
+    pub fn of_snapshot(snapshot: &std::sync::Arc<keel_config::Snapshot>) -> Source {
+        Source {
+            snapshot: Some(snapshot.clone()),
+            ..Source::of(&snapshot.proxy)
         }
     }
 }
@@ -206,7 +269,8 @@ pub struct Finished {
     pub flags: crate::http::proxy::Flags,
     pub bytes_received: u64,
     pub bytes_sent: u64,
-    pub upstream_cluster: Option<String>,
+    /// Index of the upstream cluster in the span's snapshot (its name is a tag).
+    pub cluster: Option<usize>,
     pub request_id: Option<String>,
     pub user_agent: Option<String>,
     pub downstream: Option<std::net::SocketAddr>,
@@ -218,57 +282,61 @@ pub struct Finished {
 }
 
 impl Finished {
-    /// Istio's operation name: `<host>:<port>/*`.
-    fn name(&self) -> String {
-        format!(
-            "{}:{}/*",
-            keel_config::host::strip_port(&self.authority),
-            self.port
-        )
-    }
-
     fn error(&self) -> bool {
         self.status >= 500 || self.status == 0
     }
 
-    /// Envoy's and Istio's tags.
-    fn tags(&self) -> Vec<(&'static str, String)> {
-        let dash = || "-".to_string();
+    /// Envoy's and Istio's tags of this request (those of the workload are the source's), each
+    /// handed to `tag` as its name and the JSON string of its value, written straight into the
+    /// body (no string is made per tag).
+    fn tags(&self, mut tag: impl FnMut(&str, &dyn Fn(&mut String))) {
         let src = &self.source;
-        vec![
-            ("component", "proxy".into()),
-            ("node_id", src.node_id.clone()),
-            ("istio.canonical_service", src.app.clone()),
-            ("istio.namespace", src.namespace.clone()),
-            ("istio.mesh_id", "cluster.local".into()),
-            ("http.method", self.method.clone()),
-            (
-                "http.url",
-                format!("{}://{}{}", self.scheme, self.authority, self.path),
-            ),
-            ("http.protocol", self.protocol.into()),
-            ("http.status_code", self.status.to_string()),
-            ("response_flags", self.flags.to_string()),
-            ("request_size", self.bytes_received.to_string()),
-            ("response_size", self.bytes_sent.to_string()),
-            (
-                "upstream_cluster",
-                self.upstream_cluster.clone().unwrap_or_else(dash),
-            ),
-            (
-                "upstream_cluster.name",
-                self.upstream_cluster.clone().unwrap_or_else(dash),
-            ),
-            (
-                "guid:x-request-id",
-                self.request_id.clone().unwrap_or_else(dash),
-            ),
-            ("user_agent", self.user_agent.clone().unwrap_or_else(dash)),
-            (
-                "peer.address",
-                self.downstream.map_or_else(dash, |a| a.ip().to_string()),
-            ),
-        ]
+        tag("http.method", &text(&self.method));
+        tag("http.url", &|out: &mut String| {
+            out.push('"');
+            push_json_inner(out, self.scheme);
+            out.push_str("://");
+            push_json_inner(out, &self.authority);
+            push_json_inner(out, &self.path);
+            out.push('"');
+        });
+        tag("http.protocol", &text(self.protocol));
+        let display = |v: &dyn std::fmt::Display, out: &mut String| {
+            use std::fmt::Write;
+            out.push('"');
+            let _ = write!(out, "{v}");
+            out.push('"');
+        };
+        tag("http.status_code", &|out: &mut String| {
+            display(&self.status, out)
+        });
+        tag("response_flags", &|out: &mut String| {
+            display(&self.flags, out)
+        });
+        tag("request_size", &|out: &mut String| {
+            display(&self.bytes_received, out)
+        });
+        tag("response_size", &|out: &mut String| {
+            display(&self.bytes_sent, out)
+        });
+        let cluster = self
+            .cluster
+            .and_then(|c| src.snapshot.as_ref()?.clusters.get(c))
+            .map_or("-", |c| c.name.as_str());
+        tag("upstream_cluster", &text(cluster));
+        tag("upstream_cluster.name", &text(cluster));
+        tag(
+            "guid:x-request-id",
+            &text(self.request_id.as_deref().unwrap_or("-")),
+        );
+        tag(
+            "user_agent",
+            &text(self.user_agent.as_deref().unwrap_or("-")),
+        );
+        tag("peer.address", &|out: &mut String| match self.downstream {
+            Some(a) => display(&a.ip(), out),
+            None => out.push_str("\"-\""),
+        });
     }
 }
 
@@ -290,9 +358,15 @@ pub static COUNTERS: Counters = Counters {
 /// Batches queued at most before new ones are dropped.
 const QUEUE: usize = 256;
 /// A worker hands its spans over in batches of at most this many, and at every idle tick.
-const BATCH: usize = 256;
+const BATCH: usize = 1024;
 
-type Batch = Vec<Finished>;
+/// A worker's spans, and where to send them back once exported: the worker frees them itself.
+/// Memory freed by another thread goes back to the allocating thread's arena under its lock and
+/// bypasses its thread cache, which cost the worker more in malloc than the spans' own making.
+struct Batch {
+    spans: Vec<Finished>,
+    back: SyncSender<Vec<Finished>>,
+}
 
 fn exporter() -> &'static Mutex<Option<SyncSender<Batch>>> {
     static E: OnceLock<Mutex<Option<SyncSender<Batch>>>> = OnceLock::new();
@@ -305,11 +379,18 @@ fn exporter() -> &'static Mutex<Option<SyncSender<Batch>>> {
     })
 }
 
+/// A worker's line to the exporter, and the way its batches come back.
+struct Line {
+    to: SyncSender<Batch>,
+    back: SyncSender<Vec<Finished>>,
+    returned: Receiver<Vec<Finished>>,
+}
+
 thread_local! {
-    static SENDER: std::cell::RefCell<Option<SyncSender<Batch>>> = const { std::cell::RefCell::new(None) };
+    static LINE: std::cell::RefCell<Option<Line>> = const { std::cell::RefCell::new(None) };
     /// This worker's spans not handed over yet: waking the exporter once per span would cost a
     /// context switch per request, so they go in batches (as the access log's lines do).
-    static PENDING: std::cell::RefCell<Batch> = const { std::cell::RefCell::new(Vec::new()) };
+    static PENDING: std::cell::RefCell<Vec<Finished>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Queues a finished, sampled span for the exporter thread; never blocks.
@@ -325,45 +406,73 @@ pub fn submit(span: Finished) {
 }
 
 /// Hands this worker's queued spans to the exporter (at every idle tick, and when a batch is
-/// full); a full queue drops them, counted.
+/// full), and frees those it has sent back; a full queue drops them, counted.
 pub fn flush() {
-    let batch = PENDING.with(|p| std::mem::take(&mut *p.borrow_mut()));
-    if batch.is_empty() {
-        return;
-    }
-    SENDER.with(|s| {
-        let mut s = s.borrow_mut();
-        if s.is_none() {
-            *s = exporter().lock().unwrap_or_else(|e| e.into_inner()).clone();
+    LINE.with(|l| {
+        let mut l = l.borrow_mut();
+        // Exported batches come back to be freed here; one keeps its capacity for the next.
+        let mut spare = None;
+        if let Some(line) = l.as_ref() {
+            while let Ok(mut done) = line.returned.try_recv() {
+                done.clear();
+                spare = Some(done);
+            }
+        }
+        let batch = PENDING.with(|p| {
+            let mut p = p.borrow_mut();
+            if p.is_empty() {
+                if let (Some(s), true) = (spare.take(), p.capacity() == 0) {
+                    *p = s;
+                }
+                return Vec::new();
+            }
+            std::mem::replace(&mut *p, spare.take().unwrap_or_default())
+        });
+        if batch.is_empty() {
+            return;
+        }
+        if l.is_none() {
+            let to = exporter().lock().unwrap_or_else(|e| e.into_inner()).clone();
+            *l = to.map(|to| {
+                let (back, returned) = mpsc::sync_channel(QUEUE);
+                Line { to, back, returned }
+            });
         }
         let n = batch.len() as u64;
-        let Some(tx) = s.as_ref() else {
+        let Some(line) = l.as_ref() else {
             COUNTERS.dropped.fetch_add(n, Relaxed);
             return;
         };
-        match tx.try_send(batch) {
-            Ok(()) => {}
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
-                COUNTERS.dropped.fetch_add(n, Relaxed);
-            }
+        let sent = line.to.try_send(Batch {
+            spans: batch,
+            back: line.back.clone(),
+        });
+        if sent.is_err() {
+            COUNTERS.dropped.fetch_add(n, Relaxed);
         }
     });
 }
 
 fn export_loop(rx: Receiver<Batch>) {
-    while let Ok(mut rest) = rx.recv() {
-        // Spans of one config go to its collectors; a reload in between splits the batch.
-        while let Some(first) = rest.first() {
-            let Some(tracing) = first.source.tracing.clone() else {
-                rest.remove(0);
-                continue;
-            };
-            let (same, other): (Vec<_>, Vec<_>) = rest
-                .into_iter()
-                .partition(|s| s.source.tracing.as_deref() == Some(&*tracing));
-            send_batch(&same, &tracing);
-            rest = other;
+    while let Ok(batch) = rx.recv() {
+        // Spans of one config go to its collectors; a reload in between splits the batch into
+        // runs, each sent to its own generation's collectors.
+        let spans = &batch.spans;
+        let mut start = 0;
+        while start < spans.len() {
+            let tracing = spans[start].source.tracing.clone();
+            let end = spans[start..]
+                .iter()
+                .position(|s| s.source.tracing.as_deref() != tracing.as_deref())
+                .map_or(spans.len(), |n| start + n);
+            if let Some(t) = &tracing {
+                send_batch(&spans[start..end], t);
+            }
+            start = end;
         }
+        // Back to the worker that made them (if it is gone, they are freed here).
+        let Batch { spans, back } = batch;
+        let _ = back.try_send(spans);
     }
 }
 
@@ -420,85 +529,181 @@ fn micros(t: SystemTime) -> u128 {
     t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_micros())
 }
 
-fn json_str(s: &str) -> String {
-    serde_json::Value::String(s.to_string()).to_string()
+/// A tag value that is a plain string.
+fn text(v: &str) -> impl Fn(&mut String) + '_ {
+    move |out: &mut String| push_json_str(out, v)
 }
 
-/// Zipkin v2 (`POST /api/v2/spans`): a JSON array of spans.
+/// Appends `s` as a JSON string (quoted, escaped).
+fn push_json_str(out: &mut String, s: &str) {
+    out.push('"');
+    push_json_inner(out, s);
+    out.push('"');
+}
+
+/// Appends `s` escaped for the inside of a JSON string (RFC 8259 §7). The characters that need
+/// it are all ASCII, so the scan is by byte, and runs without any are copied whole.
+fn push_json_inner(out: &mut String, s: &str) {
+    use std::fmt::Write;
+    let bytes = s.as_bytes();
+    // Most values need no escaping: one pass without early exit (which vectorizes), one copy.
+    let special = bytes.iter().fold(false, |any, &b| {
+        any | (b == b'"') | (b == b'\\') | (b < 0x20)
+    });
+    if !special {
+        out.push_str(s);
+        return;
+    }
+    let mut start = 0;
+    for (i, &b) in bytes.iter().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escaped.is_empty() {
+            let _ = write!(out, "\\u{:04x}", b);
+        } else {
+            out.push_str(escaped);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+}
+
+/// Appends the 16 or 32 hex digits of an id, quoted.
+fn push_hex_id(out: &mut String, v: u128, digits: usize) {
+    let mut buf = [0u8; 32];
+    hex_into(&mut buf[..digits], v);
+    out.push('"');
+    // Hex digits are ASCII.
+    out.push_str(std::str::from_utf8(&buf[..digits]).unwrap_or_default());
+    out.push('"');
+}
+
+/// Zipkin v2 (`POST /api/v2/spans`): a JSON array of spans, written straight into one string.
 pub fn zipkin_json(spans: &[Finished]) -> String {
-    let items: Vec<serde_json::Value> = spans
-        .iter()
-        .map(|f| {
-            let mut tags: serde_json::Map<String, serde_json::Value> = f
-                .tags()
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), serde_json::Value::String(v)))
-                .collect();
-            if f.error() {
-                tags.insert("error".into(), "true".into());
-            }
-            let mut span = serde_json::json!({
-                "traceId": format!("{:032x}", f.span.trace_id),
-                "id": format!("{:016x}", f.span.span_id),
-                "name": f.name(),
-                "kind": if f.inbound { "SERVER" } else { "CLIENT" },
-                "timestamp": micros(f.span.start) as u64,
-                "duration": (f.duration.as_micros() as u64).max(1),
-                "localEndpoint": { "serviceName": f.source.service },
-                "tags": tags,
-            });
-            if let Some(p) = f.span.parent_id {
-                span["parentId"] = format!("{p:016x}").into();
-            }
-            if let Some(peer) = f.peer {
-                let key = if peer.is_ipv4() { "ipv4" } else { "ipv6" };
-                span["remoteEndpoint"] =
-                    serde_json::json!({ key: peer.ip().to_string(), "port": peer.port() });
-            }
-            span
-        })
-        .collect();
-    serde_json::Value::Array(items).to_string()
+    use std::fmt::Write;
+    let mut out = String::with_capacity(spans.len() * 900);
+    out.push('[');
+    for (n, f) in spans.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push_str("{\"traceId\":");
+        push_hex_id(&mut out, f.span.trace_id, 32);
+        out.push_str(",\"id\":");
+        push_hex_id(&mut out, u128::from(f.span.span_id), 16);
+        if let Some(p) = f.span.parent_id {
+            out.push_str(",\"parentId\":");
+            push_hex_id(&mut out, u128::from(p), 16);
+        }
+        // Istio's operation name: `<host>:<port>/*`.
+        out.push_str(",\"name\":\"");
+        push_json_inner(&mut out, keel_config::host::strip_port(&f.authority));
+        let _ = write!(out, ":{}/*\"", f.port);
+        out.push_str(if f.inbound {
+            ",\"kind\":\"SERVER\""
+        } else {
+            ",\"kind\":\"CLIENT\""
+        });
+        let _ = write!(
+            out,
+            ",\"timestamp\":{},\"duration\":{}",
+            micros(f.span.start) as u64,
+            (f.duration.as_micros() as u64).max(1)
+        );
+        out.push_str(",\"localEndpoint\":{\"serviceName\":");
+        push_json_str(&mut out, &f.source.service);
+        out.push('}');
+        if let Some(peer) = f.peer {
+            let key = if peer.is_ipv4() { "ipv4" } else { "ipv6" };
+            let _ = write!(
+                out,
+                ",\"remoteEndpoint\":{{\"{key}\":\"{}\",\"port\":{}}}",
+                peer.ip(),
+                peer.port()
+            );
+        }
+        out.push_str(",\"tags\":{");
+        out.push_str(&f.source.zipkin_tags);
+        f.tags(|k, v| {
+            out.push(',');
+            // Tag names are this file's own constants: nothing in them needs escaping.
+            out.push('"');
+            out.push_str(k);
+            out.push('"');
+            out.push(':');
+            v(&mut out);
+        });
+        if f.error() {
+            out.push_str(",\"error\":\"true\"");
+        }
+        out.push_str("}}");
+    }
+    out.push(']');
+    out
 }
 
 /// OTLP/HTTP with the JSON encoding (`POST /v1/traces`): ids as hex, times as nanosecond strings.
 pub fn otlp_json(spans: &[Finished]) -> String {
+    use std::fmt::Write;
     let service = spans.first().map_or("keel", |f| f.source.service.as_str());
-    let items: Vec<serde_json::Value> = spans
-        .iter()
-        .map(|f| {
-            let start = f
-                .span
-                .start
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let end = start + f.duration.as_nanos();
-            let attributes: Vec<serde_json::Value> = f
-                .tags()
-                .into_iter()
-                .map(|(k, v)| serde_json::json!({ "key": k, "value": { "stringValue": v } }))
-                .collect();
-            let mut span = serde_json::json!({
-                "traceId": format!("{:032x}", f.span.trace_id),
-                "spanId": format!("{:016x}", f.span.span_id),
-                "name": f.name(),
-                "kind": if f.inbound { 2 } else { 3 },
-                "startTimeUnixNano": start.to_string(),
-                "endTimeUnixNano": end.to_string(),
-                "attributes": attributes,
-                "status": { "code": if f.error() { 2 } else { 0 } },
-            });
-            if let Some(p) = f.span.parent_id {
-                span["parentSpanId"] = format!("{p:016x}").into();
-            }
-            span
-        })
-        .collect();
-    format!(
-        "{{\"resourceSpans\":[{{\"resource\":{{\"attributes\":[{{\"key\":\"service.name\",\"value\":{{\"stringValue\":{}}}}}]}},\"scopeSpans\":[{{\"scope\":{{\"name\":\"keel\"}},\"spans\":{}}}]}}]}}",
-        json_str(service),
-        serde_json::Value::Array(items)
-    )
+    let mut out = String::with_capacity(spans.len() * 1200 + 200);
+    out.push_str("{\"resourceSpans\":[{\"resource\":{\"attributes\":[{\"key\":\"service.name\",\"value\":{\"stringValue\":");
+    push_json_str(&mut out, service);
+    out.push_str("}}]},\"scopeSpans\":[{\"scope\":{\"name\":\"keel\"},\"spans\":[");
+    for (n, f) in spans.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        let start = f
+            .span
+            .start
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let end = start + f.duration.as_nanos();
+        out.push_str("{\"traceId\":");
+        push_hex_id(&mut out, f.span.trace_id, 32);
+        out.push_str(",\"spanId\":");
+        push_hex_id(&mut out, u128::from(f.span.span_id), 16);
+        if let Some(p) = f.span.parent_id {
+            out.push_str(",\"parentSpanId\":");
+            push_hex_id(&mut out, u128::from(p), 16);
+        }
+        out.push_str(",\"name\":\"");
+        push_json_inner(&mut out, keel_config::host::strip_port(&f.authority));
+        let _ = write!(
+            out,
+            ":{}/*\",\"kind\":{},\"startTimeUnixNano\":\"{start}\",\"endTimeUnixNano\":\"{end}\",\"attributes\":[",
+            f.port,
+            if f.inbound { 2 } else { 3 }
+        );
+        out.push_str(&f.source.otlp_attributes);
+        f.tags(|k, v| {
+            out.push(',');
+            out.push_str("{\"key\":");
+            // Tag names are this file's own constants: nothing in them needs escaping.
+            out.push('"');
+            out.push_str(k);
+            out.push('"');
+            out.push_str(",\"value\":{\"stringValue\":");
+            v(&mut out);
+            out.push_str("}}");
+        });
+        let _ = write!(
+            out,
+            "],\"status\":{{\"code\":{}}}}}",
+            if f.error() { 2 } else { 0 }
+        );
+    }
+    out.push_str("]}]}]}");
+    out
 }
 
 #[cfg(test)]
@@ -556,6 +761,108 @@ mod tests {
         assert_eq!(c.trace_id, 0x463ac35c9f6413ad);
         assert_eq!(c.sampled, Some(false));
         assert_eq!(extract(&headers(&[])), None);
+    }
+
+    fn finished(authority: &str, path: &str) -> Finished {
+        let mut p = keel_config::load_str(
+            "t.yaml",
+            "apiVersion: keel.dev/v1alpha1\nkind: Proxy\nmetadata: { name: app }\nspec: { workload: { labels: { app: app } } }\n",
+        )
+        .unwrap()
+        .proxy;
+        p.name = "app".into();
+        let source = Source::of(&p);
+        Finished {
+            span: Span {
+                trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+                span_id: 0x00f067aa0ba902b7,
+                parent_id: Some(0x1234),
+                sampled: true,
+                start: UNIX_EPOCH + Duration::from_micros(1_700_000_000_123_456),
+            },
+            inbound: true,
+            duration: Duration::from_micros(1500),
+            method: "GET".into(),
+            scheme: "http",
+            authority: authority.into(),
+            path: path.into(),
+            protocol: "HTTP/1.1",
+            status: 503,
+            flags: crate::http::proxy::Flags::default(),
+            bytes_received: 10,
+            bytes_sent: 20,
+            cluster: None,
+            request_id: None,
+            user_agent: Some("curl/8".into()),
+            downstream: Some("10.0.0.1:5555".parse().unwrap()),
+            peer: Some("[::1]:80".parse().unwrap()),
+            port: 8080,
+            source: std::sync::Arc::new(source),
+        }
+    }
+
+    #[test]
+    fn spans_serialize_to_valid_json_with_every_field_escaped() {
+        let spans = [
+            finished("a.example.com:8080", "/x"),
+            finished("we\"ird\\host", "/p?q=\u{1}\n\u{e9}"),
+        ];
+        let z: serde_json::Value = serde_json::from_str(&zipkin_json(&spans)).unwrap();
+        assert_eq!(z[0]["traceId"], "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_eq!(z[0]["id"], "00f067aa0ba902b7");
+        assert_eq!(z[0]["parentId"], "0000000000001234");
+        assert_eq!(z[0]["name"], "a.example.com:8080/*");
+        assert_eq!(z[0]["kind"], "SERVER");
+        assert_eq!(z[0]["timestamp"], 1_700_000_000_123_456u64);
+        assert_eq!(z[0]["duration"], 1500);
+        assert_eq!(z[0]["remoteEndpoint"]["ipv6"], "::1");
+        assert_eq!(z[0]["tags"]["http.url"], "http://a.example.com:8080/x");
+        assert_eq!(z[0]["tags"]["http.status_code"], "503");
+        assert_eq!(z[0]["tags"]["response_flags"], "-");
+        assert_eq!(z[0]["tags"]["guid:x-request-id"], "-");
+        assert_eq!(z[0]["tags"]["upstream_cluster"], "-");
+        assert_eq!(z[0]["tags"]["node_id"], "sidecar~app.default");
+        assert_eq!(z[0]["tags"]["istio.canonical_service"], "app");
+        assert_eq!(z[0]["localEndpoint"]["serviceName"], "app.default");
+        assert_eq!(z[0]["tags"]["peer.address"], "10.0.0.1");
+        assert_eq!(z[0]["tags"]["error"], "true");
+        assert_eq!(
+            z[1]["tags"]["http.url"],
+            "http://we\"ird\\host/p?q=\u{1}\n\u{e9}"
+        );
+        let o: serde_json::Value = serde_json::from_str(&otlp_json(&spans)).unwrap();
+        let span = &o["resourceSpans"][0]["scopeSpans"][0]["spans"][1];
+        assert_eq!(span["name"], "we\"ird\\host:8080/*");
+        assert_eq!(span["kind"], 2);
+        assert_eq!(span["status"]["code"], 2);
+        assert_eq!(span["startTimeUnixNano"], "1700000000123456000");
+        let url = span["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|a| a["key"] == "http.url")
+            .unwrap();
+        assert_eq!(
+            url["value"]["stringValue"],
+            "http://we\"ird\\host/p?q=\u{1}\n\u{e9}"
+        );
+        let keys: Vec<&str> = span["attributes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|a| a["key"].as_str())
+            .collect();
+        assert_eq!(
+            &keys[..6],
+            [
+                "component",
+                "node_id",
+                "istio.canonical_service",
+                "istio.namespace",
+                "istio.mesh_id",
+                "http.method"
+            ]
+        );
     }
 
     #[test]

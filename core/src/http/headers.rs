@@ -25,6 +25,13 @@ impl Headers {
         }
     }
 
+    /// Makes room for `bytes` more bytes of names and values and `count` more fields, so that
+    /// the fields about to be added (a span's propagation headers) cost one allocation at most.
+    pub fn reserve(&mut self, bytes: usize, count: usize) {
+        self.data.reserve(bytes);
+        self.entries.reserve(count);
+    }
+
     /// Appends a field; the name is lower-cased.
     pub fn push(&mut self, name: &[u8], value: &[u8]) {
         let n0 = self.data.len() as u32;

@@ -854,7 +854,8 @@ pub(crate) async fn exchange<D: Downstream>(
     let cluster_index = target.target.cluster;
     let cluster = &snapshot.clusters[cluster_index];
     log.with(|r| r.cluster = Some(cluster_index));
-    if log.is_on() {
+    // Names for a log line (a span refers to the cluster by index).
+    if log.logs() {
         log.with(|r| {
             r.route_name = Some(route.name.clone());
             r.upstream_cluster = Some(cluster.name.clone());
