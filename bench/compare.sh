@@ -2,7 +2,7 @@
 # Side-by-side load test: Keel against nginx and HAProxy, by the project's method.
 #
 #   bench/compare.sh [workload ...]        workloads: l4-1mib h1-small h1-close tls-h1 tls-handshake
-#                                          h2c-small h2c-h2 idle-mem h1-security (default: all)
+#                                          h2c-small h2c-h2 idle-mem h1-security h1-telemetry (default: all)
 #
 # The proxy under test runs alone on CPU 1 with one worker; the backend (nginx serving fixed bodies)
 # and the load generator (wrk) share CPU 0. Contenders are interleaved (A B C, A B C, ...) over
@@ -24,6 +24,10 @@
 # h1-security: h1-small through two Keels, one plain and one with a 20-rule AuthorizationPolicy and
 # JWT validation (ES256, a RequestAuthentication with inline keys) on its inbound port; both get
 # the same requests, each with the same valid token. Compared with each other, not with the peers.
+# h1-telemetry: h1-small through two Keels, one with metrics only (always on) and one with full
+# telemetry: the access log to a file and tracing at TELEMETRY_SAMPLING percent (default 100) with
+# every span exported to a collector that takes them (the backend nginx answers 202). Compared
+# with each other, not with the peers.
 # Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk,
 # h2load (nghttp2-client), taskset.
 set -euo pipefail
@@ -48,6 +52,7 @@ if [ -n "${KEEL_TRACING:-}" ]; then
 fi
 BACKEND=18000 KEEL_PORT=18001 NGINX_PORT=18002 HAPROXY_PORT=18003 ADMIN=18009
 KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013 KEEL_SEC_HTTP=18014 KEEL_SEC_ADMIN=18010
+KEEL_TEL_HTTP=18015 KEEL_TEL_ADMIN=18016 COLLECTOR=18017
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
 NGINX_H2C=18032 HAPROXY_H2C=18033
 BACKEND_H2C=18004 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
@@ -93,6 +98,8 @@ http {
   uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
   server { listen 127.0.0.1:$BACKEND reuseport; root $WORK/www; }
   server { listen 127.0.0.1:$BACKEND_H2C http2; http2_max_concurrent_streams 1024; root $WORK/www; }
+  # A trace collector that takes every batch (h1-telemetry).
+  server { listen 127.0.0.1:$COLLECTOR; client_max_body_size 64m; client_body_buffer_size 4m; location / { return 202; } }
 }
 CONF
 mkdir -p "$WORK/tmp"
@@ -283,7 +290,33 @@ for _ in $(seq 100); do curl -fs -o /dev/null -H "authorization: Bearer $TOKEN" 
 curl -fs -o /dev/null -H "authorization: Bearer $TOKEN" "http://127.0.0.1:$KEEL_SEC_HTTP/1k" || { echo "compare.sh: the security Keel does not answer" >&2; cat "$WORK/keel-security.log" >&2; exit 1; }
 [ "$(curl -s -o /dev/null -w '%{http_code}' "http://127.0.0.1:$KEEL_SEC_HTTP/1k")" = 403 ] || { echo "compare.sh: the security Keel lets a request without a token through" >&2; exit 1; }
 
-for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT $KEEL_HTTP $NGINX_HTTP $HAPROXY_HTTP; do
+# ---- the third Keel: full telemetry (access log, tracing exported to the collector)
+cat > "$WORK/keel-telemetry.yaml" <<CONF
+apiVersion: keel.dev/v1alpha1
+kind: Proxy
+metadata: { name: bench-telemetry }
+spec:
+  workers: 1
+  admin: { address: 127.0.0.1:$KEEL_TEL_ADMIN }
+  telemetry:
+    accessLog: { path: $WORK/telemetry-access.log }
+    tracing: { zipkin: { address: 127.0.0.1:$COLLECTOR }, sampling: ${TELEMETRY_SAMPLING:-100} }
+---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default }
+spec:
+  ingress:
+  - port: { number: $KEEL_TEL_HTTP, protocol: HTTP }
+    bind: 127.0.0.1
+    defaultEndpoint: 127.0.0.1:$BACKEND
+CONF
+# shellcheck disable=SC2086
+taskset -c 1 "$KEEL_BIN" run -c "$WORK/keel-telemetry.yaml" --workers 1 --log-level warn $KEEL_ARGS >"$WORK/keel-telemetry.log" 2>&1 &
+PIDS+=($!)
+KEEL_TEL_PID=$!
+
+for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT $KEEL_HTTP $NGINX_HTTP $HAPROXY_HTTP $KEEL_TEL_HTTP; do
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/1k" && break; sleep 0.05; done
   curl -fs -o /dev/null "http://127.0.0.1:$port/1k" || { echo "compare.sh: nothing answers on port $port" >&2; cat "$WORK"/*.log "$WORK"/*.err >&2 2>/dev/null; exit 1; }
 done
@@ -297,6 +330,7 @@ pids_of() {
   case $1 in
     keel) echo "$KEEL_PID" ;;
     keel-sec) echo "$KEEL_SEC_PID" ;;
+    keel-tel) echo "$KEEL_TEL_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
     nginx) local m; m=$(cat "$WORK/nginx-proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
     direct) echo "" ;;
@@ -305,7 +339,7 @@ pids_of() {
 port_of() { # CONTENDER l4|http
   case $1-$2 in
     keel-l4) echo $KEEL_PORT ;; nginx-l4) echo $NGINX_PORT ;; haproxy-l4) echo $HAPROXY_PORT ;;
-    keel-http) echo $KEEL_HTTP ;; keel-sec-http) echo $KEEL_SEC_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
+    keel-http) echo $KEEL_HTTP ;; keel-sec-http) echo $KEEL_SEC_HTTP ;; keel-tel-http) echo $KEEL_TEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
     keel-tls) echo $KEEL_TLS ;; nginx-tls) echo $NGINX_TLS ;; haproxy-tls) echo $HAPROXY_TLS ;;
     keel-h2c) echo $KEEL_HTTP ;; nginx-h2c) echo $NGINX_H2C ;; haproxy-h2c) echo $HAPROXY_H2C ;;
     keel-h2h2) echo $KEEL_H2H2 ;; nginx-h2h2) echo $NGINX_H2H2 ;; haproxy-h2h2) echo $HAPROXY_H2H2 ;;
@@ -336,7 +370,7 @@ run_one() {
   local workload=$1 who=$2 port path unit_bytes conns extra=() pids c0 c1 s0 s1 t0 t1 out reqs rps p50 p99 scheme=http
   case $workload in
     l4-1mib) port=$(port_of "$who" l4); path=/1m; unit_bytes=1048576; conns=$CONNS ;;
-    h1-small) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64 ;;
+    h1-small|h1-telemetry) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64 ;;
     h1-security) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Authorization: Bearer $TOKEN") ;;
     h1-close) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Connection: close") ;;
     # The direct row of a TLS workload is plaintext (the backend has no TLS): a load reference only.
@@ -446,6 +480,8 @@ report() {
   local peers="nginx haproxy" rows_of="direct keel nginx haproxy"
   # h1-security compares Keel with policy against Keel without ("vs best peer" is vs plain Keel).
   [ "$workload" = h1-security ] && peers="keel" && rows_of="direct keel keel-sec"
+  # h1-telemetry compares Keel with full telemetry against Keel with metrics only.
+  [ "$workload" = h1-telemetry ] && peers="keel" && rows_of="direct keel keel-tel"
   best=$(for who in $peers; do grep "^$who " "$WORK/rows.$workload" | awk '{print $5}' | median; done | sort -g | head -1)
   for who in $rows_of; do
     local rows cpu ratio
@@ -460,10 +496,10 @@ report() {
 }
 
 WORKLOADS=("$@")
-[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake h2c-small h2c-h2 idle-mem h1-security)
+[ ${#WORKLOADS[@]} -gt 0 ] || WORKLOADS=(l4-1mib h1-small h1-close tls-h1 tls-handshake h2c-small h2c-h2 idle-mem h1-security h1-telemetry)
 : > "$WORK/report.md"
 for workload in "${WORKLOADS[@]}"; do
-  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|h2c-small|h2c-h2|idle-mem|h1-security) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
+  case $workload in l4-1mib|h1-small|h1-close|tls-h1|tls-handshake|h2c-small|h2c-h2|idle-mem|h1-security|h1-telemetry) ;; *) echo "compare.sh: unknown workload $workload" >&2; exit 1 ;; esac
   : > "$WORK/rows.$workload"
   # No direct row for idle memory, nor for the h2c workloads.
   case $workload in idle-mem|h2c-small|h2c-h2) ;; *) run_one "$workload" direct ;; esac
@@ -474,6 +510,7 @@ for workload in "${WORKLOADS[@]}"; do
   for round in $(seq "$rounds"); do
     contenders="keel nginx haproxy"
     [ "$workload" = h1-security ] && contenders="keel keel-sec"
+    [ "$workload" = h1-telemetry ] && contenders="keel keel-tel"
     for who in $contenders; do
       echo "  $workload round $round: $who" >&2
       if [ "$workload" = idle-mem ]; then idle_one "$who"; else run_one "$workload" "$who"; fi

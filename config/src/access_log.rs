@@ -96,6 +96,49 @@ pub enum Format {
     Json(Vec<(String, Field)>),
 }
 
+impl Format {
+    /// The request and response header names (lower-case) the format prints: a logged request
+    /// keeps only these, not its whole header sets. Pseudo-headers and the fields the record
+    /// holds anyway (`host`, `x-envoy-original-path`) are left out.
+    pub fn headers(&self) -> (Vec<String>, Vec<String>) {
+        let fields: Vec<&Field> = match self {
+            Format::Text(pieces) => pieces
+                .iter()
+                .filter_map(|p| match p {
+                    Piece::Field(f, _) => Some(f),
+                    Piece::Literal(_) => None,
+                })
+                .collect(),
+            Format::Json(fields) => fields.iter().map(|(_, f)| f).collect(),
+        };
+        let (mut req, mut resp) = (Vec::new(), Vec::new());
+        let add = |to: &mut Vec<String>, name: &str| {
+            let own = name.starts_with(':') || name == "host" || name == "x-envoy-original-path";
+            if !own && !to.iter().any(|n| n == name) {
+                to.push(name.to_string());
+            }
+        };
+        for f in fields {
+            match f {
+                Field::Req(name, alt) => {
+                    add(&mut req, name);
+                    if let Some(a) = alt {
+                        add(&mut req, a);
+                    }
+                }
+                Field::Resp(name, alt) => {
+                    add(&mut resp, name);
+                    if let Some(a) = alt {
+                        add(&mut resp, a);
+                    }
+                }
+                _ => {}
+            }
+        }
+        (req, resp)
+    }
+}
+
 /// Parses an Envoy format string.
 pub fn parse(format: &str) -> Result<Vec<Piece>, String> {
     let mut pieces = Vec::new();
@@ -222,6 +265,23 @@ pub fn istio_json() -> Format {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_format_names_the_headers_a_line_keeps() {
+        let text = Format::Text(parse(ISTIO_TEXT_FORMAT).unwrap());
+        let (req, resp) = text.headers();
+        assert_eq!(req, ["x-forwarded-for", "user-agent", "x-request-id"]);
+        assert_eq!(resp, ["x-envoy-upstream-service-time"]);
+        assert_eq!(istio_json().headers(), text.headers());
+        let own = Format::Text(parse("%REQ(X-TENANT?X-ORG)% %RESP(SERVER)% %REQ(:PATH)%").unwrap());
+        assert_eq!(
+            own.headers(),
+            (
+                vec!["x-tenant".into(), "x-org".into()],
+                vec!["server".into()]
+            )
+        );
+    }
 
     #[test]
     fn istio_formats_parse() {

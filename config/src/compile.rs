@@ -1197,7 +1197,13 @@ impl Compiler {
                         .parent()
                         .map_or(path.to_path_buf(), |d| d.join(path))
                 };
-                Some(AccessLog { path, format })
+                let (request_headers, response_headers) = format.headers();
+                Some(AccessLog {
+                    path,
+                    format,
+                    request_headers,
+                    response_headers,
+                })
             });
         let mut dns_servers = Vec::new();
         let dns = p.value.spec.dns.as_ref();
@@ -1282,6 +1288,15 @@ impl Compiler {
             .interception
             .as_ref()
             .and_then(|ic| self.interception(&p.origin, ic, admin_address));
+        // A traced request's span takes these two from the logged header set.
+        let mut access_log = access_log;
+        if let (Some(a), Some(_)) = (access_log.as_mut(), tracing.as_ref()) {
+            for name in ["x-request-id", "user-agent"] {
+                if !a.request_headers.iter().any(|n| n == name) {
+                    a.request_headers.push(name.to_string());
+                }
+            }
+        }
         Some(ProxySettings {
             interception,
             tracing,

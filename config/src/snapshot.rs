@@ -75,6 +75,9 @@ pub struct AccessLog {
     /// Relative paths are relative to the file naming them.
     pub path: std::path::PathBuf,
     pub format: crate::access_log::Format,
+    /// The request and response headers the format prints (see `Format::headers`).
+    pub request_headers: Vec<String>,
+    pub response_headers: Vec<String>,
 }
 
 /// Where spans are sent, and how many requests are sampled.

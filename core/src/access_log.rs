@@ -257,7 +257,7 @@ impl Record {
                     self.response_headers
                         .as_ref()
                         .and_then(|h| h.get(n.as_bytes()))
-                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .map(String::from_utf8_lossy)
                 };
                 let v = get(name).or_else(|| alt.as_deref().and_then(get));
                 dash(s, v.as_deref());
@@ -299,25 +299,28 @@ impl Record {
         }
     }
 
-    /// A request header or pseudo-header by lower-case name.
-    fn request(&self, name: &str) -> Option<String> {
+    /// A request header or pseudo-header by lower-case name (borrowed: a log line copies it
+    /// once, into the line).
+    fn request(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
+        use std::borrow::Cow;
         let pseudo = match name {
-            ":method" => Some(&self.method),
-            ":path" => Some(&self.path),
-            ":authority" | "host" => Some(&self.authority),
-            "x-envoy-original-path" => self.original_path.as_ref(),
+            ":method" => Some(self.method.as_str()),
+            ":path" => Some(self.path.as_str()),
+            ":authority" | "host" => Some(self.authority.as_str()),
+            "x-envoy-original-path" => self.original_path.as_deref(),
+            ":scheme" => Some(self.scheme),
             _ => None,
         };
         if let Some(v) = pseudo {
-            return (!v.is_empty()).then(|| v.clone());
+            return (!v.is_empty()).then_some(Cow::Borrowed(v));
         }
-        if name == ":scheme" {
-            return (!self.scheme.is_empty()).then(|| self.scheme.to_string());
+        if name.starts_with(':') {
+            return None;
         }
         self.request_headers
             .as_ref()?
             .get(name.as_bytes())
-            .map(|v| String::from_utf8_lossy(v).into_owned())
+            .map(String::from_utf8_lossy)
     }
 }
 

@@ -997,7 +997,12 @@ pub(crate) async fn exchange<D: Downstream>(
         });
         // The whole header set for a log line; a span needs only two of them.
         if log.logs() {
-            log.with(|r| r.request_headers = Some(head.headers.clone()));
+            let wanted = snapshot
+                .proxy
+                .access_log
+                .as_ref()
+                .map_or(&[][..], |a| &a.request_headers[..]);
+            log.with(|r| r.request_headers = Some(head.headers.only(wanted)));
         } else {
             let field = |name: &[u8]| {
                 head.headers
@@ -1297,7 +1302,14 @@ pub(crate) async fn exchange<D: Downstream>(
         }
     }
     if log.logs() {
-        log.with(|r| r.response_headers = Some(resp.headers.clone()));
+        let wanted = at
+            .gen
+            .snapshot
+            .proxy
+            .access_log
+            .as_ref()
+            .map_or(&[][..], |a| &a.response_headers[..]);
+        log.with(|r| r.response_headers = Some(resp.headers.only(wanted)));
     }
     let progress = super::downstream::Progress::default();
     let source = match &mut up {
