@@ -349,7 +349,9 @@ fn cleanup_commands(o: &Options, family: Family) -> Vec<Vec<String>> {
     let ipt = binary(o, family, "");
     let mut out = Vec::new();
     let cmd = |args: &[&str]| -> Vec<String> {
-        std::iter::once(ipt.clone())
+        // -w: wait for the xtables lock (one per host, whichever namespace) instead of failing.
+        [ipt.clone(), "-w".to_string()]
+            .into_iter()
             .chain(args.iter().map(|s| s.to_string()))
             .collect()
     };
@@ -464,7 +466,12 @@ pub fn main(o: &Options) -> Result<String, String> {
     }
     for &f in &families {
         let script = rules(o, f);
-        let restore = vec![binary(o, f, "-restore"), "--noflush".to_string()];
+        let restore = vec![
+            binary(o, f, "-restore"),
+            "--noflush".to_string(),
+            "-w".to_string(),
+            "10".to_string(),
+        ];
         let routing = tproxy_routing(o, f, true);
         if o.dry_run {
             let _ = writeln!(report, "# {} <<EOF", restore.join(" "));
