@@ -535,6 +535,26 @@ spec:
     let (took, rest) = banner("2525");
     assert_eq!(rest, "220 banner 2525|250 HELO x", "{}", keel.log_text());
     assert!((1.3..6.0).contains(&took), "undeclared port took {took}s");
+    // A client that starts what could be a request line and stops: taken for TCP after the wait
+    // too (never a busy loop, never a stall), and its bytes reach the server.
+    let partial = r#"
+import socket, sys, time
+t = time.time()
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=15)
+s.sendall(b"GE")
+banner = s.recv(100)
+echo = s.recv(100)
+print("%.3f|%s|%s" % (time.time() - t, banner.decode().strip(), echo.decode().strip()))
+"#;
+    let o = exec(&pod, &["python3", "-c", partial, &server_ip, "2525"]);
+    let out = text(&o);
+    let (took, rest) = out.trim().split_once('|').unwrap_or(("99", ""));
+    assert_eq!(rest, "220 banner 2525|250 GE", "{out}\n{}", keel.log_text());
+    let took: f64 = took.parse().unwrap_or(99.0);
+    assert!(
+        (1.3..6.0).contains(&took),
+        "partial request line took {took}s"
+    );
     let m = keel.metrics();
     assert_eq!(
         series(
@@ -542,7 +562,7 @@ spec:
             "keel_listener_protocol_detected_total",
             &["listener=\"virtualOutbound\"", "protocol=\"tcp\""]
         ),
-        Some(1.0),
+        Some(2.0),
         "{m}"
     );
     assert_eq!(
@@ -774,6 +794,62 @@ spec:
         );
         assert_eq!(n, Some(1.0), "{reporter}: {m}");
     }
+}
+
+/// PERMISSIVE mTLS on a captured inbound port waits for a silent client only as long as protocol
+/// detection does (not the 10 s TLS handshake timeout): a server-first protocol from outside the
+/// mesh still gets its greeting at once.
+#[test]
+fn permissive_capture_does_not_stall_server_first_protocols() {
+    needs_netns!();
+    let mut pair = Pair::new();
+    let dir = common::temp_dir("intercept-permissive");
+    let (client, pod) = (pair.a.clone(), pair.b.clone());
+    let pod_ip = pair.b_ip.clone();
+    let mesh = Mesh::new();
+    let id = mesh.workload("db", "spiffe://cluster.local/ns/default/sa/db");
+    start_banner(&mut pair, &pod, "0.0.0.0", 3307, &dir);
+    install_rules(&pod, &[]);
+    let config = proxy(
+        15000,
+        "db",
+        "{ mode: REDIRECT, protocolDetectionTimeout: 300ms }",
+        &format!(
+            "  identity:
+    certificateChain: {}
+    privateKey: {}
+    rootCertificates: {}
+",
+            id.cert.display(),
+            id.key.display(),
+            mesh.root.display()
+        ),
+    );
+    let keel = PodKeel::start(&mut pair, &pod, &config, 15000, false);
+    let o = exec(&client, &["python3", "-c", BANNER_CLIENT, &pod_ip, "3307"]);
+    let out = text(&o);
+    let (took, rest) = out.trim().split_once('|').unwrap_or(("99", ""));
+    assert_eq!(
+        rest,
+        "220 banner 3307|250 HELO x",
+        "{out}\n{}",
+        keel.log_text()
+    );
+    let took: f64 = took.parse().unwrap_or(99.0);
+    assert!(
+        took < 3.0,
+        "a silent client waited {took}s on a PERMISSIVE captured port"
+    );
+    let m = keel.metrics();
+    assert_eq!(
+        series(
+            &m,
+            "keel_listener_tls_plaintext_connections_total",
+            &["listener=\"virtualInbound\"", "result=\"accepted\""]
+        ),
+        Some(1.0),
+        "{m}"
+    );
 }
 
 /// TPROXY: inbound connections keep their client's address all the way to Keel, which finds the

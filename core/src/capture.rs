@@ -147,15 +147,7 @@ pub async fn detect(stream: &Transport, timeout: Duration) -> (Protocol, Sniffed
     let deadline = Instant::now() + timeout;
     let mut buf = [0u8; MAX_SNIFF];
     loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        if left.is_zero() {
-            return (Protocol::Tcp, Sniffed::Tcp);
-        }
-        let ready = monoio::time::timeout(left, stream.readable()).await;
-        if !matches!(ready, Ok(Ok(()))) {
-            // Silent for the whole wait (a server-first protocol), or gone: TCP decides the rest.
-            return (Protocol::Tcp, Sniffed::Tcp);
-        }
+        // What has arrived is looked at first, so a wait already used up still reads it.
         match keel_io::capture::peek(stream.raw_fd(), &mut buf) {
             Ok(0) => return (Protocol::Tcp, Sniffed::Tcp),
             Ok(n) => match classify(&buf[..n]) {
@@ -164,11 +156,26 @@ pub async fn detect(stream: &Transport, timeout: Duration) -> (Protocol, Sniffed
                 Sniffed::Tcp => return (Protocol::Tcp, Sniffed::Tcp),
                 Sniffed::NeedMore if n == buf.len() => return (Protocol::Tcp, Sniffed::Tcp),
                 Sniffed::NeedMore => {
-                    let nap = RESNIFF.min(deadline.saturating_duration_since(Instant::now()));
-                    monoio::time::sleep(nap).await;
+                    // Part of a request line, then nothing for the whole wait: not HTTP.
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return (Protocol::Tcp, Sniffed::Tcp);
+                    }
+                    monoio::time::sleep(RESNIFF.min(left)).await;
                 }
             },
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    return (Protocol::Tcp, Sniffed::Tcp);
+                }
+                let ready = monoio::time::timeout(left, stream.readable()).await;
+                if !matches!(ready, Ok(Ok(()))) {
+                    // Silent for the whole wait (a server-first protocol), or gone: TCP decides
+                    // the rest.
+                    return (Protocol::Tcp, Sniffed::Tcp);
+                }
+            }
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(_) => return (Protocol::Tcp, Sniffed::Tcp),
         }

@@ -38,16 +38,22 @@ async fn first_byte(stream: &Stream) -> io::Result<Option<u8>> {
 }
 
 /// Tells TLS from plaintext by the first byte, then completes the handshake; each wait is bounded by
-/// `timeout`. A PERMISSIVE listener whose client says nothing within it treats the connection as
-/// plaintext: a server-first protocol (a database greeting its client) works, after that wait.
+/// `timeout`. A PERMISSIVE listener whose client says nothing for `silence` treats the connection
+/// as plaintext: a server-first protocol (a database greeting its client) works, after that wait.
 async fn handshake(
     stream: Stream,
     config: std::sync::Arc<keel_tls::rustls::ServerConfig>,
     mode: &DownstreamTls,
     timeout: std::time::Duration,
+    silence: std::time::Duration,
 ) -> Result<Transport, Refused> {
     let permissive = matches!(mode, DownstreamTls::Mesh { permissive: true });
-    let first = match monoio::time::timeout(timeout, first_byte(&stream)).await {
+    let first_wait = if permissive {
+        silence.min(timeout)
+    } else {
+        timeout
+    };
+    let first = match monoio::time::timeout(first_wait, first_byte(&stream)).await {
         Ok(Ok(Some(b))) => b,
         Ok(_) => return Err(Refused::Closed),
         Err(_) if permissive => return Ok(Transport::Plain(stream)),
@@ -86,8 +92,15 @@ pub async fn secure(
         lstats.tls_handshake_error.inc();
         return None;
     };
-    let timeout = at.gen.snapshot.proxy.tls_handshake_timeout;
-    let result = handshake(stream, config, mode, timeout).await;
+    let proxy = &at.gen.snapshot.proxy;
+    let timeout = proxy.tls_handshake_timeout;
+    // On a captured port a silent client is a server-first protocol's, told after the detection
+    // timeout (not the handshake timeout): capture must not stall what it did not stall before.
+    let silence = match (listener.binding, &proxy.interception) {
+        (keel_config::Binding::Bound, _) | (_, None) => timeout,
+        (_, Some(ic)) => ic.detection_timeout,
+    };
+    let result = handshake(stream, config, mode, timeout, silence).await;
     match result {
         Ok(t) => {
             if t.session().is_some() {

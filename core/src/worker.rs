@@ -564,6 +564,7 @@ async fn secure_then_serve(
     stream: keel_io::Stream,
     peer: std::net::SocketAddr,
 ) {
+    let started = std::time::Instant::now();
     let Some(stream) = crate::downstream_tls::secure(&worker, &at, stream, peer).await else {
         return;
     };
@@ -576,7 +577,9 @@ async fn secure_then_serve(
                 .interception
                 .as_ref()
                 .map_or(Duration::from_millis(100), |i| i.detection_timeout);
-            let (protocol, _) = crate::capture::detect(&stream, timeout).await;
+            // A client already silent through PERMISSIVE's TLS check has used up the wait.
+            let left = timeout.saturating_sub(started.elapsed());
+            let (protocol, _) = crate::capture::detect(&stream, left).await;
             let lstats = at.counters(worker.id);
             match protocol {
                 Protocol::Http => lstats.detected_http.inc(),
