@@ -405,6 +405,17 @@ spec:
     assert_eq!(code, "200", "{body}\n{}", keel.log_text());
     assert!(body.starts_with("unknown /other"), "{body}");
 
+    // HTTP/2 with prior knowledge on the same undeclared port: detected by its preface.
+    let (code, body) = curl_in(
+        &pod,
+        &[
+            "--http2-prior-knowledge",
+            &format!("http://{server_ip}:9090/h2"),
+        ],
+    );
+    assert_eq!(code, "200", "{body}\n{}", keel.log_text());
+    assert!(body.starts_with("unknown /h2"), "{body}");
+
     // A TCP service, told by its address: the server speaks first.
     let o = exec(&pod, &["python3", "-c", BANNER_CLIENT, &server_ip, "5432"]);
     let out = text(&o);
@@ -426,7 +437,7 @@ spec:
         "keel_listener_protocol_detected_total",
         &["listener=\"virtualOutbound\"", "protocol=\"http\""],
     );
-    assert_eq!(passthrough, Some(1.0), "{m}");
+    assert_eq!(passthrough, Some(2.0), "{m}");
     let db = series(
         &m,
         "istio_tcp_connections_opened_total",
