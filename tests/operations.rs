@@ -194,15 +194,21 @@ fn ready_probe_reflects_the_admin_ready_endpoint() {
     assert!(!probe(admin), "draining is not ready");
 }
 
-/// The Kubernetes example's config is valid, and the kustomization ships every file of it.
+/// The Kubernetes examples' configs (plain, and with captured traffic) are valid, and each
+/// kustomization ships every file of its config.
 #[test]
 fn kubernetes_example_config_is_valid_and_complete() {
-    let dir = Path::new(ROOT).join("deploy/kubernetes/keel-config");
+    for example in ["deploy/kubernetes", "deploy/kubernetes/captured"] {
+        kubernetes_example(example);
+    }
+}
+
+fn kubernetes_example(example: &str) {
+    let dir = Path::new(ROOT).join(example).join("keel-config");
     let (ok, out) = validate(&dir);
-    assert!(ok, "{out}");
+    assert!(ok, "{example}: {out}");
     let kustomization =
-        std::fs::read_to_string(Path::new(ROOT).join("deploy/kubernetes/kustomization.yaml"))
-            .unwrap();
+        std::fs::read_to_string(Path::new(ROOT).join(example).join("kustomization.yaml")).unwrap();
     for entry in std::fs::read_dir(&dir).unwrap() {
         let name = entry.unwrap().file_name().to_string_lossy().into_owned();
         assert!(
