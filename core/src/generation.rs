@@ -95,6 +95,9 @@ pub struct Generation {
     pub clusters: Vec<Arc<ClusterStats>>,
     balancers: RefCell<Vec<Balancer>>,
     routes: Vec<Option<WeightedRandom>>,
+    /// Virtual listeners by (inbound?, address): what a capture port looks up for each connection
+    /// (an exact address, then the wildcard address of its port) without a scan of all listeners.
+    virtual_listeners: std::collections::HashMap<(bool, std::net::SocketAddr), usize>,
     /// Per cluster with locality-prioritized balancing: its endpoints grouped by priority, best
     /// first (see [`pick_by_locality`]).
     localities: Vec<Option<Vec<Vec<usize>>>>,
@@ -154,6 +157,18 @@ impl Generation {
             .clusters
             .iter()
             .map(|c| balancer_for(c, worker))
+            .collect();
+        let virtual_listeners = snapshot
+            .listeners
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| l.binding == keel_config::Binding::Virtual)
+            .map(|(i, l)| {
+                (
+                    (l.direction == keel_config::Direction::Inbound, l.address),
+                    i,
+                )
+            })
             .collect();
         let routes = snapshot
             .listeners
@@ -225,7 +240,32 @@ impl Generation {
             listeners,
             balancers: RefCell::new(balancers),
             routes,
+            virtual_listeners,
         }
+    }
+
+    /// The virtual listener serving a connection captured in `direction` and bound for `dst`:
+    /// the listener at that exact address, else the one at the wildcard address of its port
+    /// (as [`keel_config::Listener::virtual_for`] finds it, by a hash lookup).
+    pub fn virtual_listener(
+        &self,
+        direction: keel_config::Direction,
+        dst: std::net::SocketAddr,
+    ) -> Option<usize> {
+        let inbound = direction == keel_config::Direction::Inbound;
+        let any = match dst {
+            std::net::SocketAddr::V4(_) => std::net::IpAddr::from([0u8; 4]),
+            std::net::SocketAddr::V6(_) => std::net::IpAddr::from([0u16; 8]),
+        };
+        let v4_any = std::net::SocketAddr::new(std::net::IpAddr::from([0u8; 4]), dst.port());
+        self.virtual_listeners
+            .get(&(inbound, dst))
+            .or_else(|| {
+                self.virtual_listeners
+                    .get(&(inbound, std::net::SocketAddr::new(any, dst.port())))
+            })
+            .or_else(|| self.virtual_listeners.get(&(inbound, v4_any)))
+            .copied()
     }
 
     /// Points each listener state at its place in this generation; called when it goes live.

@@ -540,11 +540,7 @@ async fn captured(
             return;
         }
     };
-    let at = match keel_config::Listener::virtual_for(
-        &at.gen.snapshot.listeners,
-        listener.direction,
-        dst,
-    ) {
+    let at = match at.gen.virtual_listener(listener.direction, dst) {
         Some(index) => ListenerRef {
             state: at.gen.listeners[index].clone(),
             gen: at.gen.clone(),
