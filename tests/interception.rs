@@ -335,6 +335,22 @@ spec:
     )
 }
 
+/// A STATIC ServiceEntry `name` for `host` with one port (`number`, `protocol`) and one endpoint.
+fn static_service(name: &str, host: &str, number: u16, protocol: &str, ip: &str) -> String {
+    format!(
+        "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {{ name: {name}, namespace: default }}
+spec:
+  hosts: [{host}]
+  ports: [{{ number: {number}, protocol: {protocol}, name: p{number} }}]
+  resolution: STATIC
+  endpoints: [{{ address: {ip} }}]
+"
+    )
+}
+
 fn curl_in(ns: &str, args: &[&str]) -> (String, String) {
     let mut a = vec!["curl", "-s", "-m", "10", "-w", "\n%{http_code}"];
     a.extend_from_slice(args);
@@ -356,36 +372,18 @@ fn outbound_calls_are_captured_routed_by_host_and_passed_through() {
     start_banner(&mut pair, &server, &server_ip, 5432, &dir);
     install_rules(&pod, &[]);
     let admin = 15000;
-    let services = format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: backend, namespace: default }}
-spec:
-  hosts: [backend.example.com]
-  ports: [{{ number: 8080, protocol: HTTP, name: http }}]
-  resolution: STATIC
-  endpoints: [{{ address: {server_ip} }}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: db, namespace: default }}
-spec:
-  hosts: [db.example.com]
-  ports: [{{ number: 5432, protocol: TCP, name: tcp }}]
-  resolution: STATIC
-  endpoints: [{{ address: {server_ip} }}]
----
+    let services = static_service("backend", "backend.example.com", 8080, "HTTP", &server_ip)
+        + &static_service("db", "db.example.com", 5432, "TCP", &server_ip)
+        + "---
 apiVersion: networking.istio.io/v1
 kind: VirtualService
-metadata: {{ name: backend, namespace: default }}
+metadata: { name: backend, namespace: default }
 spec:
   hosts: [backend.example.com]
   http:
-  - route: [{{ destination: {{ host: backend.example.com }} }}]
-    headers: {{ request: {{ set: {{ x-routed-by: keel }} }} }}
-"
-    );
+  - route: [{ destination: { host: backend.example.com } }]
+    headers: { request: { set: { x-routed-by: keel } } }
+";
     let config = proxy(admin, "app", "{ mode: REDIRECT }", &services);
     let keel = PodKeel::start(&mut pair, &pod, &config, admin, false);
 
@@ -512,18 +510,7 @@ fn server_first_protocols_do_not_stall() {
     start_banner(&mut pair, &server, &server_ip, 3306, &dir);
     install_rules(&pod, &[]);
     let admin = 15000;
-    let services = format!(
-        "---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: mysql, namespace: default }}
-spec:
-  hosts: [mysql.example.com]
-  ports: [{{ number: 3306, protocol: TCP, name: mysql }}]
-  resolution: STATIC
-  endpoints: [{{ address: {server_ip} }}]
-"
-    );
+    let services = static_service("mysql", "mysql.example.com", 3306, "TCP", &server_ip);
     // A long detection wait, to tell "waited, then fell back" from "did not wait".
     let config = proxy(
         admin,
@@ -769,16 +756,7 @@ fn a_call_to_a_service_on_this_pod_goes_through_the_inbound_side() {
     start_echo(&mut pair, &pod, "0.0.0.0", 8080, "self", &dir);
     install_rules(&pod, &[]);
     let config = format!(
-        "{}---
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {{ name: self, namespace: default }}
-spec:
-  hosts: [self.example.com]
-  ports: [{{ number: 8080, protocol: HTTP, name: http }}]
-  resolution: STATIC
-  endpoints: [{{ address: {pod_ip} }}]
----
+        "{}{}---
 apiVersion: networking.istio.io/v1
 kind: Sidecar
 metadata: {{ name: default, namespace: default }}
@@ -787,7 +765,8 @@ spec:
   - port: {{ number: 8080, protocol: HTTP, name: http }}
     defaultEndpoint: 127.0.0.1:8080
 ",
-        proxy(15000, "app", "{ mode: REDIRECT }", "")
+        proxy(15000, "app", "{ mode: REDIRECT }", ""),
+        static_service("self", "self.example.com", 8080, "HTTP", &pod_ip)
     );
     let keel = PodKeel::start(&mut pair, &pod, &config, 15000, false);
     // The app dials some captured address on the port; the Host picks the service.

@@ -116,9 +116,14 @@ pub fn compile_with(
                         && b.address.port() == l.address.port()
                         && overlaps(b.address.ip(), l.address.ip())
                 });
-                if let Some(b) = clash {
-                    c.errors.push(ConfigError::global(
-                        "spec.interception",
+                if let (Some(b), Some(p)) = (clash, raw.proxies.first()) {
+                    let field = if l.direction == Direction::Inbound {
+                        "spec.interception.inboundPort"
+                    } else {
+                        "spec.interception.outboundPort"
+                    };
+                    c.errors.push(p.origin.error(
+                        field,
                         format!(
                             "listener {} uses port {}, the capture port of {}",
                             b.name,

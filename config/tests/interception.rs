@@ -231,7 +231,7 @@ spec:
     defaultEndpoint: 127.0.0.1:8080
 "
             ),
-            "uses port 15006, the capture port of virtualInbound",
+            "spec.interception.inboundPort: listener 127.0.0.1_15006 uses port 15006, the capture port of virtualInbound",
         ),
     ];
     for (text, want) in cases {

@@ -14,13 +14,14 @@ use keel_config::{Binding, CaptureMode, Direction, Protocol, Snapshot};
 use keel_tls::Transport;
 
 /// The original destination of a connection accepted on a listener with `binding` (a capture
-/// port, or a virtual listener reached through one) in `snapshot`; `None` for a bound listener.
+/// port, or a virtual listener reached through one) in `snapshot`, with the connection's local
+/// address; `None` for a bound listener.
 pub fn original_destination(
     snapshot: &Snapshot,
     binding: Binding,
     direction: Direction,
     stream: &Transport,
-) -> Option<std::io::Result<SocketAddr>> {
+) -> Option<std::io::Result<(SocketAddr, SocketAddr)>> {
     let mode = match binding {
         Binding::Bound => return None,
         Binding::Capture(mode) => mode,
@@ -29,13 +30,20 @@ pub fn original_destination(
             Direction::Inbound => snapshot.proxy.interception.as_ref()?.mode,
         },
     };
-    let fd = stream.raw_fd();
-    Some(
-        keel_io::capture::local_addr(fd).and_then(|local| match mode {
-            CaptureMode::Redirect => keel_io::capture::original_dst(fd, local),
-            CaptureMode::Tproxy => Ok(local),
-        }),
-    )
+    Some(destination(stream.raw_fd(), mode))
+}
+
+/// Where the connection on socket `fd`, captured with `mode`, was going, and its local address.
+pub fn destination(
+    fd: std::os::fd::RawFd,
+    mode: CaptureMode,
+) -> std::io::Result<(SocketAddr, SocketAddr)> {
+    let local = keel_io::capture::local_addr(fd)?;
+    let dst = match mode {
+        CaptureMode::Redirect => keel_io::capture::original_dst(fd, local)?,
+        CaptureMode::Tproxy => local,
+    };
+    Ok((dst, local))
 }
 
 /// Whether `dst` is one of the capture ports on this host itself: a connection "to" it was not

@@ -134,8 +134,8 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
             &down,
         );
         match dst {
-            Some(Ok(dst))
-                if !crate::capture::is_capture_port(snapshot, dst, down.local_addr().ok()) =>
+            Some(Ok((dst, local)))
+                if !crate::capture::is_capture_port(snapshot, dst, Some(local)) =>
             {
                 Some(dst)
             }

@@ -504,24 +504,14 @@ async fn captured(
     let keel_config::Binding::Capture(mode) = listener.binding else {
         return;
     };
-    let fd = stream.raw_fd();
-    let local = keel_io::capture::local_addr(fd);
-    let dst = local.and_then(|local| match mode {
-        keel_config::CaptureMode::Redirect => keel_io::capture::original_dst(fd, local),
-        keel_config::CaptureMode::Tproxy => Ok(local),
-    });
     let lstats = at.counters(worker.id);
-    let dst = match dst {
-        Ok(dst)
-            if !crate::capture::is_capture_port(
-                &at.gen.snapshot,
-                dst,
-                stream.local_addr().ok(),
-            ) =>
+    let dst = match crate::capture::destination(stream.raw_fd(), mode) {
+        Ok((dst, local))
+            if !crate::capture::is_capture_port(&at.gen.snapshot, dst, Some(local)) =>
         {
             dst
         }
-        Ok(dst) => {
+        Ok((dst, _)) => {
             lstats.capture_refused.inc();
             worker.warn_downstream(
                 &listener.name,

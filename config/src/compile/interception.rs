@@ -130,9 +130,9 @@ impl Compiler {
         })
     }
 
-    /// The capture listeners and the virtual listeners behind them. `visible` are the hosts of
-    /// the Sidecar's capturing egress (every host when there is no Sidecar); `ingress` its
-    /// captured ingress listeners, already compiled as bound ones and turned virtual here.
+    /// The capture listeners and the outbound virtual listeners behind them. `visible` are the
+    /// hosts of the Sidecar's capturing egress (every host when there is no Sidecar); the inbound
+    /// virtual listeners are the Sidecar's captured ingress ports, compiled with the others.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn captured_listeners(
         &mut self,
@@ -175,7 +175,10 @@ impl Compiler {
             }
         }
         let at = "spec.interception";
-        let origin = o.cloned().unwrap_or_else(|| raw.proxies[0].origin.clone());
+        // Errors about routes are reported at the Sidecar, or at the Proxy without one.
+        let Some(origin) = o.or(raw.proxies.first().map(|p| &p.origin)).cloned() else {
+            return;
+        };
         let mut exact: Vec<(SocketAddr, String)> = Vec::new();
         for (port, services) in &by_port {
             let port = *port;

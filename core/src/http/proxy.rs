@@ -1630,9 +1630,10 @@ async fn passthrough_destination(
     if let Some(dst) =
         crate::capture::original_destination(snapshot, listener.binding, listener.direction, down)
     {
-        let local = down.local_addr().ok();
         return match dst {
-            Ok(dst) if !crate::capture::is_capture_port(snapshot, dst, local) => Ok(dst),
+            Ok((dst, local)) if !crate::capture::is_capture_port(snapshot, dst, Some(local)) => {
+                Ok(dst)
+            }
             Ok(_) => Err(
                 ErrorReply::new(502, "the destination is this proxy's capture port")
                     .details("passthrough_loop"),
