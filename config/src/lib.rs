@@ -10,6 +10,7 @@ pub mod authz;
 pub mod compile;
 pub mod duration;
 pub mod error;
+pub mod fast_yaml;
 pub mod host;
 pub mod http_routes;
 pub mod jwt;

@@ -202,13 +202,19 @@ fn parse_quickly(body: &str, origin: &Origin, raw: &mut RawConfig) -> bool {
     if !versions.contains(&api_version) {
         return false;
     }
-    fn typed<T: DeserializeOwned>(
+    fn typed<T: DeserializeOwned + std::fmt::Debug>(
         body: &str,
         origin: &Origin,
         kind: &str,
         api_version: &str,
     ) -> Option<Located<T>> {
-        let value: Resource<T> = serde_saphyr::from_str_with_options(body, parse_options()).ok()?;
+        let value: Resource<T> = match crate::fast_yaml::from_str(body) {
+            Ok(value) => {
+                cross_check(body, &value);
+                value
+            }
+            Err(_) => serde_saphyr::from_str_with_options(body, parse_options()).ok()?,
+        };
         (value.kind == kind && value.api_version == api_version).then(|| Located {
             value,
             origin: origin.clone(),
@@ -241,7 +247,18 @@ fn parse_quickly(body: &str, origin: &Origin, raw: &mut RawConfig) -> bool {
     pushed.is_some()
 }
 
-fn parse_options() -> serde_saphyr::Options {
+/// Debug builds (every test run) read each document the fast reader accepted with serde-saphyr too
+/// and insist on the same value: the fast reader must never read a document differently.
+fn cross_check<T: DeserializeOwned + std::fmt::Debug>(body: &str, fast: &T) {
+    if cfg!(debug_assertions) {
+        if let Err(e) = crate::fast_yaml::check_against_serde_saphyr(body, fast) {
+            panic!("{e}");
+        }
+    }
+}
+
+/// serde-saphyr as Keel reads config: YAML 1.2 booleans only, no source snippets in errors.
+pub(crate) fn parse_options() -> serde_saphyr::Options {
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
     options.with_snippet = false;
