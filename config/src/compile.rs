@@ -66,6 +66,7 @@ pub fn compile_with(
         locality: None,
         rate_limits: Vec::new(),
         interception: None,
+        routes_checked: Default::default(),
     };
     c.check_not_supported(&raw);
     let proxy = c.proxy(&raw);
@@ -184,6 +185,8 @@ struct Compiler {
     rate_limits: Vec<hr::LocalRateLimit>,
     /// `Proxy.spec.interception`, when the pod's traffic is captured.
     interception: Option<Interception>,
+    /// VirtualServices (by address) whose HTTP routes some listener has compiled, and so checked.
+    routes_checked: std::collections::HashSet<usize>,
     dns: std::sync::Arc<dyn Dns>,
     /// Names resolved so far, and the name servers asked.
     dns_names: Vec<String>,
@@ -700,9 +703,25 @@ fn upstream_protocol(
     }
 }
 
-fn not_supported<T>(errors: &mut Vec<ConfigError>, origin: &Origin, field: &Option<T>, path: &str) {
+/// `path` is formatted only for a field that is present: this check runs over every route.
+fn not_supported<T>(
+    errors: &mut Vec<ConfigError>,
+    origin: &Origin,
+    field: &Option<T>,
+    path: impl std::fmt::Display,
+) {
     if field.is_some() {
-        errors.push(origin.error(path, format!("field `{path}` is not supported yet")));
+        let path = path.to_string();
+        errors.push(origin.error(&path, format!("field `{path}` is not supported yet")));
+    }
+}
+
+/// `name[index]`, formatted only when an error path needs it.
+struct Indexed<'a>(&'a str, usize);
+
+impl std::fmt::Display for Indexed<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}[{}]", self.0, self.1)
     }
 }
 
@@ -750,7 +769,7 @@ impl Compiler {
                         e,
                         o,
                         &tcp.max_connection_duration,
-                        &format!("{at}.tcp.maxConnectionDuration"),
+                        format_args!("{at}.tcp.maxConnectionDuration"),
                     );
                 }
             }
@@ -760,23 +779,33 @@ impl Compiler {
             for (i, ing) in s.ingress.iter().enumerate() {
                 if let Some(t) = &ing.tls {
                     let at = format!("spec.ingress[{i}].tls");
-                    not_supported(e, o, &t.https_redirect, &format!("{at}.httpsRedirect"));
-                    not_supported(e, o, &t.credential_name, &format!("{at}.credentialName"));
-                    not_supported(e, o, &t.credential_names, &format!("{at}.credentialNames"));
-                    not_supported(e, o, &t.ca_crl, &format!("{at}.caCrl"));
+                    not_supported(e, o, &t.https_redirect, format_args!("{at}.httpsRedirect"));
+                    not_supported(
+                        e,
+                        o,
+                        &t.credential_name,
+                        format_args!("{at}.credentialName"),
+                    );
+                    not_supported(
+                        e,
+                        o,
+                        &t.credential_names,
+                        format_args!("{at}.credentialNames"),
+                    );
+                    not_supported(e, o, &t.ca_crl, format_args!("{at}.caCrl"));
                     not_supported(
                         e,
                         o,
                         &t.verify_certificate_spki,
-                        &format!("{at}.verifyCertificateSpki"),
+                        format_args!("{at}.verifyCertificateSpki"),
                     );
                     not_supported(
                         e,
                         o,
                         &t.verify_certificate_hash,
-                        &format!("{at}.verifyCertificateHash"),
+                        format_args!("{at}.verifyCertificateHash"),
                     );
-                    not_supported(e, o, &t.cipher_suites, &format!("{at}.cipherSuites"));
+                    not_supported(e, o, &t.cipher_suites, format_args!("{at}.cipherSuites"));
                 }
                 pool(
                     e,
@@ -809,40 +838,60 @@ impl Compiler {
             not_supported(e, o, &s.workload_selector, "spec.workloadSelector");
             not_supported(e, o, &s.export_to, "spec.exportTo");
             for (i, ep) in s.endpoints.iter().enumerate() {
-                not_supported(e, o, &ep.network, &format!("spec.endpoints[{i}].network"));
+                not_supported(
+                    e,
+                    o,
+                    &ep.network,
+                    format_args!("spec.endpoints[{i}].network"),
+                );
             }
         }
         for vs in &raw.virtual_services {
             let (o, s) = (&vs.origin, &vs.value.spec);
             for (i, r) in s.http.iter().enumerate() {
-                let at = format!("spec.http[{i}]");
-                not_supported(e, o, &r.delegate, &format!("{at}.delegate"));
+                let at = Indexed("spec.http", i);
+                not_supported(e, o, &r.delegate, format_args!("{at}.delegate"));
                 if let Some(rt) = &r.retries {
                     not_supported(
                         e,
                         o,
                         &rt.retry_remote_localities,
-                        &format!("{at}.retries.retryRemoteLocalities"),
+                        format_args!("{at}.retries.retryRemoteLocalities"),
                     );
-                    not_supported(e, o, &rt.backoff, &format!("{at}.retries.backoff"));
+                    not_supported(e, o, &rt.backoff, format_args!("{at}.retries.backoff"));
                 }
-                not_supported(e, o, &r.cors_policy, &format!("{at}.corsPolicy"));
+                not_supported(e, o, &r.cors_policy, format_args!("{at}.corsPolicy"));
                 for (j, m) in r.matches.iter().enumerate() {
-                    not_supported(e, o, &m.gateways, &format!("{at}.match[{j}].gateways"));
-                    not_supported(e, o, &m.stat_prefix, &format!("{at}.match[{j}].statPrefix"));
+                    not_supported(e, o, &m.gateways, format_args!("{at}.match[{j}].gateways"));
+                    not_supported(
+                        e,
+                        o,
+                        &m.stat_prefix,
+                        format_args!("{at}.match[{j}].statPrefix"),
+                    );
                 }
                 if let Some(rd) = &r.redirect {
-                    not_supported(e, o, &rd.derive_port, &format!("{at}.redirect.derivePort"));
+                    not_supported(
+                        e,
+                        o,
+                        &rd.derive_port,
+                        format_args!("{at}.redirect.derivePort"),
+                    );
                 }
                 if let Some(b) = r.direct_response.as_ref().and_then(|d| d.body.as_ref()) {
-                    not_supported(e, o, &b.bytes, &format!("{at}.directResponse.body.bytes"));
+                    not_supported(
+                        e,
+                        o,
+                        &b.bytes,
+                        format_args!("{at}.directResponse.body.bytes"),
+                    );
                 }
                 if let Some(rw) = &r.rewrite {
                     not_supported(
                         e,
                         o,
                         &rw.uri_regex_rewrite,
-                        &format!("{at}.rewrite.uriRegexRewrite"),
+                        format_args!("{at}.rewrite.uriRegexRewrite"),
                     );
                 }
             }
@@ -862,9 +911,9 @@ impl Compiler {
                         e,
                         o,
                         &m.destination_subnets,
-                        &format!("{at}.destinationSubnets"),
+                        format_args!("{at}.destinationSubnets"),
                     );
-                    not_supported(e, o, &m.gateways, &format!("{at}.gateways"));
+                    not_supported(e, o, &m.gateways, format_args!("{at}.gateways"));
                 }
             }
             not_supported(e, o, &s.export_to, "spec.exportTo");
@@ -874,13 +923,13 @@ impl Compiler {
                         e,
                         o,
                         &m.destination_subnets,
-                        &format!("spec.tcp[{i}].match[{j}].destinationSubnets"),
+                        format_args!("spec.tcp[{i}].match[{j}].destinationSubnets"),
                     );
                     not_supported(
                         e,
                         o,
                         &m.gateways,
-                        &format!("spec.tcp[{i}].match[{j}].gateways"),
+                        format_args!("spec.tcp[{i}].match[{j}].gateways"),
                     );
                 }
             }
@@ -917,13 +966,13 @@ impl Compiler {
                         e,
                         o,
                         &od.split_external_local_origin_errors,
-                        &format!("{at}.splitExternalLocalOriginErrors"),
+                        format_args!("{at}.splitExternalLocalOriginErrors"),
                     );
                     not_supported(
                         e,
                         o,
                         &od.consecutive_local_origin_failures,
-                        &format!("{at}.consecutiveLocalOriginFailures"),
+                        format_args!("{at}.consecutiveLocalOriginFailures"),
                     );
                 }
                 if let Some(t) = &tp.tls {
@@ -931,18 +980,18 @@ impl Compiler {
                         e,
                         o,
                         &t.credential_name,
-                        &format!("{at}.tls.credentialName"),
+                        format_args!("{at}.tls.credentialName"),
                     );
-                    not_supported(e, o, &t.ca_crl, &format!("{at}.tls.caCrl"));
+                    not_supported(e, o, &t.ca_crl, format_args!("{at}.tls.caCrl"));
                 }
                 not_supported(
                     e,
                     o,
                     &tp.port_level_settings,
-                    &format!("{at}.portLevelSettings"),
+                    format_args!("{at}.portLevelSettings"),
                 );
-                not_supported(e, o, &tp.tunnel, &format!("{at}.tunnel"));
-                not_supported(e, o, &tp.proxy_protocol, &format!("{at}.proxyProtocol"));
+                not_supported(e, o, &tp.tunnel, format_args!("{at}.tunnel"));
+                not_supported(e, o, &tp.proxy_protocol, format_args!("{at}.proxyProtocol"));
                 if let Some(lb) = &tp.load_balancer {
                     if let Some(ch) = &lb.consistent_hash {
                         check_consistent_hash(
@@ -960,7 +1009,7 @@ impl Compiler {
                             e,
                             o,
                             &l.failover_priority,
-                            &format!("{at}.failoverPriority"),
+                            format_args!("{at}.failoverPriority"),
                         );
                     }
                     if let Some(w) = lb.warmup_duration_secs {
@@ -2218,7 +2267,7 @@ impl Compiler {
         &mut self,
         o: &Origin,
         r: &crate::model::HttpRoute,
-        at: &str,
+        at: &Indexed<'_>,
         ns: &str,
         registry: &Registry,
         rules: &[Rule],
@@ -2360,7 +2409,7 @@ impl Compiler {
                 &mut self.errors,
                 o,
                 &d.exponential_delay,
-                &format!("{at}.delay.exponentialDelay"),
+                format_args!("{at}.delay.exponentialDelay"),
             );
             let share = share(
                 self,
@@ -2384,7 +2433,7 @@ impl Compiler {
                 &mut self.errors,
                 o,
                 &a.http2_error,
-                &format!("{at}.abort.http2Error"),
+                format_args!("{at}.abort.http2Error"),
             );
             let share = share(self, a.percentage, None, &format!("{at}.abort.percentage"));
             let kind = match (a.http_status, a.grpc_status.as_deref()) {
@@ -2435,17 +2484,17 @@ impl Compiler {
         proxy: &ProxySettings,
         port: Option<u32>,
     ) -> Vec<HttpRoute> {
+        self.routes_checked.insert(std::ptr::from_ref(vs) as usize);
         let ns = vs.value.metadata.namespace();
         let o = &vs.origin;
         let limits = self.rate_limit_annotation(vs);
         let mut out = Vec::new();
         for (i, r) in vs.value.spec.http.iter().enumerate() {
-            let at = format!("spec.http[{i}]");
+            let at = Indexed("spec.http", i);
             let mut matches = Vec::new();
             let mut usable = r.matches.is_empty();
             for (j, m) in r.matches.iter().enumerate() {
-                let mat = format!("{at}.match[{j}]");
-                let compiled = self.request_match(o, m, &mat);
+                let compiled = self.request_match(o, m, &|| format!("{at}.match[{j}]"));
                 let source_ok = labels_match(&m.source_labels, &proxy.labels)
                     && m.source_namespace
                         .as_deref()
@@ -2477,11 +2526,14 @@ impl Compiler {
                             dport,
                         ) {
                             Ok(cluster) => {
-                                let (request_headers, response_headers) = self.header_ops(
-                                    o,
-                                    d.headers.as_ref(),
-                                    &format!("{at}.route[{k}].headers"),
-                                );
+                                let (request_headers, response_headers) = match &d.headers {
+                                    None => Default::default(),
+                                    Some(h) => self.header_ops(
+                                        o,
+                                        Some(h),
+                                        &format!("{at}.route[{k}].headers"),
+                                    ),
+                                };
                                 let weight = if r.route.len() == 1 {
                                     1
                                 } else {
@@ -2557,19 +2609,25 @@ impl Compiler {
                 }
                 _ => {
                     self.push_unique(o.error(
-                        &at,
+                        &at.to_string(),
                         "a route needs exactly one of route, redirect or directResponse",
                     ));
                     continue;
                 }
             };
-            let (request_headers, response_headers) =
-                self.header_ops(o, r.headers.as_ref(), &format!("{at}.headers"));
+            let (request_headers, response_headers) = match &r.headers {
+                None => Default::default(),
+                Some(h) => self.header_ops(o, Some(h), &format!("{at}.headers")),
+            };
             if usable {
-                let name = r
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("{}.{i}", vs.value.metadata.name));
+                let name = r.name.clone().unwrap_or_else(|| {
+                    let vs_name = &vs.value.metadata.name;
+                    let mut name = String::with_capacity(vs_name.len() + 6);
+                    name.push_str(vs_name);
+                    name.push('.');
+                    name.push_str(&i.to_string());
+                    name
+                });
                 if !matches!(action, RouteAction::Forward { .. }) {
                     // Nothing goes upstream: a policy here would silently do nothing.
                     for (given, field) in [
@@ -2629,19 +2687,26 @@ impl Compiler {
         out
     }
 
-    fn request_match(&mut self, o: &Origin, m: &HttpMatch, at: &str) -> Option<hr::RequestMatch> {
+    /// `at` names the match's field path; it is built only when an error needs it, since a
+    /// 10,000-route VirtualService would otherwise format 10,000 paths per compile.
+    fn request_match(
+        &mut self,
+        o: &Origin,
+        m: &HttpMatch,
+        at: &dyn Fn() -> String,
+    ) -> Option<hr::RequestMatch> {
         let mut ok = true;
         let mut one =
-            |this: &mut Self, sm: &Option<StringMatch>, field: &str| -> Option<hr::StringMatch> {
-                let sm = sm.as_ref()?;
-                let r = this.string_match(o, sm, &format!("{at}.{field}"), false);
+            |this: &mut Self, sm: Option<&StringMatch>, field: &str| -> Option<hr::StringMatch> {
+                let sm = sm?;
+                let r = this.string_match(o, sm, &|| format!("{}.{field}", at()), false);
                 ok &= r.is_some();
                 r
             };
-        let uri = one(self, &m.uri, "uri");
-        let scheme = one(self, &m.scheme, "scheme");
-        let method = one(self, &m.method, "method");
-        let authority = one(self, &m.authority, "authority");
+        let uri = one(self, m.uri.as_ref(), "uri");
+        let scheme = one(self, m.scheme.as_deref(), "scheme");
+        let method = one(self, m.method.as_deref(), "method");
+        let authority = one(self, m.authority.as_deref(), "authority");
         let mut map = |this: &mut Self,
                        entries: &BTreeMap<String, StringMatch>,
                        field: &str|
@@ -2651,7 +2716,7 @@ impl Compiler {
                 match this.string_match(
                     o,
                     sm,
-                    &format!("{at}.{field}.{name}"),
+                    &|| format!("{}.{field}.{name}", at()),
                     field != "queryParams",
                 ) {
                     Some(c) => v.push((name.to_ascii_lowercase(), c)),
@@ -2665,7 +2730,7 @@ impl Compiler {
         let query_params = map(self, &m.query_params, "queryParams");
         let port = m
             .port
-            .filter(|p| check_port(&mut self.errors, o, *p, &format!("{at}.port")))
+            .filter(|p| check_port(&mut self.errors, o, *p, &format!("{}.port", at())))
             .map(|p| p as u16);
         ok.then_some(hr::RequestMatch {
             uri,
@@ -2684,7 +2749,7 @@ impl Compiler {
         &mut self,
         o: &Origin,
         sm: &StringMatch,
-        at: &str,
+        at: &dyn Fn() -> String,
         empty_means_present: bool,
     ) -> Option<hr::StringMatch> {
         match (&sm.exact, &sm.prefix, &sm.regex) {
@@ -2697,14 +2762,16 @@ impl Compiler {
                 Ok(re) => Some(hr::StringMatch::Regex(re)),
                 Err(e) => {
                     self.push_unique(
-                        o.error(&format!("{at}.regex"), format!("invalid regex: {e}")),
+                        o.error(&format!("{}.regex", at()), format!("invalid regex: {e}")),
                     );
                     None
                 }
             },
             (None, None, None) if empty_means_present => Some(hr::StringMatch::Present),
             _ => {
-                self.push_unique(o.error(at, "exactly one of exact, prefix or regex is required"));
+                self.push_unique(
+                    o.error(&at(), "exactly one of exact, prefix or regex is required"),
+                );
                 None
             }
         }
@@ -2763,7 +2830,13 @@ impl Compiler {
         proxy: &ProxySettings,
     ) {
         for vs in &raw.virtual_services {
-            self.http_routes(vs, registry, rules, proxy, None);
+            // Routes a listener compiled were checked then, against that listener's port.
+            if !self
+                .routes_checked
+                .contains(&(std::ptr::from_ref(vs) as usize))
+            {
+                self.http_routes(vs, registry, rules, proxy, None);
+            }
             let ns = vs.value.metadata.namespace();
             if vs.value.spec.hosts.is_empty() {
                 self.errors.push(
@@ -2840,7 +2913,13 @@ impl Compiler {
                 .find(|p| p.number == port)
                 .ok_or_else(|| format!("host `{host}` has no port {port}"))?
         };
-        let name = format!("outbound|{}|{}|{}", sp.number, subset.unwrap_or(""), host);
+        // Istio's cluster name; built without the formatting machinery, as every route asks.
+        let number = sp.number.to_string();
+        let subset_name = subset.unwrap_or("");
+        let mut name = String::with_capacity(12 + number.len() + subset_name.len() + host.len());
+        for part in ["outbound|", &number, "|", subset_name, "|", host] {
+            name.push_str(part);
+        }
         if let Some(i) = self.cluster_index.get(&name) {
             return Ok(*i);
         }

@@ -2,12 +2,17 @@
 
 /// Expands a short name as Istio does: `reviews` in namespace `ns` is `reviews.ns.svc.cluster.local`.
 pub fn qualify(host: &str, namespace: &str) -> String {
-    let host = host.trim().to_ascii_lowercase();
+    let host = host.trim();
     if host == "*" || host.contains('.') {
-        host
-    } else {
-        format!("{host}.{namespace}.svc.cluster.local")
+        return host.to_ascii_lowercase();
     }
+    let mut out = String::with_capacity(host.len() + namespace.len() + 19);
+    out.push_str(host);
+    out.make_ascii_lowercase();
+    for part in [".", namespace, ".svc.cluster.local"] {
+        out.push_str(part);
+    }
+    out
 }
 
 /// Whether `name` is a host name a resolver can be asked about (RFC 1123 labels, 253 bytes at

@@ -540,23 +540,23 @@ pub struct HttpRoute {
     #[serde(default)]
     pub route: Vec<HttpRouteDestination>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub redirect: Option<HttpRedirect>,
+    pub redirect: Option<Box<HttpRedirect>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub direct_response: Option<HttpDirectResponse>,
+    pub direct_response: Option<Box<HttpDirectResponse>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rewrite: Option<HttpRewrite>,
+    pub rewrite: Option<Box<HttpRewrite>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub headers: Option<HeaderOperations>,
+    pub headers: Option<Box<HeaderOperations>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegate: Option<NotSupported>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub retries: Option<HttpRetry>,
+    pub retries: Option<Box<HttpRetry>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub fault: Option<HttpFaultInjection>,
+    pub fault: Option<Box<HttpFaultInjection>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub mirror: Option<Destination>,
+    pub mirror: Option<Box<Destination>>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub mirrors: Vec<HttpMirrorPolicy>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -668,11 +668,11 @@ pub struct HttpMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uri: Option<StringMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scheme: Option<StringMatch>,
+    pub scheme: Option<Box<StringMatch>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub method: Option<StringMatch>,
+    pub method: Option<Box<StringMatch>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub authority: Option<StringMatch>,
+    pub authority: Option<Box<StringMatch>>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub headers: BTreeMap<String, StringMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
