@@ -76,7 +76,9 @@ impl Fleet {
     pub fn reload(&mut self, path: &Path, trigger: &str) -> Result<ReloadOutcome, String> {
         let started = Instant::now();
         // The version covers certificate files too, so an unchanged one needs no TLS contexts built.
+        let mut load_ms = 0.0;
         let loaded = keel_config::load_with(path, crate::dns::resolver()).and_then(|snapshot| {
+            load_ms = started.elapsed().as_secs_f64() * 1000.0;
             if snapshot.version == self.current.version {
                 return Ok(None);
             }
@@ -98,7 +100,9 @@ impl Fleet {
                 .apply(snapshot, tls, &mut Inherited::new())
                 .map(|()| ReloadOutcome::Applied),
         };
+        // Serving starts at the commit: freeing the replaced config comes after, off the clock.
         let elapsed = started.elapsed();
+        self.reap();
         let reloads = &self.stats.reloads;
         match &result {
             Ok(ReloadOutcome::Applied) => {
@@ -112,6 +116,7 @@ impl Fleet {
                     listeners = self.current.listeners.len(),
                     clusters = self.current.clusters.len(),
                     duration_ms = elapsed.as_secs_f64() * 1000.0,
+                    load_ms,
                     "config reloaded"
                 );
             }
@@ -213,7 +218,6 @@ impl Fleet {
         });
         let old = std::mem::replace(&mut self.current, next);
         self.retired.push(old);
-        self.reap();
         Ok(())
     }
 
