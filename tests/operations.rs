@@ -220,3 +220,151 @@ fn kubernetes_example(example: &str) {
         std::fs::read_to_string(Path::new(ROOT).join("deploy/container/Dockerfile")).unwrap();
     assert!(dockerfile.contains("USER 65532") && dockerfile.contains("\"ready\""));
 }
+
+/// The container image's entry point, as its Dockerfile gives it, where the runtime's default
+/// seccomp profile refuses io_uring (Docker's and containerd's return EPERM for the three
+/// io_uring calls) and as the image's non-root user: Keel picks epoll, says so, serves, and the
+/// image's health check command answers. No container engine runs here, so the test applies the
+/// same restrictions to the process itself: a seccomp filter and (as root) uid/gid 65532.
+#[test]
+fn container_entrypoint_serves_without_io_uring_as_the_image_user() {
+    let dockerfile =
+        std::fs::read_to_string(Path::new(ROOT).join("deploy/container/Dockerfile")).unwrap();
+    let json_args = |directive: &str| -> Vec<String> {
+        let line = dockerfile
+            .lines()
+            .find_map(|l| l.strip_prefix(directive))
+            .unwrap_or_else(|| panic!("no {directive} in the Dockerfile"));
+        let list = &line[line.find('[').unwrap()..=line.rfind(']').unwrap()];
+        serde_json::from_str(list).unwrap()
+    };
+    let entrypoint = json_args("ENTRYPOINT ");
+    let healthcheck = json_args("HEALTHCHECK ");
+    assert_eq!(entrypoint[0], "/usr/local/bin/keel");
+
+    let (echo, _) = echo_backend();
+    let (admin, port) = (free_port(), free_port());
+    let dir = temp_dir("container");
+    std::fs::write(dir.join("00-proxy.yaml"), proxy_yaml(admin, 1)).unwrap();
+    std::fs::write(dir.join("10-sidecar.yaml"), ingress_yaml(port, echo, "")).unwrap();
+    let args: Vec<String> = entrypoint[1..]
+        .iter()
+        .map(|a| {
+            if a == "/etc/keel" {
+                dir.to_string_lossy().into_owned()
+            } else {
+                a.clone()
+            }
+        })
+        .collect();
+    let as_image_user = unsafe { libc::geteuid() } == 0;
+    let restricted = |program: &str, args: &[String]| {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        // SAFETY: between fork and exec the closure only makes prctl/setgid/setuid calls on a
+        // filter built before the fork.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(move || {
+                refuse_io_uring()?;
+                if as_image_user
+                    && (libc::setgroups(0, std::ptr::null()) != 0
+                        || libc::setgid(65532) != 0
+                        || libc::setuid(65532) != 0)
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        cmd
+    };
+    let mut keel = restricted(env!("CARGO_BIN_EXE_keel"), &args)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while http_get(admin, "/ready").map(|r| r.0).ok() != Some(200) {
+        if std::time::Instant::now() > deadline || keel.try_wait().unwrap().is_some() {
+            let _ = keel.kill();
+            let out = keel.wait_with_output().unwrap();
+            panic!("not ready: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (_, stats) = http_get(admin, "/stats").unwrap();
+    let stats: serde_json::Value = serde_json::from_str(&stats).unwrap();
+    assert_eq!(stats["io_driver"], "epoll", "{stats}");
+    echo_round_trip(
+        &mut std::net::TcpStream::connect(("127.0.0.1", port)).unwrap(),
+        b"inside the container",
+    );
+    let health: Vec<String> = healthcheck[healthcheck.iter().position(|a| a == "ready").unwrap()..]
+        .iter()
+        .map(|a| a.replace("127.0.0.1:15000", &format!("127.0.0.1:{admin}")))
+        .collect();
+    let probe = restricted(env!("CARGO_BIN_EXE_keel"), &health)
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(probe.success(), "health check {health:?} failed");
+
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(keel.id() as i32, libc::SIGTERM) };
+    let out = keel.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let log = String::from_utf8_lossy(&out.stderr);
+    let ready = log
+        .lines()
+        .find(|l| l.contains("keel ready"))
+        .unwrap_or_else(|| panic!("no ready line: {log}"));
+    let ready: serde_json::Value = serde_json::from_str(ready).expect("JSON log lines");
+    assert!(
+        ready.to_string().contains("\"io_driver\":\"epoll\""),
+        "the ready line says which driver runs: {ready}"
+    );
+}
+
+/// Installs a seccomp filter returning EPERM for io_uring_setup, io_uring_enter and
+/// io_uring_register (syscalls 425-427 on every Linux architecture), as container runtimes' default
+/// profiles do; everything else is allowed.
+fn refuse_io_uring() -> std::io::Result<()> {
+    const LD_W_ABS: u16 = 0x20; // BPF_LD | BPF_W | BPF_ABS
+    const JGE_K: u16 = 0x35; // BPF_JMP | BPF_JGE | BPF_K
+    const JGT_K: u16 = 0x25; // BPF_JMP | BPF_JGT | BPF_K
+    const RET_K: u16 = 0x06; // BPF_RET | BPF_K
+    const ALLOW: u32 = 0x7fff_0000;
+    const ERRNO_EPERM: u32 = 0x0005_0000 | libc::EPERM as u32;
+    let stmt = |code, k| libc::sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |code, k, jt, jf| libc::sock_filter { code, jt, jf, k };
+    let filter = [
+        stmt(LD_W_ABS, 0), // seccomp_data.nr
+        jump(JGE_K, 425, 0, 2),
+        jump(JGT_K, 427, 1, 0),
+        stmt(RET_K, ERRNO_EPERM),
+        stmt(RET_K, ALLOW),
+    ];
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: prctl with a valid, live filter program; no_new_privs first, as unprivileged
+    // seccomp requires.
+    unsafe {
+        if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0
+            || libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const libc::sock_fprog,
+            ) != 0
+        {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
