@@ -443,3 +443,46 @@ fn consistent_hash_policies_and_their_errors() {
         );
     }
 }
+
+/// An HTTP route's destination without a port takes the listener's (as docs/config.md says), even
+/// when the service has several ports; a VirtualService no listener uses still needs the port
+/// spelled out for such a service, since there is no listener port to take.
+#[test]
+fn route_destination_port_defaults_to_the_listener_port() {
+    let service = "---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: { name: web }
+spec:
+  hosts: [web.example.com]
+  ports: [{ number: 80, name: http, protocol: HTTP }, { number: 8080, name: admin, protocol: HTTP }]
+  resolution: STATIC
+  endpoints: [{ address: 127.0.0.1, ports: { http: 18080, admin: 18081 } }]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: { name: web }
+spec:
+  hosts: [web.example.com]
+  http:
+  - match: [{ uri: { prefix: /api } }]
+    route: [{ destination: { host: web.example.com } }]
+";
+    let listener = "---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: { name: default }
+spec:
+  egress:
+  - port: { number: 80, protocol: HTTP }
+    bind: 127.0.0.1
+    hosts: [\"./*\"]
+";
+    let snapshot = load_str("test.yaml", &format!("{PROXY}{service}{listener}")).unwrap();
+    assert!(snapshot
+        .clusters
+        .iter()
+        .any(|c| c.name == "outbound|80||web.example.com"));
+    let e = one_error(&format!("{PROXY}{service}"));
+    assert!(e.to_string().contains("several ports"), "{e}");
+}
