@@ -65,6 +65,11 @@ impl Fleet {
         self.retired.retain(|s| Arc::strong_count(s) > 1);
     }
 
+    /// Whether some replaced config is still waiting for a worker to let go of it.
+    pub fn has_retired(&self) -> bool {
+        !self.retired.is_empty()
+    }
+
     /// The config in force.
     pub fn current(&self) -> &Arc<Snapshot> {
         &self.current

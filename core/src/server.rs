@@ -261,6 +261,9 @@ pub fn run(opts: RunOptions) -> Result<(), StartError> {
         None => None,
     };
     drop(events_tx);
+    // The fleet holds the config in force from here on; this start-up reference would otherwise
+    // keep the first config (tens of MB at 10,000 routes) alive for the life of the process.
+    drop((snapshot, tls));
 
     let control = Control {
         opts: &opts,
@@ -398,12 +401,18 @@ impl Control<'_> {
     /// Handles events until the process must exit.
     fn serve(&self, fleet: &mut Fleet, events: &mpsc::Receiver<Event>) -> Exit {
         loop {
-            let event = match events.recv_timeout(Duration::from_secs(1)) {
+            // A replaced config is freed soon after the last worker lets go of it (not only when
+            // the control thread has been idle for a second), so that the next reload reuses its
+            // memory instead of faulting in fresh pages: at 10,000 routes that is ~30 MB.
+            fleet.reap();
+            let wait = if fleet.has_retired() {
+                Duration::from_millis(50)
+            } else {
+                Duration::from_secs(1)
+            };
+            let event = match events.recv_timeout(wait) {
                 Ok(event) => event,
-                Err(mpsc::RecvTimeoutError::Timeout) => {
-                    fleet.reap();
-                    continue;
-                }
+                Err(mpsc::RecvTimeoutError::Timeout) => continue,
                 Err(mpsc::RecvTimeoutError::Disconnected) => return Exit::Interrupted,
             };
             match event {
