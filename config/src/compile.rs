@@ -2488,7 +2488,7 @@ impl Compiler {
         let ns = vs.value.metadata.namespace();
         let o = &vs.origin;
         let limits = self.rate_limit_annotation(vs);
-        let mut out = Vec::new();
+        let mut out = Vec::with_capacity(vs.value.spec.http.len());
         for (i, r) in vs.value.spec.http.iter().enumerate() {
             let at = Indexed("spec.http", i);
             let mut matches = Vec::new();
