@@ -707,3 +707,55 @@ fn in_flight_requests_keep_their_config_and_changed_listeners_keep_serving() {
     let mut b = [0u8; 1];
     assert!(matches!(s.read(&mut b), Ok(0) | Err(_)), "still open");
 }
+
+/// A replaced config is freed once nothing uses it — the start-up config included, which the
+/// start-up code once held for the life of the process (30 MB at 10,000 routes) — and is kept
+/// exactly as long as a TCP connection that began on it is open.
+#[test]
+fn replaced_configs_are_freed_once_no_connection_uses_them() {
+    let (echo, _) = echo_backend();
+    let (admin, port) = (free_port(), free_port());
+    let config = |timeout: &str| {
+        format!(
+            "{}{}",
+            proxy_yaml(admin, 2),
+            ingress_yaml(port, echo, &format!("connectTimeout: {timeout}"))
+        )
+    };
+    let keel = Keel::start(&config("1s"), admin, &["--no-watch"]);
+    let retired = || keel.stats()["config_reloads"]["retired"].as_u64().unwrap();
+
+    // Nothing open: the start-up config goes as soon as the first reload has replaced it.
+    keel.write_config(&config("2s"));
+    keel.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || reloads(
+        &keel, "success"
+    ) == 1));
+    assert!(
+        eventually(Duration::from_secs(2), || retired() == 0),
+        "the start-up config is still alive"
+    );
+
+    // A TCP connection keeps the config it began on for its whole life, and only that long.
+    let mut held = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    echo_round_trip(&mut held, b"begun on the second config");
+    keel.write_config(&config("3s"));
+    keel.signal(libc::SIGHUP);
+    assert!(eventually(Duration::from_secs(5), || reloads(
+        &keel, "success"
+    ) == 2));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        retired(),
+        1,
+        "the open connection's config was freed under it"
+    );
+    echo_round_trip(&mut held, b"still served");
+    drop(held);
+    assert!(
+        eventually(Duration::from_secs(2), || retired() == 0),
+        "the config outlived its last connection"
+    );
+    let prom = http_get(admin, "/stats/prometheus").unwrap().1;
+    assert!(prom.contains("keel_config_retired_snapshots 0"), "{prom}");
+}

@@ -63,6 +63,10 @@ impl Fleet {
     /// Frees the retired snapshots no worker uses any more.
     pub fn reap(&mut self) {
         self.retired.retain(|s| Arc::strong_count(s) > 1);
+        self.stats
+            .reloads
+            .retired
+            .store(self.retired.len() as u64, Relaxed);
     }
 
     /// Whether some replaced config is still waiting for a worker to let go of it.

@@ -364,6 +364,10 @@ pub struct ReloadCounters {
     pub unchanged: AtomicU64,
     /// Milliseconds from the trigger to every worker serving the last successful reload.
     pub last_duration_ms: AtomicU64,
+    /// Replaced configs still alive because a connection that began on them is open; anything
+    /// above zero long after the last reload is a config held in memory (a long TCP connection, or
+    /// a leak).
+    pub retired: AtomicU64,
 }
 
 /// Every counter of the process, plus the facts the admin endpoints report.
@@ -1032,6 +1036,17 @@ impl Stats {
         );
         header(
             &mut out,
+            "keel_config_retired_snapshots",
+            "gauge",
+            "Replaced configs not freed yet: a connection that began on them is still open.",
+        );
+        let _ = writeln!(
+            out,
+            "keel_config_retired_snapshots {}",
+            self.reloads.retired.load(Relaxed)
+        );
+        header(
+            &mut out,
             "keel_uptime_seconds",
             "gauge",
             "Seconds since start.",
@@ -1058,6 +1073,7 @@ impl Stats {
                 "failure": self.reloads.failure.load(Relaxed),
                 "unchanged": self.reloads.unchanged.load(Relaxed),
                 "last_duration_ms": self.reloads.last_duration_ms.load(Relaxed),
+                "retired": self.reloads.retired.load(Relaxed),
             },
             "uptime_seconds": self.started.elapsed().as_secs(),
             "ready": self.is_ready(),
