@@ -173,6 +173,7 @@ pub async fn detect(stream: &Transport, timeout: Duration) -> (Protocol, Sniffed
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                stream.socket().read_blocked();
                 let left = deadline.saturating_duration_since(Instant::now());
                 if left.is_zero() {
                     return (Protocol::Tcp, Sniffed::Tcp);

@@ -99,7 +99,7 @@ pub async fn connect(
         Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
         Err(e) => return Err(classify(e)),
     }
-    let stream = Stream::from_std(socket.into()).map_err(ConnectError::Other)?;
+    let stream = Stream::connecting(socket.into()).map_err(ConnectError::Other)?;
     match monoio::time::timeout(timeout, stream.writable()).await {
         Err(_) => return Err(ConnectError::Timeout),
         Ok(Err(e)) => return Err(classify(e)),

@@ -11,6 +11,7 @@ pub mod connect;
 pub mod driver;
 pub mod forward;
 pub mod listener;
+pub mod reactor;
 pub mod splice;
 pub mod stream;
 pub mod unix_seqpacket;

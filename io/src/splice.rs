@@ -109,15 +109,26 @@ pub async fn forward_splice(
                     return Ok(total);
                 }
                 Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    src.read_blocked();
+                    break;
+                }
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(e),
             };
             let mut left = n;
             while left > 0 {
                 match splice(pipe.read.as_raw_fd(), dst.raw_fd(), left) {
-                    Ok(m) => left -= m,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => dst.writable().await?,
+                    Ok(m) => {
+                        if m < left {
+                            dst.write_filled();
+                        }
+                        left -= m;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        dst.write_blocked();
+                        dst.writable().await?
+                    }
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     // The pipe may still hold bytes: it is dropped, not pooled.
                     Err(e) => return Err(e),
@@ -126,6 +137,8 @@ pub async fn forward_splice(
             total += n as u64;
             on_chunk(n);
             if n < pipe.capacity {
+                // The pipe was empty, so a short splice emptied the socket.
+                src.read_drained();
                 break;
             }
         }

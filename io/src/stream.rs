@@ -1,13 +1,17 @@
 //! A connected TCP socket driven by readiness: wait until readable, then read into a pooled buffer.
 //!
 //! monoio's owned-buffer reads keep a buffer inside the kernel for as long as a read is pending,
-//! which for an idle connection is forever. Waiting for readiness first (a PollAdd on io_uring,
-//! epoll state on the legacy driver) lets an idle connection hold no buffer, and makes cancelling a
-//! wait harmless: no bytes are ever lost in a dropped read.
+//! which for an idle connection is forever. Waiting for readiness first lets an idle connection
+//! hold no buffer, and makes cancelling a wait harmless: no bytes are ever lost in a dropped read.
+//! Readiness is tracked by the worker's [`crate::reactor`] (one edge-triggered epoll
+//! registration per socket), from what Keel's own syscalls report.
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::rc::Rc;
+
+use crate::reactor::{self, Direction, Reactor};
 
 /// Shuts a socket down both ways, waking whatever waits on it; `-1` is ignored. The caller must know
 /// `fd` is open (the idle sweeper clears its fds before their streams close).
@@ -19,15 +23,15 @@ pub fn shutdown_fd(fd: RawFd) {
     }
 }
 
-/// A TCP stream registered with the worker's runtime.
+/// A TCP stream registered with the worker's reactor.
 ///
-/// monoio is used for readiness only (every read and write is our own syscall), so the socket is
-/// held as monoio's smallest registered-fd type, whose readiness waits are the same PollAdd /
-/// epoll registration as a `TcpStream`'s: `monoio::net::UnixStream`, 8 bytes, where a `TcpStream`
-/// is 80 (it caches both socket addresses, which Keel never asks it for). Nothing Unix-specific
-/// of that type is ever called; TCP options and addresses go through socket2 on the fd.
+/// Every read and write is Keel's own non-blocking syscall; each one that finds the socket not
+/// ready (EAGAIN, or fewer bytes than asked) tells the reactor, so a wait parks only when there is
+/// nothing to do. 16 bytes: the fd, its slot, and the reactor.
 pub struct Stream {
-    inner: monoio::net::UnixStream,
+    fd: OwnedFd,
+    slot: u32,
+    reactor: Rc<Reactor>,
 }
 
 fn inet(addr: socket2::SockAddr) -> io::Result<SocketAddr> {
@@ -44,61 +48,111 @@ fn cvt(ret: isize) -> io::Result<usize> {
 }
 
 impl Stream {
-    /// Registers an accepted or connected socket with the current worker's runtime.
+    /// Registers an accepted or connected socket with the current worker's reactor.
     pub fn from_std(stream: std::net::TcpStream) -> io::Result<Stream> {
-        use std::os::fd::{FromRawFd, IntoRawFd};
+        Stream::register(stream, false)
+    }
+
+    /// Registers a socket whose non-blocking connect is in progress: not writable until epoll
+    /// says the handshake ended (either way).
+    pub fn connecting(stream: std::net::TcpStream) -> io::Result<Stream> {
+        Stream::register(stream, true)
+    }
+
+    fn register(stream: std::net::TcpStream, connecting: bool) -> io::Result<Stream> {
         stream.set_nonblocking(true)?;
-        let fd = stream.into_raw_fd();
-        // SAFETY: `fd` was just released by the TcpStream, so this wrapper is its only owner; it is
-        // used only to hand the fd to monoio, which registers it and closes it on drop (or drops
-        // the wrapper, closing it, if registration fails).
-        let owned = unsafe { std::os::unix::net::UnixStream::from_raw_fd(fd) };
-        Ok(Stream {
-            inner: monoio::net::UnixStream::from_std(owned)?,
-        })
+        let fd = OwnedFd::from(stream);
+        let reactor = reactor::current()?;
+        let slot = reactor.register(fd.as_raw_fd(), connecting)?;
+        Ok(Stream { fd, slot, reactor })
     }
 
-    /// Resolves when a read would not block (data, EOF or an error is pending).
-    ///
-    /// monoio's own future, returned as is: it is what every idle connection waits on, so no
-    /// wrapper state is added to it.
+    /// Resolves when a read would not block (data, EOF or an error is pending), as far as the
+    /// reads so far and epoll's edges tell; it costs no syscall.
     pub fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + '_ {
-        // Not relaxed: our reads bypass monoio, so its cached readiness may be stale and must be
-        // checked with poll(2) on the epoll driver (io_uring ignores the flag).
-        self.inner.readable(false)
+        std::future::poll_fn(move |cx| self.reactor.poll_ready(self.slot, Direction::Read, cx))
     }
 
-    /// Resolves when a write would not block.
-    pub async fn writable(&self) -> io::Result<()> {
-        self.inner.writable(false).await
+    /// Resolves when a write would not block (or the connect in progress ended).
+    pub fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(move |cx| self.reactor.poll_ready(self.slot, Direction::Write, cx))
+    }
+
+    /// For a syscall made on [`Stream::raw_fd`] (splice, a peek) that found nothing to read
+    /// (EAGAIN): the next [`Stream::readable`] waits for a new edge. Without it, that wait would
+    /// return at once.
+    pub fn read_blocked(&self) {
+        self.reactor.not_ready(self.slot, Direction::Read, false);
+    }
+
+    /// For a syscall made on [`Stream::raw_fd`] that found no room to write (EAGAIN).
+    pub fn write_blocked(&self) {
+        self.reactor.not_ready(self.slot, Direction::Write, false);
+    }
+
+    /// For a consuming read on [`Stream::raw_fd`] that moved fewer bytes than asked: the socket
+    /// was drained, unless a hang-up is pending.
+    pub fn read_drained(&self) {
+        self.reactor.not_ready(self.slot, Direction::Read, true);
+    }
+
+    /// For a write on [`Stream::raw_fd`] that moved fewer bytes than offered.
+    pub fn write_filled(&self) {
+        self.reactor.not_ready(self.slot, Direction::Write, true);
+    }
+
+    /// Tells the reactor what a read of `asked` bytes found.
+    #[inline]
+    fn after_read(&self, result: &io::Result<usize>, asked: usize) {
+        match result {
+            // A short read emptied the receive queue: the next byte raises a new edge. EOF (0)
+            // stays readable.
+            Ok(n) if *n > 0 && *n < asked => self.read_drained(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.read_blocked(),
+            _ => {}
+        }
+    }
+
+    /// Tells the reactor what a write of `offered` bytes found.
+    #[inline]
+    fn after_write(&self, result: &io::Result<usize>, offered: usize) {
+        match result {
+            Ok(n) if *n < offered => self.write_filled(),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.write_blocked(),
+            _ => {}
+        }
     }
 
     /// One non-blocking `recv`; `WouldBlock` when nothing is there, `Ok(0)` at EOF.
     pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
         // SAFETY: `buf` is a valid, writable region of `buf.len()` bytes for the duration of the call,
-        // and the fd is owned by `self.inner` and open.
-        cvt(unsafe {
+        // and the fd is owned by `self` and open.
+        let result = cvt(unsafe {
             libc::recv(
                 self.fd(),
                 buf.as_mut_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT,
             )
-        })
+        });
+        self.after_read(&result, buf.len());
+        result
     }
 
     /// One non-blocking `send`; never raises SIGPIPE.
     pub fn try_write(&self, buf: &[u8]) -> io::Result<usize> {
         // SAFETY: `buf` is a valid, readable region of `buf.len()` bytes for the duration of the call,
-        // and the fd is owned by `self.inner` and open.
-        cvt(unsafe {
+        // and the fd is owned by `self` and open.
+        let result = cvt(unsafe {
             libc::send(
                 self.fd(),
                 buf.as_ptr().cast(),
                 buf.len(),
                 libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
             )
-        })
+        });
+        self.after_write(&result, buf.len());
+        result
     }
 
     /// One non-blocking `sendmsg` of `bufs` in order; never raises SIGPIPE.
@@ -107,9 +161,13 @@ impl Stream {
         // ABI-compatible with iovec on Unix and outlive the call.
         let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
         msg.msg_iov = bufs.as_ptr() as *mut libc::iovec;
-        msg.msg_iovlen = bufs.len().min(1024) as _;
-        // SAFETY: sendmsg(2) only reads the iovecs set above, on an fd owned by `self.inner`.
-        cvt(unsafe { libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) })
+        let bufs = &bufs[..bufs.len().min(1024)];
+        msg.msg_iovlen = bufs.len() as _;
+        // SAFETY: sendmsg(2) only reads the iovecs set above, on an fd owned by `self`.
+        let result =
+            cvt(unsafe { libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) });
+        self.after_write(&result, bufs.iter().map(|b| b.len()).sum());
+        result
     }
 
     /// Writes all of `buf`, waiting for writability whenever the socket buffer is full.
@@ -137,6 +195,7 @@ impl Stream {
                 iov_len: 0,
             }; 4];
             let mut n = 0;
+            let mut offered = 0;
             let mut skip = written;
             for part in parts {
                 if skip >= part.len() {
@@ -152,6 +211,7 @@ impl Stream {
                     iov_base: rest.as_ptr() as *mut libc::c_void,
                     iov_len: rest.len(),
                 };
+                offered += rest.len();
                 n += 1;
             }
             // SAFETY: an all-zero msghdr is valid; we then point it at `n` initialised iovecs that
@@ -159,10 +219,12 @@ impl Stream {
             let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
             msg.msg_iov = iov.as_mut_ptr();
             msg.msg_iovlen = n as _;
-            // SAFETY: sendmsg(2) reads only the iovecs set above, on an fd owned by `self.inner`.
-            match cvt(unsafe {
+            // SAFETY: sendmsg(2) reads only the iovecs set above, on an fd owned by `self`.
+            let result = cvt(unsafe {
                 libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-            }) {
+            });
+            self.after_write(&result, offered);
+            match result {
                 Ok(k) => written += k,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.writable().await?,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -176,15 +238,20 @@ impl Stream {
     /// nothing has arrived.
     pub fn try_peek_byte(&self) -> io::Result<Option<u8>> {
         let mut b = [0u8; 1];
-        // SAFETY: recv(2) with MSG_PEEK into a 1-byte stack buffer; the fd is owned by `self.inner`.
-        let n = cvt(unsafe {
+        // SAFETY: recv(2) with MSG_PEEK into a 1-byte stack buffer; the fd is owned by `self`.
+        let result = cvt(unsafe {
             libc::recv(
                 self.fd(),
                 b.as_mut_ptr().cast(),
                 1,
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
-        })?;
+        });
+        // A peek consumes nothing, so only EAGAIN (never a short count) means "wait for more".
+        if matches!(&result, Err(e) if e.kind() == io::ErrorKind::WouldBlock) {
+            self.read_blocked();
+        }
+        let n = result?;
         Ok((n == 1).then_some(b[0]))
     }
 
@@ -198,7 +265,7 @@ impl Stream {
     /// A pooled upstream connection that the peer closed (or that sent stray bytes) fails this.
     pub fn is_reusable(&self) -> bool {
         let mut probe = [0u8; 1];
-        // SAFETY: recv(2) with MSG_PEEK into a 1-byte stack buffer; the fd is owned by `self.inner`.
+        // SAFETY: recv(2) with MSG_PEEK into a 1-byte stack buffer; the fd is owned by `self`.
         let r = cvt(unsafe {
             libc::recv(
                 self.fd(),
@@ -207,12 +274,16 @@ impl Stream {
                 libc::MSG_PEEK | libc::MSG_DONTWAIT,
             )
         });
-        matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        let idle = matches!(r, Err(e) if e.kind() == io::ErrorKind::WouldBlock);
+        if idle {
+            self.read_blocked();
+        }
+        idle
     }
 
     /// Sends FIN: the peer sees EOF while our read side stays open (half-close).
     pub fn shutdown_write(&self) -> io::Result<()> {
-        // SAFETY: shutdown(2) on an fd owned by `self.inner`; no memory is passed.
+        // SAFETY: shutdown(2) on an fd owned by `self`; no memory is passed.
         let ret = unsafe { libc::shutdown(self.fd(), libc::SHUT_WR) };
         if ret < 0 {
             let e = io::Error::last_os_error();
@@ -261,16 +332,23 @@ impl Stream {
     /// Runs `f` with the socket borrowed for socket2's option and address calls.
     fn with_socket<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
         // SAFETY: the fd is open for as long as `self` lives, which outlasts this call.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.inner.as_raw_fd()) };
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd.as_raw_fd()) };
         f(socket2::SockRef::from(&fd))
     }
 
     fn fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
+        self.fd.as_raw_fd()
     }
 
     /// The socket's fd, for syscalls made directly (splice, the idle sweeper's shutdown).
     pub fn raw_fd(&self) -> RawFd {
-        self.inner.as_raw_fd()
+        self.fd.as_raw_fd()
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        // The fd closes right after (dropping `fd`), which takes it out of the epoll set.
+        self.reactor.release(self.slot);
     }
 }

@@ -8,8 +8,8 @@ use monoio::{IoUringDriver, LegacyDriver, RuntimeBuilder};
 
 use crate::driver::IoDriver;
 
-/// io_uring submission queue size per worker: enough in-flight readiness polls for thousands of
-/// connections between two trips to the kernel.
+/// io_uring submission queue size per worker: room for the timers, accepts and closes queued
+/// between two trips to the kernel (sockets wait through the worker's epoll set, one entry).
 const URING_ENTRIES: u32 = 4096;
 
 /// Starts a worker thread named `keel-worker-<index>` running `make()`'s future to completion.
@@ -36,15 +36,26 @@ where
         match driver {
             IoDriver::Uring => {
                 let mut rt = RuntimeBuilder::<IoUringDriver>::new().with_entries(URING_ENTRIES).enable_timer().build()?;
-                rt.block_on(make());
+                rt.block_on(serve(make))?;
             }
             IoDriver::Epoll => {
                 let mut rt = RuntimeBuilder::<LegacyDriver>::new().enable_timer().build()?;
-                rt.block_on(make());
+                rt.block_on(serve(make))?;
             }
         }
         Ok(())
     })
+}
+
+/// Runs the worker's future once its socket reactor is up.
+async fn serve<F, Fut>(make: F) -> io::Result<()>
+where
+    F: FnOnce() -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let _scope = crate::reactor::enter()?;
+    make().await;
+    Ok(())
 }
 
 /// The cores this process may run on, in order; workers are pinned round-robin over them.
