@@ -385,7 +385,7 @@ mod tests {
         }
         for driver in drivers {
             let f = f.clone();
-            let worker = crate::worker::spawn(0, None, driver, move || f()).unwrap();
+            let worker = crate::worker::spawn(0, None, driver, f).unwrap();
             match worker.join() {
                 Ok(r) => r.unwrap(),
                 Err(panic) => std::panic::resume_unwind(panic),
