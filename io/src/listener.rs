@@ -6,7 +6,9 @@
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use crate::reactor::{Direction, Registered};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -89,25 +91,26 @@ pub fn bind_group_with(
 /// costs one wakeup, accepted sockets come non-blocking, and no accept is ever in flight to be
 /// cancelled (monoio 0.2.4 leaks the fd of a cancelled in-flight accept).
 pub struct Acceptor {
-    inner: monoio::net::TcpListener,
+    io: Registered,
 }
 
 impl Acceptor {
-    /// Registers a listener bound by [`bind_group`] with the current worker's runtime.
+    /// Registers a listener bound by [`bind_group`] with the current worker's reactor.
     pub fn from_std(listener: TcpListener) -> io::Result<Acceptor> {
+        listener.set_nonblocking(true)?;
         Ok(Acceptor {
-            inner: monoio::net::TcpListener::from_std(listener)?,
+            io: Registered::new(OwnedFd::from(listener), false)?,
         })
     }
 
     /// The listening socket's fd, for duplicating it to hand over.
     pub fn raw_fd(&self) -> std::os::fd::RawFd {
-        self.inner.as_raw_fd()
+        self.io.fd()
     }
 
-    /// Resolves when a connection is waiting.
-    pub async fn readable(&self) -> io::Result<()> {
-        self.inner.readable(false).await
+    /// Resolves when a connection is waiting (as far as the last accept and epoll's edges tell).
+    pub fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + '_ {
+        self.io.ready(Direction::Read)
     }
 
     /// One waiting connection, or `WouldBlock` when the queue is empty.
@@ -118,14 +121,19 @@ impl Acceptor {
         // SAFETY: accept4(2) on our listening fd, writing at most `len` bytes into `addr`.
         let fd = unsafe {
             libc::accept4(
-                self.inner.as_raw_fd(),
+                self.io.fd(),
                 (&mut addr as *mut libc::sockaddr_storage).cast(),
                 &mut len,
                 libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
             )
         };
         if fd < 0 {
-            return Err(io::Error::last_os_error());
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::WouldBlock {
+                // The queue is empty: the next wait parks until a connection raises an edge.
+                self.io.not_ready(Direction::Read, false);
+            }
+            return Err(e);
         }
         // SAFETY: accept4 returned a new fd that nothing else owns.
         let std_stream = unsafe { std::net::TcpStream::from_raw_fd(fd) };

@@ -13,7 +13,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::io;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
@@ -335,6 +335,51 @@ impl Reactor {
         for w in wake {
             w.wake();
         }
+    }
+}
+
+/// An fd in the current worker's epoll set, taken out (and closed) on drop: what a
+/// [`crate::Stream`] and a listening [`crate::listener::Acceptor`] wait through.
+pub(crate) struct Registered {
+    fd: OwnedFd,
+    slot: u32,
+    reactor: Rc<Reactor>,
+}
+
+impl Registered {
+    /// Registers `fd` (non-blocking) with the current thread's reactor; `connecting` starts it
+    /// not writable.
+    pub(crate) fn new(fd: OwnedFd, connecting: bool) -> io::Result<Registered> {
+        let reactor = current()?;
+        let slot = reactor.register(fd.as_raw_fd(), connecting)?;
+        Ok(Registered { fd, slot, reactor })
+    }
+
+    #[inline]
+    pub(crate) fn fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Resolves when the fd may be read or written without blocking, as far as the syscalls so
+    /// far and epoll's edges tell; it costs no syscall.
+    pub(crate) fn ready(
+        &self,
+        direction: Direction,
+    ) -> impl std::future::Future<Output = io::Result<()>> + '_ {
+        std::future::poll_fn(move |cx| self.reactor.poll_ready(self.slot, direction, cx))
+    }
+
+    /// See [`Reactor::not_ready`].
+    #[inline]
+    pub(crate) fn not_ready(&self, direction: Direction, short: bool) {
+        self.reactor.not_ready(self.slot, direction, short);
+    }
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        // The fd closes right after (dropping `fd`), which takes it out of the epoll set.
+        self.reactor.release(self.slot);
     }
 }
 

@@ -8,10 +8,9 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
-use std::rc::Rc;
+use std::os::fd::{OwnedFd, RawFd};
 
-use crate::reactor::{self, Direction, Reactor};
+use crate::reactor::{Direction, Registered};
 
 /// Shuts a socket down both ways, waking whatever waits on it; `-1` is ignored. The caller must know
 /// `fd` is open (the idle sweeper clears its fds before their streams close).
@@ -29,9 +28,7 @@ pub fn shutdown_fd(fd: RawFd) {
 /// ready (EAGAIN, or fewer bytes than asked) tells the reactor, so a wait parks only when there is
 /// nothing to do. 16 bytes: the fd, its slot, and the reactor.
 pub struct Stream {
-    fd: OwnedFd,
-    slot: u32,
-    reactor: Rc<Reactor>,
+    io: Registered,
 }
 
 fn inet(addr: socket2::SockAddr) -> io::Result<SocketAddr> {
@@ -61,44 +58,43 @@ impl Stream {
 
     fn register(stream: std::net::TcpStream, connecting: bool) -> io::Result<Stream> {
         stream.set_nonblocking(true)?;
-        let fd = OwnedFd::from(stream);
-        let reactor = reactor::current()?;
-        let slot = reactor.register(fd.as_raw_fd(), connecting)?;
-        Ok(Stream { fd, slot, reactor })
+        Ok(Stream {
+            io: Registered::new(OwnedFd::from(stream), connecting)?,
+        })
     }
 
     /// Resolves when a read would not block (data, EOF or an error is pending), as far as the
     /// reads so far and epoll's edges tell; it costs no syscall.
     pub fn readable(&self) -> impl std::future::Future<Output = io::Result<()>> + '_ {
-        std::future::poll_fn(move |cx| self.reactor.poll_ready(self.slot, Direction::Read, cx))
+        self.io.ready(Direction::Read)
     }
 
     /// Resolves when a write would not block (or the connect in progress ended).
     pub fn writable(&self) -> impl std::future::Future<Output = io::Result<()>> + '_ {
-        std::future::poll_fn(move |cx| self.reactor.poll_ready(self.slot, Direction::Write, cx))
+        self.io.ready(Direction::Write)
     }
 
     /// For a syscall made on [`Stream::raw_fd`] (splice, a peek) that found nothing to read
     /// (EAGAIN): the next [`Stream::readable`] waits for a new edge. Without it, that wait would
     /// return at once.
     pub fn read_blocked(&self) {
-        self.reactor.not_ready(self.slot, Direction::Read, false);
+        self.io.not_ready(Direction::Read, false);
     }
 
     /// For a syscall made on [`Stream::raw_fd`] that found no room to write (EAGAIN).
     pub fn write_blocked(&self) {
-        self.reactor.not_ready(self.slot, Direction::Write, false);
+        self.io.not_ready(Direction::Write, false);
     }
 
     /// For a consuming read on [`Stream::raw_fd`] that moved fewer bytes than asked: the socket
     /// was drained, unless a hang-up is pending.
     pub fn read_drained(&self) {
-        self.reactor.not_ready(self.slot, Direction::Read, true);
+        self.io.not_ready(Direction::Read, true);
     }
 
     /// For a write on [`Stream::raw_fd`] that moved fewer bytes than offered.
     pub fn write_filled(&self) {
-        self.reactor.not_ready(self.slot, Direction::Write, true);
+        self.io.not_ready(Direction::Write, true);
     }
 
     /// Tells the reactor what a read of `asked` bytes found.
@@ -332,23 +328,16 @@ impl Stream {
     /// Runs `f` with the socket borrowed for socket2's option and address calls.
     fn with_socket<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
         // SAFETY: the fd is open for as long as `self` lives, which outlasts this call.
-        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.fd.as_raw_fd()) };
+        let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.io.fd()) };
         f(socket2::SockRef::from(&fd))
     }
 
     fn fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
+        self.io.fd()
     }
 
     /// The socket's fd, for syscalls made directly (splice, the idle sweeper's shutdown).
     pub fn raw_fd(&self) -> RawFd {
-        self.fd.as_raw_fd()
-    }
-}
-
-impl Drop for Stream {
-    fn drop(&mut self) {
-        // The fd closes right after (dropping `fd`), which takes it out of the epoll set.
-        self.reactor.release(self.slot);
+        self.io.fd()
     }
 }
