@@ -923,3 +923,54 @@ spec:
         assert_eq!(curl(), first);
     }
 }
+
+/// An idle keep-alive connection holds no read buffer and a few hundred bytes of task: what the
+/// `idle-mem` bench measures (0.5 KiB per connection), bounded loosely enough for any allocator.
+/// A state machine that grows the connection task (an inline HTTP/2 sniff once cost 2 KiB per
+/// idle connection) fails this.
+#[test]
+fn idle_keep_alive_connections_cost_little_memory() {
+    const CONNS: usize = 1500;
+    raise_fd_limit(4 * CONNS as u64);
+    let app = RecordingBackend::start(Arc::new(|_: &str, _: &[u8]| {
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1024\r\n\r\n"
+            .iter()
+            .copied()
+            .chain(std::iter::repeat_n(b'x', 1024))
+            .collect()
+    }));
+    let (keel, port) = egress(&[(app.addr, "v1")], "", "");
+    let one = |s: &mut TcpStream| {
+        let (status, _, body) = http_request(s, b"GET / HTTP/1.1\r\nHost: reviews\r\n\r\n");
+        assert_eq!((status, body.len()), (200, 1024));
+    };
+    // Warm up (pools, first-touch pages) with connections that come and go.
+    for _ in 0..200 {
+        one(&mut TcpStream::connect(("127.0.0.1", port)).unwrap());
+    }
+    let before = keel.rss_kib();
+    let mut idle = Vec::with_capacity(CONNS);
+    for _ in 0..CONNS {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        one(&mut s);
+        idle.push(s);
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    let per_conn = keel.rss_kib().saturating_sub(before) as f64 / CONNS as f64;
+    assert!(per_conn < 1.25, "{per_conn:.2} KiB per idle connection");
+}
+
+fn raise_fd_limit(want: u64) {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit(2) read and write one rlimit struct on our stack.
+    unsafe {
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

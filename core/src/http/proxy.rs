@@ -252,7 +252,19 @@ struct Conn {
 #[allow(clippy::manual_async_fn)]
 fn requests(mut c: Conn) -> impl std::future::Future<Output = ()> {
     async move {
-        if sniff_h2(&mut c).await {
+        // A new plaintext connection waits for its first bytes here, as an idle one waits
+        // between requests; telling HTTP/2 from HTTP/1.1 (timed reads, ~1 KB of state) is boxed
+        // and exists only once bytes arrive, so it does not enlarge every connection's task.
+        if c.down.stream.session().is_none() && !c.down.has_buffered() {
+            c.idle.0.between_requests.set(true);
+            let ready = c.down.stream.readable().await;
+            c.idle.0.between_requests.set(false);
+            if ready.is_err() {
+                c.worker.connection_closed(&c.at.state);
+                return;
+            }
+        }
+        if Box::pin(sniff_h2(&mut c)).await {
             // HTTP/2: the connection is handed over whole.
             let Conn {
                 idle,
@@ -262,13 +274,15 @@ fn requests(mut c: Conn) -> impl std::future::Future<Output = ()> {
                 peer_ip,
                 peer_port,
             } = c;
-            super::h2::server::serve(
+            // Boxed: a task is as large as its largest await, and every idle HTTP/1.1
+            // connection would otherwise carry the HTTP/2 server's state (~1.7 KB).
+            Box::pin(super::h2::server::serve(
                 &worker,
                 &mut at,
                 down,
                 SocketAddr::new(peer_ip, peer_port),
                 &idle.0,
-            )
+            ))
             .await;
             drop(idle);
             worker.connection_closed(&at.state);
