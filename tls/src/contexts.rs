@@ -89,8 +89,32 @@ pub struct UpstreamContext {
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     static PROVIDER: OnceLock<Arc<CryptoProvider>> = OnceLock::new();
     PROVIDER
-        .get_or_init(|| Arc::new(rustls::crypto::ring::default_provider()))
+        .get_or_init(|| {
+            let mut p = rustls::crypto::ring::default_provider();
+            p.cipher_suites = preferred_suites(p.cipher_suites);
+            Arc::new(p)
+        })
         .clone()
+}
+
+/// ring's suites, AES-128-GCM first (then AES-256-GCM, then ChaCha20), as BoringSSL (Envoy)
+/// orders them. The suite's hash also drives the TLS 1.3 key schedule: SHA-256 runs on the CPU's
+/// SHA extensions where SHA-384 is plain code in ring, which was 12% of a full handshake's CPU.
+/// Listeners choose by this order (`ignore_client_order`), as Envoy's do.
+fn preferred_suites(
+    mut suites: Vec<rustls::SupportedCipherSuite>,
+) -> Vec<rustls::SupportedCipherSuite> {
+    use rustls::CipherSuite as C;
+    let rank = |s: &rustls::SupportedCipherSuite| match s.suite() {
+        C::TLS13_AES_128_GCM_SHA256 | C::TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256 => 0,
+        C::TLS_ECDHE_RSA_WITH_AES_128_GCM_SHA256 => 0,
+        C::TLS13_AES_256_GCM_SHA384 | C::TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384 => 1,
+        C::TLS_ECDHE_RSA_WITH_AES_256_GCM_SHA384 => 1,
+        _ => 2,
+    };
+    // Stable: TLS 1.3 suites stay ahead of TLS 1.2 ones of the same rank, as ring lists them.
+    suites.sort_by_key(|s| (rank(s), s.version() != &rustls::version::TLS13));
+    suites
 }
 
 /// Session-ticket keys shared by every listener and every config version, so a client resumes
@@ -259,6 +283,7 @@ fn server_config(
         config.ticketer = t;
     }
     config.send_tls13_tickets = 1;
+    config.ignore_client_order = true;
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Ok(Arc::new(config))
 }
