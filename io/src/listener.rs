@@ -141,7 +141,7 @@ impl Acceptor {
         let peer = unsafe { socket2::SockAddr::new(addr, len) }
             .as_socket()
             .ok_or_else(|| io::Error::other("accepted a non-IP socket"))?;
-        Ok((crate::Stream::from_std(std_stream)?, peer))
+        Ok((crate::Stream::from_nonblocking(std_stream)?, peer))
     }
 }
 
