@@ -223,12 +223,21 @@ impl Reactor {
         match waiter {
             Some(w) if w.will_wake(cx.waker()) => {}
             Some(w) => {
+                // Kept at most once per task: the newcomer leaves the overflow list (if it was
+                // there), the one it displaces joins it unless already there.
                 let other = std::mem::replace(w, cx.waker().clone());
-                self.extra.borrow_mut().push(ExtraWaiter {
-                    slot,
-                    direction,
-                    waker: other,
-                });
+                let mut extra = self.extra.borrow_mut();
+                let same = |e: &ExtraWaiter, waker: &Waker| {
+                    e.slot == slot && e.direction == direction && e.waker.will_wake(waker)
+                };
+                extra.retain(|e| !same(e, cx.waker()));
+                if !extra.iter().any(|e| same(e, &other)) {
+                    extra.push(ExtraWaiter {
+                        slot,
+                        direction,
+                        waker: other,
+                    });
+                }
             }
             None => *waiter = Some(cx.waker().clone()),
         }
@@ -342,7 +351,7 @@ impl Reactor {
 /// [`crate::Stream`] and a listening [`crate::listener::Acceptor`] wait through.
 pub(crate) struct Registered {
     fd: OwnedFd,
-    slot: u32,
+    pub(crate) slot: u32,
     reactor: Rc<Reactor>,
 }
 
@@ -414,6 +423,7 @@ async fn drive(reactor: &Reactor, waiter: monoio::net::UnixStream) {
 mod tests {
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
+    use std::task::Context;
     use std::time::Duration;
 
     use crate::Stream;
@@ -543,6 +553,45 @@ mod tests {
             assert!(within("first waiter", a).await);
             assert!(within("second waiter", b).await);
         });
+    }
+
+    #[test]
+    fn alternating_waiters_keep_one_entry_each() {
+        on_both_drivers(|| async {
+            let (ours, _peer) = pair();
+            let mut buf = [0u8; 8];
+            assert!(ours.try_read(&mut buf).is_err());
+            let reactor = super::current().unwrap();
+            let (a, b) = (std::task::Waker::noop(), other_waker());
+            let ready = || {
+                reactor.poll_ready(
+                    ours.io.slot,
+                    super::Direction::Read,
+                    &mut Context::from_waker(a),
+                )
+            };
+            let ready_b = || {
+                reactor.poll_ready(
+                    ours.io.slot,
+                    super::Direction::Read,
+                    &mut Context::from_waker(&b),
+                )
+            };
+            for _ in 0..100 {
+                assert!(ready().is_pending());
+                assert!(ready_b().is_pending());
+            }
+            assert_eq!(reactor.extra.borrow().len(), 1);
+        });
+    }
+
+    /// A waker that `will_wake` tells apart from `Waker::noop()`.
+    fn other_waker() -> std::task::Waker {
+        struct Nothing;
+        impl std::task::Wake for Nothing {
+            fn wake(self: std::sync::Arc<Self>) {}
+        }
+        std::task::Waker::from(std::sync::Arc::new(Nothing))
     }
 
     #[test]

@@ -28,7 +28,7 @@ pub fn shutdown_fd(fd: RawFd) {
 /// ready (EAGAIN, or fewer bytes than asked) tells the reactor, so a wait parks only when there is
 /// nothing to do. 16 bytes: the fd, its slot, and the reactor.
 pub struct Stream {
-    io: Registered,
+    pub(crate) io: Registered,
 }
 
 fn inet(addr: socket2::SockAddr) -> io::Result<SocketAddr> {
