@@ -119,12 +119,9 @@ pub async fn forward_splice(
             let mut left = n;
             while left > 0 {
                 match splice(pipe.read.as_raw_fd(), dst.raw_fd(), left) {
-                    Ok(m) => {
-                        if m < left {
-                            dst.write_filled();
-                        }
-                        left -= m;
-                    }
+                    // A short splice into a socket does not prove it full (a pipe moves one
+                    // page-buffer at a time): only EAGAIN marks it.
+                    Ok(m) => left -= m,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                         dst.write_blocked();
                         dst.writable().await?
@@ -137,8 +134,8 @@ pub async fn forward_splice(
             total += n as u64;
             on_chunk(n);
             if n < pipe.capacity {
-                // The pipe was empty, so a short splice emptied the socket.
-                src.read_drained();
+                // Not proof the socket is drained (the pipe may have run out of page slots
+                // first): the next wait returns at once and the next splice tells.
                 break;
             }
         }

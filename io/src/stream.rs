@@ -92,14 +92,15 @@ impl Stream {
         self.io.not_ready(Direction::Write, false);
     }
 
-    /// For a consuming read on [`Stream::raw_fd`] that moved fewer bytes than asked: the socket
-    /// was drained, unless a hang-up is pending.
-    pub fn read_drained(&self) {
+    /// A consuming `recv` moved fewer bytes than asked: the socket was drained, unless a hang-up
+    /// is pending. (Not for splice: a pipe can run out of page slots first.)
+    fn read_drained(&self) {
         self.io.not_ready(Direction::Read, true);
     }
 
-    /// For a write on [`Stream::raw_fd`] that moved fewer bytes than offered.
-    pub fn write_filled(&self) {
+    /// A `send` moved fewer bytes than offered: the send buffer is full (the kernel then signals
+    /// room with a new edge).
+    fn write_filled(&self) {
         self.io.not_ready(Direction::Write, true);
     }
 
