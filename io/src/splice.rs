@@ -142,3 +142,81 @@ pub async fn forward_splice(
         pipe.give_back();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{TcpListener, TcpStream};
+    use std::os::fd::AsRawFd;
+    use std::time::Duration;
+
+    use super::forward_splice;
+    use crate::{IoDriver, Stream};
+
+    fn pair() -> (TcpStream, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let a = TcpStream::connect(l.local_addr().unwrap()).unwrap();
+        let (b, _) = l.accept().unwrap();
+        (a, b)
+    }
+
+    /// A body sent with sendfile(2) from an odd file offset (as nginx serves files) arrives as
+    /// page-cache fragments that straddle pages, so a splice into a pipe can run out of page
+    /// slots before it runs out of bytes. That short splice must not park the forwarder waiting
+    /// for an edge that will never come: the sender is quiet after the body.
+    #[test]
+    fn a_short_splice_with_bytes_left_does_not_park() {
+        const TOTAL: usize = 3 << 20;
+        let path = std::env::temp_dir().join(format!("keel-splice-{}", std::process::id()));
+        let mut file = std::fs::File::create(&path).unwrap();
+        file.write_all(&vec![5u8; TOTAL + 100]).unwrap();
+        drop(file);
+        let mut drivers = vec![IoDriver::Epoll];
+        if monoio::utils::detect_uring() {
+            drivers.push(IoDriver::Uring);
+        }
+        for driver in drivers {
+            let (sender, src) = pair();
+            let (dst, mut receiver) = pair();
+            let file = std::fs::File::open(&path).unwrap();
+            let body = std::thread::spawn(move || {
+                let mut offset: libc::off_t = 100;
+                let mut left = TOTAL;
+                while left > 0 {
+                    // SAFETY: sendfile(2) between two fds this thread owns; `offset` is a live
+                    // off_t it updates.
+                    let n = unsafe {
+                        libc::sendfile(sender.as_raw_fd(), file.as_raw_fd(), &mut offset, left)
+                    };
+                    assert!(n > 0, "sendfile: {}", std::io::Error::last_os_error());
+                    left -= n as usize;
+                }
+                sender
+            });
+            let worker = crate::worker::spawn(0, None, driver, move || async move {
+                let src = Stream::from_std(src).unwrap();
+                let dst = Stream::from_std(dst).unwrap();
+                let _ = forward_splice(&src, &dst, |_| {}).await;
+            })
+            .unwrap();
+            receiver
+                .set_read_timeout(Some(Duration::from_secs(5)))
+                .unwrap();
+            let mut got = 0usize;
+            let mut buf = vec![0u8; 1 << 16];
+            while got < TOTAL {
+                match receiver.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got += n,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => panic!("{driver:?}: stalled after {got} of {TOTAL} bytes: {e}"),
+                }
+            }
+            assert_eq!(got, TOTAL, "{driver:?}");
+            // Quiet until here; closing ends the forwarder and its worker.
+            drop(body.join().unwrap());
+            let _ = worker.join();
+        }
+        let _ = std::fs::remove_file(&path);
+    }
+}
