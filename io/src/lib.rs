@@ -14,6 +14,7 @@ pub mod listener;
 pub mod reactor;
 pub mod splice;
 pub mod stream;
+pub mod time;
 pub mod unix_seqpacket;
 pub mod worker;
 

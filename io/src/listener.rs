@@ -8,7 +8,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use crate::reactor::{Direction, Registered};
+use crate::reactor::{Direction, Initial, Registered};
 
 use socket2::{Domain, Protocol, Socket, Type};
 
@@ -95,11 +95,14 @@ pub struct Acceptor {
 }
 
 impl Acceptor {
-    /// Registers a listener bound by [`bind_group`] with the current worker's reactor.
+    /// Registers a listener bound by [`bind_group`] (or handed over by a previous process) with
+    /// the current worker's reactor. TCP_NODELAY is set here, once: Linux copies it into every
+    /// socket the listener accepts, which saves a setsockopt per connection.
     pub fn from_std(listener: TcpListener) -> io::Result<Acceptor> {
         listener.set_nonblocking(true)?;
+        socket2::SockRef::from(&listener).set_nodelay(true)?;
         Ok(Acceptor {
-            io: Registered::new(OwnedFd::from(listener), false)?,
+            io: Registered::new(OwnedFd::from(listener), Initial::READY)?,
         })
     }
 
@@ -141,7 +144,7 @@ impl Acceptor {
         let peer = unsafe { socket2::SockAddr::new(addr, len) }
             .as_socket()
             .ok_or_else(|| io::Error::other("accepted a non-IP socket"))?;
-        Ok((crate::Stream::from_nonblocking(std_stream)?, peer))
+        Ok((crate::Stream::accepted(std_stream)?, peer))
     }
 }
 

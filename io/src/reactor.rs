@@ -18,6 +18,36 @@ use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
 /// Which way a task waits.
+/// What a newly registered fd is assumed ready for, before any syscall or edge says more.
+///
+/// Assuming "ready" costs one syscall when wrong (it returns EAGAIN and the socket parks);
+/// assuming "not ready" costs nothing more than the wait, because EPOLL_CTL_ADD queues an event
+/// for whatever the fd is already ready for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct Initial {
+    pub(crate) readable: bool,
+    pub(crate) writable: bool,
+}
+
+impl Initial {
+    /// A socket with no history: try it first.
+    pub(crate) const READY: Initial = Initial {
+        readable: true,
+        writable: true,
+    };
+    /// A socket whose connect is in flight: not writable until epoll says the handshake ended.
+    pub(crate) const CONNECTING: Initial = Initial {
+        readable: true,
+        writable: false,
+    };
+    /// A socket just accepted: its client has usually not sent yet (the handshake's last ACK
+    /// woke the listener), so the first read waits for epoll instead of failing with EAGAIN.
+    pub(crate) const ACCEPTED: Initial = Initial {
+        readable: false,
+        writable: true,
+    };
+}
+
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Direction {
     Read,
@@ -140,9 +170,9 @@ impl Reactor {
         Ok(reactor)
     }
 
-    /// Adds `fd` to the set, readable and (unless `connecting`) writable until a syscall says
-    /// otherwise; returns its slot.
-    pub(crate) fn register(&self, fd: RawFd, connecting: bool) -> io::Result<u32> {
+    /// Adds `fd` to the set, ready as `initial` says until a syscall or an edge says otherwise;
+    /// returns its slot.
+    pub(crate) fn register(&self, fd: RawFd, initial: Initial) -> io::Result<u32> {
         let (slot, generation) = {
             let mut slots = self.slots.borrow_mut();
             let slot = match self.free.borrow_mut().pop() {
@@ -162,8 +192,8 @@ impl Reactor {
                 }
             };
             let entry = &mut slots[slot as usize];
-            entry.readable = true;
-            entry.writable = !connecting;
+            entry.readable = initial.readable;
+            entry.writable = initial.writable;
             entry.hung_up = false;
             (slot, entry.generation)
         };
@@ -358,9 +388,9 @@ pub(crate) struct Registered {
 impl Registered {
     /// Registers `fd` (non-blocking) with the current thread's reactor; `connecting` starts it
     /// not writable.
-    pub(crate) fn new(fd: OwnedFd, connecting: bool) -> io::Result<Registered> {
+    pub(crate) fn new(fd: OwnedFd, initial: Initial) -> io::Result<Registered> {
         let reactor = current()?;
-        let slot = reactor.register(fd.as_raw_fd(), connecting)?;
+        let slot = reactor.register(fd.as_raw_fd(), initial)?;
         Ok(Registered { fd, slot, reactor })
     }
 
@@ -466,6 +496,50 @@ mod tests {
                 within(&what, ours.readable()).await.unwrap();
             });
         }
+    }
+
+    #[test]
+    fn an_accepted_socket_is_read_on_epolls_word_even_if_its_bytes_came_first() {
+        on_both_drivers(|| async {
+            let group = crate::listener::bind_group("127.0.0.1:0".parse().unwrap(), 1).unwrap();
+            let addr = group[0].local_addr().unwrap();
+            let acceptor =
+                crate::listener::Acceptor::from_std(group.into_iter().next().unwrap()).unwrap();
+            let accept = || async {
+                loop {
+                    match acceptor.try_accept() {
+                        Ok((s, _)) => return s,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            acceptor.readable().await.unwrap()
+                        }
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            };
+            let mut buf = [0u8; 64];
+            // Bytes queued before the accept: no read has been tried, and EPOLL_CTL_ADD
+            // reports them.
+            let mut early = TcpStream::connect(addr).unwrap();
+            early.write_all(b"early").unwrap();
+            std::thread::sleep(Duration::from_millis(20));
+            let ours = within("accept", accept()).await;
+            within("readable", ours.readable()).await.unwrap();
+            assert_eq!(within("early bytes", read_some(&ours, &mut buf)).await, 5);
+            // TCP_NODELAY came from the listener.
+            assert!(ours.with_socket(|s| s.nodelay()).unwrap());
+            // Accepted before its bytes: the socket starts not readable (no EAGAIN read to find
+            // out) and the bytes' edge wakes the wait.
+            let mut late = TcpStream::connect(addr).unwrap();
+            let ours = within("accept", accept()).await;
+            let mut cx = Context::from_waker(std::task::Waker::noop());
+            assert!(
+                std::future::Future::poll(std::pin::pin!(ours.readable()), &mut cx).is_pending()
+            );
+            late.write_all(b"late").unwrap();
+            within("late readable", ours.readable()).await.unwrap();
+            assert_eq!(within("late bytes", read_some(&ours, &mut buf)).await, 4);
+            drop((early, late));
+        });
     }
 
     /// A connected pair: Keel's end registered, the peer a plain blocking socket.

@@ -10,7 +10,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::os::fd::{OwnedFd, RawFd};
 
-use crate::reactor::{Direction, Registered};
+use crate::reactor::{Direction, Initial, Registered};
 
 /// Shuts a socket down both ways, waking whatever waits on it; `-1` is ignored. The caller must know
 /// `fd` is open (the idle sweeper clears its fds before their streams close).
@@ -48,24 +48,25 @@ impl Stream {
     /// Registers a connected socket with the current worker's reactor (made non-blocking).
     pub fn from_std(stream: std::net::TcpStream) -> io::Result<Stream> {
         stream.set_nonblocking(true)?;
-        Stream::register(stream, false)
+        Stream::register(stream, Initial::READY)
     }
 
-    /// [`Stream::from_std`] for a socket already non-blocking (accept4 with SOCK_NONBLOCK): one
-    /// syscall less per connection.
-    pub fn from_nonblocking(stream: std::net::TcpStream) -> io::Result<Stream> {
-        Stream::register(stream, false)
+    /// A socket just accepted with SOCK_NONBLOCK (no FIONBIO needed). It starts not readable:
+    /// a client's first bytes usually arrive after the accept, and epoll reports them either way,
+    /// so the first read does not cost an EAGAIN.
+    pub fn accepted(stream: std::net::TcpStream) -> io::Result<Stream> {
+        Stream::register(stream, Initial::ACCEPTED)
     }
 
     /// Registers a non-blocking socket whose connect is in progress: not writable until epoll
     /// says the handshake ended (either way).
     pub fn connecting(stream: std::net::TcpStream) -> io::Result<Stream> {
-        Stream::register(stream, true)
+        Stream::register(stream, Initial::CONNECTING)
     }
 
-    fn register(stream: std::net::TcpStream, connecting: bool) -> io::Result<Stream> {
+    fn register(stream: std::net::TcpStream, initial: Initial) -> io::Result<Stream> {
         Ok(Stream {
-            io: Registered::new(OwnedFd::from(stream), connecting)?,
+            io: Registered::new(OwnedFd::from(stream), initial)?,
         })
     }
 
@@ -190,6 +191,18 @@ impl Stream {
     /// header, its data and the CRLF after it leave in one call, the data from the buffer it was
     /// read into).
     pub async fn write_all_vectored(&self, parts: &[&[u8]]) -> io::Result<()> {
+        self.send_all_vectored(parts, 0).await
+    }
+
+    /// Writes `parts` as the last bytes this direction carries, then half-closes it: the FIN
+    /// leaves in the same segment as the data's tail (MSG_MORE holds the tail back until the
+    /// shutdown pushes it), one segment fewer on every connection that closes after a response.
+    pub async fn write_final_vectored(&self, parts: &[&[u8]]) -> io::Result<()> {
+        self.send_all_vectored(parts, libc::MSG_MORE).await?;
+        self.shutdown_write()
+    }
+
+    async fn send_all_vectored(&self, parts: &[&[u8]], flags: libc::c_int) -> io::Result<()> {
         let total: usize = parts.iter().map(|p| p.len()).sum();
         let mut written = 0usize;
         while written < total {
@@ -224,7 +237,11 @@ impl Stream {
             msg.msg_iovlen = n as _;
             // SAFETY: sendmsg(2) reads only the iovecs set above, on an fd owned by `self`.
             let result = cvt(unsafe {
-                libc::sendmsg(self.fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+                libc::sendmsg(
+                    self.fd(),
+                    &msg,
+                    libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL | flags,
+                )
             });
             self.after_write(&result, offered);
             match result {
@@ -333,7 +350,7 @@ impl Stream {
     }
 
     /// Runs `f` with the socket borrowed for socket2's option and address calls.
-    fn with_socket<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
+    pub(crate) fn with_socket<R>(&self, f: impl FnOnce(socket2::SockRef<'_>) -> R) -> R {
         // SAFETY: the fd is open for as long as `self` lives, which outlasts this call.
         let fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(self.io.fd()) };
         f(socket2::SockRef::from(&fd))

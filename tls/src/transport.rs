@@ -53,6 +53,18 @@ impl Transport {
         }
     }
 
+    /// Writes `parts` as the last bytes of our direction, then ends it (for TLS, close_notify
+    /// after them); on plaintext the FIN rides in the data's last segment.
+    pub async fn write_final_vectored(&self, parts: &[&[u8]]) -> io::Result<()> {
+        match self {
+            Transport::Plain(s) => s.write_final_vectored(parts).await,
+            Transport::Tls(t) => {
+                t.write_all_vectored(parts).await?;
+                t.shutdown_write().await
+            }
+        }
+    }
+
     /// Ends our direction (for TLS, close_notify first); the read side stays open.
     pub async fn shutdown_write(&self) -> io::Result<()> {
         match self {
