@@ -169,7 +169,7 @@ pub async fn detect(stream: &Transport, timeout: Duration) -> (Protocol, Sniffed
                     if left.is_zero() {
                         return (Protocol::Tcp, Sniffed::Tcp);
                     }
-                    monoio::time::sleep(RESNIFF.min(left)).await;
+                    keel_io::time::sleep(RESNIFF.min(left)).await;
                 }
             },
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
@@ -178,7 +178,7 @@ pub async fn detect(stream: &Transport, timeout: Duration) -> (Protocol, Sniffed
                 if left.is_zero() {
                     return (Protocol::Tcp, Sniffed::Tcp);
                 }
-                let ready = monoio::time::timeout(left, stream.readable()).await;
+                let ready = keel_io::time::timeout(left, stream.readable()).await;
                 if !matches!(ready, Ok(Ok(()))) {
                     // Silent for the whole wait (a server-first protocol), or gone: TCP decides
                     // the rest.

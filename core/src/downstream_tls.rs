@@ -53,7 +53,7 @@ async fn handshake(
     } else {
         timeout
     };
-    let first = match monoio::time::timeout(first_wait, first_byte(&stream)).await {
+    let first = match keel_io::time::timeout(first_wait, first_byte(&stream)).await {
         Ok(Ok(Some(b))) => b,
         Ok(_) => return Err(Refused::Closed),
         Err(_) if permissive => return Ok(Transport::Plain(stream)),
@@ -66,7 +66,7 @@ async fn handshake(
         let _ = stream.reset_on_close();
         return Err(Refused::Plaintext);
     }
-    match monoio::time::timeout(timeout, TlsStream::accept(stream, config)).await {
+    match keel_io::time::timeout(timeout, TlsStream::accept(stream, config)).await {
         Ok(Ok(t)) => Ok(Transport::Tls(Box::new(t))),
         Ok(Err(e)) => Err(Refused::Handshake(e)),
         Err(_) => Err(Refused::Timeout),

@@ -19,7 +19,7 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
     let listener = at.config();
     let lstats = at.counters(worker.id);
     lstats.accepted.inc();
-    let _ = down.set_nodelay();
+    // TCP_NODELAY came from the listener (keel_io::listener::Acceptor).
     // The access log line for the connection, written however it ends.
     let mut log = crate::access_log::Entry::start(&worker, &at, true);
     log.with(|r| {
@@ -58,7 +58,7 @@ pub async fn handle(worker: Rc<Worker>, at: ListenerRef, down: Transport, peer: 
         at.gen.pick_cluster(at.index, &mut worker.rng())
     } else {
         let timeout = snapshot.proxy.tls_handshake_timeout;
-        let read = monoio::time::timeout(timeout, read_client_hello(&down, &mut hello)).await;
+        let read = keel_io::time::timeout(timeout, read_client_hello(&down, &mut hello)).await;
         let info = match read {
             Ok(Ok(info)) => info,
             Ok(Err(e)) => {

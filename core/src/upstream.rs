@@ -55,7 +55,7 @@ pub async fn open(
         Carries::Http2 => &ctx.config_h2,
     };
     let handshake = TlsStream::connect(stream, config.clone(), ctx.server_name.clone());
-    match monoio::time::timeout(c.connect_timeout, handshake).await {
+    match keel_io::time::timeout(c.connect_timeout, handshake).await {
         Ok(Ok(tls)) => Ok(Transport::Tls(Box::new(tls))),
         Ok(Err(e)) => Err(ConnectError::Other(io::Error::new(
             e.kind(),

@@ -118,7 +118,7 @@ pub(crate) async fn acquire(
             return Err(AcquireError::WaitTimeout);
         }
         let _waiter = Waiter::new(worker);
-        let _ = monoio::time::timeout(
+        let _ = keel_io::time::timeout(
             (wait_until - now).min(WAIT_POLL),
             worker.conn_released.notified(),
         )
@@ -153,7 +153,7 @@ async fn open_h2(
         Ok(transport) => {
             conn.start(transport);
             // The peer's SETTINGS must come within the connect timeout too.
-            match monoio::time::timeout(config.connect_timeout, stream.ready()).await {
+            match keel_io::time::timeout(config.connect_timeout, stream.ready()).await {
                 Ok(true) if stream.fits() => {
                     failed_unless_started.0 = None;
                     Ok(Some((Acquired::H2(stream), false)))

@@ -84,13 +84,15 @@ pub(crate) trait Downstream {
     }
 
     /// Sends the response head, then the upstream's body (`out_body`: the framing an HTTP/1.1
-    /// client gets).
+    /// client gets). `last`: the connection closes after this response, so an HTTP/1.1
+    /// connection can half-close with its last bytes.
     #[allow(clippy::too_many_arguments)]
     async fn respond(
         &mut self,
         resp: &ResponseHead,
         body: UpstreamBody<'_>,
         out_body: BodyKind,
+        last: bool,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
         progress: &Progress,
@@ -153,6 +155,7 @@ impl Downstream for BufferedStream {
         resp: &ResponseHead,
         mut body: UpstreamBody<'_>,
         out_body: BodyKind,
+        last: bool,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
         progress: &Progress,
@@ -161,17 +164,23 @@ impl Downstream for BufferedStream {
         encode::response(resp, &mut bytes);
         // The head and whatever of a Content-Length body is already buffered leave in one sendmsg.
         let mut early: &[u8] = &[];
+        let mut whole = body.kind() == BodyKind::None;
         if let UpstreamBody::H1 {
             up,
             kind: BodyKind::Length(n),
         } = &body
         {
             early = &up.buffered()[..(up.buffered().len() as u64).min(*n) as usize];
+            whole = early.len() as u64 == *n;
         }
-        self.stream
-            .write_all_vectored(&[&bytes, early])
-            .await
-            .map_err(|_| CopyError::Write)?;
+        let parts = [&bytes[..], early];
+        let sent = if last && whole {
+            // Nothing follows on this connection: the FIN leaves with the response.
+            self.stream.write_final_vectored(&parts).await
+        } else {
+            self.stream.write_all_vectored(&parts).await
+        };
+        sent.map_err(|_| CopyError::Write)?;
         let early = early.len();
         if let UpstreamBody::H1 {
             up,

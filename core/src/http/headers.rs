@@ -50,9 +50,10 @@ impl Headers {
 
     /// Appends a field; the name is lower-cased.
     pub fn push(&mut self, name: &[u8], value: &[u8]) {
-        let n0 = self.data.len() as u32;
-        self.data.extend(name.iter().map(u8::to_ascii_lowercase));
-        self.end_field(n0, value);
+        let n0 = self.data.len();
+        self.data.extend_from_slice(name);
+        self.data[n0..].make_ascii_lowercase();
+        self.end_field(n0 as u32, value);
     }
 
     /// Appends a field as it came, name case included (HTTP/2 field blocks, whose names must
@@ -99,6 +100,54 @@ impl Headers {
             }
         }
         found
+    }
+
+    /// Removes the hop-by-hop fields (RFC 9110 §7.6.1): Connection, Keep-Alive,
+    /// Proxy-Connection, TE, Transfer-Encoding, Trailer, HTTP2-Settings, Upgrade unless
+    /// `keep_upgrade`, and every field a Connection header names (bar `upgrade` when kept). One
+    /// pass over the fields and no allocation: it runs on every request and response.
+    pub fn remove_hop_by_hop(&mut self, keep_upgrade: bool) {
+        let (data, entries) = (&self.data, &mut self.entries);
+        let name_of = |e: &Entry| &data[e.name.0 as usize..e.name.1 as usize];
+        // First the fields Connection names. Connection fields themselves are never marked here
+        // (the fixed list below takes them), so every one of them is read, however many there are.
+        for c in 0..entries.len() {
+            let conn = entries[c];
+            if conn.removed || name_of(&conn) != b"connection" {
+                continue;
+            }
+            let value = &data[conn.value.0 as usize..conn.value.1 as usize];
+            for token in value.split(|b| *b == b',').map(<[u8]>::trim_ascii) {
+                if token.is_empty()
+                    || token.eq_ignore_ascii_case(b"connection")
+                    || (keep_upgrade && token.eq_ignore_ascii_case(b"upgrade"))
+                {
+                    continue;
+                }
+                for e in entries.iter_mut() {
+                    if !e.removed && name_of(e).eq_ignore_ascii_case(token) {
+                        e.removed = true;
+                    }
+                }
+            }
+        }
+        // Names are stored lower-case, so the fixed ones compare exactly.
+        for e in entries.iter_mut() {
+            let name = name_of(e);
+            if matches!(
+                name,
+                b"connection"
+                    | b"keep-alive"
+                    | b"proxy-connection"
+                    | b"te"
+                    | b"transfer-encoding"
+                    | b"trailer"
+                    | b"http2-settings"
+            ) || (!keep_upgrade && name == b"upgrade")
+            {
+                e.removed = true;
+            }
+        }
     }
 
     /// The first value of `name`.
@@ -176,5 +225,53 @@ mod tests {
         h.push(b"Connection", b"keep-alive, Upgrade");
         assert!(h.has_token(b"connection", b"upgrade"));
         assert!(!h.has_token(b"connection", b"close"));
+    }
+
+    fn names(h: &Headers) -> Vec<String> {
+        h.iter()
+            .map(|(n, _)| String::from_utf8_lossy(n).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_those_connection_names_are_removed() {
+        let mut h = Headers::default();
+        for (n, v) in [
+            ("Host", "a"),
+            ("Connection", "Keep-Alive, X-Secret ,, upgrade"),
+            ("Keep-Alive", "timeout=5"),
+            ("X-Secret", "1"),
+            ("TE", "trailers"),
+            ("Transfer-Encoding", "chunked"),
+            ("Trailer", "x"),
+            ("Proxy-Connection", "x"),
+            ("HTTP2-Settings", "x"),
+            ("Upgrade", "websocket"),
+            ("connection", "x-other"),
+            ("X-Other", "2"),
+            ("X-Kept", "3"),
+        ] {
+            h.push(n.as_bytes(), v.as_bytes());
+        }
+        let mut plain = h.clone();
+        plain.remove_hop_by_hop(false);
+        assert_eq!(names(&plain), ["host", "x-kept"]);
+        // An upgrade being proxied keeps Upgrade even though Connection names it.
+        h.remove_hop_by_hop(true);
+        assert_eq!(names(&h), ["host", "upgrade", "x-kept"]);
+    }
+
+    #[test]
+    fn hop_by_hop_removal_reaches_past_128_fields() {
+        let mut h = Headers::default();
+        for i in 0..200 {
+            h.push(format!("x-{i}").as_bytes(), b"v");
+        }
+        h.push(b"Connection", b"x-150, x-3");
+        h.push(b"te", b"trailers");
+        h.remove_hop_by_hop(false);
+        assert_eq!(h.len(), 198);
+        assert!(!h.contains(b"x-150") && !h.contains(b"x-3") && !h.contains(b"te"));
+        assert!(h.contains(b"x-149") && h.contains(b"x-199"));
     }
 }

@@ -115,7 +115,7 @@ async fn run(
     limit: Duration,
 ) {
     let deadline = Instant::now() + limit;
-    let done = monoio::time::timeout(
+    let done = keel_io::time::timeout(
         limit,
         exchange(&worker, &gen, cluster, &request, head_method, deadline),
     )

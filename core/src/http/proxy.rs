@@ -214,7 +214,7 @@ pub fn serve(
 ) -> impl std::future::Future<Output = ()> {
     worker.connection_opened();
     at.counters(worker.id).accepted.inc();
-    let _ = down.set_nodelay();
+    // TCP_NODELAY came from the listener (keel_io::listener::Acceptor).
     // The worker's idle sweeper closes the connection when no byte moves either way for
     // idleTimeout, between requests or in the middle of one (a client that stops reading).
     let idle = worker.idle.register(
@@ -333,7 +333,7 @@ async fn sniff_h2(c: &mut Conn) -> bool {
             c.idle.0.between_requests.set(false);
             r
         } else {
-            match monoio::time::timeout(timeout, c.down.fill(&c.idle.0.activity)).await {
+            match keel_io::time::timeout(timeout, c.down.fill(&c.idle.0.activity)).await {
                 Ok(r) => r,
                 Err(_) => return false,
             }
@@ -482,12 +482,11 @@ async fn read_request(
                 idle.between_requests.set(false);
                 r
             }
-            // Boxed: the timer exists only while a head arrives in pieces, not in the state every
-            // idle connection carries.
-            Some(d) => match Box::pin(monoio::time::timeout(
+            // keel_io's timeout boxes its timer: it exists only while a head arrives in pieces.
+            Some(d) => match keel_io::time::timeout(
                 d.saturating_duration_since(Instant::now()),
                 down.fill(activity),
-            ))
+            )
             .await
             {
                 Ok(r) => r,
@@ -927,7 +926,7 @@ pub(crate) async fn exchange<D: Downstream>(
             if share.hit(worker.rng().next_u64()) {
                 lstats.fault_delay.inc();
                 flags.insert(Flag::DelayInjected);
-                monoio::time::sleep(delay).await;
+                keel_io::time::sleep(delay).await;
             }
         }
         if let Some((abort, share)) = fault.abort {
@@ -1197,7 +1196,7 @@ pub(crate) async fn exchange<D: Downstream>(
             Some(d) => pause.min(d.saturating_duration_since(Instant::now())),
             None => pause,
         };
-        monoio::time::sleep(pause).await;
+        keel_io::time::sleep(pause).await;
     };
     mirror(&replay, &mut mirrored, true);
     log.with(|r| {
@@ -1336,12 +1335,13 @@ pub(crate) async fn exchange<D: Downstream>(
             kind: resp_body,
         },
     };
-    let copy = down.respond(&resp, source, out_body, activity, lstats, &progress);
+    let last = next == Next::Close;
+    let copy = down.respond(&resp, source, out_body, last, activity, lstats, &progress);
     // The route timeout covers the response body too: past it the response is cut off.
     let copied = match deadline {
         None => copy.await,
         Some(d) => {
-            match monoio::time::timeout(d.saturating_duration_since(Instant::now()), copy).await {
+            match keel_io::time::timeout(d.saturating_duration_since(Instant::now()), copy).await {
                 Ok(r) => r,
                 Err(_) => {
                     cstats.rq_timeout.inc();
@@ -1836,7 +1836,7 @@ async fn one_try<D: Downstream>(
         let acquired = match spec.deadline {
             None => acquired.await,
             Some(d) => {
-                match monoio::time::timeout(d.saturating_duration_since(now), acquired).await {
+                match keel_io::time::timeout(d.saturating_duration_since(now), acquired).await {
                     Ok(r) => r,
                     Err(_) => return Err(Failure::Timeout),
                 }
@@ -1939,7 +1939,8 @@ async fn within<T>(
     match limit {
         None => sent.await,
         Some((end, per_try)) => {
-            match monoio::time::timeout(end.saturating_duration_since(Instant::now()), sent).await {
+            match keel_io::time::timeout(end.saturating_duration_since(Instant::now()), sent).await
+            {
                 Ok(r) => r,
                 Err(_) if per_try => Err(Failure::PerTryTimeout),
                 Err(_) => Err(Failure::Timeout),
@@ -2254,32 +2255,7 @@ fn client_wants(head: &RequestHead) -> Next {
 
 /// Hop-by-hop fields (RFC 9110 §7.6.1) and those the message's Connection header names.
 fn strip_hop_by_hop(headers: &mut Headers, keep_upgrade: bool) {
-    let named: Vec<Vec<u8>> = headers
-        .get_all(b"connection")
-        .flat_map(|v| {
-            v.split(|b| *b == b',')
-                .map(|t| t.trim_ascii().to_ascii_lowercase())
-                .collect::<Vec<_>>()
-        })
-        .filter(|t| !(t.is_empty() || keep_upgrade && t == b"upgrade"))
-        .collect();
-    for name in named {
-        headers.remove(&name);
-    }
-    for name in [
-        &b"connection"[..],
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"trailer",
-        b"http2-settings",
-    ] {
-        headers.remove(name);
-    }
-    if !keep_upgrade {
-        headers.remove(b"upgrade");
-    }
+    headers.remove_hop_by_hop(keep_upgrade);
 }
 
 fn apply_ops(headers: &mut Headers, ops: &HeaderOps) {
@@ -2362,7 +2338,7 @@ fn rewrite_request(
     }
     h.remove(b"content-length");
     match body {
-        BodyKind::Length(n) => h.push(b"content-length", n.to_string().as_bytes()),
+        BodyKind::Length(n) => h.push(b"content-length", Decimal::of(n).as_bytes()),
         BodyKind::Chunked => h.push(b"transfer-encoding", b"chunked"),
         _ => {}
     }
@@ -2371,14 +2347,21 @@ fn rewrite_request(
     }
     // As Envoy: append the client's address to x-forwarded-for, default x-forwarded-proto, and make
     // sure every request carries an x-request-id.
-    let xff = match h.get(b"x-forwarded-for") {
-        Some(prev) => format!("{}, {peer}", String::from_utf8_lossy(prev)),
-        None => peer.to_string(),
-    };
-    h.set(b"x-forwarded-for", xff.as_bytes());
+    match h.get(b"x-forwarded-for") {
+        Some(prev) => {
+            let xff = format!("{}, {peer}", String::from_utf8_lossy(prev));
+            h.set(b"x-forwarded-for", xff.as_bytes());
+        }
+        None => {
+            // The usual case, without an allocation: an address fits in 45 bytes.
+            let mut buf = [0u8; 48];
+            let n = write_ip(peer, &mut buf);
+            h.set(b"x-forwarded-for", &buf[..n]);
+        }
+    }
     forwarded_security(h, scheme, client_cert);
     if !h.contains(b"x-request-id") {
-        h.push(b"x-request-id", request_id().as_bytes());
+        h.push(b"x-request-id", &request_id());
     }
     apply_ops(h, &route.request_headers);
     apply_ops(h, &target.request_headers);
@@ -2435,8 +2418,8 @@ fn rewrite_response(
     apply_ops(h, &target.response_headers);
 }
 
-/// A random version-4 UUID, as Envoy generates for x-request-id.
-fn request_id() -> String {
+/// A random version-4 UUID, as Envoy generates for x-request-id, in its 36-byte text form.
+fn request_id() -> [u8; 36] {
     thread_local! {
         static STATE: Cell<u64> = Cell::new(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64) | 1);
     }
@@ -2453,14 +2436,72 @@ fn request_id() -> String {
     let (a, b) = (next(), next());
     let b = (b & 0x3fff_ffff_ffff_ffff) | 0x8000_0000_0000_0000;
     let a = (a & 0xffff_ffff_ffff_0fff) | 0x0000_0000_0000_4000;
-    format!(
-        "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
-        a >> 32,
-        (a >> 16) & 0xffff,
-        a & 0xffff,
-        b >> 48,
-        b & 0xffff_ffff_ffff
-    )
+    // 8-4-4-4-12 hex digits: `a` gives the first 16, `b` the last 16.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [b'-'; 36];
+    let mut digit = 0;
+    for (i, slot) in out.iter_mut().enumerate() {
+        if matches!(i, 8 | 13 | 18 | 23) {
+            continue;
+        }
+        let word = if digit < 16 { a } else { b };
+        let shift = 60 - 4 * (digit % 16);
+        *slot = HEX[((word >> shift) & 0xf) as usize];
+        digit += 1;
+    }
+    out
+}
+
+/// Writes `ip` as text into `buf` (IPv4 by hand, the common case; IPv6 through `Display`) and
+/// returns its length.
+fn write_ip(ip: IpAddr, buf: &mut [u8; 48]) -> usize {
+    match ip {
+        IpAddr::V4(v4) => {
+            let mut n = 0;
+            for (i, octet) in v4.octets().into_iter().enumerate() {
+                if i > 0 {
+                    buf[n] = b'.';
+                    n += 1;
+                }
+                let digits = Decimal::of(u64::from(octet));
+                let digits = digits.as_bytes();
+                buf[n..n + digits.len()].copy_from_slice(digits);
+                n += digits.len();
+            }
+            n
+        }
+        IpAddr::V6(_) => {
+            let mut w = &mut buf[..];
+            let _ = std::io::Write::write_fmt(&mut w, format_args!("{ip}"));
+            48 - w.len()
+        }
+    }
+}
+
+/// A number's decimal digits on the stack, for header values built per request.
+struct Decimal {
+    digits: [u8; 20],
+    start: usize,
+}
+
+impl Decimal {
+    fn of(mut n: u64) -> Decimal {
+        let mut digits = [0u8; 20];
+        let mut start = digits.len();
+        loop {
+            start -= 1;
+            digits[start] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        Decimal { digits, start }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        &self.digits[self.start..]
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -2563,11 +2604,13 @@ pub(crate) async fn local_reply(
     }
     out.extend_from_slice(b"\r\n");
     out.extend_from_slice(body.as_bytes());
-    stream.write_all(&out).await?;
     if next == Next::Close {
-        // Let the client read the reply before the close: half-close, then give it a moment.
-        let _ = stream.shutdown_write().await;
-        let _ = monoio::time::timeout(Duration::from_millis(200), stream.readable()).await;
+        // Let the client read the reply before the close: half-close (the FIN with the reply),
+        // then give it a moment.
+        stream.write_final_vectored(&[&out]).await?;
+        let _ = keel_io::time::timeout(Duration::from_millis(200), stream.readable()).await;
+    } else {
+        stream.write_all(&out).await?;
     }
     Ok(())
 }
@@ -2575,6 +2618,54 @@ pub(crate) async fn local_reply(
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
+
+    #[test]
+    fn request_ids_are_version_4_uuids() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..1000 {
+            let id = super::request_id();
+            let text = std::str::from_utf8(&id).unwrap();
+            let groups: Vec<&str> = text.split('-').collect();
+            assert_eq!(
+                groups.iter().map(|g| g.len()).collect::<Vec<_>>(),
+                [8, 4, 4, 4, 12]
+            );
+            assert!(text
+                .bytes()
+                .all(|b| b == b'-' || b.is_ascii_digit() || (b'a'..=b'f').contains(&b)));
+            assert!(groups[2].starts_with('4'), "{text}");
+            assert!(
+                matches!(groups[3].as_bytes()[0], b'8' | b'9' | b'a' | b'b'),
+                "{text}"
+            );
+            assert!(seen.insert(text.to_string()));
+        }
+    }
+
+    #[test]
+    fn addresses_written_on_the_stack() {
+        for ip in [
+            "0.0.0.0",
+            "127.0.0.1",
+            "255.255.255.255",
+            "10.20.3.199",
+            "::1",
+            "2001:db8::8a2e:370:7334",
+            "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255",
+        ] {
+            let ip: std::net::IpAddr = ip.parse().unwrap();
+            let mut buf = [0u8; 48];
+            let n = super::write_ip(ip, &mut buf);
+            assert_eq!(&buf[..n], ip.to_string().as_bytes());
+        }
+    }
+
+    #[test]
+    fn decimals_on_the_stack() {
+        for n in [0u64, 7, 10, 1024, u64::MAX] {
+            assert_eq!(super::Decimal::of(n).as_bytes(), n.to_string().as_bytes());
+        }
+    }
 
     #[test]
     fn grpc_timeouts() {

@@ -201,7 +201,7 @@ pub(crate) async fn serve(
     if matches!(exit, Exit::Error(..) | Exit::Drained) {
         let _ = shared.transport.shutdown_write().await;
         let _ =
-            monoio::time::timeout(Duration::from_millis(200), shared.transport.readable()).await;
+            keel_io::time::timeout(Duration::from_millis(200), shared.transport.readable()).await;
     }
 }
 
@@ -1195,6 +1195,7 @@ impl Downstream for StreamHandle {
         resp: &ResponseHead,
         body: UpstreamBody<'_>,
         _out_body: BodyKind,
+        _last: bool,
         activity: &Cell<u32>,
         lstats: &ListenerCounters,
         progress: &Progress,
