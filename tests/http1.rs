@@ -752,6 +752,54 @@ fn an_early_upstream_answer_reaches_the_client() {
     assert!(head.contains("connection: close"), "{head}");
 }
 
+#[test]
+fn a_closing_response_arrives_whole_then_eof() {
+    // Keel sends the last response of a closing connection with its FIN (MSG_MORE, then a
+    // half-close): the client must get every byte and then EOF at once, for a proxied response
+    // and for one of Keel's own (502 for a host outside the registry).
+    let v1 = RecordingBackend::echo("v1");
+    let (_keel, port) = egress(&[(v1.addr, "v1")], "", "");
+    for (request, status) in [
+        (
+            "GET /closing HTTP/1.1\r\nHost: reviews\r\nConnection: close\r\n\r\n",
+            "200",
+        ),
+        (
+            "GET / HTTP/1.1\r\nHost: nowhere\r\nConnection: close\r\n\r\n",
+            "502",
+        ),
+        ("GET /old HTTP/1.0\r\nHost: reviews\r\n\r\n", "200"),
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(request.as_bytes()).unwrap();
+        let started = std::time::Instant::now();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).expect("no EOF after the response");
+        let took = started.elapsed();
+        let text = String::from_utf8_lossy(&got);
+        let (head, body) = text.split_once("\r\n\r\n").expect("a whole head");
+        assert!(head.starts_with(&format!("HTTP/1.1 {status}")), "{head}");
+        let length: usize = head
+            .lines()
+            .find_map(|l| {
+                l.to_ascii_lowercase()
+                    .strip_prefix("content-length: ")
+                    .map(str::to_string)
+            })
+            .expect("content-length")
+            .parse()
+            .unwrap();
+        assert_eq!(body.len(), length, "{text}");
+        // Keel's own replies wait up to 200 ms for the client after the half-close: the bytes and
+        // the FIN must not wait with them.
+        assert!(
+            took < Duration::from_millis(150),
+            "{request:?}: EOF after {took:?}"
+        );
+    }
+}
+
 /// GETs `path` with `headers`, expects 200, and returns the `x-backend` that answered.
 fn served_by(port: u16, path: &str, headers: &str) -> String {
     let (status, head, _) = get(port, path, headers);

@@ -17,7 +17,6 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::rc::Rc;
 use std::task::{Context, Poll, Waker};
 
-/// Which way a task waits.
 /// What a newly registered fd is assumed ready for, before any syscall or edge says more.
 ///
 /// Assuming "ready" costs one syscall when wrong (it returns EAGAIN and the socket parks);
@@ -48,6 +47,7 @@ impl Initial {
     };
 }
 
+/// Which way a task waits.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Direction {
     Read,
@@ -386,8 +386,7 @@ pub(crate) struct Registered {
 }
 
 impl Registered {
-    /// Registers `fd` (non-blocking) with the current thread's reactor; `connecting` starts it
-    /// not writable.
+    /// Registers `fd` (non-blocking) with the current thread's reactor, ready as `initial` says.
     pub(crate) fn new(fd: OwnedFd, initial: Initial) -> io::Result<Registered> {
         let reactor = current()?;
         let slot = reactor.register(fd.as_raw_fd(), initial)?;
@@ -685,6 +684,38 @@ mod tests {
             let mut sink = [0u8; 1];
             peer.set_nonblocking(true).unwrap();
             assert!(peer.read(&mut sink).is_err());
+        });
+    }
+
+    #[test]
+    fn a_final_write_delivers_every_byte_then_eof_with_no_stall() {
+        on_both_drivers(|| async {
+            // A small response (all of it held back by MSG_MORE until the shutdown) and one
+            // larger than the socket buffers (partial writes, waits for room, then a sub-MSS
+            // tail): each must arrive whole and then EOF, well before any timer could push it.
+            for (head, body) in [(100usize, 77usize), (333, (4 << 20) + 5)] {
+                let (ours, mut peer) = pair();
+                let head_bytes = vec![b'h'; head];
+                let body_bytes: Vec<u8> = (0..body).map(|i| (i % 251) as u8).collect();
+                let expected = [head_bytes.clone(), body_bytes.clone()].concat();
+                let reader = std::thread::spawn(move || {
+                    peer.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                    let mut got = Vec::new();
+                    let started = std::time::Instant::now();
+                    peer.read_to_end(&mut got).map(|_| (got, started.elapsed()))
+                });
+                within(
+                    "final write",
+                    ours.write_final_vectored(&[&head_bytes, &body_bytes]),
+                )
+                .await
+                .unwrap();
+                // The socket stays open on our side: the FIN came from the shutdown.
+                let (got, took) = reader.join().unwrap().expect("EOF did not come");
+                assert!(got == expected, "{} of {} bytes", got.len(), expected.len());
+                assert!(took < Duration::from_secs(1), "stalled for {took:?}");
+                drop(ours);
+            }
         });
     }
 

@@ -4,12 +4,13 @@
 //! a `Sleep` or `Timeout` inline is 128-byte aligned and padded to match, and every `Box` of such
 //! a future goes through posix_memalign (~4× the instructions of a malloc, on every request
 //! when the per-request future holds one). Here the timer is boxed on its own, and only when a
-//! deadline is actually armed.
+//! deadline is actually armed. For futures that are never boxed (a long-lived task's loop),
+//! monoio's own timers are as good.
 
 use std::future::Future;
 use std::pin::pin;
 use std::task::Poll;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The deadline passed before the future finished.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,11 +38,6 @@ pub async fn timeout<F: Future>(limit: Duration, f: F) -> Result<F::Output, Elap
     .await
 }
 
-/// [`timeout`] until `deadline`.
-pub async fn timeout_at<F: Future>(deadline: Instant, f: F) -> Result<F::Output, Elapsed> {
-    timeout(deadline.saturating_duration_since(Instant::now()), f).await
-}
-
 /// Waits for `d`, the timer boxed.
 pub async fn sleep(d: Duration) {
     Box::pin(monoio::time::sleep(d)).await
@@ -50,6 +46,7 @@ pub async fn sleep(d: Duration) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Instant;
 
     fn run<F: Future>(f: F) -> F::Output {
         monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()

@@ -417,7 +417,7 @@ impl Reader<'_> {
             let was_active = conn.active.get() > 0;
             let was_shut = conn.shut.get();
             let mut timer = deadline.map(|d| {
-                Box::pin(keel_io::time::sleep(
+                Box::pin(monoio::time::sleep(
                     d.saturating_duration_since(Instant::now()),
                 ))
             });

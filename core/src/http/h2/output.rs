@@ -134,13 +134,12 @@ impl Output {
         timeout: Duration,
     ) -> Result<(), SendError> {
         loop {
-            let n =
-                match keel_io::time::timeout(timeout, self.window_for(window, &gone, data.len()))
-                    .await
-                {
-                    Ok(r) => r?,
-                    Err(_) => return Err(SendError::WindowTimeout),
-                };
+            let n = match monoio::time::timeout(timeout, self.window_for(window, &gone, data.len()))
+                .await
+            {
+                Ok(r) => r?,
+                Err(_) => return Err(SendError::WindowTimeout),
+            };
             let (now, rest) = data.split_at(n);
             let last = rest.is_empty();
             self.push(|o| {
