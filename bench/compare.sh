@@ -28,6 +28,11 @@
 # telemetry: the access log to a file and tracing at TELEMETRY_SAMPLING percent (default 100) with
 # every span exported to a collector that takes them (the backend nginx answers 202). Compared
 # with each other, not with the peers.
+# h1-small, h1-close and tls-h1 also have a `floor` row: bench/floor_proxy.rs moves the bytes with one
+# recv and one send per message and nothing else (h1-close: backend connections reused, the request's
+# `Connection: close` line dropped, the client closed after Content-Length bytes) — the least CPU a
+# proxy using the socket API can spend per request there (not a contender: no parsing or routing).
+# tls-h1's floor row is the plaintext one: TLS moves the same segments and adds the crypto.
 # Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk,
 # h2load (nghttp2-client), taskset.
 set -euo pipefail
@@ -55,7 +60,7 @@ KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013 KEEL_SEC_HTTP=18014 KEEL_SEC
 KEEL_TEL_HTTP=18015 KEEL_TEL_ADMIN=18016 COLLECTOR=18017
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
 NGINX_H2C=18032 HAPROXY_H2C=18033
-BACKEND_H2C=18004 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
+BACKEND_H2C=18004 FLOOR_HTTP=18005 FLOOR_CLOSE_HTTP=18006 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
 IDLE_CONNS=${IDLE_CONNS:-5000}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
@@ -77,6 +82,7 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release -q --bin keel
+cargo build --release -q -p keel-bench --bin floor-proxy
 KEEL_BIN=$ROOT/target/release/keel
 
 mkdir -p "$WORK/www"
@@ -211,6 +217,14 @@ taskset -c 1 "$KEEL_BIN" run -c "$WORK/keel.yaml" --workers 1 --log-level warn $
 PIDS+=($!)
 KEEL_PID=$!
 
+# ---- the floors: bytes moved with one recv and one send per message and nothing else
+taskset -c 1 "$ROOT/target/release/floor-proxy" 127.0.0.1:$FLOOR_HTTP 127.0.0.1:$BACKEND >"$WORK/floor.log" 2>&1 &
+PIDS+=($!)
+FLOOR_PID=$!
+taskset -c 1 "$ROOT/target/release/floor-proxy" --close 127.0.0.1:$FLOOR_CLOSE_HTTP 127.0.0.1:$BACKEND >"$WORK/floor-close.log" 2>&1 &
+PIDS+=($!)
+FLOOR_CLOSE_PID=$!
+
 # ---- the second Keel, with security policy: an ES256 key, its JWKS and one token (PyJWT)
 # Debian's python3 (python3-jwt, python3-cryptography), whatever else is first on PATH.
 PYTHON3=/usr/bin/python3; [ -x "$PYTHON3" ] || PYTHON3=python3
@@ -316,7 +330,7 @@ taskset -c 1 "$KEEL_BIN" run -c "$WORK/keel-telemetry.yaml" --workers 1 --log-le
 PIDS+=($!)
 KEEL_TEL_PID=$!
 
-for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT $KEEL_HTTP $NGINX_HTTP $HAPROXY_HTTP $KEEL_TEL_HTTP; do
+for port in $BACKEND $KEEL_PORT $NGINX_PORT $HAPROXY_PORT $KEEL_HTTP $NGINX_HTTP $HAPROXY_HTTP $KEEL_TEL_HTTP $FLOOR_HTTP $FLOOR_CLOSE_HTTP; do
   for _ in $(seq 100); do curl -fs -o /dev/null "http://127.0.0.1:$port/1k" && break; sleep 0.05; done
   curl -fs -o /dev/null "http://127.0.0.1:$port/1k" || { echo "compare.sh: nothing answers on port $port" >&2; cat "$WORK"/*.log "$WORK"/*.err >&2 2>/dev/null; exit 1; }
 done
@@ -332,6 +346,8 @@ pids_of() {
     keel-sec) echo "$KEEL_SEC_PID" ;;
     keel-tel) echo "$KEEL_TEL_PID" ;;
     haproxy) echo "$HAPROXY_PID" ;;
+    floor) echo "$FLOOR_PID" ;;
+    floor-close) echo "$FLOOR_CLOSE_PID" ;;
     nginx) local m; m=$(cat "$WORK/nginx-proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
     direct) echo "" ;;
   esac
@@ -339,6 +355,7 @@ pids_of() {
 port_of() { # CONTENDER l4|http
   case $1-$2 in
     keel-l4) echo $KEEL_PORT ;; nginx-l4) echo $NGINX_PORT ;; haproxy-l4) echo $HAPROXY_PORT ;;
+    floor-http|floor-tls) echo $FLOOR_HTTP ;; floor-close-http) echo $FLOOR_CLOSE_HTTP ;;
     keel-http) echo $KEEL_HTTP ;; keel-sec-http) echo $KEEL_SEC_HTTP ;; keel-tel-http) echo $KEEL_TEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
     keel-tls) echo $KEEL_TLS ;; nginx-tls) echo $NGINX_TLS ;; haproxy-tls) echo $HAPROXY_TLS ;;
     keel-h2c) echo $KEEL_HTTP ;; nginx-h2c) echo $NGINX_H2C ;; haproxy-h2c) echo $HAPROXY_H2C ;;
@@ -354,6 +371,15 @@ cpu_ticks() {
     [ -r "/proc/$p/stat" ] || continue
     # Fields after the ")" of the command name: utime is the 12th, stime the 13th.
     total=$(( total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}') ))
+  done
+  echo "$total"
+}
+# utime alone, in clock ticks, summed over processes.
+user_ticks() {
+  local total=0 p
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] || continue
+    total=$(( total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12}') ))
   done
   echo "$total"
 }
@@ -374,45 +400,49 @@ run_one() {
     h1-security) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Authorization: Bearer $TOKEN") ;;
     h1-close) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Connection: close") ;;
     # The direct row of a TLS workload is plaintext (the backend has no TLS): a load reference only.
-    tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; [ "$who" = direct ] || scheme=https ;;
+    tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; case $who in direct|floor) ;; *) scheme=https ;; esac ;;
     tls-handshake) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=16; extra=(-H "Connection: close"); [ "$who" = direct ] || scheme=https ;;
   esac
   if [ "$workload" = h2c-small ] || [ "$workload" = h2c-h2 ]; then
     if [ "$workload" = h2c-small ]; then port=$(port_of "$who" h2c); else port=$(port_of "$who" h2h2); fi
     pids=$(pids_of "$who")
     # shellcheck disable=SC2086
-    c0=$(cpu_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
+    c0=$(cpu_ticks $pids); u0=$(user_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
     out=$(taskset -c 0 h2load -c 8 -m 16 -D "$DURATION" "http://127.0.0.1:$port/1k")
     # shellcheck disable=SC2086
-    c1=$(cpu_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
+    c1=$(cpu_ticks $pids); u1=$(user_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
     reqs=$(echo "$out" | awk '/^requests:/{print $8}')
     echo "$out" | grep -q " 0 failed" || echo "  warning: $who: $(echo "$out" | grep '^requests:')" >&2
     # h2load reports the mean and max time per request, not percentiles: shown as p50 and p99.
     p50=$(to_ms "$(echo "$out" | awk '/time for request:/{print $6}')")
     p99=$(to_ms "$(echo "$out" | awk '/time for request:/{print $5}')")
     awk -v who="$who" -v reqs="$reqs" -v cpu=$(( (c1 - c0) * TICK_US )) -v p50="$p50" -v p99="$p99" \
+        -v user=$(( (u1 - u0) * TICK_US )) \
         -v steal=$(( s1 - s0 )) -v tot=$(( t1 - t0 )) -v d="$DURATION" 'BEGIN {
       per = (reqs > 0) ? sprintf("%.1f", cpu / reqs) : "-"
-      printf "%s %d %.1f %.1f %s %.3f %.3f %.2f\n", who, reqs, reqs / d, reqs / d, per, p50, p99, (tot > 0 ? 100 * steal / tot : 0)
+      uper = (reqs > 0) ? sprintf("%.1f", user / reqs) : "-"
+      printf "%s %d %.1f %.1f %s %.3f %.3f %.2f %s\n", who, reqs, reqs / d, reqs / d, per, p50, p99, (tot > 0 ? 100 * steal / tot : 0), uper
     }' >> "$WORK/rows.$workload"
     return
   fi
   pids=$(pids_of "$who")
   # shellcheck disable=SC2086
-  c0=$(cpu_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
+  c0=$(cpu_ticks $pids); u0=$(user_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
   out=$(taskset -c 0 wrk -t1 -c"$conns" -d"${DURATION}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path")
   # shellcheck disable=SC2086
-  c1=$(cpu_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
+  c1=$(cpu_ticks $pids); u1=$(user_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
   reqs=$(echo "$out" | awk '/requests in/{print $1}')
   rps=$(echo "$out" | awk '/Requests\/sec/{print $2}')
   p50=$(to_ms "$(echo "$out" | awk '$1=="50%"{print $2}')")
   p99=$(to_ms "$(echo "$out" | awk '$1=="99%"{print $2}')")
   if echo "$out" | grep -q "Non-2xx\|Socket errors"; then echo "  warning: $who: $(echo "$out" | grep -E 'Non-2xx|Socket errors')" >&2; fi
   awk -v who="$who" -v reqs="$reqs" -v rps="$rps" -v ub="$unit_bytes" -v cpu=$(( (c1 - c0) * TICK_US )) \
+      -v user=$(( (u1 - u0) * TICK_US )) \
       -v p50="$p50" -v p99="$p99" -v steal=$(( s1 - s0 )) -v tot=$(( t1 - t0 )) -v d="$DURATION" 'BEGIN {
     units = (ub > 0) ? reqs * ub / 1048576 : reqs
     per = (who == "direct" || units == 0) ? "-" : sprintf("%.1f", cpu / units)
-    printf "%s %d %.1f %.1f %s %.3f %.3f %.2f\n", who, reqs, rps, units / d, per, p50, p99, (tot > 0 ? 100 * steal / tot : 0)
+    uper = (who == "direct" || units == 0) ? "-" : sprintf("%.1f", user / units)
+    printf "%s %d %.1f %.1f %s %.3f %.3f %.2f %s\n", who, reqs, rps, units / d, per, p50, p99, (tot > 0 ? 100 * steal / tot : 0), uper
   }' >> "$WORK/rows.$workload"
 }
 
@@ -475,9 +505,9 @@ report() {
     done
     return
   fi
-  echo "| proxy | req/s | ${unit}s/s | proxy CPU µs/$unit | vs best peer | p50 ms | p99 ms | steal % |"
-  echo "|---|---:|---:|---:|---:|---:|---:|---:|"
-  local peers="nginx haproxy" rows_of="direct keel nginx haproxy"
+  echo "| proxy | req/s | ${unit}s/s | proxy CPU µs/$unit | of which user | vs best peer | p50 ms | p99 ms | steal % |"
+  echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
+  local peers="nginx haproxy" rows_of="direct keel nginx haproxy floor floor-close"
   # h1-security compares Keel with policy against Keel without ("vs best peer" is vs plain Keel).
   [ "$workload" = h1-security ] && peers="keel" && rows_of="direct keel keel-sec"
   # h1-telemetry compares Keel with full telemetry against Keel with metrics only.
@@ -489,8 +519,9 @@ report() {
     [ -n "$rows" ] || continue
     cpu=$(echo "$rows" | awk '{print $5}' | median)
     ratio=$(awk -v c="$cpu" -v b="$best" 'BEGIN { if (c == "-" || b == "-" || b == 0) print "-"; else printf "%.2f×", c / b }')
-    printf "| %s | %s | %s | %s | %s | %s | %s | %s |\n" "$who" \
-      "$(echo "$rows" | awk '{print $3}' | median)" "$(echo "$rows" | awk '{print $4}' | median)" "$cpu" "$ratio" \
+    printf "| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n" "$who" \
+      "$(echo "$rows" | awk '{print $3}' | median)" "$(echo "$rows" | awk '{print $4}' | median)" "$cpu" \
+      "$(echo "$rows" | awk '{print $9}' | median)" "$ratio" \
       "$(echo "$rows" | awk '{print $6}' | median)" "$(echo "$rows" | awk '{print $7}' | median)" "$(echo "$rows" | awk '{print $8}' | median)"
   done
 }
@@ -511,6 +542,11 @@ for workload in "${WORKLOADS[@]}"; do
     contenders="keel nginx haproxy"
     [ "$workload" = h1-security ] && contenders="keel keel-sec"
     [ "$workload" = h1-telemetry ] && contenders="keel keel-tel"
+    # The floor row (bench/floor_proxy.rs): the least CPU any socket-API proxy can spend per request.
+    [ "$workload" = h1-small ] && contenders="keel nginx haproxy floor"
+    # tls-h1: the plaintext floor, since TLS moves the same segments and adds the crypto.
+    [ "$workload" = tls-h1 ] && contenders="keel nginx haproxy floor"
+    [ "$workload" = h1-close ] && contenders="keel nginx haproxy floor-close"
     for who in $contenders; do
       echo "  $workload round $round: $who" >&2
       if [ "$workload" = idle-mem ]; then idle_one "$who"; else run_one "$workload" "$who"; fi
