@@ -364,25 +364,19 @@ port_of() { # CONTENDER l4|http
   esac
 }
 rss_kib() { local total=0 p; for p in "$@"; do total=$(( total + $(awk '/^VmRSS:/{print $2}' "/proc/$p/status" 2>/dev/null || echo 0) )); done; echo "$total"; }
-# utime+stime in clock ticks, summed over processes.
-cpu_ticks() {
-  local total=0 p
+# proc_ticks AWK_EXPR PID... -> clock ticks summed over processes; after the ")" of the command name
+# utime is the 12th field, stime the 13th.
+proc_ticks() {
+  local expr=$1 total=0 p
+  shift
   for p in "$@"; do
     [ -r "/proc/$p/stat" ] || continue
-    # Fields after the ")" of the command name: utime is the 12th, stime the 13th.
-    total=$(( total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}') ))
+    total=$(( total + $(sed 's/.*) //' "/proc/$p/stat" | awk "{print $expr}") ))
   done
   echo "$total"
 }
-# utime alone, in clock ticks, summed over processes.
-user_ticks() {
-  local total=0 p
-  for p in "$@"; do
-    [ -r "/proc/$p/stat" ] || continue
-    total=$(( total + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12}') ))
-  done
-  echo "$total"
-}
+cpu_ticks() { proc_ticks '$12 + $13' "$@"; }   # utime + stime
+user_ticks() { proc_ticks '$12' "$@"; }        # utime alone
 steal_ticks() { awk '/^cpu /{print $9}' /proc/stat; }
 total_ticks() { awk '/^cpu /{s=0; for (i=2;i<=NF;i++) s+=$i; print s}' /proc/stat; }
 to_ms() { # wrk latency like 1.23ms, 850.00us, 1.02s
