@@ -115,41 +115,7 @@ pub struct Key {
     pub grpc_status: Option<u16>,
 }
 
-/// A multiply-rotate hasher for the small integer keys of the per-request lookups: a few cycles
-/// where SipHash (the default, built against hash flooding by untrusted keys) takes tens of ns.
-/// The keys are Keel's own fingerprints, not attacker-chosen strings.
-#[derive(Default, Clone, Copy)]
-pub struct KeyHasher(u64);
-
-impl std::hash::Hasher for KeyHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.write_u64(u64::from(*b));
-        }
-    }
-
-    fn write_u64(&mut self, n: u64) {
-        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
-    }
-
-    fn write_u32(&mut self, n: u32) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u16(&mut self, n: u16) {
-        self.write_u64(u64::from(n));
-    }
-
-    fn write_u8(&mut self, n: u8) {
-        self.write_u64(u64::from(n));
-    }
-}
-
-type FastMap<K, V> = HashMap<K, V, std::hash::BuildHasherDefault<KeyHasher>>;
+use crate::fast_hash::FastMap;
 
 /// One worker's series, and the slot it publishes them to.
 #[derive(Default)]

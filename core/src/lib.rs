@@ -14,6 +14,7 @@ pub mod capture;
 pub mod config;
 pub mod dns;
 pub mod downstream_tls;
+pub mod fast_hash;
 pub mod fleet;
 pub mod generation;
 pub mod handover;

@@ -17,6 +17,15 @@ struct Entry {
     removed: bool,
 }
 
+/// Room (bytes, fields) left in a request's header list for what the proxy adds
+/// (x-forwarded-for, x-forwarded-proto, x-request-id, a content-length), so that the list grows
+/// in place instead of reallocating both its vectors on every request.
+pub const REQUEST_HEADROOM: (usize, usize) = (160, 6);
+
+/// Room (bytes, fields) left in a response's header list for what the proxy adds
+/// (connection: close, transfer-encoding: chunked).
+pub const RESPONSE_HEADROOM: (usize, usize) = (48, 2);
+
 impl Headers {
     pub fn with_capacity(bytes: usize, count: usize) -> Headers {
         Headers {

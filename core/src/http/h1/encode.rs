@@ -18,14 +18,27 @@ pub fn request(head: &RequestHead, out: &mut Vec<u8>) {
 
 /// Writes `head` as an HTTP/1.1 response.
 pub fn response(head: &ResponseHead, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let _ = write!(out, "HTTP/1.1 {} ", head.status);
+    out.extend_from_slice(b"HTTP/1.1 ");
+    status_code(head.status, out);
+    out.push(b' ');
     out.extend_from_slice(head.reason.as_bytes());
     out.extend_from_slice(b"\r\n");
     for (name, value) in head.headers.iter() {
         field(name, value, out);
     }
     out.extend_from_slice(b"\r\n");
+}
+
+/// Writes a status code's digits: three of them for every code Keel sends (100–999, what the
+/// parser accepts and local replies use), without the formatting machinery on every response.
+fn status_code(status: u16, out: &mut Vec<u8>) {
+    if (100..=999).contains(&status) {
+        let digit = |d: u16| b'0' + (d % 10) as u8;
+        out.extend_from_slice(&[digit(status / 100), digit(status / 10), digit(status)]);
+    } else {
+        use std::io::Write;
+        let _ = write!(out, "{status}");
+    }
 }
 
 fn field(name: &[u8], value: &[u8], out: &mut Vec<u8>) {
@@ -67,5 +80,21 @@ pub fn reason(status: u16) -> &'static str {
         504 => "Gateway Timeout",
         505 => "HTTP Version Not Supported",
         _ => "Unknown",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::status_code;
+
+    #[test]
+    fn status_codes_are_written_as_their_digits() {
+        for status in [
+            0u16, 7, 42, 100, 101, 200, 204, 304, 404, 503, 599, 999, 1000, 65535,
+        ] {
+            let mut out = Vec::new();
+            status_code(status, &mut out);
+            assert_eq!(out, status.to_string().as_bytes(), "{status}");
+        }
     }
 }

@@ -13,6 +13,7 @@
 //! else. A GOAWAY from the peer stops new streams; those it did not take are refused (safe to
 //! retry), the others finish.
 
+use crate::fast_hash::FastMap;
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::future::{poll_fn, Future};
@@ -37,7 +38,7 @@ use crate::http::body::{BodySink, CopyError};
 use crate::http::conn::ReadBuf;
 use crate::http::h1::{encode, BodyKind};
 use crate::http::head::{RequestHead, ResponseHead, Version};
-use crate::http::headers::Headers;
+use crate::http::headers::{Headers, RESPONSE_HEADROOM};
 use crate::http::pool::PoolKey;
 
 /// Streams reserved on a connection before the peer's SETTINGS say how many it takes (RFC 9113
@@ -80,7 +81,7 @@ pub(crate) struct ClientConn {
     ready_waiters: RefCell<Vec<Waker>>,
     recv: RecvWindow,
     stream_window: u32,
-    streams: RefCell<HashMap<u32, Rc<StreamState>>>,
+    streams: RefCell<FastMap<u32, Rc<StreamState>>>,
     next_id: Cell<u32>,
     /// Streams reserved or open.
     active: Cell<u32>,
@@ -162,7 +163,7 @@ impl ClientConn {
             ready_waiters: RefCell::new(Vec::new()),
             recv: RecvWindow::new(settings.limits.connection_window),
             stream_window: settings.limits.stream_window,
-            streams: RefCell::new(HashMap::new()),
+            streams: RefCell::new(FastMap::default()),
             next_id: Cell::new(1),
             active: Cell::new(0),
             reserved_total: Cell::new(0),
@@ -654,7 +655,7 @@ impl Reader<'_> {
         end_stream: bool,
         block: &[u8],
     ) -> Result<(), FrameError> {
-        let mut fields = Headers::with_capacity(block.len() * 2, 16);
+        let mut fields = Headers::with_capacity(hpack::decoded_capacity(block.len()), 16);
         let decoded = self
             .decoder
             .decode(block, MAX_RESPONSE_HEADERS, |n, v| fields.push_raw(n, v));
@@ -1068,7 +1069,8 @@ impl Drop for ClientStream {
 /// in a value; returns the content-length too.
 fn response_head(fields: Headers) -> Result<(ResponseHead, Option<u64>), &'static str> {
     let mut status = None;
-    let mut headers = Headers::with_capacity(fields.byte_len(), fields.len());
+    let (bytes, count) = RESPONSE_HEADROOM;
+    let mut headers = Headers::with_capacity(fields.byte_len() + bytes, fields.len() + count);
     let mut content_length = None;
     let mut regular_seen = false;
     for (n, v) in fields.iter() {

@@ -283,6 +283,13 @@ fn string(block: &[u8], at: &mut usize, buf: &mut Vec<u8>) -> Result<(), HpackEr
     Ok(())
 }
 
+/// Bytes to set aside for the names and values a `block_len`-byte header block decodes to. A
+/// block that indexes the dynamic table decodes to many times its size (a repeated request's
+/// ~20 bytes to ~150), so a multiple of the block alone would regrow the list per request.
+pub fn decoded_capacity(block_len: usize) -> usize {
+    block_len * 2 + 256
+}
+
 /// Appends an integer with an `n`-bit prefix; `flags` holds the bits above the prefix.
 pub fn encode_integer(value: usize, n: u32, flags: u8, out: &mut Vec<u8>) {
     let max_prefix = (1usize << n) - 1;
@@ -313,19 +320,73 @@ pub fn encode_string(s: &[u8], out: &mut Vec<u8>) {
 
 /// Static-table index of `name` with `value` (exact), or of `name` alone.
 fn static_index(name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>) {
-    let mut name_only = None;
-    for (i, (n, v)) in STATIC_TABLE.iter().enumerate() {
-        if n.as_bytes() == name {
-            if v.as_bytes() == value {
-                return (Some(i + 1), Some(i + 1));
-            }
-            name_only.get_or_insert(i + 1);
-        } else if name_only.is_some() {
-            // Entries of one name are adjacent.
-            break;
-        }
-    }
-    (None, name_only)
+    let Some((first, count)) = static_name(name) else {
+        return (None, None);
+    };
+    // Entries of one name are adjacent; only pseudo-header entries carry values.
+    let exact = (first..first + count).find(|&i| STATIC_TABLE[i - 1].1.as_bytes() == value);
+    (exact, Some(first))
+}
+
+/// The first static-table index (1-based) of `name` and how many entries carry it: one match on
+/// the name instead of a scan of the 61 entries, for every field of every block encoded.
+fn static_name(name: &[u8]) -> Option<(usize, usize)> {
+    let found = match name {
+        b":authority" => (1, 1),
+        b":method" => (2, 2),
+        b":path" => (4, 2),
+        b":scheme" => (6, 2),
+        b":status" => (8, 7),
+        b"accept-charset" => (15, 1),
+        b"accept-encoding" => (16, 1),
+        b"accept-language" => (17, 1),
+        b"accept-ranges" => (18, 1),
+        b"accept" => (19, 1),
+        b"access-control-allow-origin" => (20, 1),
+        b"age" => (21, 1),
+        b"allow" => (22, 1),
+        b"authorization" => (23, 1),
+        b"cache-control" => (24, 1),
+        b"content-disposition" => (25, 1),
+        b"content-encoding" => (26, 1),
+        b"content-language" => (27, 1),
+        b"content-length" => (28, 1),
+        b"content-location" => (29, 1),
+        b"content-range" => (30, 1),
+        b"content-type" => (31, 1),
+        b"cookie" => (32, 1),
+        b"date" => (33, 1),
+        b"etag" => (34, 1),
+        b"expect" => (35, 1),
+        b"expires" => (36, 1),
+        b"from" => (37, 1),
+        b"host" => (38, 1),
+        b"if-match" => (39, 1),
+        b"if-modified-since" => (40, 1),
+        b"if-none-match" => (41, 1),
+        b"if-range" => (42, 1),
+        b"if-unmodified-since" => (43, 1),
+        b"last-modified" => (44, 1),
+        b"link" => (45, 1),
+        b"location" => (46, 1),
+        b"max-forwards" => (47, 1),
+        b"proxy-authenticate" => (48, 1),
+        b"proxy-authorization" => (49, 1),
+        b"range" => (50, 1),
+        b"referer" => (51, 1),
+        b"refresh" => (52, 1),
+        b"retry-after" => (53, 1),
+        b"server" => (54, 1),
+        b"set-cookie" => (55, 1),
+        b"strict-transport-security" => (56, 1),
+        b"transfer-encoding" => (57, 1),
+        b"user-agent" => (58, 1),
+        b"vary" => (59, 1),
+        b"via" => (60, 1),
+        b"www-authenticate" => (61, 1),
+        _ => return None,
+    };
+    Some(found)
 }
 
 /// Credentials: never indexed, by us or by any intermediary (§7.1.3).
@@ -381,7 +442,25 @@ pub struct Encoder {
     table: DynamicTable,
     /// A size change to announce at the start of the next block (§4.2, §6.3).
     pending_size: Option<usize>,
+    /// The last literal sent for each field that is never indexed but often repeats.
+    memo: Vec<LiteralMemo>,
 }
+
+/// A literal field's encoding, kept to be copied the next time the same value goes out: a
+/// response's `date` within its second, a resource's `etag` and `last-modified`. Only for
+/// fields named by the static table, whose encoding does not depend on the dynamic table.
+#[derive(Debug)]
+struct LiteralMemo {
+    name_index: usize,
+    value: Vec<u8>,
+    encoded: Vec<u8>,
+}
+
+/// How many field names an encoder remembers a literal for.
+const LITERAL_MEMOS: usize = 8;
+
+/// Values longer than this are encoded each time rather than remembered.
+const LITERAL_MEMO_MAX: usize = 128;
 
 impl Default for Encoder {
     fn default() -> Encoder {
@@ -391,6 +470,7 @@ impl Default for Encoder {
                 ..Default::default()
             },
             pending_size: None,
+            memo: Vec::new(),
         }
     }
 }
@@ -437,10 +517,48 @@ impl Encoder {
         let index = !sensitive
             && !is_volatile(name)
             && name.len() + value.len() + ENTRY_OVERHEAD <= self.table.max / 4;
-        literal(name, static_name.or(dynamic_name), value, index, out);
         if index {
+            literal(name, static_name.or(dynamic_name), value, true, out);
             self.table.insert(name, value);
+            return;
         }
+        match static_name {
+            Some(name_index) if !sensitive && value.len() <= LITERAL_MEMO_MAX => {
+                self.memo_literal(name, name_index, value, out)
+            }
+            _ => literal(name, static_name.or(dynamic_name), value, false, out),
+        }
+    }
+
+    /// A literal without indexing named by the static table, copied from the last one sent
+    /// for that name when the value is the same, else encoded and remembered.
+    fn memo_literal(&mut self, name: &[u8], name_index: usize, value: &[u8], out: &mut Vec<u8>) {
+        let slot = self.memo.iter().position(|m| m.name_index == name_index);
+        if let Some(m) = slot.map(|i| &self.memo[i]) {
+            if m.value == value {
+                out.extend_from_slice(&m.encoded);
+                return;
+            }
+        }
+        let start = out.len();
+        literal(name, Some(name_index), value, false, out);
+        let m = match slot {
+            Some(i) => &mut self.memo[i],
+            None if self.memo.len() < LITERAL_MEMOS => {
+                self.memo.push(LiteralMemo {
+                    name_index,
+                    value: Vec::new(),
+                    encoded: Vec::new(),
+                });
+                let last = self.memo.len() - 1;
+                &mut self.memo[last]
+            }
+            None => return,
+        };
+        m.value.clear();
+        m.value.extend_from_slice(value);
+        m.encoded.clear();
+        m.encoded.extend_from_slice(&out[start..]);
     }
 }
 
@@ -465,6 +583,29 @@ fn is_volatile(name: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The name match agrees with the table itself, entry by entry, and knows no other name.
+    #[test]
+    fn static_lookup_agrees_with_the_table() {
+        for (i, (name, value)) in STATIC_TABLE.iter().enumerate() {
+            let first = STATIC_TABLE
+                .iter()
+                .position(|(n, _)| n == name)
+                .map(|p| p + 1);
+            let count = STATIC_TABLE.iter().filter(|(n, _)| n == name).count();
+            assert_eq!(
+                static_name(name.as_bytes()),
+                first.map(|f| (f, count)),
+                "{name}"
+            );
+            let exact = static_index(name.as_bytes(), value.as_bytes()).0;
+            assert_eq!(exact, Some(i + 1), "{name}: {value}");
+            assert_eq!(static_index(name.as_bytes(), b"\x01other"), (None, first));
+        }
+        for unknown in [&b""[..], b"x-request-id", b":statu", b"dates", b"Server"] {
+            assert_eq!(static_name(unknown), None);
+        }
+    }
 
     /// RFC 7541 C.4: three requests on one connection, with Huffman coding and the dynamic table.
     #[test]
@@ -529,6 +670,18 @@ mod tests {
                     format!("value-{}", round % 13),
                 ),
                 ("server".into(), "keel".into()),
+                // Literals remembered between blocks: the same, then a new value.
+                (
+                    "date".into(),
+                    format!("Sun, 06 Dec 2026 17:{:02}:00 GMT", round / 10),
+                ),
+                ("etag".into(), "\"6b159cdd-400\"".into()),
+                ("content-length".into(), format!("{}", 1000 + round % 3)),
+                // Too large to index, under more names than an encoder remembers.
+                (
+                    STATIC_TABLE[14 + (round % 12) as usize].0.into(),
+                    "v".repeat(100 + (round % 2) as usize),
+                ),
             ];
             let mut out = Vec::new();
             enc.begin(&mut out);
@@ -544,6 +697,24 @@ mod tests {
                 .collect();
             assert_eq!(got, want, "round {round}");
             assert!(enc.table.size <= enc.table.max);
+            // A remembered literal is byte for byte what encoding it again gives.
+            for (n, v) in &fields[6..] {
+                let (mut fresh, mut again) = (Vec::new(), Vec::new());
+                literal(
+                    n.as_bytes(),
+                    static_name(n.as_bytes()).map(|f| f.0),
+                    v.as_bytes(),
+                    false,
+                    &mut fresh,
+                );
+                enc.memo_literal(
+                    n.as_bytes(),
+                    static_name(n.as_bytes()).unwrap().0,
+                    v.as_bytes(),
+                    &mut again,
+                );
+                assert_eq!(fresh, again, "round {round}: {n}");
+            }
         }
         // A repeated response costs a byte a field once indexed.
         let mut enc = Encoder::default();

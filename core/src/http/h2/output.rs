@@ -91,32 +91,45 @@ impl Output {
         self.wake_senders();
     }
 
-    /// Waits until some of `want` bytes may go on a stream whose send window is `window` (both
-    /// windows open, room in the output) and says how many: at least one, unless `want` is 0.
+    /// How many of `want` bytes may go now on a stream whose send window is `window` (both
+    /// windows open, room in the output): at least one, unless `want` is 0; None to wait.
+    fn window_now(
+        &self,
+        window: &Cell<i64>,
+        gone: &impl Fn() -> bool,
+        want: usize,
+    ) -> Option<Result<usize, SendError>> {
+        if self.closed.get() || gone() {
+            return Some(Err(SendError::Gone));
+        }
+        if want == 0 {
+            return Some(Ok(0));
+        }
+        let max_frame = self.peer.get().max_frame_size as i64;
+        let allowed = window
+            .get()
+            .min(self.send_window.get())
+            .min(max_frame)
+            .min(want as i64);
+        if allowed > 0 && self.out.borrow().len() < OUTPUT_HIGH_WATER {
+            return Some(Ok(allowed as usize));
+        }
+        None
+    }
+
+    /// Waits until [`Self::window_now`] lets some of `want` bytes go, and says how many.
     async fn window_for(
         &self,
         window: &Cell<i64>,
         gone: &impl Fn() -> bool,
         want: usize,
     ) -> Result<usize, SendError> {
-        poll_fn(|cx| {
-            if self.closed.get() || gone() {
-                return Poll::Ready(Err(SendError::Gone));
+        poll_fn(|cx| match self.window_now(window, gone, want) {
+            Some(r) => Poll::Ready(r),
+            None => {
+                self.send_waiters.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
             }
-            if want == 0 {
-                return Poll::Ready(Ok(0));
-            }
-            let max_frame = self.peer.get().max_frame_size as i64;
-            let allowed = window
-                .get()
-                .min(self.send_window.get())
-                .min(max_frame)
-                .min(want as i64);
-            if allowed > 0 && self.out.borrow().len() < OUTPUT_HIGH_WATER {
-                return Poll::Ready(Ok(allowed as usize));
-            }
-            self.send_waiters.borrow_mut().push(cx.waker().clone());
-            Poll::Pending
         })
         .await
     }
@@ -134,11 +147,22 @@ impl Output {
         timeout: Duration,
     ) -> Result<(), SendError> {
         loop {
-            let n = match monoio::time::timeout(timeout, self.window_for(window, &gone, data.len()))
-                .await
-            {
-                Ok(r) => r?,
-                Err(_) => return Err(SendError::WindowTimeout),
+            // Most sends find the windows open: the timer (boxed, so that monoio's 128-byte
+            // aligned entry does not make every stream's task 128-byte aligned and its spawn a
+            // posix_memalign) is armed only for a real wait.
+            let n = match self.window_now(window, &gone, data.len()) {
+                Some(r) => r?,
+                None => {
+                    match keel_io::time::timeout(
+                        timeout,
+                        self.window_for(window, &gone, data.len()),
+                    )
+                    .await
+                    {
+                        Ok(r) => r?,
+                        Err(_) => return Err(SendError::WindowTimeout),
+                    }
+                }
             };
             let (now, rest) = data.split_at(n);
             let last = rest.is_empty();

@@ -10,8 +10,9 @@
 //! bytes leave. Responses are sent as the peer's windows allow, and stall (up to
 //! `sendWindowTimeout`) while they are shut.
 
+use crate::fast_hash::FastMap;
 use std::cell::{Cell, RefCell};
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::net::SocketAddr;
@@ -35,7 +36,7 @@ use crate::http::conn::{BufferedStream, ReadBuf};
 use crate::http::downstream::{Downstream, Progress};
 use crate::http::h1::BodyKind;
 use crate::http::head::{RequestHead, ResponseHead, Version};
-use crate::http::headers::Headers;
+use crate::http::headers::{Headers, REQUEST_HEADROOM};
 use crate::http::proxy::{exchange, Next};
 use crate::idle::IdleEntry;
 use crate::stats::{H2Event, ListenerCounters};
@@ -66,7 +67,7 @@ struct Shared {
     encoder: RefCell<hpack::Encoder>,
     /// What the peer may still send on the connection.
     recv: RecvWindow,
-    streams: RefCell<HashMap<u32, Rc<StreamState>>>,
+    streams: RefCell<FastMap<u32, Rc<StreamState>>>,
     /// Wakes the reader when the last stream ends after a GOAWAY either way.
     reader: Cell<Option<Waker>>,
 }
@@ -145,7 +146,7 @@ pub(crate) async fn serve(
         io: Output::new(),
         encoder: RefCell::new(hpack::Encoder::default()),
         recv: RecvWindow::new(limits.connection_window),
-        streams: RefCell::new(HashMap::new()),
+        streams: RefCell::new(FastMap::default()),
         reader: Cell::new(None),
     });
     let http = at.gen.snapshot.proxy.http;
@@ -646,7 +647,7 @@ impl Connection {
         let listener = at.state.clone();
         let lstats = &listener.stats.slots[self.worker.id];
         // Decoded whatever happens next: the table must stay in step with the client's.
-        let mut fields = Headers::with_capacity(block.len() * 2, 16);
+        let mut fields = Headers::with_capacity(hpack::decoded_capacity(block.len()), 16);
         let decoded = self
             .decoder
             .decode(block, self.max_list, |n, v| fields.push_raw(n, v));
@@ -817,7 +818,8 @@ fn request_head(
     let mut scheme = None;
     let mut path = None;
     let mut authority = None;
-    let mut headers = Headers::with_capacity(fields.byte_len(), fields.len());
+    let (bytes, count) = REQUEST_HEADROOM;
+    let mut headers = Headers::with_capacity(fields.byte_len() + bytes, fields.len() + count);
     let mut cookies: Vec<u8> = Vec::new();
     let mut content_length: Option<u64> = None;
     let mut host = None;
