@@ -323,7 +323,7 @@ fn static_index(name: &[u8], value: &[u8]) -> (Option<usize>, Option<usize>) {
     let Some((first, count)) = static_name(name) else {
         return (None, None);
     };
-    // Entries of one name are adjacent; only pseudo-header entries carry values.
+    // Entries of one name are adjacent; few carry a value (pseudo-headers, accept-encoding).
     let exact = (first..first + count).find(|&i| STATIC_TABLE[i - 1].1.as_bytes() == value);
     (exact, Some(first))
 }
