@@ -2,8 +2,10 @@
 //!
 //! SipHash, std's default, is built against hash flooding by untrusted keys and costs tens of ns
 //! per lookup; these maps are keyed by Keel's own fingerprints (metric series) or by HTTP/2 stream
-//! ids, which a peer picks but can hold only as many of at once as its concurrent-stream limit
-//! allows, so a collision costs at most a scan of that many entries.
+//! ids. A peer picks its stream ids, and could space them so that their hashes share low bits,
+//! but it can hold only as many at once as `http2.maxConcurrentStreams` allows (1024 by
+//! default): the worst lookup then probes that many entries' control bytes, 16 at a time (the
+//! high bits, which the table also compares, still differ), a bounded cost and no growth.
 
 use std::collections::HashMap;
 
@@ -63,5 +65,20 @@ mod tests {
         assert!((1u32..2000)
             .step_by(2)
             .all(|id| map.get(&id) == Some(&(id * 2))));
+    }
+
+    /// Ids a peer spaces to share their hashes' low bits still spread over the high bits the
+    /// table compares in each probe group, so a lookup among them is not a full comparison each.
+    #[test]
+    fn spaced_stream_ids_keep_distinct_high_bits() {
+        use std::hash::{BuildHasher, BuildHasherDefault};
+        let build = BuildHasherDefault::<KeyHasher>::default();
+        for shift in [10u32, 16, 20] {
+            let tags: std::collections::HashSet<u64> = (0..1024u32)
+                .map(|k| (1 + (k << shift)) & 0x7fff_ffff)
+                .map(|id| build.hash_one(id) >> 57)
+                .collect();
+            assert!(tags.len() >= 64, "spacing 2^{shift}: {} tags", tags.len());
+        }
     }
 }

@@ -1,0 +1,158 @@
+//! The floor proxy forwards exactly what a proxy must, or the `floor` rows of compare.sh measure
+//! something else: bytes unchanged both ways on a kept-alive pair, and in `--close` mode the one
+//! edit (no `Connection: close` upstream, one added downstream), the client closed after the
+//! response, and the backend connection reused.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const BODY: &[u8] = b"0123456789abcdef";
+
+/// A backend that answers every request head with a fixed response, and reports each request it
+/// read and each connection it accepted.
+fn backend() -> (u16, mpsc::Receiver<Vec<u8>>, mpsc::Receiver<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let (requests, requests_rx) = mpsc::channel();
+    let (accepted, accepted_rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let _ = accepted.send(());
+            let requests = requests.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        let _ = requests.send(head);
+                        let mut response =
+                            format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", BODY.len())
+                                .into_bytes();
+                        response.extend_from_slice(BODY);
+                        if conn.write_all(&response).is_err() {
+                            return;
+                        }
+                    }
+                    match conn.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (port, requests_rx, accepted_rx)
+}
+
+struct Floor(Child);
+
+impl Drop for Floor {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn start(close: bool, backend: u16) -> (Floor, u16) {
+    let port = free_port();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_floor-proxy"));
+    if close {
+        cmd.arg("--close");
+    }
+    let child = cmd
+        .arg(format!("127.0.0.1:{port}"))
+        .arg(format!("127.0.0.1:{backend}"))
+        .spawn()
+        .unwrap();
+    let floor = Floor(child);
+    for _ in 0..100 {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return (floor, port);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("floor-proxy did not listen on {port}");
+}
+
+fn connect(port: u16) -> TcpStream {
+    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s
+}
+
+/// Reads one response (head and Content-Length body).
+fn read_response(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut byte = [0u8; 1];
+    while !got.ends_with(b"\r\n\r\n") {
+        assert_eq!(s.read(&mut byte).unwrap(), 1, "EOF inside a head: {got:?}");
+        got.push(byte[0]);
+    }
+    let mut body = vec![0u8; BODY.len()];
+    s.read_exact(&mut body).unwrap();
+    got.extend_from_slice(&body);
+    got
+}
+
+#[test]
+fn keep_alive_pairs_forward_bytes_unchanged() {
+    let (backend_port, requests, _) = backend();
+    let (_floor, port) = start(false, backend_port);
+    let mut client = connect(port);
+    for path in ["/a", "/b"] {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\nX-Any: 1\r\n\r\n");
+        client.write_all(request.as_bytes()).unwrap();
+        let response = read_response(&mut client);
+        assert!(response.starts_with(b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n"));
+        assert!(response.ends_with(BODY));
+        let seen = requests.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(seen, request.as_bytes());
+    }
+}
+
+#[test]
+fn close_mode_edits_the_connection_field_closes_the_client_and_reuses_the_backend() {
+    let (backend_port, requests, accepted) = backend();
+    let (_floor, port) = start(true, backend_port);
+    // start() probed the listener with connections of its own; each was paired with a backend
+    // connection, closed with it.
+    std::thread::sleep(Duration::from_millis(100));
+    while accepted.try_recv().is_ok() {}
+    for _ in 0..3 {
+        let mut client = connect(port);
+        client
+            .write_all(b"GET /x HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let response = read_response(&mut client);
+        assert_eq!(
+            &response[..],
+            &[
+                &b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\nConnection: close\r\n\r\n"[..],
+                BODY
+            ]
+            .concat()[..]
+        );
+        let mut rest = Vec::new();
+        client.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "bytes after the response: {rest:?}");
+        let _ = client.shutdown(Shutdown::Both);
+        let seen = requests.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(seen, b"GET /x HTTP/1.1\r\nHost: h\r\n\r\n");
+    }
+    // One backend connection served all three clients.
+    assert!(accepted.recv_timeout(Duration::from_secs(1)).is_ok());
+    assert!(accepted.recv_timeout(Duration::from_millis(200)).is_err());
+}
