@@ -13,8 +13,11 @@
 #
 # Environment: ROUNDS (3), DURATION seconds per run (10), CONNS wrk connections (8),
 #              KEEL_ARGS extra `keel run` arguments (e.g. "--io-driver epoll"),
+#              NGINX_TLS_EXTRA directives for nginx's TLS server (see below),
 #              KEEL_ACCESS_LOG a file for Keel's access log (off by default),
 #              KEEL_TRACING a sampling percentage to turn tracing on (off by default).
+# tls-handshake: one request per connection (Connection: close), each a full TLS 1.3 handshake, from
+# bench/handshake_load.rs (16 connections; wrk resumes sessions, so it is not used there).
 # h2c-small: h2load, 8 connections × 16 streams, 1 KiB responses, HTTP/2 with prior knowledge to
 # each proxy and HTTP/1.1 from each proxy to the backend (Keel's upstream is HTTP/1.1 for now; nginx
 # proxies over HTTP/1.1 only; HAProxy is given the same to compare like with like).
@@ -42,6 +45,9 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-8}
 KEEL_ARGS=${KEEL_ARGS:-}
+# NGINX_TLS_EXTRA: directives added to nginx's TLS server, e.g. to give it Keel's suite
+# ("ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;": nginx follows the client's order).
+NGINX_TLS_EXTRA=${NGINX_TLS_EXTRA:-}
 # KEEL_ACCESS_LOG=PATH turns Keel's access log on (Istio's text format) to measure its cost.
 ACCESS_LOG_YAML=""
 [ -n "${KEEL_ACCESS_LOG:-}" ] && ACCESS_LOG_YAML="  telemetry: { accessLog: { path: $KEEL_ACCESS_LOG } }"
@@ -82,7 +88,7 @@ cleanup() {
 trap cleanup EXIT
 
 cargo build --release -q --bin keel
-cargo build --release -q -p keel-bench --bin floor-proxy
+cargo build --release -q -p keel-bench --bin floor-proxy --bin handshake-load
 KEEL_BIN=$ROOT/target/release/keel
 
 mkdir -p "$WORK/www"
@@ -145,6 +151,7 @@ http {
   server {
     listen 127.0.0.1:$NGINX_TLS ssl;
     ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls-key.pem; ssl_protocols TLSv1.3;
+    $NGINX_TLS_EXTRA
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
 }
@@ -395,7 +402,7 @@ run_one() {
     h1-close) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Connection: close") ;;
     # The direct row of a TLS workload is plaintext (the backend has no TLS): a load reference only.
     tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; case $who in direct|floor) ;; *) scheme=https ;; esac ;;
-    tls-handshake) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=16; extra=(-H "Connection: close"); [ "$who" = direct ] || scheme=https ;;
+    tls-handshake) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=16; [ "$who" = direct ] || scheme=https ;;
   esac
   if [ "$workload" = h2c-small ] || [ "$workload" = h2c-h2 ]; then
     if [ "$workload" = h2c-small ]; then port=$(port_of "$who" h2c); else port=$(port_of "$who" h2h2); fi
@@ -422,7 +429,13 @@ run_one() {
   pids=$(pids_of "$who")
   # shellcheck disable=SC2086
   c0=$(cpu_ticks $pids); u0=$(user_ticks $pids); s0=$(steal_ticks); t0=$(total_ticks)
-  out=$(taskset -c 0 wrk -t1 -c"$conns" -d"${DURATION}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path")
+  if [ "$workload" = tls-handshake ]; then
+    # wrk would resume (it reconnects with SSL_clear, keeping the session): bench/handshake_load.rs
+    # makes every handshake a full one and prints wrk's report lines.
+    out=$(taskset -c 0 "$ROOT/target/release/handshake-load" -c "$conns" -d "$DURATION" "$scheme://127.0.0.1:$port$path")
+  else
+    out=$(taskset -c 0 wrk -t1 -c"$conns" -d"${DURATION}s" --latency "${extra[@]}" "$scheme://127.0.0.1:$port$path")
+  fi
   # shellcheck disable=SC2086
   c1=$(cpu_ticks $pids); u1=$(user_ticks $pids); s1=$(steal_ticks); t1=$(total_ticks)
   reqs=$(echo "$out" | awk '/requests in/{print $1}')
