@@ -35,7 +35,8 @@
 # recv and one send per message and nothing else (h1-close: backend connections reused, the request's
 # `Connection: close` line dropped, the client closed after Content-Length bytes) — the least CPU a
 # proxy using the socket API can spend per request there (not a contender: no parsing or routing).
-# tls-h1's floor row is the plaintext one: TLS moves the same segments and adds the crypto.
+# tls-h1's floor row, `floor-tls`, is the same with TLS terminated by rustls: what it adds is the
+# least a rustls-based proxy adds.
 # Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk,
 # h2load (nghttp2-client), taskset.
 set -euo pipefail
@@ -66,7 +67,7 @@ KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013 KEEL_SEC_HTTP=18014 KEEL_SEC
 KEEL_TEL_HTTP=18015 KEEL_TEL_ADMIN=18016 COLLECTOR=18017
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
 NGINX_H2C=18032 HAPROXY_H2C=18033
-BACKEND_H2C=18004 FLOOR_HTTP=18005 FLOOR_CLOSE_HTTP=18006 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
+BACKEND_H2C=18004 FLOOR_HTTP=18005 FLOOR_CLOSE_HTTP=18006 FLOOR_TLS=18007 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
 IDLE_CONNS=${IDLE_CONNS:-5000}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
@@ -231,6 +232,9 @@ FLOOR_PID=$!
 taskset -c 1 "$ROOT/target/release/floor-proxy" --close 127.0.0.1:$FLOOR_CLOSE_HTTP 127.0.0.1:$BACKEND >"$WORK/floor-close.log" 2>&1 &
 PIDS+=($!)
 FLOOR_CLOSE_PID=$!
+taskset -c 1 "$ROOT/target/release/floor-proxy" --tls "$WORK/tls.pem" "$WORK/tls-key.pem" 127.0.0.1:$FLOOR_TLS 127.0.0.1:$BACKEND >"$WORK/floor-tls.log" 2>&1 &
+PIDS+=($!)
+FLOOR_TLS_PID=$!
 
 # ---- the second Keel, with security policy: an ES256 key, its JWKS and one token (PyJWT)
 # Debian's python3 (python3-jwt, python3-cryptography), whatever else is first on PATH.
@@ -355,6 +359,7 @@ pids_of() {
     haproxy) echo "$HAPROXY_PID" ;;
     floor) echo "$FLOOR_PID" ;;
     floor-close) echo "$FLOOR_CLOSE_PID" ;;
+    floor-tls) echo "$FLOOR_TLS_PID" ;;
     nginx) local m; m=$(cat "$WORK/nginx-proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
     direct) echo "" ;;
   esac
@@ -362,7 +367,7 @@ pids_of() {
 port_of() { # CONTENDER l4|http
   case $1-$2 in
     keel-l4) echo $KEEL_PORT ;; nginx-l4) echo $NGINX_PORT ;; haproxy-l4) echo $HAPROXY_PORT ;;
-    floor-http|floor-tls) echo $FLOOR_HTTP ;; floor-close-http) echo $FLOOR_CLOSE_HTTP ;;
+    floor-http) echo $FLOOR_HTTP ;; floor-close-http) echo $FLOOR_CLOSE_HTTP ;; floor-tls-tls) echo $FLOOR_TLS ;;
     keel-http) echo $KEEL_HTTP ;; keel-sec-http) echo $KEEL_SEC_HTTP ;; keel-tel-http) echo $KEEL_TEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
     keel-tls) echo $KEEL_TLS ;; nginx-tls) echo $NGINX_TLS ;; haproxy-tls) echo $HAPROXY_TLS ;;
     keel-h2c) echo $KEEL_HTTP ;; nginx-h2c) echo $NGINX_H2C ;; haproxy-h2c) echo $HAPROXY_H2C ;;
@@ -401,7 +406,7 @@ run_one() {
     h1-security) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Authorization: Bearer $TOKEN") ;;
     h1-close) port=$(port_of "$who" http); path=/1k; unit_bytes=0; conns=64; extra=(-H "Connection: close") ;;
     # The direct row of a TLS workload is plaintext (the backend has no TLS): a load reference only.
-    tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; case $who in direct|floor) ;; *) scheme=https ;; esac ;;
+    tls-h1) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=64; [ "$who" = direct ] || scheme=https ;;
     tls-handshake) port=$(port_of "$who" tls); path=/1k; unit_bytes=0; conns=16; [ "$who" = direct ] || scheme=https ;;
   esac
   if [ "$workload" = h2c-small ] || [ "$workload" = h2c-h2 ]; then
@@ -514,7 +519,7 @@ report() {
   fi
   echo "| proxy | req/s | ${unit}s/s | proxy CPU µs/$unit | of which user | vs best peer | p50 ms | p99 ms | steal % |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-  local peers="nginx haproxy" rows_of="direct keel nginx haproxy floor floor-close"
+  local peers="nginx haproxy" rows_of="direct keel nginx haproxy floor floor-close floor-tls"
   # h1-security compares Keel with policy against Keel without ("vs best peer" is vs plain Keel).
   [ "$workload" = h1-security ] && peers="keel" && rows_of="direct keel keel-sec"
   # h1-telemetry compares Keel with full telemetry against Keel with metrics only.
@@ -551,8 +556,8 @@ for workload in "${WORKLOADS[@]}"; do
     [ "$workload" = h1-telemetry ] && contenders="keel keel-tel"
     # The floor row (bench/floor_proxy.rs): the least CPU any socket-API proxy can spend per request.
     [ "$workload" = h1-small ] && contenders="keel nginx haproxy floor"
-    # tls-h1: the plaintext floor, since TLS moves the same segments and adds the crypto.
-    [ "$workload" = tls-h1 ] && contenders="keel nginx haproxy floor"
+    # tls-h1: the same with TLS terminated by rustls.
+    [ "$workload" = tls-h1 ] && contenders="keel nginx haproxy floor-tls"
     [ "$workload" = h1-close ] && contenders="keel nginx haproxy floor-close"
     for who in $contenders; do
       echo "  $workload round $round: $who" >&2

@@ -16,11 +16,18 @@
 //!   dropped on the way up, and the client connection is closed once the response's
 //!   Content-Length bytes have gone down.
 //!
+//! - `floor-proxy --tls CERT KEY LISTEN BACKEND` (tls-h1): as the first, with TLS terminated by
+//!   rustls (ring) on the client side: a record is decrypted as its bytes arrive and the backend's
+//!   bytes are encrypted as they arrive, still one `recv` and one `send` per message. What it
+//!   adds over the plaintext floor is the least a rustls-based proxy adds (rustls's buffered API,
+//!   as Keel uses it).
+//!
 //! Addresses are IPv4 `ip:port`. Runs until killed.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsRawFd, IntoRawFd};
+use std::sync::Arc;
 
 /// What one socket is and what it still owes its peer.
 #[derive(Default)]
@@ -32,6 +39,8 @@ struct Socket {
     is_client: bool,
     /// Close mode, backend side: bytes of the current response still to come (None: its head).
     response_left: Option<usize>,
+    /// TLS mode, client side: the session.
+    tls: Option<Box<rustls::ServerConnection>>,
 }
 
 /// What a socket's event leads to.
@@ -50,6 +59,10 @@ struct Floor {
     sockets: Vec<Option<Socket>>,
     idle_backends: Vec<i32>,
     buf: Vec<u8>,
+    /// TLS mode: the server settings every client session starts from.
+    tls: Option<Arc<rustls::ServerConfig>>,
+    /// TLS mode: records (or plaintext) on their way to a socket.
+    tls_out: Vec<u8>,
 }
 
 fn last_error() -> io::Error {
@@ -199,9 +212,23 @@ impl Floor {
                     continue;
                 }
             };
+            let tls = match &self.tls {
+                Some(config) => match rustls::ServerConnection::new(config.clone()) {
+                    Ok(conn) => Some(Box::new(conn)),
+                    Err(err) => {
+                        eprintln!("floor-proxy: TLS session: {err}");
+                        // SAFETY: closing the client just accepted, never registered.
+                        unsafe { libc::close(client) };
+                        self.close(upstream);
+                        continue;
+                    }
+                },
+                None => None,
+            };
             let socket = Socket {
                 peer: upstream,
                 is_client: true,
+                tls,
                 ..Socket::default()
             };
             if self.add(client, socket).is_err() {
@@ -233,6 +260,14 @@ impl Floor {
                 bytes = &edited;
             }
         }
+        Self::send_slice(&mut self.sockets, from, to, bytes)
+    }
+
+    /// Sends `bytes` to `to`, queueing on `from` what `to` does not take now.
+    fn send_slice(sockets: &mut [Option<Socket>], from: i32, to: i32, bytes: &[u8]) -> bool {
+        if bytes.is_empty() {
+            return true;
+        }
         // SAFETY: send from an initialised buffer of the given length.
         let sent =
             unsafe { libc::send(to, bytes.as_ptr().cast(), bytes.len(), libc::MSG_NOSIGNAL) };
@@ -245,12 +280,81 @@ impl Floor {
             sent as usize
         };
         if sent < bytes.len() {
-            let rest = bytes[sent..].to_vec();
-            if let Some(Some(socket)) = self.sockets.get_mut(from as usize) {
-                socket.pending.extend_from_slice(&rest);
+            if let Some(Some(socket)) = sockets.get_mut(from as usize) {
+                socket.pending.extend_from_slice(&bytes[sent..]);
             }
         }
         true
+    }
+
+    /// TLS mode: what the client's `n` bytes in `buf` come to — the plaintext goes on to the
+    /// backend, handshake records back to the client. False when the session failed.
+    fn decrypt_upward(&mut self, client: i32, backend: i32, n: usize) -> bool {
+        let mut plaintext = std::mem::take(&mut self.tls_out);
+        plaintext.clear();
+        let mut records = Vec::new();
+        let ok = (|| {
+            let Some(Some(socket)) = self.sockets.get_mut(client as usize) else {
+                return false;
+            };
+            let Some(conn) = socket.tls.as_mut() else {
+                return false;
+            };
+            let mut input = &self.buf[..n];
+            let mut chunk = [0u8; 16384];
+            while !input.is_empty() {
+                // rustls takes what fits its buffers: decrypt and drain, then feed it the rest.
+                if conn.read_tls(&mut input).is_err() || conn.process_new_packets().is_err() {
+                    return false;
+                }
+                loop {
+                    match std::io::Read::read(&mut conn.reader(), &mut chunk) {
+                        Ok(0) => break,
+                        Ok(got) => plaintext.extend_from_slice(&chunk[..got]),
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                        Err(_) => return false,
+                    }
+                }
+            }
+            if conn.wants_write() && conn.write_tls(&mut records).is_err() {
+                return false;
+            }
+            // Handshake records go to the client (queued on its peer, as bytes for it are).
+            Self::send_slice(&mut self.sockets, backend, client, &records)
+                && (backend < 0 || Self::send_slice(&mut self.sockets, client, backend, &plaintext))
+        })();
+        self.tls_out = plaintext;
+        ok
+    }
+
+    /// TLS mode: the backend's `n` bytes in `buf`, encrypted and sent to the client.
+    fn encrypt_downward(&mut self, backend: i32, client: i32, n: usize) -> bool {
+        let mut out = std::mem::take(&mut self.tls_out);
+        let ok = (|| {
+            let Some(Some(socket)) = self.sockets.get_mut(client as usize) else {
+                return false;
+            };
+            let Some(conn) = socket.tls.as_mut() else {
+                return false;
+            };
+            if std::io::Write::write_all(&mut conn.writer(), &self.buf[..n]).is_err() {
+                return false;
+            }
+            out.clear();
+            while conn.wants_write() {
+                if conn.write_tls(&mut out).is_err() {
+                    return false;
+                }
+            }
+            Self::send_slice(&mut self.sockets, backend, client, &out)
+        })();
+        self.tls_out = out;
+        ok
+    }
+
+    /// Whether `fd` is a client connection with TLS.
+    fn is_tls(&self, fd: i32) -> bool {
+        matches!(self.sockets.get(fd.max(0) as usize), Some(Some(s)) if s.tls.is_some())
     }
 
     /// Moves what `fd` has to its peer.
@@ -297,7 +401,14 @@ impl Floor {
                     }
                 }
             }
-            if !self.send(fd, peer, n, response_head) {
+            let sent = if self.is_tls(fd) {
+                self.decrypt_upward(fd, peer, n)
+            } else if self.is_tls(peer) {
+                self.encrypt_downward(fd, peer, n)
+            } else {
+                self.send(fd, peer, n, response_head)
+            };
+            if !sent {
                 return Outcome::Close;
             }
             if done {
@@ -398,7 +509,12 @@ fn parse_v4(text: &str) -> Result<SocketAddrV4, String> {
     }
 }
 
-fn run(listen: SocketAddrV4, backend: SocketAddrV4, close_mode: bool) -> io::Result<()> {
+fn run(
+    listen: SocketAddrV4,
+    backend: SocketAddrV4,
+    close_mode: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     // Accepted sockets inherit TCP_NODELAY from the listener.
@@ -416,6 +532,8 @@ fn run(listen: SocketAddrV4, backend: SocketAddrV4, close_mode: bool) -> io::Res
         sockets: Vec::new(),
         idle_backends: Vec::new(),
         buf: vec![0u8; 64 * 1024],
+        tls,
+        tls_out: Vec::new(),
     };
     let mut event = libc::epoll_event {
         events: (libc::EPOLLIN | libc::EPOLLET) as u32,
@@ -447,14 +565,43 @@ fn run(listen: SocketAddrV4, backend: SocketAddrV4, close_mode: bool) -> io::Res
     }
 }
 
+/// A TLS 1.3 and 1.2 server with `cert` (a PEM chain) and `key` (a PEM private key), on ring.
+fn tls_config(cert: &str, key: &str) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect())
+        .map_err(|e| format!("{cert}: {e}"))?;
+    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{key}: {e}"))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| e.to_string())?;
+    Ok(Arc::new(config))
+}
+
 fn main() {
     let mut args: Vec<String> = std::env::args().skip(1).collect();
     let close_mode = args.first().is_some_and(|a| a == "--close");
     if close_mode {
         args.remove(0);
     }
+    let mut tls = None;
+    if !close_mode && args.first().is_some_and(|a| a == "--tls") && args.len() == 5 {
+        match tls_config(&args[1], &args[2]) {
+            Ok(config) => tls = Some(config),
+            Err(message) => {
+                eprintln!("floor-proxy: {message}");
+                std::process::exit(2);
+            }
+        }
+        args.drain(..3);
+    }
     if args.len() != 2 {
-        eprintln!("usage: floor-proxy [--close] LISTEN_ADDR BACKEND_ADDR");
+        eprintln!("usage: floor-proxy [--close | --tls CERT_PEM KEY_PEM] LISTEN_ADDR BACKEND_ADDR");
         std::process::exit(2);
     }
     let parsed = parse_v4(&args[0]).and_then(|l| parse_v4(&args[1]).map(|b| (l, b)));
@@ -465,7 +612,7 @@ fn main() {
             std::process::exit(2);
         }
     };
-    if let Err(err) = run(listen, backend, close_mode) {
+    if let Err(err) = run(listen, backend, close_mode, tls) {
         eprintln!("floor-proxy: {err}");
         std::process::exit(1);
     }

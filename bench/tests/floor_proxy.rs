@@ -6,7 +6,7 @@
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::process::{Child, Command};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 const BODY: &[u8] = b"0123456789abcdef";
@@ -66,13 +66,10 @@ fn free_port() -> u16 {
         .port()
 }
 
-fn start(close: bool, backend: u16) -> (Floor, u16) {
+fn start(mode: &[&str], backend: u16) -> (Floor, u16) {
     let port = free_port();
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_floor-proxy"));
-    if close {
-        cmd.arg("--close");
-    }
-    let child = cmd
+    let child = Command::new(env!("CARGO_BIN_EXE_floor-proxy"))
+        .args(mode)
         .arg(format!("127.0.0.1:{port}"))
         .arg(format!("127.0.0.1:{backend}"))
         .spawn()
@@ -94,7 +91,7 @@ fn connect(port: u16) -> TcpStream {
 }
 
 /// Reads one response (head and Content-Length body).
-fn read_response(s: &mut TcpStream) -> Vec<u8> {
+fn read_response(s: &mut impl Read) -> Vec<u8> {
     let mut got = Vec::new();
     let mut byte = [0u8; 1];
     while !got.ends_with(b"\r\n\r\n") {
@@ -110,7 +107,7 @@ fn read_response(s: &mut TcpStream) -> Vec<u8> {
 #[test]
 fn keep_alive_pairs_forward_bytes_unchanged() {
     let (backend_port, requests, _) = backend();
-    let (_floor, port) = start(false, backend_port);
+    let (_floor, port) = start(&[], backend_port);
     let mut client = connect(port);
     for path in ["/a", "/b"] {
         let request = format!("GET {path} HTTP/1.1\r\nHost: h\r\nX-Any: 1\r\n\r\n");
@@ -126,7 +123,7 @@ fn keep_alive_pairs_forward_bytes_unchanged() {
 #[test]
 fn close_mode_edits_the_connection_field_closes_the_client_and_reuses_the_backend() {
     let (backend_port, requests, accepted) = backend();
-    let (_floor, port) = start(true, backend_port);
+    let (_floor, port) = start(&["--close"], backend_port);
     // start() probed the listener with connections of its own; each was paired with a backend
     // connection, closed with it.
     std::thread::sleep(Duration::from_millis(100));
@@ -155,4 +152,63 @@ fn close_mode_edits_the_connection_field_closes_the_client_and_reuses_the_backen
     // One backend connection served all three clients.
     assert!(accepted.recv_timeout(Duration::from_secs(1)).is_ok());
     assert!(accepted.recv_timeout(Duration::from_millis(200)).is_err());
+}
+
+/// A self-signed certificate for `localhost` and its key, as PEM files in a fresh directory.
+fn certificate_files() -> (
+    std::path::PathBuf,
+    rustls::pki_types::CertificateDer<'static>,
+) {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".into()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    let dir =
+        std::env::temp_dir().join(format!("floor-tls-{}-{}", std::process::id(), free_port()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    (dir, cert.der().clone())
+}
+
+#[test]
+fn tls_mode_terminates_tls_and_forwards_the_plaintext_unchanged() {
+    let (backend_port, requests, _) = backend();
+    let (dir, cert) = certificate_files();
+    let cert_file = dir.join("cert.pem");
+    let key_file = dir.join("key.pem");
+    let (_floor, port) = start(
+        &[
+            "--tls",
+            cert_file.to_str().unwrap(),
+            key_file.to_str().unwrap(),
+        ],
+        backend_port,
+    );
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let mut client = rustls::StreamOwned::new(conn, connect(port));
+    // The third request spans several TLS records (16 KiB of plaintext each at most).
+    let padding = "p".repeat(40_000);
+    for extra in ["X-Any: 1", "X-Other: 2", &format!("X-Pad: {padding}")] {
+        let request = format!("GET /t HTTP/1.1\r\nHost: h\r\n{extra}\r\n\r\n");
+        client.write_all(request.as_bytes()).unwrap();
+        let response = read_response(&mut client);
+        assert_eq!(
+            &response[..],
+            &[&b"HTTP/1.1 200 OK\r\nContent-Length: 16\r\n\r\n"[..], BODY].concat()[..]
+        );
+        let seen = requests.recv_timeout(Duration::from_secs(5)).unwrap();
+        assert_eq!(seen, request.as_bytes());
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
