@@ -36,7 +36,9 @@
 # `Connection: close` line dropped, the client closed after Content-Length bytes) — the least CPU a
 # proxy using the socket API can spend per request there (not a contender: no parsing or routing).
 # tls-h1's floor row, `floor-tls`, is the same with TLS terminated by rustls: what it adds is the
-# least a rustls-based proxy adds.
+# least a rustls-based proxy adds. h2c-small's, `floor-h2c`, takes HTTP/2 frames and makes one
+# HTTP/1.1 exchange per stream on kept-alive backend connections, responses gathered per client
+# connection and sent once per event-loop pass; it does not decode HPACK (it sends the one path).
 # Needs: nginx with the stream module (Debian: nginx-light libnginx-mod-stream), haproxy, wrk,
 # h2load (nghttp2-client), taskset.
 set -euo pipefail
@@ -67,7 +69,7 @@ KEEL_HTTP=18011 NGINX_HTTP=18012 HAPROXY_HTTP=18013 KEEL_SEC_HTTP=18014 KEEL_SEC
 KEEL_TEL_HTTP=18015 KEEL_TEL_ADMIN=18016 COLLECTOR=18017
 KEEL_TLS=18021 NGINX_TLS=18022 HAPROXY_TLS=18023
 NGINX_H2C=18032 HAPROXY_H2C=18033
-BACKEND_H2C=18004 FLOOR_HTTP=18005 FLOOR_CLOSE_HTTP=18006 FLOOR_TLS=18007 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
+BACKEND_H2C=18004 FLOOR_HTTP=18005 FLOOR_CLOSE_HTTP=18006 FLOOR_TLS=18007 FLOOR_H2C=18008 KEEL_H2H2=18041 NGINX_H2H2=18042 HAPROXY_H2H2=18043
 IDLE_CONNS=${IDLE_CONNS:-5000}
 STREAM_MODULE=/usr/lib/nginx/modules/ngx_stream_module.so
 
@@ -235,6 +237,9 @@ FLOOR_CLOSE_PID=$!
 taskset -c 1 "$ROOT/target/release/floor-proxy" --tls "$WORK/tls.pem" "$WORK/tls-key.pem" 127.0.0.1:$FLOOR_TLS 127.0.0.1:$BACKEND >"$WORK/floor-tls.log" 2>&1 &
 PIDS+=($!)
 FLOOR_TLS_PID=$!
+taskset -c 1 "$ROOT/target/release/floor-proxy" --h2c /1k 127.0.0.1:$FLOOR_H2C 127.0.0.1:$BACKEND >"$WORK/floor-h2c.log" 2>&1 &
+PIDS+=($!)
+FLOOR_H2C_PID=$!
 
 # ---- the second Keel, with security policy: an ES256 key, its JWKS and one token (PyJWT)
 # Debian's python3 (python3-jwt, python3-cryptography), whatever else is first on PATH.
@@ -360,6 +365,7 @@ pids_of() {
     floor) echo "$FLOOR_PID" ;;
     floor-close) echo "$FLOOR_CLOSE_PID" ;;
     floor-tls) echo "$FLOOR_TLS_PID" ;;
+    floor-h2c) echo "$FLOOR_H2C_PID" ;;
     nginx) local m; m=$(cat "$WORK/nginx-proxy.pid"); echo "$m $(pgrep -P "$m" | tr '\n' ' ')" ;;
     direct) echo "" ;;
   esac
@@ -367,7 +373,7 @@ pids_of() {
 port_of() { # CONTENDER l4|http
   case $1-$2 in
     keel-l4) echo $KEEL_PORT ;; nginx-l4) echo $NGINX_PORT ;; haproxy-l4) echo $HAPROXY_PORT ;;
-    floor-http) echo $FLOOR_HTTP ;; floor-close-http) echo $FLOOR_CLOSE_HTTP ;; floor-tls-tls) echo $FLOOR_TLS ;;
+    floor-http) echo $FLOOR_HTTP ;; floor-close-http) echo $FLOOR_CLOSE_HTTP ;; floor-tls-tls) echo $FLOOR_TLS ;; floor-h2c-h2c) echo $FLOOR_H2C ;;
     keel-http) echo $KEEL_HTTP ;; keel-sec-http) echo $KEEL_SEC_HTTP ;; keel-tel-http) echo $KEEL_TEL_HTTP ;; nginx-http) echo $NGINX_HTTP ;; haproxy-http) echo $HAPROXY_HTTP ;;
     keel-tls) echo $KEEL_TLS ;; nginx-tls) echo $NGINX_TLS ;; haproxy-tls) echo $HAPROXY_TLS ;;
     keel-h2c) echo $KEEL_HTTP ;; nginx-h2c) echo $NGINX_H2C ;; haproxy-h2c) echo $HAPROXY_H2C ;;
@@ -519,7 +525,7 @@ report() {
   fi
   echo "| proxy | req/s | ${unit}s/s | proxy CPU µs/$unit | of which user | vs best peer | p50 ms | p99 ms | steal % |"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|"
-  local peers="nginx haproxy" rows_of="direct keel nginx haproxy floor floor-close floor-tls"
+  local peers="nginx haproxy" rows_of="direct keel nginx haproxy floor floor-close floor-tls floor-h2c"
   # h1-security compares Keel with policy against Keel without ("vs best peer" is vs plain Keel).
   [ "$workload" = h1-security ] && peers="keel" && rows_of="direct keel keel-sec"
   # h1-telemetry compares Keel with full telemetry against Keel with metrics only.
@@ -559,6 +565,8 @@ for workload in "${WORKLOADS[@]}"; do
     # tls-h1: the same with TLS terminated by rustls.
     [ "$workload" = tls-h1 ] && contenders="keel nginx haproxy floor-tls"
     [ "$workload" = h1-close ] && contenders="keel nginx haproxy floor-close"
+    # h2c-small: HTTP/2 frames in, HTTP/1.1 exchanges out, no HPACK decoding.
+    [ "$workload" = h2c-small ] && contenders="keel nginx haproxy floor-h2c"
     for who in $contenders; do
       echo "  $workload round $round: $who" >&2
       if [ "$workload" = idle-mem ]; then idle_one "$who"; else run_one "$workload" "$who"; fi

@@ -22,12 +22,18 @@
 //!   adds over the plaintext floor is the least a rustls-based proxy adds (rustls's buffered API,
 //!   as Keel uses it).
 //!
+//! - `floor-proxy --h2c PATH LISTEN BACKEND` (h2c-small): HTTP/2 with prior knowledge from the
+//!   client, HTTP/1.1 to the backend; see `floor_h2c.rs` for what it does and leaves out.
+//!
 //! Addresses are IPv4 `ip:port`. Runs until killed.
 
 use std::io;
 use std::net::{SocketAddr, SocketAddrV4, TcpListener};
 use std::os::fd::{AsRawFd, IntoRawFd};
 use std::sync::Arc;
+
+#[path = "floor_h2c.rs"]
+mod h2c;
 
 /// What one socket is and what it still owes its peer.
 #[derive(Default)]
@@ -53,11 +59,9 @@ enum Outcome {
 }
 
 struct Floor {
-    epoll: i32,
     backend: SocketAddrV4,
     close_mode: bool,
-    sockets: Vec<Option<Socket>>,
-    idle_backends: Vec<i32>,
+    sockets: Fds<Socket>,
     buf: Vec<u8>,
     /// TLS mode: the server settings every client session starts from.
     tls: Option<Arc<rustls::ServerConfig>>,
@@ -87,6 +91,45 @@ fn set_nodelay(fd: i32) {
     }
 }
 
+/// A non-blocking TCP connection to `addr`, in progress or made, with TCP_NODELAY.
+fn connect_to(addr: SocketAddrV4) -> io::Result<i32> {
+    // SAFETY: plain socket(2); the fd is returned or closed on error.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(last_error());
+    }
+    set_nodelay(fd);
+    let sin = libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: addr.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(*addr.ip()).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    // SAFETY: connect with a sockaddr_in that lives across the call.
+    let rc = unsafe {
+        libc::connect(
+            fd,
+            (&sin as *const libc::sockaddr_in).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
+        let err = last_error();
+        // SAFETY: closing the socket this function opened.
+        unsafe { libc::close(fd) };
+        return Err(err);
+    }
+    Ok(fd)
+}
+
 fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
@@ -107,8 +150,24 @@ fn response_size(bytes: &[u8]) -> Option<usize> {
     Some(head_end + digits)
 }
 
-impl Floor {
-    fn add(&mut self, fd: i32, socket: Socket) -> io::Result<()> {
+/// A floor's sockets, indexed by fd, in its epoll set, and the idle backend connections among them.
+struct Fds<T> {
+    epoll: i32,
+    entries: Vec<Option<T>>,
+    idle_backends: Vec<i32>,
+}
+
+impl<T> Fds<T> {
+    fn new(epoll: i32) -> Fds<T> {
+        Fds {
+            epoll,
+            entries: Vec::new(),
+            idle_backends: Vec::new(),
+        }
+    }
+
+    /// Adds `fd` to the epoll set (edge-triggered, both ways) with `entry` as its state.
+    fn add(&mut self, fd: i32, entry: T) -> io::Result<()> {
         let mut event = libc::epoll_event {
             events: (libc::EPOLLIN | libc::EPOLLOUT | libc::EPOLLRDHUP | libc::EPOLLET) as u32,
             u64: fd as u64,
@@ -118,66 +177,36 @@ impl Floor {
             return Err(last_error());
         }
         let slot = fd as usize;
-        if self.sockets.len() <= slot {
-            self.sockets.resize_with(slot + 1, || None);
+        if self.entries.len() <= slot {
+            self.entries.resize_with(slot + 1, || None);
         }
-        self.sockets[slot] = Some(socket);
+        self.entries[slot] = Some(entry);
         Ok(())
     }
 
+    /// Closes `fd` (which takes it out of the epoll set) if it is ours.
     fn close(&mut self, fd: i32) {
         if fd < 0 {
             return;
         }
-        if let Some(slot) = self.sockets.get_mut(fd as usize) {
+        if let Some(slot) = self.entries.get_mut(fd as usize) {
             if slot.take().is_some() {
                 self.idle_backends.retain(|idle| *idle != fd);
-                // SAFETY: an fd is closed once, when its socket entry is removed.
+                // SAFETY: an fd is closed once, when its entry is removed.
                 unsafe { libc::close(fd) };
             }
         }
     }
+}
 
+impl Floor {
     fn connect_backend(&mut self) -> io::Result<i32> {
-        // SAFETY: plain socket(2); the fd is registered below or closed on error.
-        let fd = unsafe {
-            libc::socket(
-                libc::AF_INET,
-                libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                0,
-            )
-        };
-        if fd < 0 {
-            return Err(last_error());
-        }
-        set_nodelay(fd);
-        let addr = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: self.backend.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(*self.backend.ip()).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        // SAFETY: connect with a sockaddr_in that lives across the call.
-        let rc = unsafe {
-            libc::connect(
-                fd,
-                (&addr as *const libc::sockaddr_in).cast(),
-                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-            )
-        };
-        if rc < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINPROGRESS) {
-            let err = last_error();
-            // SAFETY: closing the socket this function opened.
-            unsafe { libc::close(fd) };
-            return Err(err);
-        }
+        let fd = connect_to(self.backend)?;
         let socket = Socket {
             peer: -1,
             ..Socket::default()
         };
-        if let Err(err) = self.add(fd, socket) {
+        if let Err(err) = self.sockets.add(fd, socket) {
             // SAFETY: not registered, so closed here once.
             unsafe { libc::close(fd) };
             return Err(err);
@@ -199,7 +228,7 @@ impl Floor {
             if client < 0 {
                 return;
             }
-            let upstream = match self.idle_backends.pop() {
+            let upstream = match self.sockets.idle_backends.pop() {
                 Some(fd) if self.close_mode => Ok(fd),
                 _ => self.connect_backend(),
             };
@@ -219,7 +248,7 @@ impl Floor {
                         eprintln!("floor-proxy: TLS session: {err}");
                         // SAFETY: closing the client just accepted, never registered.
                         unsafe { libc::close(client) };
-                        self.close(upstream);
+                        self.sockets.close(upstream);
                         continue;
                     }
                 },
@@ -231,12 +260,12 @@ impl Floor {
                 tls,
                 ..Socket::default()
             };
-            if self.add(client, socket).is_err() {
+            if self.sockets.add(client, socket).is_err() {
                 // SAFETY: not registered, so closed here once.
                 unsafe { libc::close(client) };
                 continue;
             }
-            if let Some(Some(backend)) = self.sockets.get_mut(upstream as usize) {
+            if let Some(Some(backend)) = self.sockets.entries.get_mut(upstream as usize) {
                 backend.peer = client;
                 backend.response_left = None;
             }
@@ -260,7 +289,7 @@ impl Floor {
                 bytes = &edited;
             }
         }
-        Self::send_slice(&mut self.sockets, from, to, bytes)
+        Self::send_slice(&mut self.sockets.entries, from, to, bytes)
     }
 
     /// Sends `bytes` to `to`, queueing on `from` what `to` does not take now.
@@ -294,7 +323,7 @@ impl Floor {
         plaintext.clear();
         let mut records = Vec::new();
         let ok = (|| {
-            let Some(Some(socket)) = self.sockets.get_mut(client as usize) else {
+            let Some(Some(socket)) = self.sockets.entries.get_mut(client as usize) else {
                 return false;
             };
             let Some(conn) = socket.tls.as_mut() else {
@@ -320,8 +349,9 @@ impl Floor {
                 return false;
             }
             // Handshake records go to the client (queued on its peer, as bytes for it are).
-            Self::send_slice(&mut self.sockets, backend, client, &records)
-                && (backend < 0 || Self::send_slice(&mut self.sockets, client, backend, &plaintext))
+            Self::send_slice(&mut self.sockets.entries, backend, client, &records)
+                && (backend < 0
+                    || Self::send_slice(&mut self.sockets.entries, client, backend, &plaintext))
         })();
         self.tls_out = plaintext;
         ok
@@ -331,7 +361,7 @@ impl Floor {
     fn encrypt_downward(&mut self, backend: i32, client: i32, n: usize) -> bool {
         let mut out = std::mem::take(&mut self.tls_out);
         let ok = (|| {
-            let Some(Some(socket)) = self.sockets.get_mut(client as usize) else {
+            let Some(Some(socket)) = self.sockets.entries.get_mut(client as usize) else {
                 return false;
             };
             let Some(conn) = socket.tls.as_mut() else {
@@ -346,7 +376,7 @@ impl Floor {
                     return false;
                 }
             }
-            Self::send_slice(&mut self.sockets, backend, client, &out)
+            Self::send_slice(&mut self.sockets.entries, backend, client, &out)
         })();
         self.tls_out = out;
         ok
@@ -354,12 +384,12 @@ impl Floor {
 
     /// Whether `fd` is a client connection with TLS.
     fn is_tls(&self, fd: i32) -> bool {
-        matches!(self.sockets.get(fd.max(0) as usize), Some(Some(s)) if s.tls.is_some())
+        matches!(self.sockets.entries.get(fd.max(0) as usize), Some(Some(s)) if s.tls.is_some())
     }
 
     /// Moves what `fd` has to its peer.
     fn forward(&mut self, fd: i32) -> Outcome {
-        let (peer, blocked) = match self.sockets.get(fd as usize) {
+        let (peer, blocked) = match self.sockets.entries.get(fd as usize) {
             Some(Some(socket)) => (socket.peer, !socket.pending.is_empty()),
             _ => return Outcome::Open,
         };
@@ -388,7 +418,7 @@ impl Floor {
             let mut done = false;
             let mut response_head = false;
             if self.close_mode {
-                if let Some(Some(socket)) = self.sockets.get_mut(fd as usize) {
+                if let Some(Some(socket)) = self.sockets.entries.get_mut(fd as usize) {
                     if !socket.is_client {
                         response_head = socket.response_left.is_none();
                         let left = match socket.response_left {
@@ -418,7 +448,8 @@ impl Floor {
                 // A short read emptied the receive queue; the next segment raises a new edge.
                 return Outcome::Open;
             }
-            if matches!(self.sockets.get(fd as usize), Some(Some(s)) if !s.pending.is_empty()) {
+            if matches!(self.sockets.entries.get(fd as usize), Some(Some(s)) if !s.pending.is_empty())
+            {
                 return Outcome::Open;
             }
         }
@@ -426,11 +457,11 @@ impl Floor {
 
     /// Writes `fd`'s peer's queued bytes to `fd`; then reads on from the peer.
     fn flush_to(&mut self, fd: i32) -> Outcome {
-        let peer = match self.sockets.get(fd as usize) {
+        let peer = match self.sockets.entries.get(fd as usize) {
             Some(Some(socket)) => socket.peer,
             _ => return Outcome::Open,
         };
-        let Some(Some(from)) = self.sockets.get_mut(peer.max(0) as usize) else {
+        let Some(Some(from)) = self.sockets.entries.get_mut(peer.max(0) as usize) else {
             return Outcome::Open;
         };
         if peer < 0 || from.pending.is_empty() {
@@ -451,7 +482,7 @@ impl Floor {
                 if !would_block() {
                     return Outcome::Close;
                 }
-                if let Some(Some(from)) = self.sockets.get_mut(peer as usize) {
+                if let Some(Some(from)) = self.sockets.entries.get_mut(peer as usize) {
                     from.pending = pending;
                 }
                 return Outcome::Open;
@@ -469,6 +500,7 @@ impl Floor {
             outcome = self.flush_to(fd);
             source = self
                 .sockets
+                .entries
                 .get(fd as usize)
                 .and_then(|s| s.as_ref())
                 .map_or(fd, |s| s.peer);
@@ -479,23 +511,23 @@ impl Floor {
             outcome = self.forward(fd);
             source = fd;
         }
-        let peer = match self.sockets.get(source.max(0) as usize) {
+        let peer = match self.sockets.entries.get(source.max(0) as usize) {
             Some(Some(socket)) => socket.peer,
             _ => -1,
         };
         match outcome {
             Outcome::Open => {}
             Outcome::Close => {
-                self.close(source);
-                self.close(peer);
+                self.sockets.close(source);
+                self.sockets.close(peer);
             }
             Outcome::ResponseDone => {
                 // `source` is the backend: the client connection ends, the backend goes back.
-                self.close(peer);
-                if let Some(Some(backend)) = self.sockets.get_mut(source as usize) {
+                self.sockets.close(peer);
+                if let Some(Some(backend)) = self.sockets.entries.get_mut(source as usize) {
                     backend.peer = -1;
                     backend.response_left = None;
-                    self.idle_backends.push(source);
+                    self.sockets.idle_backends.push(source);
                 }
             }
         }
@@ -509,15 +541,28 @@ fn parse_v4(text: &str) -> Result<SocketAddrV4, String> {
     }
 }
 
-fn run(
-    listen: SocketAddrV4,
-    backend: SocketAddrV4,
-    close_mode: bool,
-    tls: Option<Arc<rustls::ServerConfig>>,
-) -> io::Result<()> {
+/// What an event loop of [`serve`] drives.
+trait EventLoop {
+    fn accept(&mut self, listener: i32);
+    fn handle(&mut self, fd: i32, events: u32);
+    /// After each batch of events.
+    fn end_of_pass(&mut self) {}
+}
+
+impl EventLoop for Floor {
+    fn accept(&mut self, listener: i32) {
+        Floor::accept(self, listener);
+    }
+    fn handle(&mut self, fd: i32, events: u32) {
+        Floor::handle(self, fd, events);
+    }
+}
+
+/// Listens on `listen` (TCP_NODELAY, inherited by accepted sockets) and runs the loop `make`
+/// builds around a new edge-triggered epoll set, until an error.
+fn serve<L: EventLoop>(listen: SocketAddrV4, make: impl FnOnce(i32) -> L) -> io::Result<()> {
     let listener = TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
-    // Accepted sockets inherit TCP_NODELAY from the listener.
     set_nodelay(listener.as_raw_fd());
     let listen_fd = listener.into_raw_fd();
     // SAFETY: plain epoll_create1.
@@ -525,16 +570,7 @@ fn run(
     if epoll < 0 {
         return Err(last_error());
     }
-    let mut floor = Floor {
-        epoll,
-        backend,
-        close_mode,
-        sockets: Vec::new(),
-        idle_backends: Vec::new(),
-        buf: vec![0u8; 64 * 1024],
-        tls,
-        tls_out: Vec::new(),
-    };
+    let mut event_loop = make(epoll);
     let mut event = libc::epoll_event {
         events: (libc::EPOLLIN | libc::EPOLLET) as u32,
         u64: listen_fd as u64,
@@ -557,12 +593,29 @@ fn run(
         for event in &events[..ready as usize] {
             let fd = event.u64 as i32;
             if fd == listen_fd {
-                floor.accept(listen_fd);
+                event_loop.accept(listen_fd);
             } else {
-                floor.handle(fd, event.events);
+                event_loop.handle(fd, event.events);
             }
         }
+        event_loop.end_of_pass();
     }
+}
+
+fn run(
+    listen: SocketAddrV4,
+    backend: SocketAddrV4,
+    close_mode: bool,
+    tls: Option<Arc<rustls::ServerConfig>>,
+) -> io::Result<()> {
+    serve(listen, |epoll| Floor {
+        backend,
+        close_mode,
+        sockets: Fds::new(epoll),
+        buf: vec![0u8; 64 * 1024],
+        tls,
+        tls_out: Vec::new(),
+    })
 }
 
 /// A TLS 1.3 and 1.2 server with `cert` (a PEM chain) and `key` (a PEM private key), on ring.
@@ -589,6 +642,21 @@ fn main() {
     if close_mode {
         args.remove(0);
     }
+    if args.first().is_some_and(|a| a == "--h2c") && args.len() == 4 {
+        let parsed = parse_v4(&args[2]).and_then(|l| parse_v4(&args[3]).map(|b| (l, b)));
+        match parsed {
+            Ok((listen, backend)) if args[1].starts_with('/') => {
+                if let Err(err) = h2c::run(listen, backend, &args[1]) {
+                    eprintln!("floor-proxy: {err}");
+                    std::process::exit(1);
+                }
+                return;
+            }
+            Ok(_) => eprintln!("floor-proxy: --h2c PATH must start with /"),
+            Err(message) => eprintln!("{message}"),
+        }
+        std::process::exit(2);
+    }
     let mut tls = None;
     if !close_mode && args.first().is_some_and(|a| a == "--tls") && args.len() == 5 {
         match tls_config(&args[1], &args[2]) {
@@ -601,7 +669,9 @@ fn main() {
         args.drain(..3);
     }
     if args.len() != 2 {
-        eprintln!("usage: floor-proxy [--close | --tls CERT_PEM KEY_PEM] LISTEN_ADDR BACKEND_ADDR");
+        eprintln!(
+            "usage: floor-proxy [--close | --tls CERT_PEM KEY_PEM | --h2c PATH] LISTEN_ADDR BACKEND_ADDR"
+        );
         std::process::exit(2);
     }
     let parsed = parse_v4(&args[0]).and_then(|l| parse_v4(&args[1]).map(|b| (l, b)));

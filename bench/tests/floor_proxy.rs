@@ -212,3 +212,83 @@ fn tls_mode_terminates_tls_and_forwards_the_plaintext_unchanged() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Appends an HTTP/2 frame to `out`.
+fn h2_frame(out: &mut Vec<u8>, kind: u8, flags: u8, stream: u32, payload: &[u8]) {
+    out.extend_from_slice(&(payload.len() as u32).to_be_bytes()[1..]);
+    out.push(kind);
+    out.push(flags);
+    out.extend_from_slice(&stream.to_be_bytes());
+    out.extend_from_slice(payload);
+}
+
+/// Reads one HTTP/2 frame: (type, flags, stream, payload).
+fn read_h2_frame(s: &mut TcpStream) -> (u8, u8, u32, Vec<u8>) {
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).unwrap();
+    let len = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+    let mut payload = vec![0u8; len];
+    s.read_exact(&mut payload).unwrap();
+    let stream = u32::from_be_bytes([head[5], head[6], head[7], head[8]]);
+    (head[3], head[4], stream, payload)
+}
+
+#[test]
+fn h2c_mode_makes_one_backend_exchange_per_stream_and_frames_each_response() {
+    let (backend_port, requests, accepted) = backend();
+    let (_floor, port) = start(&["--h2c", "/x"], backend_port);
+    let mut client = connect(port);
+    let mut hello = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    h2_frame(&mut hello, 0x4, 0, 0, &[]);
+    client.write_all(&hello).unwrap();
+    let mut backend_connections = 0;
+    for round in 0..2u32 {
+        // Three streams at once: GET, http, / from the static table, :authority "h".
+        let mut batch = Vec::new();
+        let streams: Vec<u32> = (0..3).map(|i| 1 + 2 * (3 * round + i)).collect();
+        for &stream in &streams {
+            h2_frame(
+                &mut batch,
+                0x1,
+                0x5,
+                stream,
+                &[0x82, 0x86, 0x84, 0x01, 0x01, b'h'],
+            );
+        }
+        client.write_all(&batch).unwrap();
+        let mut ended = Vec::new();
+        let mut headers = Vec::new();
+        while ended.len() < streams.len() {
+            match read_h2_frame(&mut client) {
+                (0x4, _, 0, _) => {}
+                (0x1, 0x4, stream, block) => {
+                    assert_eq!(block, vec![0x88], "a :status 200 head");
+                    headers.push(stream);
+                }
+                (0x0, 0x1, stream, body) => {
+                    assert!(headers.contains(&stream), "DATA before HEADERS");
+                    assert_eq!(body, BODY);
+                    ended.push(stream);
+                }
+                other => panic!("unexpected frame {other:?}"),
+            }
+        }
+        ended.sort_unstable();
+        assert_eq!(ended, streams);
+        for _ in &streams {
+            let seen = requests.recv_timeout(Duration::from_secs(5)).unwrap();
+            assert_eq!(
+                seen,
+                format!("GET /x HTTP/1.1\r\nHost: 127.0.0.1:{backend_port}\r\n\r\n").as_bytes()
+            );
+        }
+        while accepted.try_recv().is_ok() {
+            backend_connections += 1;
+        }
+    }
+    // The second round went over the first round's backend connections.
+    assert!(
+        (1..=3).contains(&backend_connections),
+        "{backend_connections} backend connections for two rounds of three streams"
+    );
+}
