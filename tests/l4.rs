@@ -615,3 +615,63 @@ spec:
         .collect();
     assert!(picks.iter().all(|p| *p == picks[0]), "{picks:?}");
 }
+
+/// Ports whose clients speak first (HTTP here) take a connection once its first bytes arrive
+/// (TCP_DEFER_ACCEPT: one wakeup for the accept and the first read); a plain TCP port, where the
+/// server may speak first, takes it at once — also when a reload redeclares the HTTP port as TCP
+/// and its listening socket is carried over.
+#[test]
+fn only_ports_whose_clients_speak_first_wait_for_the_first_bytes() {
+    let http = RecordingBackend::echo("b");
+    let greeting = banner_backend("220 ready\r\n");
+    let (admin, port) = (free_port(), free_port());
+    let config = |protocol: &str, upstream: SocketAddr| {
+        format!(
+            "{}---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default, namespace: default }}
+spec:
+  ingress:
+  - port: {{ number: {port}, protocol: {protocol}, name: p }}
+    bind: 127.0.0.1
+    defaultEndpoint: {upstream}
+",
+            proxy_yaml(admin, 1)
+        )
+    };
+    let keel = Keel::start(&config("HTTP", http.addr), admin, &[]);
+
+    // A client that has sent nothing is not handed over yet; its request, when it comes, is served.
+    let mut quiet = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    quiet
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(keel.listener_stat("connections_accepted"), 0);
+    let (status, _, _) = http_request(&mut quiet, b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert_eq!(status, 200);
+    assert_eq!(keel.listener_stat("connections_accepted"), 1);
+
+    // The same port as TCP in front of a server that greets first: the greeting comes at once.
+    let reloaded = keel.stats()["config_reloads"]["success"].as_u64().unwrap();
+    keel.write_config(&config("TCP", greeting));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while keel.stats()["config_reloads"]["success"].as_u64().unwrap() == reloaded {
+        assert!(Instant::now() < deadline, "the reload did not happen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for _ in 0..3 {
+        let started = Instant::now();
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut got = [0u8; 11];
+        s.read_exact(&mut got).unwrap();
+        assert_eq!(&got, b"220 ready\r\n");
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "the greeting took {:?}: the TCP port still waits for the client",
+            started.elapsed()
+        );
+    }
+}

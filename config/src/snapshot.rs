@@ -250,6 +250,30 @@ impl Listener {
         self.binding != Binding::Virtual
     }
 
+    /// Whether every connection this listener serves opens with bytes from the client: an HTTP
+    /// request or preface (plaintext, or inside TLS, or either under PERMISSIVE), a ClientHello
+    /// (TLS terminated or routed by SNI, or mesh mTLS under STRICT). Such a listener's sockets can
+    /// wait for those bytes before handing a connection over (TCP_DEFER_ACCEPT). Not a plain TCP
+    /// port, where the server may speak first (MySQL, SMTP), nor a capture port or a port whose
+    /// protocol is detected from the first bytes, which carry any protocol.
+    pub fn client_speaks_first(&self) -> bool {
+        if self.binding != Binding::Bound {
+            return false;
+        }
+        match self.protocol {
+            Protocol::Http => true,
+            Protocol::Auto => false,
+            Protocol::Tcp => {
+                !self.sni_routes.is_empty()
+                    || matches!(
+                        self.tls,
+                        Some(DownstreamTls::Terminate(_))
+                            | Some(DownstreamTls::Mesh { permissive: false })
+                    )
+            }
+        }
+    }
+
     /// The virtual listener of `listeners` that serves a connection captured by a listener of
     /// `direction` whose original destination is `dst`: an exact address first, then a wildcard
     /// address on the same port.

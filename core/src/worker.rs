@@ -396,6 +396,7 @@ fn register(gen: &Generation, sockets: NamedSockets) -> Result<Vec<Accepting>, S
             .ok_or_else(|| format!("no listener named {name} in the new config"))?;
         let acceptor = keel_io::listener::Acceptor::from_std(socket)
             .map_err(|e| format!("cannot register listener {name}: {e}"))?;
+        set_defer_accept(gen, state, acceptor.raw_fd());
         out.push((state.clone(), acceptor));
     }
     Ok(out)
@@ -404,6 +405,22 @@ fn register(gen: &Generation, sockets: NamedSockets) -> Result<Vec<Accepting>, S
 fn start_accepting(worker: &Rc<Worker>, acceptors: Vec<Accepting>) {
     for (state, acceptor) in acceptors {
         monoio::spawn(accept_loop(worker.clone(), state, acceptor));
+    }
+}
+
+/// Whether listener `state` of `gen` waits for its clients' first bytes before accepting.
+fn defers_accept(gen: &Generation, state: &ListenerState) -> bool {
+    gen.snapshot
+        .listeners
+        .get(state.index.get())
+        .is_some_and(|l| l.client_speaks_first())
+}
+
+/// Sets TCP_DEFER_ACCEPT on a listening socket as its listener in `gen` allows. A failure costs
+/// only the saving (the accept path works either way), so it is logged, not fatal.
+fn set_defer_accept(gen: &Generation, state: &ListenerState, fd: std::os::fd::RawFd) {
+    if let Err(e) = keel_io::listener::set_defer_accept(fd, defers_accept(gen, state)) {
+        tracing::debug!(listener = %state.name, error = %e, "TCP_DEFER_ACCEPT not set");
     }
 }
 
@@ -421,6 +438,15 @@ fn commit(worker: &Rc<Worker>, gen: Rc<Generation>, acceptors: Vec<Accepting>) {
             Some(next) => state.hand_over_to(next.clone()),
             None => state.drain(),
         }
+    }
+    // Sockets carried over may now serve a listener of another protocol (a port redeclared TCP).
+    for (state, fd) in worker.listening.borrow().iter() {
+        let current = match state.successor() {
+            Some(next) => next,
+            None if gen.has_listener(state) => state.clone(),
+            None => continue,
+        };
+        set_defer_accept(&gen, &current, *fd);
     }
     let endpoints: std::collections::HashSet<std::net::SocketAddr> = gen
         .snapshot
@@ -617,8 +643,9 @@ async fn accept_loop(
             }
         }
         // Take every connection waiting, then wait again.
+        let deferred = defers_accept(&worker.current(), &state);
         loop {
-            match listener.try_accept() {
+            match listener.try_accept(deferred) {
                 Ok((stream, peer)) => {
                     worker.stats.per_worker[worker.id].accepted.inc();
                     let at = ListenerRef {

@@ -506,7 +506,7 @@ mod tests {
                 crate::listener::Acceptor::from_std(group.into_iter().next().unwrap()).unwrap();
             let accept = || async {
                 loop {
-                    match acceptor.try_accept() {
+                    match acceptor.try_accept(false) {
                         Ok((s, _)) => return s,
                         Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                             acceptor.readable().await.unwrap()

@@ -58,6 +58,13 @@ impl Stream {
         Stream::register(stream, Initial::ACCEPTED)
     }
 
+    /// A socket accepted from a listener with TCP_DEFER_ACCEPT: the kernel handed it over
+    /// because its first bytes had arrived, so the first read is tried at once instead of
+    /// waiting for epoll's report of them (one loop pass less per connection).
+    pub fn accepted_with_data(stream: std::net::TcpStream) -> io::Result<Stream> {
+        Stream::register(stream, Initial::READY)
+    }
+
     /// Registers a non-blocking socket whose connect is in progress: not writable until epoll
     /// says the handshake ended (either way).
     pub fn connecting(stream: std::net::TcpStream) -> io::Result<Stream> {
