@@ -14,6 +14,7 @@
 # Environment: ROUNDS (3), DURATION seconds per run (10), CONNS wrk connections (8),
 #              KEEL_ARGS extra `keel run` arguments (e.g. "--io-driver epoll"),
 #              NGINX_TLS_EXTRA directives for nginx's TLS server (see below),
+#              PEER_DEFER_ACCEPT=1 to give nginx and HAProxy TCP_DEFER_ACCEPT as Keel has it,
 #              KEEL_ACCESS_LOG a file for Keel's access log (off by default),
 #              KEEL_TRACING a sampling percentage to turn tracing on (off by default).
 # tls-handshake: one request per connection (Connection: close), each a full TLS 1.3 handshake, from
@@ -51,6 +52,10 @@ KEEL_ARGS=${KEEL_ARGS:-}
 # NGINX_TLS_EXTRA: directives added to nginx's TLS server, e.g. to give it Keel's suite
 # ("ssl_conf_command Ciphersuites TLS_AES_128_GCM_SHA256;": nginx follows the client's order).
 NGINX_TLS_EXTRA=${NGINX_TLS_EXTRA:-}
+# PEER_DEFER_ACCEPT=1: nginx `deferred` and HAProxy `defer-accept` on their HTTP and TLS listeners,
+# the TCP_DEFER_ACCEPT Keel sets on such listeners by default (the peers' stock settings leave it off).
+NGINX_DEFER="" HAPROXY_DEFER=""
+[ "${PEER_DEFER_ACCEPT:-}" = 1 ] && NGINX_DEFER=" deferred" && HAPROXY_DEFER=" defer-accept"
 # KEEL_ACCESS_LOG=PATH turns Keel's access log on (Istio's text format) to measure its cost.
 ACCESS_LOG_YAML=""
 [ -n "${KEEL_ACCESS_LOG:-}" ] && ACCESS_LOG_YAML="  telemetry: { accessLog: { path: $KEEL_ACCESS_LOG } }"
@@ -140,7 +145,7 @@ http {
   uwsgi_temp_path $WORK/tmp; scgi_temp_path $WORK/tmp;
   upstream backend { server 127.0.0.1:$BACKEND; keepalive 256; }
   server {
-    listen 127.0.0.1:$NGINX_HTTP;
+    listen 127.0.0.1:$NGINX_HTTP$NGINX_DEFER;
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
   }
   server {
@@ -152,7 +157,7 @@ http {
     location / { grpc_pass grpc://127.0.0.1:$BACKEND_H2C; }
   }
   server {
-    listen 127.0.0.1:$NGINX_TLS ssl;
+    listen 127.0.0.1:$NGINX_TLS ssl$NGINX_DEFER;
     ssl_certificate $WORK/tls.pem; ssl_certificate_key $WORK/tls-key.pem; ssl_protocols TLSv1.3;
     $NGINX_TLS_EXTRA
     location / { proxy_pass http://backend; proxy_http_version 1.1; proxy_set_header Connection ""; }
@@ -175,7 +180,7 @@ listen l4
   server backend 127.0.0.1:$BACKEND
 listen h1
   mode http
-  bind 127.0.0.1:$HAPROXY_HTTP
+  bind 127.0.0.1:$HAPROXY_HTTP$HAPROXY_DEFER
   server backend 127.0.0.1:$BACKEND
 listen h2c
   mode http
@@ -187,7 +192,7 @@ listen h2h2
   server backend 127.0.0.1:$BACKEND_H2C proto h2
 listen tls
   mode http
-  bind 127.0.0.1:$HAPROXY_TLS ssl crt $WORK/tls-combined.pem ssl-min-ver TLSv1.3
+  bind 127.0.0.1:$HAPROXY_TLS ssl crt $WORK/tls-combined.pem ssl-min-ver TLSv1.3$HAPROXY_DEFER
   server backend 127.0.0.1:$BACKEND
 CONF
 taskset -c 1 haproxy -db -f "$WORK/haproxy.cfg" >"$WORK/haproxy.log" 2>&1 &

@@ -159,7 +159,10 @@ impl H2cFloor {
             if self.conns.add(fd, Conn::Client(Client::default())).is_err() {
                 // SAFETY: not registered, so closed here once.
                 unsafe { libc::close(fd) };
+                continue;
             }
+            // Accepted with its first bytes (TCP_DEFER_ACCEPT): read them now.
+            self.client_readable(fd);
         }
     }
 

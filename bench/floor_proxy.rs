@@ -25,6 +25,9 @@
 //! - `floor-proxy --h2c PATH LISTEN BACKEND` (h2c-small): HTTP/2 with prior knowledge from the
 //!   client, HTTP/1.1 to the backend; see `floor_h2c.rs` for what it does and leaves out.
 //!
+//! The listener has TCP_DEFER_ACCEPT (every floor's clients speak first) and a new connection is
+//! read at once, as Keel's client-first listeners do since 2026-12-06.
+//!
 //! Addresses are IPv4 `ip:port`. Runs until killed.
 
 use std::io;
@@ -269,6 +272,8 @@ impl Floor {
                 backend.peer = client;
                 backend.response_left = None;
             }
+            // The listener defers accepts: the client's first bytes are already here.
+            self.handle(client, libc::EPOLLIN as u32);
         }
     }
 
@@ -564,6 +569,22 @@ fn serve<L: EventLoop>(listen: SocketAddrV4, make: impl FnOnce(i32) -> L) -> io:
     let listener = TcpListener::bind(listen)?;
     listener.set_nonblocking(true)?;
     set_nodelay(listener.as_raw_fd());
+    // Every floor's clients speak first: a connection is accepted with its first bytes, so
+    // taking it and reading them is one wakeup (as Keel's client-first listeners do).
+    let defer: libc::c_int = 1;
+    // SAFETY: setsockopt on the listening socket with a c_int option value of the size passed.
+    if unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&defer as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } < 0
+    {
+        return Err(last_error());
+    }
     let listen_fd = listener.into_raw_fd();
     // SAFETY: plain epoll_create1.
     let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
