@@ -122,8 +122,21 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     keel_config::duration::parse(s)
 }
 
+/// The log filter for `level`, with rustls held to errors unless the filter names it. rustls
+/// logs what a peer did wrong at warn — an IP address as SNI (wrk sends one), a warning alert, an
+/// unexpected message — once per connection and unthrottled, so any client could make Keel write
+/// a line per connection. Keel counts and logs those failures itself, rate-limited
+/// (`tls_handshake_errors`); rustls's own lines come back with e.g. `info,rustls=debug`.
+fn log_filter(level: &str) -> String {
+    if level.contains("rustls") {
+        level.to_string()
+    } else {
+        format!("{level},rustls=error")
+    }
+}
+
 fn init_logging(level: &str, format: LogFormat) -> Result<(), String> {
-    let filter = tracing_subscriber::EnvFilter::try_new(level)
+    let filter = tracing_subscriber::EnvFilter::try_new(log_filter(level))
         .map_err(|e| format!("invalid --log-level `{level}`: {e}"))?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -151,7 +164,7 @@ fn log_level_control<S: 'static>(
     handle: tracing_subscriber::reload::Handle<tracing_subscriber::EnvFilter, S>,
 ) {
     keel_core::admin::set_log_level_control(Box::new(move |level: &str| {
-        let filter = tracing_subscriber::EnvFilter::try_new(level)
+        let filter = tracing_subscriber::EnvFilter::try_new(log_filter(level))
             .map_err(|e| format!("invalid level `{level}`: {e}"))?;
         handle
             .reload(filter)
@@ -252,6 +265,32 @@ fn main() -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+
+    #[test]
+    fn rustls_is_held_to_errors_unless_the_filter_names_it() {
+        assert_eq!(log_filter("info"), "info,rustls=error");
+        assert_eq!(
+            log_filter("keel_core=debug,warn"),
+            "keel_core=debug,warn,rustls=error"
+        );
+        assert_eq!(log_filter("info,rustls=debug"), "info,rustls=debug");
+        // Every result is a filter tracing takes.
+        for level in [
+            "error",
+            "warn",
+            "info",
+            "debug",
+            "trace",
+            "keel_core=trace,info",
+        ] {
+            assert!(tracing_subscriber::EnvFilter::try_new(log_filter(level)).is_ok());
         }
     }
 }

@@ -794,3 +794,70 @@ fn permissive_lets_a_server_first_protocol_through_after_the_wait() {
     keel.wait_listener_stat("tls_plaintext_accepted", 1);
     assert_eq!(keel.listener_stat("tls_handshake_timeouts"), 0);
 }
+
+/// What a client does wrong in its handshake cannot make Keel write a line per connection:
+/// rustls's own per-connection warnings (here, an IP address sent as SNI, as wrk does) are held
+/// back unless the log filter names rustls — at start (the harness's `--log-level debug`) and
+/// after `POST /logging` — and the handshakes themselves succeed and are counted.
+#[test]
+fn a_client_cannot_fill_the_log_through_rustls() {
+    use std::io::{Read, Write};
+    let pki = Mesh::new();
+    let server = pki
+        .ca
+        .issue(&pki.dir, "server", &[San::Dns("localhost")], false);
+    let app = RecordingBackend::echo("app");
+    let (port, admin) = (free_port(), free_port());
+    let config = proxy_yaml(admin, 1)
+        + &format!(
+            "---
+apiVersion: networking.istio.io/v1
+kind: Sidecar
+metadata: {{ name: default, namespace: default }}
+spec:
+  ingress:
+  - port: {{ number: {port}, protocol: HTTP, name: https }}
+    bind: 127.0.0.1
+    defaultEndpoint: {}
+    tls: {{ mode: SIMPLE, serverCertificate: {}, privateKey: {} }}
+",
+            app.addr,
+            server.cert.display(),
+            server.key.display()
+        );
+    let keel = Keel::start(&config, admin, &[]);
+    let handshakes_with_ip_as_sni = |done: u64| {
+        for _ in 0..5 {
+            let out = Command::new("openssl")
+                .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+                .args(["-servername", "127.0.0.1"])
+                .stdin(std::process::Stdio::null())
+                .output()
+                .unwrap();
+            let text = String::from_utf8_lossy(&out.stdout);
+            assert!(text.contains("TLSv1.3"), "{text}");
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while listener_stat(&keel, "tls_handshakes") < done + 5 {
+            assert!(Instant::now() < deadline, "handshakes not counted");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        keel.log_text().matches("Illegal SNI").count()
+    };
+    assert_eq!(
+        handshakes_with_ip_as_sni(0),
+        0,
+        "a line per connection from rustls"
+    );
+
+    // Asked for by name, rustls's lines come back.
+    let mut s = TcpStream::connect(("127.0.0.1", admin)).unwrap();
+    s.write_all(
+        b"POST /logging?level=debug%2Crustls%3Dwarn HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+    )
+    .unwrap();
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(handshakes_with_ip_as_sni(5) >= 1, "{}", keel.log_text());
+}
