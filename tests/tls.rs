@@ -806,26 +806,8 @@ fn a_client_cannot_fill_the_log_through_rustls() {
     let server = pki
         .ca
         .issue(&pki.dir, "server", &[San::Dns("localhost")], false);
-    let app = RecordingBackend::echo("app");
-    let (port, admin) = (free_port(), free_port());
-    let config = proxy_yaml(admin, 1)
-        + &format!(
-            "---
-apiVersion: networking.istio.io/v1
-kind: Sidecar
-metadata: {{ name: default, namespace: default }}
-spec:
-  ingress:
-  - port: {{ number: {port}, protocol: HTTP, name: https }}
-    bind: 127.0.0.1
-    defaultEndpoint: {}
-    tls: {{ mode: SIMPLE, serverCertificate: {}, privateKey: {} }}
-",
-            app.addr,
-            server.cert.display(),
-            server.key.display()
-        );
-    let keel = Keel::start(&config, admin, &[]);
+    let (keel, port, _app) = tls_terminator(&server, "app");
+    let admin = keel.admin;
     let handshakes_with_ip_as_sni = |done: u64| {
         for _ in 0..5 {
             let out = Command::new("openssl")
