@@ -15,8 +15,15 @@ use common::pki::Mesh;
 
 const KEEL: &str = env!("CARGO_BIN_EXE_keel");
 
-/// Why these tests cannot run here, if they cannot.
+/// Why these tests cannot run here, if they cannot. Probed once per test process: the tests run
+/// in parallel threads of one process, and a probe each (one namespace name per process) made
+/// two of them race for the name, so one found it taken and skipped itself silently.
 fn unavailable() -> Option<String> {
+    static ONCE: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    ONCE.get_or_init(probe_unavailable).clone()
+}
+
+fn probe_unavailable() -> Option<String> {
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
         return Some("not root".into());
